@@ -1,0 +1,77 @@
+"""The attention backend interface, and the metadata every backend takes.
+
+Paged KV cache layout, one tensor per layer::
+
+    kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]   (index 0: keys, 1: values)
+
+A token at position ``p`` of a sequence with block table ``bt`` lives in slot
+``bt[p // block_size] * block_size + p % block_size``; ``slot_mapping`` holds that slot for each
+new token of the step (-1 for padding tokens, which are neither written nor attended).
+
+A step's batch is flat ("varlen"): the new tokens of all sequences are concatenated, sequence
+``i`` owning rows ``query_start_loc[i] : query_start_loc[i + 1]``. Its queries sit at the *end*
+of its context: query row ``j`` of a sequence with ``seq_lens[i] = L`` and query length ``q`` is
+at position ``L - q + j`` and attends (causally) to keys ``0 .. L - q + j``. A decode has q == 1,
+a prefill chunk q > 1 on top of ``L - q`` cached tokens; both mix freely in one batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_actual_tokens: int  # rows of query that are real (the rest is CUDA-graph padding)
+    num_seqs: int
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1], on the device
+    seq_lens: torch.Tensor  # int32 [num_seqs]: context length including this step's tokens
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq]
+    slot_mapping: torch.Tensor  # int64 [num_tokens]
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so backends can plan (and the reference can loop) without a device sync.
+    query_start_loc_cpu: Optional[list[int]] = None
+    seq_lens_cpu: Optional[list[int]] = None
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """Writes this step's K/V into the paged cache, then computes attention for every query row."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+        sliding_window: Optional[int] = None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
+        ...
+
+
+def get_attn_backend(device: torch.device, name: Optional[str] = None) -> AttentionBackend:
+    """``name``: "torch" (reference, any device) or "triton" (CUDA). Default: triton on CUDA."""
+    if name is None:
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from vllm_engine.attention.torch_ref import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "triton":
+        from vllm_engine.attention.triton_attn import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"Unknown attention backend {name!r}; choose 'torch' or 'triton'.")

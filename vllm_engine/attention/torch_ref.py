@@ -1,0 +1,80 @@
+"""Reference attention over the paged KV cache in plain PyTorch: the truth the kernels are tested against.
+
+Loops over sequences in Python, so it is for CPU runs and tests, not for speed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
+
+
+def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter the new tokens' keys/values into their slots; slots < 0 (padding) are skipped."""
+    num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
+    n = slot_mapping.shape[0]
+    slots = slot_mapping[: key.shape[0]] if n >= key.shape[0] else slot_mapping
+    key, value = key[: slots.shape[0]], value[: slots.shape[0]]
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, key, value = slots[valid], key[valid], value[valid]
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of positions 0..seq_len-1 of one sequence: two [seq_len, num_kv_heads, head_dim]."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
+    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        sliding_window: Optional[int] = None,
+    ) -> torch.Tensor:
+        write_kv_to_cache(key, value, kv_cache, metadata.slot_mapping)
+        qsl = metadata.query_start_loc_cpu or metadata.query_start_loc.tolist()
+        seq_lens = metadata.seq_lens_cpu or metadata.seq_lens.tolist()
+        num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
+        group = num_heads // num_kv_heads
+        out = torch.zeros_like(query)
+        for i in range(metadata.num_seqs):
+            qs, qe, seq_len = qsl[i], qsl[i + 1], seq_lens[i]
+            q_len = qe - qs
+            if q_len == 0:
+                continue
+            if q_len == seq_len:  # a whole prompt in one chunk: the new K/V are the context
+                k, v = key[qs:qe], value[qs:qe]
+            else:
+                k, v = gather_kv(kv_cache, metadata.block_tables[i], seq_len)
+            q = query[qs:qe].transpose(0, 1)  # [H, q_len, D]
+            k = k.transpose(0, 1).to(q.dtype).repeat_interleave(group, dim=0)  # [H, seq_len, D]
+            v = v.transpose(0, 1).to(q.dtype).repeat_interleave(group, dim=0)
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+            k_pos = torch.arange(seq_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+            o = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, scale=scale
+            )
+            out[qs:qe] = o.transpose(0, 1).to(out.dtype)
+        return out

@@ -1,0 +1,252 @@
+"""Frozen engine configuration, and EngineArgs: every user-facing knob, its CLI flag and its check, in one place.
+
+``EngineArgs`` holds what the user said (Python kwargs or CLI flags, named as in vLLM).
+``EngineArgs.create_engine_config()`` resolves the model (local path, GGUF, hub id, built-in
+default), validates everything with a clear ``ValueError``, and returns an ``EngineConfig`` of
+frozen dataclasses. Values only known at run time (number of KV blocks, EOS ids) are not stored here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # what the user asked for
+    model_path: str  # resolved local directory (HF checkpoint or bundled config) or GGUF file
+    load_format: str  # "safetensors" | "gguf" | "dummy"
+    hf_config: Any  # a transformers PretrainedConfig
+    dtype: torch.dtype
+    max_model_len: int
+    seed: int
+    served_model_name: str
+    tokenizer: Optional[str] = None  # tokenizer source (directory / GGUF file / hub id); None: no tokenizer
+    gguf_file: Optional[str] = None
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or ["LlamaForCausalLM"]
+        return archs[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    swap_space_gib: float = 4.0
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: Optional[int] = None
+    cpu_kv_cache_space_gib: float = 2.0  # KV cache size when running on the CPU
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192
+    policy: str = "fcfs"  # "fcfs" | "priority"
+    preemption_mode: str = "recompute"  # "recompute" | "swap"
+    max_waiting_requests: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: torch.device = torch.device("cpu")
+    enforce_eager: bool = False
+    attention_backend: Optional[str] = None  # None: triton on CUDA, torch elsewhere
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    device: DeviceConfig
+
+
+def _arg(help: str, flag: Optional[str] = None, **kw) -> Any:
+    """Field metadata: the CLI flag's help (and extra argparse options)."""
+    return {"help": help, "flag": flag, **kw}
+
+
+@dataclass
+class EngineArgs:
+    model: Optional[str] = field(default=None, metadata=_arg(
+        f"HF model directory, GGUF file, hub id, or a bundled config name with --load-format dummy (default: {DEFAULT_MODEL})."))
+    tokenizer: Optional[str] = field(default=None, metadata=_arg("Tokenizer directory or hub id (default: the model's)."))
+    dtype: str = field(default="auto", metadata=_arg(
+        "Compute dtype: auto (float32 on CPU; the config's 16-bit dtype on GPU), float32, float16, bfloat16.",
+        choices=["auto", "float32", "float", "float16", "half", "bfloat16"]))
+    max_model_len: Optional[int] = field(default=None, metadata=_arg("Context length (default: the model's)."))
+    max_num_seqs: int = field(default=256, metadata=_arg("Most sequences in one step."))
+    max_num_batched_tokens: Optional[int] = field(default=None, metadata=_arg("Token budget of one step (default 8192)."))
+    block_size: int = field(default=16, metadata=_arg("Tokens per KV cache block.", choices=[1, 8, 16, 32, 64, 128]))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_arg("Fraction of GPU memory for weights, activations and KV cache."))
+    swap_space: float = field(default=4.0, metadata=_arg("CPU swap space for preempted requests' KV blocks, GiB."))
+    cpu_kv_cache_space: float = field(default=2.0, metadata=_arg("KV cache size on the CPU, GiB."))
+    num_gpu_blocks_override: Optional[int] = field(default=None, metadata=_arg("Use this many KV blocks instead of profiling."))
+    enable_prefix_caching: bool = field(default=True, metadata=_arg("Reuse KV blocks of shared prefixes.", action=argparse.BooleanOptionalAction))
+    scheduling_policy: str = field(default="fcfs", metadata=_arg("fcfs or priority (lower priority value runs first).", choices=["fcfs", "priority"]))
+    preemption_mode: str = field(default="recompute", metadata=_arg("What preemption does with KV blocks.", choices=["recompute", "swap"]))
+    max_waiting_requests: Optional[int] = field(default=None, metadata=_arg("Reject new requests (503) when this many wait."))
+    seed: int = field(default=0, metadata=_arg("Random seed."))
+    load_format: str = field(default="auto", metadata=_arg("auto, safetensors, gguf, or dummy (random weights).", choices=["auto", "safetensors", "gguf", "dummy"]))
+    served_model_name: Optional[str] = field(default=None, metadata=_arg("Model name in the API (default: the model argument)."))
+    device: str = field(default="auto", metadata=_arg("auto, cpu or cuda.", choices=["auto", "cpu", "cuda"]))
+    enforce_eager: bool = field(default=False, metadata=_arg("Disable CUDA graphs.", action="store_true"))
+    attention_backend: Optional[str] = field(default=None, metadata=_arg("torch (reference) or triton.", choices=["torch", "triton"]))
+
+    # ---- CLI ----------------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            meta = dict(f.metadata)
+            flag = meta.pop("flag", None) or "--" + f.name.replace("_", "-")
+            kw: dict[str, Any] = {"default": f.default, "help": meta.pop("help")}
+            kw.update(meta)
+            if "action" not in kw:
+                base = f.type if isinstance(f.type, type) else str(f.type)
+                kw["type"] = int if "int" in str(base) else float if "float" in str(base) else str
+            parser.add_argument(flag, dest=f.name, **kw)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    # ---- validation and resolution -----------------------------------------------------------
+    def _check(self) -> None:
+        def positive_int(name: str, value, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+        positive_int("max_num_seqs", self.max_num_seqs)
+        positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        positive_int("max_model_len", self.max_model_len, allow_none=True)
+        positive_int("block_size", self.block_size)
+        positive_int("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
+        positive_int("max_waiting_requests", self.max_waiting_requests, allow_none=True)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.swap_space < 0 or self.cpu_kv_cache_space <= 0:
+            raise ValueError("swap_space must be >= 0 and cpu_kv_cache_space > 0 (GiB).")
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}.")
+        for name, allowed in (
+            ("scheduling_policy", ("fcfs", "priority")),
+            ("preemption_mode", ("recompute", "swap")),
+            ("load_format", ("auto", "safetensors", "gguf", "dummy")),
+            ("device", ("auto", "cpu", "cuda")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.attention_backend not in (None, "torch", "triton"):
+            raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}.")
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for, but no CUDA GPU is available.")
+        return torch.device(self.device)
+
+    def _dtype(self, hf_config: Any, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32
+        cfg = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+        if isinstance(cfg, str):
+            cfg = _DTYPES.get(cfg)
+        return cfg if cfg in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+    def create_engine_config(self) -> EngineConfig:
+        from vllm_engine.model_loader.resolve import resolve_model
+
+        self._check()
+        device = self._device()
+        resolved = resolve_model(self.model or DEFAULT_MODEL, load_format=self.load_format, tokenizer=self.tokenizer)
+        hf_config = resolved.hf_config
+        model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        max_model_len = self.max_model_len or model_max
+        if max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len={max_model_len} is larger than the model's max_position_embeddings={model_max}."
+            )
+        max_batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        if max_batched < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) must be >= max_num_seqs ({self.max_num_seqs})."
+            )
+        model = ModelConfig(
+            model=self.model or DEFAULT_MODEL,
+            model_path=resolved.model_path,
+            load_format=resolved.load_format,
+            hf_config=hf_config,
+            dtype=self._dtype(hf_config, device),
+            max_model_len=max_model_len,
+            seed=self.seed,
+            served_model_name=self.served_model_name or self.model or DEFAULT_MODEL,
+            tokenizer=resolved.tokenizer,
+            gguf_file=resolved.gguf_file,
+        )
+        cache = CacheConfig(
+            block_size=self.block_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            swap_space_gib=self.swap_space,
+            enable_prefix_caching=self.enable_prefix_caching,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+            cpu_kv_cache_space_gib=self.cpu_kv_cache_space,
+        )
+        scheduler = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=max_model_len,
+            policy=self.scheduling_policy,
+            preemption_mode=self.preemption_mode,
+            max_waiting_requests=self.max_waiting_requests,
+        )
+        dev = DeviceConfig(device=device, enforce_eager=self.enforce_eager or device.type != "cuda",
+                           attention_backend=self.attention_backend)
+        return EngineConfig(model=model, cache=cache, scheduler=scheduler, device=dev)

@@ -1,0 +1,59 @@
+"""The messages between the scheduler and the model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from vllm_engine.engine.request import Request
+
+
+@dataclass
+class SchedulerOutput:
+    """What to compute in one step.
+
+    ``scheduled_requests[i]`` computes tokens
+    ``all_token_ids[num_computed_tokens : num_computed_tokens + num_scheduled_tokens[i]]``
+    at those positions, writing their K/V into ``block_tables[i]`` (the request's full block table).
+    A request is sampled when this reaches its last token (not for a partial prefill chunk).
+    The copy and swap lists are carried out by the model runner *before* the forward pass.
+    """
+
+    scheduled_requests: list[Request] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    total_num_scheduled_tokens: int = 0
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) GPU blocks, copy-on-write
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu block, cpu block)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu block, gpu block)
+    preempted_requests: list[Request] = field(default_factory=list)
+    # Requests finished (or aborted) since the last step: the runner drops their per-request state.
+    finished_request_ids: set[str] = field(default_factory=set)
+    num_preemptions: int = 0  # this step
+    num_swaps: int = 0  # swap-outs this step
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class SampledLogprobs:
+    """Logprobs of one generated position: the sampled token and the top-N alternatives."""
+
+    sampled_logprob: float
+    sampled_rank: int  # 1-based rank of the sampled token
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What one step produced, in the order of ``SchedulerOutput.scheduled_requests``."""
+
+    req_ids: list[str] = field(default_factory=list)
+    # The sampled token for each request, or None where this step computed a partial prefill chunk.
+    sampled_token_ids: list[Optional[int]] = field(default_factory=list)
+    logprobs: list[Optional[SampledLogprobs]] = field(default_factory=list)
+    # request id -> per prompt position computed this step: (token id, logprob, rank, top ids, top logprobs)
+    prompt_logprobs: dict[str, list[Optional[SampledLogprobs]]] = field(default_factory=dict)
