@@ -1,0 +1,101 @@
+"""Rotary position embedding (neox style, as HF Llama: rotate the two halves of each head).
+
+The cos/sin cache is built once for ``max_position`` positions in float32; ``rope_scaling``
+supports the ``llama3`` frequency scaling (Llama 3.1+) and ``linear`` position interpolation;
+``default``/None leaves the frequencies alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def compute_inv_freq(rotary_dim: int, base: float, rope_scaling: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """Inverse frequencies [rotary_dim // 2] (float32), after ``rope_scaling``."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    kind = _rope_type(rope_scaling)
+    if kind in ("default", None):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(rope_scaling["factor"])
+    if kind == "llama3":
+        factor = float(rope_scaling["factor"])
+        low_freq_factor = float(rope_scaling.get("low_freq_factor", 1.0))
+        high_freq_factor = float(rope_scaling.get("high_freq_factor", 4.0))
+        old_len = float(rope_scaling.get("original_max_position_embeddings", 8192))
+        low_freq_wavelen = old_len / low_freq_factor
+        high_freq_wavelen = old_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(
+        f"Unsupported rope_scaling type {kind!r}; supported: default, linear, llama3."
+    )
+
+
+def _rope_type(rope_scaling: Optional[dict[str, Any]]) -> Optional[str]:
+    if not rope_scaling:
+        return None
+    return rope_scaling.get("rope_type", rope_scaling.get("type"))
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: Optional[int] = None
+) -> torch.Tensor:
+    """Rotate x: [T, heads, head_dim] with cos/sin: [T, rotary_dim // 2] (neox style).
+
+    Computed in float32 and returned in ``x.dtype``; dims past ``rotary_dim`` pass through.
+    """
+    head_dim = x.shape[-1]
+    rotary_dim = rotary_dim or head_dim
+    x_rot = x[..., :rotary_dim].float()
+    half = rotary_dim // 2
+    x1, x2 = x_rot[..., :half], x_rot[..., half:]
+    cos = cos.unsqueeze(-2).float()
+    sin = sin.unsqueeze(-2).float()
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    if rotary_dim < head_dim:
+        out = torch.cat((out, x[..., rotary_dim:]), dim=-1)
+    return out
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        base: float = 10000.0,
+        rope_scaling: Optional[dict[str, Any]] = None,
+        rotary_dim: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim or head_dim
+        inv_freq = compute_inv_freq(self.rotary_dim, base, rope_scaling)
+        t = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [max_position, rotary_dim // 2]
+        # [max_position, rotary_dim]: cos | sin; non-persistent so state_dict stays HF-shaped.
+        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] int64; query: [T, heads, head_dim]; key: [T, kv_heads, head_dim]."""
+        cos_sin = self.cos_sin_cache.index_select(0, positions)
+        cos, sin = cos_sin.chunk(2, dim=-1)
+        return apply_rotary(query, cos, sin, self.rotary_dim), apply_rotary(key, cos, sin, self.rotary_dim)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the cache in float32 when the model is cast to a 16-bit dtype.
+        cache = self.cos_sin_cache
+        out = super()._apply(fn, recurse)
+        if self.cos_sin_cache.dtype != torch.float32:
+            self.cos_sin_cache = cache.to(self.cos_sin_cache.device, torch.float32)
+        return out

@@ -1,0 +1,263 @@
+"""ModelRunner: owns the device state (weights, KV cache, per-request generators) and runs one step.
+
+Turns a ``SchedulerOutput`` (requests and token counts) into flat batch tensors, runs the model,
+samples, and returns a ``ModelRunnerOutput`` (token ids and logprobs: plain Python values).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vllm_engine.attention.backend import AttentionMetadata, get_attn_backend
+from vllm_engine.config import EngineConfig
+from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
+from vllm_engine.engine.request import Request
+from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
+from vllm_engine.worker.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _PromptLogprobRows:
+    """Rows of this step whose logits give logprobs of the next prompt token."""
+
+    req_index: int
+    first_row: int  # flat row of the first such token
+    num_rows: int
+    next_token_ids: list[int]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn_metadata: AttentionMetadata
+    sample_rows: list[int]  # flat row whose logits are sampled, one per sampled request
+    sample_req_indices: list[int]  # index into scheduled_requests of each sampled row
+    prompt_logprob_rows: list[_PromptLogprobRows]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        from vllm_engine.model_loader import get_model
+
+        self.config = config
+        self.model_config = config.model
+        self.device = config.device.device
+        self.dtype = config.model.dtype
+        self.block_size = config.cache.block_size
+        torch.manual_seed(config.model.seed)
+        self.attn_backend = get_attn_backend(self.device, config.device.attention_backend)
+        self.model = get_model(config.model, self.device, self.attn_backend)
+        self.vocab_size = config.model.vocab_size
+        self.sampler = Sampler()
+        self.kv_cache: Optional[KVCache] = None
+        self.generators: dict[str, torch.Generator] = {}
+        self.num_tokens_processed = 0  # total tokens run through the model (tests check prefix-cache savings)
+
+    # ---- KV cache ------------------------------------------------------------------------------
+    def initialize_kv_cache(self) -> tuple[int, int]:
+        """Sizes and allocates the KV cache; returns (num_gpu_blocks, num_cpu_blocks)."""
+        self.kv_cache = KVCache.create(self.config, self._profile_free_memory)
+        return self.kv_cache.num_blocks, self.kv_cache.num_cpu_blocks
+
+    def _profile_free_memory(self) -> int:
+        """Bytes left for KV blocks on the GPU after a warm-up forward at the largest batch."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        n = self.config.scheduler.max_num_batched_tokens
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        meta, num_blocks = _dummy_prefill_metadata(n, self.model_config.max_model_len, self.block_size, self.device)
+        pos = torch.cat([torch.arange(l, device=self.device) for l in meta.seq_lens_cpu])
+        # One layer's worth of cache, shared by every layer: enough to run the warm-up, small next to the budget.
+        cache = torch.zeros(2, num_blocks, self.block_size, self.model_config.num_kv_heads, self.model_config.head_dim,
+                            dtype=self.dtype, device=self.device)
+        caches = [cache] * self.model_config.num_layers
+        with torch.inference_mode():
+            hidden = self.model(ids, pos, caches, meta)
+            self.model.compute_logits(hidden[: self.config.scheduler.max_num_seqs])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - cache.numel() * cache.element_size()
+        del hidden, caches, cache
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        # What others (other processes, the CUDA context) hold counts against our share too.
+        used_by_others = total - free - torch.cuda.memory_allocated()
+        budget = total * self.config.cache.gpu_memory_utilization - used_by_others - peak
+        logger.info("memory profile: total %.2f GiB, peak torch %.2f GiB, others %.2f GiB, KV budget %.2f GiB",
+                    total / 2**30, peak / 2**30, used_by_others / 2**30, budget / 2**30)
+        return int(budget)
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        assert self.kv_cache is not None, "initialize_kv_cache() first"
+        for req_id in sched.finished_request_ids:
+            self.generators.pop(req_id, None)
+        self.kv_cache.swap_out(sched.blocks_to_swap_out)
+        self.kv_cache.swap_in(sched.blocks_to_swap_in)
+        self.kv_cache.copy_blocks(sched.blocks_to_copy)
+        out = ModelRunnerOutput(req_ids=[r.request_id for r in sched.scheduled_requests])
+        if sched.is_empty:
+            return out
+        inputs = self._prepare_inputs(sched)
+        self.num_tokens_processed += sched.total_num_scheduled_tokens
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.gpu_caches, inputs.attn_metadata)
+        out.sampled_token_ids = [None] * len(sched.scheduled_requests)
+        out.logprobs = [None] * len(sched.scheduled_requests)
+        if inputs.sample_rows:
+            self._sample(sched, inputs, hidden, out)
+        if inputs.prompt_logprob_rows:
+            self._prompt_logprobs(sched, inputs, hidden, out)
+        return out
+
+    def _sample(self, sched: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        rows = torch.tensor(inputs.sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        reqs = [sched.scheduled_requests[i] for i in inputs.sample_req_indices]
+        generators = {}
+        for row, req in enumerate(reqs):
+            if req.sampling_params.seed is not None:
+                generators[row] = self._generator(req)
+        meta = SamplingMetadata.from_requests(
+            params=[r.sampling_params for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            eos_token_ids=[r.eos_token_ids for r in reqs],
+            generators=generators,
+            vocab_size=logits.shape[-1],
+            device=self.device,
+        )
+        result = self.sampler(logits, meta)
+        token_ids = result.sampled_token_ids.tolist()
+        for row, req_index in enumerate(inputs.sample_req_indices):
+            out.sampled_token_ids[req_index] = token_ids[row]
+            if result.logprobs is not None and reqs[row].sampling_params.logprobs is not None:
+                out.logprobs[req_index] = _trim(result.logprobs[row], reqs[row].sampling_params.logprobs)
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor,
+                         out: ModelRunnerOutput) -> None:
+        for pl in inputs.prompt_logprob_rows:
+            req = sched.scheduled_requests[pl.req_index]
+            logits = self.model.compute_logits(hidden[pl.first_row: pl.first_row + pl.num_rows])
+            ids = torch.tensor(pl.next_token_ids, device=self.device)
+            entries = compute_logprobs_topk(logits, ids, req.sampling_params.prompt_logprobs or 0)
+            out.prompt_logprobs[req.request_id] = list(entries)
+
+    def _generator(self, req: Request) -> torch.Generator:
+        gen = self.generators.get(req.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(req.sampling_params.seed + req.sample_index)
+            self.generators[req.request_id] = gen
+        return gen
+
+    # ---- flat batch ----------------------------------------------------------------------------
+    def _prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
+        reqs = sched.scheduled_requests
+        num_seqs = len(reqs)
+        counts = np.asarray(sched.num_scheduled_tokens, dtype=np.int64)
+        starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=num_seqs)
+        seq_lens = starts + counts
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        total = int(query_start_loc[-1])
+
+        # positions: start_i + (0 .. count_i - 1) for each sequence, concatenated
+        row_seq = np.repeat(np.arange(num_seqs), counts)
+        positions = np.arange(total, dtype=np.int64) - np.repeat(query_start_loc[:-1], counts) + starts[row_seq]
+        token_ids = np.empty(total, dtype=np.int64)
+        for i, r in enumerate(reqs):
+            token_ids[query_start_loc[i]: query_start_loc[i + 1]] = r.all_token_ids[starts[i]: seq_lens[i]]
+
+        max_blocks = max(len(bt) for bt in sched.block_tables)
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        for i, bt in enumerate(sched.block_tables):
+            block_tables[i, : len(bt)] = bt
+        bs = self.block_size
+        slot_mapping = block_tables[row_seq, positions // bs].astype(np.int64) * bs + positions % bs
+
+        sample_rows, sample_req_indices, plp_rows = [], [], []
+        for i, r in enumerate(reqs):
+            if seq_lens[i] == r.num_tokens:
+                sample_rows.append(int(query_start_loc[i + 1]) - 1)
+                sample_req_indices.append(i)
+            if r.sampling_params.prompt_logprobs is not None:
+                pl = self._prompt_logprob_rows(r, i, int(starts[i]), int(seq_lens[i]), int(query_start_loc[i]))
+                if pl is not None:
+                    plp_rows.append(pl)
+
+        dev = self.device
+        meta = AttentionMetadata(
+            num_actual_tokens=total,
+            num_seqs=num_seqs,
+            query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
+            max_query_len=int(counts.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=query_start_loc.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+        )
+        return StepInputs(
+            input_ids=torch.from_numpy(token_ids).to(dev, non_blocking=True),
+            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
+            attn_metadata=meta,
+            sample_rows=sample_rows,
+            sample_req_indices=sample_req_indices,
+            prompt_logprob_rows=plp_rows,
+        )
+
+    @staticmethod
+    def _prompt_logprob_rows(r: Request, i: int, start: int, end: int, first_row: int) -> Optional[_PromptLogprobRows]:
+        """Rows at positions p in [start, end) with p + 1 < prompt length give logprobs of prompt token p + 1.
+
+        Reported once: a request recomputed after preemption skips the positions it already reported.
+        """
+        lo = max(start, r.num_prompt_logprobs_done)
+        hi = min(end, r.num_prompt_tokens - 1)
+        if hi <= lo:
+            return None
+        return _PromptLogprobRows(i, first_row + lo - start, hi - lo, r.prompt_token_ids[lo + 1: hi + 1])
+
+
+def _trim(lp: SampledLogprobs, n: int) -> SampledLogprobs:
+    return SampledLogprobs(lp.sampled_logprob, lp.sampled_rank, lp.top_token_ids[:n], lp.top_logprobs[:n])
+
+
+def _dummy_prefill_metadata(num_tokens: int, max_model_len: int, block_size: int,
+                            device: torch.device) -> tuple[AttentionMetadata, int]:
+    """Metadata for profiling: the batch as whole prompts of max_model_len (the last one shorter),
+    each in its own contiguous run of blocks. Returns (metadata, number of blocks used)."""
+    lens = [max_model_len] * (num_tokens // max_model_len)
+    if num_tokens % max_model_len:
+        lens.append(num_tokens % max_model_len)
+    blocks_per_seq = [(l + block_size - 1) // block_size for l in lens]
+    width = max(blocks_per_seq)
+    block_tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    slots, first = [], 0
+    for i, (l, nb) in enumerate(zip(lens, blocks_per_seq)):
+        block_tables[i, :nb] = torch.arange(first, first + nb, dtype=torch.int32)
+        slots.append(torch.arange(l) + first * block_size)
+        first += nb
+    qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    meta = AttentionMetadata(
+        num_actual_tokens=num_tokens,
+        num_seqs=len(lens),
+        query_start_loc=torch.from_numpy(qsl).to(device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=block_tables.to(device),
+        slot_mapping=torch.cat(slots).to(device),
+        max_query_len=max(lens),
+        max_seq_len=max(lens),
+        query_start_loc_cpu=qsl.tolist(),
+        seq_lens_cpu=lens,
+    )
+    return meta, first
