@@ -38,6 +38,8 @@ class ModelConfig:
     served_model_name: str
     tokenizer: Optional[str] = None  # tokenizer source (directory / GGUF file / hub id); None: no tokenizer
     gguf_file: Optional[str] = None
+    # Sampling defaults from the checkpoint's generation_config.json (temperature, top_p, eos_token_id, ...).
+    generation_config: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def architecture(self) -> str:
@@ -230,6 +232,7 @@ class EngineArgs:
             served_model_name=self.served_model_name or self.model or DEFAULT_MODEL,
             tokenizer=resolved.tokenizer,
             gguf_file=resolved.gguf_file,
+            generation_config=dict(resolved.generation_config or {}),
         )
         cache = CacheConfig(
             block_size=self.block_size,

@@ -1,0 +1,299 @@
+"""Engine: the synchronous step loop and the offline API (``Engine(...).generate(...)``).
+
+One step is ``schedule() -> execute_model() -> update_from_output() -> process outputs``; see
+``step()``. Everything here runs on one thread; ``engine/async_engine.py`` drives it for the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence, Union
+
+from vllm_engine.config import EngineArgs, EngineConfig
+from vllm_engine.core.scheduler import Scheduler
+from vllm_engine.engine.output_processor import OutputProcessor
+from vllm_engine.engine.request import Request, RequestStatus
+from vllm_engine.outputs import RequestOutput
+from vllm_engine.sampling_params import SamplingParams
+from vllm_engine.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+PromptType = Union[str, list[int], dict]
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting (``max_waiting_requests``): try again later (HTTP 503)."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions_total: int
+    num_swaps_total: int
+    num_prompt_tokens_total: int
+    num_generation_tokens_total: int
+
+
+class Engine:
+    """An LLM engine: ``Engine(model=...)`` takes every ``EngineArgs`` field as a keyword argument."""
+
+    def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
+        self._init(EngineArgs(model=model, **kwargs).create_engine_config())
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "Engine":
+        engine = cls.__new__(cls)
+        engine._init(args.create_engine_config())
+        return engine
+
+    def _init(self, config: EngineConfig) -> None:
+        from vllm_engine.model_loader.tokenizer import get_eos_token_ids, get_tokenizer
+
+        self.config = config
+        self.model_config = config.model
+        self.max_model_len = config.model.max_model_len
+        self.served_model_name = config.model.served_model_name
+        self.generation_config = dict(config.model.generation_config)
+        self.tokenizer = get_tokenizer(config.model) if config.model.tokenizer else None
+        self.eos_token_ids = set(get_eos_token_ids(self.tokenizer, config.model.hf_config, self.generation_config))
+        t0 = time.time()
+        self.model_runner = ModelRunner(config)
+        num_gpu_blocks, num_cpu_blocks = self.model_runner.initialize_kv_cache()
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_gpu_blocks, num_cpu_blocks)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
+        self._ids = itertools.count()
+        logger.info("engine ready in %.1fs: model %s (%s, %s) on %s, KV cache %d blocks x %d tokens = %d tokens",
+                    time.time() - t0, config.model.model, config.model.architecture, config.model.dtype,
+                    config.device.device, num_gpu_blocks, config.cache.block_size,
+                    num_gpu_blocks * config.cache.block_size)
+
+    # ---- tokenizer helpers -------------------------------------------------------------------------
+    def _require_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer, but this model has none (dummy weights?): pass token ids.")
+        return self.tokenizer
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._require_tokenizer("tokenize").encode(text, add_special_tokens=add_special_tokens))
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._require_tokenizer("detokenize").decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, chat_template: Optional[str] = None) -> str:
+        """The conversation rendered with the model's chat template (or ``chat_template``) as prompt text."""
+        tok = self._require_tokenizer("chat")
+        if chat_template is None and not getattr(tok, "chat_template", None):
+            raise ValueError("This model has no chat template; pass chat_template= (or --chat-template FILE).")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} objects.")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true.")
+        if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+            raise ValueError("continue_final_message needs the last message to be from the assistant.")
+        return tok.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config defaults (as vLLM's LLM does)."""
+        g = self.generation_config
+        kw: dict[str, Any] = {}
+        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if g.get(key) is not None:
+                kw[key] = g[key]
+        if g.get("max_new_tokens"):
+            kw["max_tokens"] = int(g["max_new_tokens"])
+        if g.get("do_sample") is False:
+            kw["temperature"] = 0.0
+        return SamplingParams(**kw)
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'.")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty.")
+            return prompt, self.tokenize(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, self._check_ids(prompt)
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
+
+    def _check_ids(self, ids: Any) -> list[int]:
+        ids = list(ids)
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}.")
+        return ids
+
+    def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None, priority: int = 0) -> None:
+        """Queues a request; ValueError (naming the field) when it can never run, QueueFullError when full."""
+        if self.output_processor.has_request(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        params = params if params is not None else self.default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}.")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}.")
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty (it has 0 tokens).")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has "
+                f"{len(ids)} tokens (the prompt plus at least one generated token must fit).")
+        params.verify_vocab(self.model_config.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids).")
+        limit = self.config.scheduler.max_waiting_requests
+        if limit is not None and self.scheduler.num_waiting >= limit:
+            raise QueueFullError(f"{self.scheduler.num_waiting} requests are waiting (max_waiting_requests={limit}).")
+        arrival_time = arrival_time if arrival_time is not None else time.time()
+        max_tokens = self.max_model_len - len(ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        eos = set() if params.ignore_eos else self.eos_token_ids
+        samples: list[Request] = []
+        for i in range(params.n):
+            samples.append(Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}", prompt_token_ids=ids,
+                sampling_params=params, eos_token_ids=eos, arrival_time=arrival_time, priority=priority,
+                parent_id=request_id, sample_index=i, fork_from=samples[0] if i else None, max_tokens=max_tokens))
+        added: list[Request] = []
+        try:
+            for r in samples:
+                self.scheduler.add_request(r)
+                added.append(r)
+        except ValueError:
+            self.scheduler.finish_requests([r.request_id for r in added], RequestStatus.FINISHED_ABORTED)
+            raise
+        self.output_processor.add_request(request_id, text, ids, params, samples, arrival_time)
+
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+        """Stops requests (by the id given to add_request) and frees their KV blocks at once."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        sample_ids = [sid for rid in ids for sid in self.output_processor.sample_request_ids(rid)]
+        self.scheduler.finish_requests(sample_ids, RequestStatus.FINISHED_ABORTED)
+        for rid in ids:
+            self.output_processor.remove(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one engine step; returns outputs of the requests that made progress (cumulative)."""
+        sched_out = self.scheduler.schedule()
+        runner_out = self.model_runner.execute_model(sched_out)
+        updated = self.scheduler.update_from_output(sched_out, runner_out)
+        outputs, stopped = self.output_processor.process(updated, runner_out)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler.get_stats()
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, num_swapped=s.num_swapped,
+            kv_cache_usage=s.kv_cache_usage, num_free_blocks=s.num_free_blocks, num_total_blocks=s.num_total_blocks,
+            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+            num_preemptions_total=s.num_preemptions_total, num_swaps_total=s.num_swaps_total,
+            num_prompt_tokens_total=self.output_processor.num_prompt_tokens_total,
+            num_generation_tokens_total=self.output_processor.num_generation_tokens_total,
+        )
+
+    # ---- offline API ---------------------------------------------------------------------------------
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = True, priority: Optional[Sequence[int]] = None
+                 ) -> Union[RequestOutput, list[RequestOutput]]:
+        """Runs prompts to completion; outputs in input order. A single prompt returns one RequestOutput."""
+        single = isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts))
+        batch = [prompts] if single else list(prompts)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            params_list = [sampling_params or self.default_sampling_params()] * len(batch)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(batch):
+                raise ValueError(f"got {len(params_list)} sampling_params for {len(batch)} prompts.")
+        if priority is not None and len(priority) != len(batch):
+            raise ValueError(f"got {len(priority)} priorities for {len(batch)} prompts.")
+        outs = self._run_batch(batch, params_list, use_tqdm, priority)
+        return outs[0] if single else outs
+
+    def chat(self, messages: Union[list[dict], list[list[dict]]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None, use_tqdm: bool = True,
+             chat_template: Optional[str] = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> Union[RequestOutput, list[RequestOutput]]:
+        """Applies the chat template to one conversation (or a list of them) and generates."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        convs = [messages] if single else list(messages)
+        prompts = []
+        for conv in convs:
+            text = self.apply_chat_template(conv, add_generation_prompt, continue_final_message, chat_template)
+            # The template already holds the special tokens (BOS): do not add them twice.
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenize(text, add_special_tokens=False)})
+        outs = self.generate(prompts, sampling_params, use_tqdm)
+        return outs if not single else outs[0]
+
+    def _run_batch(self, batch: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool,
+                   priority: Optional[Sequence[int]]) -> list[RequestOutput]:
+        ids = [f"gen-{next(self._ids)}" for _ in batch]
+        try:
+            for i, (prompt, params) in enumerate(zip(batch, params_list)):
+                self.add_request(ids[i], prompt, params, priority=priority[i] if priority else 0)
+        except Exception:
+            self.abort_request(ids)
+            raise
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(batch), desc="Generating", unit="req", dynamic_ncols=True)
+        try:
+            while len(final) < len(batch):
+                for out in self.step():
+                    if out.finished and out.request_id not in final:
+                        final[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+                if len(final) < len(batch) and not self.has_unfinished_requests():
+                    missing = [i for i in ids if i not in final]
+                    raise RuntimeError(f"requests {missing[:5]} were lost by the scheduler")
+        except BaseException:
+            self.abort_request([i for i in ids if i not in final])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [final[i] for i in ids]

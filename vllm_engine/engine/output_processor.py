@@ -1,0 +1,223 @@
+"""OutputProcessor: turns each step's new token ids into what the user sees.
+
+For every request (and each of its ``n`` samples) it keeps an incremental detokenizer, checks stop
+strings, gathers logprobs, and builds cumulative ``RequestOutput`` objects. It never touches the KV
+cache: when a stop string ends a sample it tells the engine, which finishes it in the scheduler.
+
+Streaming and stop strings: while a sample runs, the last ``max(len(stop)) - 1`` characters are held
+back (they might be the start of a stop string), so text a client has seen is never taken back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs
+from vllm_engine.engine.request import Request, RequestStatus
+from vllm_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from vllm_engine.sampling_params import SamplingParams
+
+
+@dataclass
+class _Sample:
+    """One of a request's n samples (one scheduler Request)."""
+
+    index: int
+    request: Request
+    detokenizer: Any  # IncrementalDetokenizer or None (no tokenizer / detokenize=False)
+    text: str = ""
+    num_tokens_seen: int = 0
+    logprobs: Optional[list[dict[int, Logprob]]] = None
+    cumulative_logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[int | str] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    metrics: RequestMetrics
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
+    max_stop_len: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.samples)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._states: dict[str, _RequestState] = {}
+        self._sample_of: dict[str, tuple[_RequestState, _Sample]] = {}  # scheduler request id -> its sample
+        self.num_generation_tokens_total = 0
+        self.num_prompt_tokens_total = 0
+
+    # ---- registration ----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                    params: SamplingParams, samples: list[Request], arrival_time: float) -> None:
+        from vllm_engine.engine.detokenizer import IncrementalDetokenizer
+
+        def detokenizer():
+            if self.tokenizer is None or not params.detokenize:
+                return None
+            return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
+                                          params.spaces_between_special_tokens)
+
+        state = _RequestState(
+            request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
+            samples=[_Sample(i, r, detokenizer()) for i, r in enumerate(samples)],
+            metrics=RequestMetrics(arrival_time=arrival_time),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            max_stop_len=max((len(s) for s in params.stop), default=0),
+        )
+        for s in state.samples:
+            if params.logprobs is not None:
+                s.logprobs, s.cumulative_logprob = [], 0.0
+            self._sample_of[s.request.request_id] = (state, s)
+        self._states[request_id] = state
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._states
+
+    def sample_request_ids(self, request_id: str) -> list[str]:
+        state = self._states.get(request_id)
+        return [s.request.request_id for s in state.samples] if state else []
+
+    def remove(self, request_id: str) -> None:
+        state = self._states.pop(request_id, None)
+        if state is not None:
+            for s in state.samples:
+                self._sample_of.pop(s.request.request_id, None)
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def process(self, updated: list[Request], runner_out: ModelRunnerOutput) -> tuple[list[RequestOutput], list[str]]:
+        """Returns (outputs of requests that progressed, scheduler ids of samples a stop string ended)."""
+        now = time.time()
+        touched: dict[str, _RequestState] = {}
+        stopped_by_string: list[str] = []
+        for req_id, entries in runner_out.prompt_logprobs.items():
+            pair = self._sample_of.get(req_id)
+            if pair is not None and pair[0].prompt_logprobs is not None:
+                state = pair[0]
+                start = len(state.prompt_logprobs)
+                ids = state.prompt_token_ids[start: start + len(entries)]
+                state.prompt_logprobs.extend(self._logprob_dict(tok, e) for tok, e in zip(ids, entries))
+        row_of = {rid: i for i, rid in enumerate(runner_out.req_ids)} if any(
+            s.params.logprobs is not None for s in self._states.values()) else {}
+        for r in updated:
+            pair = self._sample_of.get(r.request_id)
+            if pair is None:
+                continue
+            state, sample = pair
+            if sample.finished:
+                continue
+            new_ids = r.output_token_ids[sample.num_tokens_seen:]
+            sample.num_tokens_seen = r.num_output_tokens
+            if new_ids:
+                self.num_generation_tokens_total += len(new_ids)
+                if state.metrics.first_token_time is None:
+                    state.metrics.first_token_time = now
+                    state.metrics.first_scheduled_time = r.first_scheduled_time
+                    self.num_prompt_tokens_total += len(state.prompt_token_ids)
+                state.metrics.last_token_time = now
+                if sample.logprobs is not None:
+                    self._append_logprobs(sample, new_ids, runner_out, row_of.get(r.request_id))
+            if self._update_text(state, sample, r, new_ids):
+                stopped_by_string.append(r.request_id)
+            elif r.is_finished():
+                sample.finish_reason = r.get_finish_reason()
+                sample.stop_reason = r.stop_reason
+            touched[state.request_id] = state
+        outputs = []
+        for state in touched.values():
+            finished = state.finished
+            if finished:
+                state.metrics.finished_time = now
+                self.remove(state.request_id)
+            outputs.append(self._make_output(state, finished))
+        return outputs, stopped_by_string
+
+    def _update_text(self, state: _RequestState, sample: _Sample, r: Request, new_ids: list[int]) -> bool:
+        """Detokenizes new tokens; True when a stop string ended the sample (text truncated there)."""
+        if sample.detokenizer is None or not new_ids:
+            return False
+        params = state.params
+        # A stop token's own text (EOS, stop_token_ids) is not part of the output unless asked for.
+        if (r.status == RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output
+                and (r.stop_reason is not None or new_ids[-1] in r.eos_token_ids)):
+            new_ids = new_ids[:-1]
+        if not new_ids:
+            return False
+        prev_len = len(sample.text)
+        sample.text += sample.detokenizer.append(new_ids)
+        if not params.stop:
+            return False
+        search_from = max(0, prev_len - state.max_stop_len + 1)
+        best: Optional[tuple[int, str]] = None
+        for stop in params.stop:
+            i = sample.text.find(stop, search_from)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, stop)
+        if best is None:
+            return False
+        i, stop = best
+        sample.text = sample.text[: i + len(stop)] if params.include_stop_str_in_output else sample.text[:i]
+        sample.finish_reason, sample.stop_reason = "stop", stop
+        return True
+
+    def _append_logprobs(self, sample: _Sample, new_ids: list[int], runner_out: ModelRunnerOutput,
+                         row: Optional[int]) -> None:
+        entry = runner_out.logprobs[row] if row is not None and row < len(runner_out.logprobs) else None
+        if entry is None:
+            return
+        token = new_ids[-1]
+        sample.logprobs.append(self._logprob_dict(token, entry, sample.detokenizer))
+        sample.cumulative_logprob += entry.sampled_logprob
+
+    def _logprob_dict(self, token: int, e: Optional[SampledLogprobs], detok: Any = None) -> Optional[dict[int, Logprob]]:
+        if e is None:
+            return None
+        decode = self._decode_one
+        d = {token: Logprob(e.sampled_logprob, e.sampled_rank, decode(token))}
+        for rank, (tid, lp) in enumerate(zip(e.top_token_ids, e.top_logprobs), start=1):
+            if tid not in d:
+                d[tid] = Logprob(lp, rank, decode(tid))
+        return d
+
+    def _decode_one(self, token_id: int) -> Optional[str]:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id])
+
+    def _make_output(self, state: _RequestState, finished: bool) -> RequestOutput:
+        completions = []
+        for s in state.samples:
+            text = s.text
+            if not s.finished and state.max_stop_len > 1 and not state.params.include_stop_str_in_output:
+                text = text[: max(0, len(text) - state.max_stop_len + 1)]
+            completions.append(CompletionOutput(
+                index=s.index, text=text, token_ids=list(s.request.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            ))
+        first = state.samples[0].request
+        return RequestOutput(
+            request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
+            outputs=completions, finished=finished,
+            prompt_logprobs=list(state.prompt_logprobs) if state.prompt_logprobs is not None else None,
+            num_cached_tokens=max(0, first.num_cached_tokens),
+            metrics=state.metrics,
+        )

@@ -1,0 +1,120 @@
+"""The KV cache tensors: how many blocks, where they live, and the block copies the scheduler asks for.
+
+One tensor per layer, ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (0: keys, 1: values),
+all views into one allocation so a block id means the same slot range in every layer.
+The CPU swap space (for ``--preemption-mode swap``) has the same layout in pinned host memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from vllm_engine.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+GiB = 2**30
+
+
+def kv_bytes_per_block(config: EngineConfig) -> int:
+    """Bytes one block takes across all layers (keys and values)."""
+    m = config.model
+    elem = torch.empty((), dtype=m.dtype).element_size()
+    return 2 * config.cache.block_size * m.num_kv_heads * m.head_dim * elem * m.num_layers
+
+
+def _split_layers(buf: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
+    return [buf[i] for i in range(num_layers)]
+
+
+@dataclass
+class KVCache:
+    gpu_caches: list[torch.Tensor]  # per layer [2, num_blocks, block_size, num_kv_heads, head_dim], on the device
+    cpu_caches: list[torch.Tensor]  # same layout, host (pinned when the device is CUDA); empty without swap space
+    num_blocks: int
+    num_cpu_blocks: int
+    block_size: int
+
+    @classmethod
+    def create(cls, config: EngineConfig, profile_free_memory: Callable[[], int]) -> "KVCache":
+        """Sizes the cache (override, profiled GPU budget, or the CPU space setting) and allocates it.
+
+        ``profile_free_memory`` is only called on CUDA: it runs a warm-up forward at the largest batch
+        and returns the bytes left for KV blocks.
+        """
+        m, c, s = config.model, config.cache, config.scheduler
+        device = config.device.device
+        per_block = kv_bytes_per_block(config)
+        blocks_per_seq = -(-m.max_model_len // c.block_size)
+        if c.num_gpu_blocks_override is not None:
+            num_blocks = c.num_gpu_blocks_override
+        elif device.type == "cuda":
+            num_blocks = profile_free_memory() // per_block
+        else:
+            num_blocks = int(c.cpu_kv_cache_space_gib * GiB) // per_block
+            # On the CPU, never allocate more than every sequence at full length could use.
+            num_blocks = min(num_blocks, blocks_per_seq * s.max_num_seqs)
+        if num_blocks < 1:
+            raise ValueError(
+                f"No memory left for the KV cache (one block needs {per_block / 2**20:.1f} MiB): lower "
+                "max_num_batched_tokens or max_model_len, or raise gpu_memory_utilization."
+            )
+        if num_blocks < blocks_per_seq:
+            logger.warning("the KV cache holds %d tokens, less than max_model_len=%d: long requests will be rejected",
+                           num_blocks * c.block_size, m.max_model_len)
+        num_cpu_blocks = int(c.swap_space_gib * GiB) // per_block if s.preemption_mode == "swap" else 0
+
+        shape = (m.num_layers, 2, num_blocks, c.block_size, m.num_kv_heads, m.head_dim)
+        gpu = torch.zeros(shape, dtype=m.dtype, device=device)
+        cpu_list: list[torch.Tensor] = []
+        if num_cpu_blocks:
+            cpu_shape = (m.num_layers, 2, num_cpu_blocks, c.block_size, m.num_kv_heads, m.head_dim)
+            cpu = torch.zeros(cpu_shape, dtype=m.dtype, pin_memory=device.type == "cuda")
+            cpu_list = _split_layers(cpu, m.num_layers)
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB), max concurrency at max_model_len=%d: %.1fx; "
+            "CPU swap blocks: %d", num_blocks, c.block_size, num_blocks * c.block_size, num_blocks * per_block / GiB,
+            m.max_model_len, num_blocks / blocks_per_seq, num_cpu_blocks)
+        return cls(_split_layers(gpu, m.num_layers), cpu_list, num_blocks, num_cpu_blocks, c.block_size)
+
+    # ---- block moves, done before the step's forward pass ------------------------------------------
+    def _index(self, ids: list[int], device: torch.device) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: GPU block src -> dst in every layer."""
+        if not pairs:
+            return
+        dev = self.gpu_caches[0].device
+        src = self._index([p[0] for p in pairs], dev)
+        dst = self._index([p[1] for p in pairs], dev)
+        for cache in self.gpu_caches:
+            cache.index_copy_(1, dst, cache.index_select(1, src))
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """(gpu block, cpu block) pairs: device -> host."""
+        self._move(pairs, self.gpu_caches, self.cpu_caches)
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """(cpu block, gpu block) pairs: host -> device."""
+        self._move(pairs, self.cpu_caches, self.gpu_caches)
+
+    def _move(self, pairs: list[tuple[int, int]], src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor]) -> None:
+        if not pairs:
+            return
+        if not src_caches or not dst_caches:
+            raise RuntimeError("swap requested but no CPU swap space was allocated")
+        src_dev, dst_dev = src_caches[0].device, dst_caches[0].device
+        src = self._index([p[0] for p in pairs], src_dev)
+        dst = self._index([p[1] for p in pairs], dst_dev)
+        for s, d in zip(src_caches, dst_caches):
+            # Host -> device may be asynchronous (pinned source); device -> host must finish before the
+            # host-side index_copy_ reads the staged blocks.
+            d.index_copy_(1, dst, s.index_select(1, src).to(dst_dev, non_blocking=dst_dev.type == "cuda"))
+
+    def usage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.gpu_caches)
