@@ -58,6 +58,7 @@ class ModelRunner:
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
         self.kv_cache: Optional[KVCache] = None
+        self.graph_runner = None  # CUDAGraphRunner for decode-only steps (CUDA, unless enforce_eager)
         self.generators: dict[str, torch.Generator] = {}
         self.num_tokens_processed = 0  # total tokens run through the model (tests check prefix-cache savings)
 
@@ -65,6 +66,14 @@ class ModelRunner:
     def initialize_kv_cache(self) -> tuple[int, int]:
         """Sizes and allocates the KV cache; returns (num_gpu_blocks, num_cpu_blocks)."""
         self.kv_cache = KVCache.create(self.config, self._profile_free_memory)
+        if self.device.type == "cuda" and not self.config.device.enforce_eager:
+            from vllm_engine.worker.cuda_graphs import CUDAGraphRunner
+
+            self.graph_runner = CUDAGraphRunner(
+                self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs,
+                self.model_config.max_model_len, self.block_size, self.model_config.hf_config.hidden_size,
+                self.dtype, self.device)
+            self.graph_runner.capture()
         return self.kv_cache.num_blocks, self.kv_cache.num_cpu_blocks
 
     def _profile_free_memory(self) -> int:
@@ -108,7 +117,11 @@ class ModelRunner:
             return out
         inputs = self._prepare_inputs(sched)
         self.num_tokens_processed += sched.total_num_scheduled_tokens
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.gpu_caches, inputs.attn_metadata)
+        meta = inputs.attn_metadata
+        if self.graph_runner is not None and meta.is_decode_only and self.graph_runner.bucket(meta.num_seqs):
+            hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.gpu_caches, meta)
         out.sampled_token_ids = [None] * len(sched.scheduled_requests)
         out.logprobs = [None] * len(sched.scheduled_requests)
         if inputs.sample_rows:

@@ -1,0 +1,194 @@
+"""Shared pieces of the benchmarks: workloads, the memory-bandwidth floor, the HF baseline, JSON/tables.
+
+Run from the repository root, e.g. ``PYTHONPATH=. python tests/benchmarks/throughput.py --help``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Workload:
+    name: str
+    prompts: list[list[int]]  # token ids
+    output_lens: list[int]
+
+    @property
+    def input_lens(self) -> list[int]:
+        return [len(p) for p in self.prompts]
+
+
+def make_workload(dataset: str, vocab_size: int, num_prompts: int, input_len: int, output_len: int,
+                  seed: int = 0) -> Workload:
+    """``nano``: input and output lengths each uniform in [100, 1024] (nano-vllm's benchmark);
+    ``random``: fixed lengths. Token ids are uniform random (with dummy weights content does not matter)."""
+    rng = np.random.default_rng(seed)
+    if dataset == "nano":
+        in_lens = rng.integers(100, 1025, size=num_prompts)
+        out_lens = rng.integers(100, 1025, size=num_prompts)
+    elif dataset == "random":
+        in_lens = np.full(num_prompts, input_len)
+        out_lens = np.full(num_prompts, output_len)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}: nano or random")
+    prompts = [rng.integers(0, vocab_size, size=int(n)).tolist() for n in in_lens]
+    return Workload(dataset, prompts, [int(n) for n in out_lens])
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def measure_bandwidth_gbs(size_mib: int = 1024, iters: int = 20) -> Optional[float]:
+    """Achieved device memory bandwidth of a large copy (read + write bytes / time), GB/s; None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    n = size_mib * 2**20 // 2
+    a = torch.empty(n, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * a.numel() * a.element_size() / statistics.median(times) / 1e9
+
+
+def weight_bytes(hf_config: Any, bytes_per_param: int = 2) -> int:
+    """Bytes of the weights read by one decode step (all layers + LM head; embedding rows are negligible)."""
+    h = hf_config.hidden_size
+    heads = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    hd = getattr(hf_config, "head_dim", None) or h // heads
+    inter = hf_config.intermediate_size
+    per_layer = h * hd * (heads + 2 * kv) + heads * hd * h + 3 * h * inter
+    lm_head = hf_config.vocab_size * h
+    return (hf_config.num_hidden_layers * per_layer + lm_head) * bytes_per_param
+
+
+def kv_bytes_per_token(hf_config: Any, bytes_per_elem: int = 2) -> int:
+    heads = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    hd = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    return 2 * hf_config.num_hidden_layers * kv * hd * bytes_per_elem
+
+
+def decode_floor_seconds(input_lens: list[int], output_lens: list[int], hf_config: Any, bandwidth_gbs: float,
+                         max_num_seqs: int) -> float:
+    """Lower bound on the decode time of a workload: every step reads all weights once plus the KV of
+    every running sequence, at the measured bandwidth. Requests start as soon as a slot frees (FCFS)."""
+    w, kvt = weight_bytes(hf_config), kv_bytes_per_token(hf_config)
+    bw = bandwidth_gbs * 1e9
+    pending = list(zip(input_lens, output_lens))[::-1]
+    running: list[list[int]] = []  # [context, remaining]
+    total = 0.0
+    while pending or running:
+        while pending and len(running) < max_num_seqs:
+            i, o = pending.pop()
+            running.append([i, o])
+        total += (w + kvt * sum(r[0] for r in running)) / bw
+        for r in running:
+            r[0] += 1
+            r[1] -= 1
+        running = [r for r in running if r[1] > 0]
+    return total
+
+
+def percentiles(values: list[float], ps=(50, 90, 99)) -> dict[str, float]:
+    if not values:
+        return {f"p{p}": float("nan") for p in ps}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{p}": float(np.percentile(arr, p)) for p in ps}
+
+
+def write_json(path: Optional[str], data: dict) -> None:
+    data = {"device": device_name(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **data}
+    text = json.dumps(data, indent=2, default=str)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
+    return str(v)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def hf_model_from_config(hf_config: Any, dtype: torch.dtype, device: str):
+    """HF transformers model with random weights of the same shape (the baseline for dummy-weight runs)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype)
+    return model.eval()
+
+
+def hf_static_generate(model: Any, workload: Workload, batch_size: int, device: str) -> tuple[float, int]:
+    """HF ``generate`` in static batches (left-padded, each batch runs to its longest output).
+    Returns (seconds, useful output tokens: each request's own output length)."""
+    pad = 0
+    total_tokens, t0 = 0, time.perf_counter()
+    for s in range(0, len(workload.prompts), batch_size):
+        prompts = workload.prompts[s: s + batch_size]
+        outs = workload.output_lens[s: s + batch_size]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        with torch.inference_mode():
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(outs),
+                           min_new_tokens=max(outs), do_sample=False, pad_token_id=pad)
+        total_tokens += sum(outs)
+    sync()
+    return time.perf_counter() - t0, total_tokens
+
+
+def hf_generate_batch(model: Any, workload: Workload) -> Optional[tuple[float, int]]:
+    """HF's continuous-batching ``generate_batch`` (transformers >= 4.56), if this version has it."""
+    if not hasattr(model, "generate_batch"):
+        return None
+    from transformers import GenerationConfig
+
+    max_out = max(workload.output_lens)
+    cfg = GenerationConfig(max_new_tokens=max_out, do_sample=False, eos_token_id=-1, pad_token_id=0,
+                           use_cuda_graph=False, scheduler="fifo")
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate_batch(inputs=workload.prompts, generation_config=cfg, progress_bar=False)
+    sync()
+    return time.perf_counter() - t0, len(workload.prompts) * max_out

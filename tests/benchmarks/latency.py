@@ -1,0 +1,90 @@
+"""Latency at batch 1 and small batches: time to first token (TTFT) and time per output token (TPOT)
+percentiles, with the batch-1 decode floor (weights + KV bytes per step over the measured bandwidth).
+
+    PYTHONPATH=. python tests/benchmarks/latency.py --model llama-3.1-8b --load-format dummy \
+        --input-len 1000 --output-len 128 --batch-sizes 1 4 16 --runs 5 --out results/latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (device_name, kv_bytes_per_token, make_workload, measure_bandwidth_gbs,  # noqa: E402
+                    percentiles, print_table, weight_bytes, write_json)
+
+from vllm_engine import Engine, SamplingParams  # noqa: E402
+
+
+def one_batch(engine: Engine, prompts: list[list[int]], output_len: int, tag: str) -> tuple[list[float], list[float]]:
+    """Runs one batch to completion; returns per-request TTFT and mean TPOT (seconds)."""
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, params)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()  # step() ends with a host copy of the sampled ids: the GPU work is done
+        for o in outs:
+            if o.outputs[0].token_ids:
+                first.setdefault(o.request_id, now)
+                last[o.request_id] = now
+    ttft = [first[k] - t0 for k in first]
+    tpot = [(last[k] - first[k]) / (output_len - 1) for k in first if output_len > 1]
+    return ttft, tpot
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--input-len", type=int, default=1000)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    engine = Engine(model=args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+                    max_num_seqs=max(args.batch_sizes), enforce_eager=args.enforce_eager,
+                    enable_prefix_caching=False)
+    cfg = engine.model_config.hf_config
+    bw = measure_bandwidth_gbs()
+    rows, result = [], {"benchmark": "latency", "args": vars(args), "bandwidth_gbs": bw}
+    one_batch(engine, make_workload("random", cfg.vocab_size, 2, 64, 8, 99).prompts, 8, "warm")
+    for bs in args.batch_sizes:
+        ttfts, tpots = [], []
+        for run in range(args.runs):
+            w = make_workload("random", cfg.vocab_size, bs, args.input_len, args.output_len, seed=run)
+            t, d = one_batch(engine, w.prompts, args.output_len, f"b{bs}r{run}")
+            ttfts += t
+            tpots += d
+        row = {"batch": bs, **{f"ttft_ms_{k}": v * 1e3 for k, v in percentiles(ttfts).items()},
+               **{f"tpot_ms_{k}": v * 1e3 for k, v in percentiles(tpots).items()}}
+        if bw:
+            mid_ctx = args.input_len + args.output_len / 2
+            floor = (weight_bytes(cfg) + bs * mid_ctx * kv_bytes_per_token(cfg)) / (bw * 1e9)
+            row["tpot_floor_ms"] = floor * 1e3
+            row["tpot_p50_over_floor"] = statistics.median(tpots) / floor
+        rows.append(row)
+    result["rows"] = rows
+    print(f"device: {device_name()}, bandwidth {bw and round(bw)} GB/s, model {args.model}, "
+          f"input {args.input_len}, output {args.output_len}")
+    print_table(rows, ["batch", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p90",
+                       "tpot_ms_p99", "tpot_floor_ms", "tpot_p50_over_floor"])
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

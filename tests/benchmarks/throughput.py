@@ -1,0 +1,131 @@
+"""Offline throughput: a whole workload through ``Engine.generate``, against the memory-bandwidth floor
+and (``--backend hf`` / ``both``) HF transformers on the same workload in the same run.
+
+    PYTHONPATH=. python tests/benchmarks/throughput.py --model qwen3-0.6b --load-format dummy \
+        --dataset nano --runs 3 --backend both --out results/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import (decode_floor_seconds, device_name, hf_generate_batch, hf_model_from_config,  # noqa: E402
+                    hf_static_generate, make_workload, measure_bandwidth_gbs, print_table, sync, write_json)
+
+from vllm_engine import Engine, SamplingParams  # noqa: E402
+
+
+def run_engine(engine: Engine, workload, temperature: float) -> dict:
+    params = [SamplingParams(temperature=temperature, max_tokens=o, ignore_eos=True, detokenize=False)
+              for o in workload.output_lens]
+    sync()
+    t0 = time.perf_counter()
+    outs = engine.generate(workload.prompts, params, use_tqdm=False)
+    sync()
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert out_tokens == sum(workload.output_lens), "every request must produce exactly its output length"
+    return {"seconds": elapsed, "output_tokens": out_tokens,
+            "output_tok_s": out_tokens / elapsed,
+            "total_tok_s": (out_tokens + sum(workload.input_lens)) / elapsed}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dataset", choices=["nano", "random"], default="nano")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--runs", type=int, default=3, help="timed runs (median reported) after one warm-up")
+    p.add_argument("--backend", choices=["engine", "hf", "both"], default="engine")
+    p.add_argument("--hf-num-prompts", type=int, default=64, help="requests run through HF (it is slow)")
+    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--out", default=None, help="JSON output path")
+    args = p.parse_args(argv)
+
+    result: dict = {"benchmark": "throughput", "args": vars(args)}
+    rows = []
+    bw = measure_bandwidth_gbs()
+    result["bandwidth_gbs"] = bw
+    engine = None
+    if args.backend in ("engine", "both"):
+        engine = Engine(model=args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        enforce_eager=args.enforce_eager, seed=args.seed,
+                        enable_prefix_caching=args.enable_prefix_caching)
+        hf_config = engine.model_config.hf_config
+        workload = make_workload(args.dataset, hf_config.vocab_size, args.num_prompts, args.input_len,
+                                 args.output_len, args.seed)
+        warm = make_workload("random", hf_config.vocab_size, min(8, args.num_prompts), 64, 16, args.seed + 1)
+        run_engine(engine, warm, args.temperature)
+        runs = [run_engine(engine, workload, args.temperature) for _ in range(args.runs)]
+        med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "output_tok_s", "total_tok_s")}
+        row = {"backend": "vllm-engine", "requests": len(workload.prompts), **med}
+        if bw:
+            floor_s = decode_floor_seconds(workload.input_lens, workload.output_lens, hf_config, bw, args.max_num_seqs)
+            row["floor_output_tok_s"] = sum(workload.output_lens) / floor_s
+            row["fraction_of_floor"] = med["output_tok_s"] / row["floor_output_tok_s"]
+        stats = engine.get_stats()
+        result["engine"] = {"runs": runs, "median": med, "num_gpu_blocks": engine.num_gpu_blocks,
+                            "num_preemptions_total": stats.num_preemptions_total,
+                            "step_timing": getattr(engine.model_runner, "timing_summary", lambda: None)()}
+        rows.append(row)
+    if args.backend in ("hf", "both"):
+        if engine is not None:
+            hf_config, dtype = engine.model_config.hf_config, engine.model_config.dtype
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        else:
+            from vllm_engine.config import EngineArgs
+
+            cfg = EngineArgs(model=args.model, load_format=args.load_format, dtype=args.dtype).create_engine_config()
+            hf_config, dtype = cfg.model.hf_config, cfg.model.dtype
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        workload = make_workload(args.dataset, hf_config.vocab_size, args.num_prompts, args.input_len,
+                                 args.output_len, args.seed)
+        sub = type(workload)(workload.name, workload.prompts[: args.hf_num_prompts],
+                             workload.output_lens[: args.hf_num_prompts])
+        model = hf_model_from_config(hf_config, dtype, device)
+        secs, toks = hf_static_generate(model, sub, args.hf_batch_size, device)
+        rows.append({"backend": "hf-generate (static batch)", "requests": len(sub.prompts), "seconds": secs,
+                     "output_tok_s": toks / secs,
+                     "total_tok_s": (toks + sum(sub.input_lens)) / secs})
+        try:
+            gb = hf_generate_batch(model, sub)
+        except Exception as e:  # the API moves between transformers versions: report, do not fail the run
+            gb = None
+            result["hf_generate_batch_error"] = repr(e)[:500]
+        if gb is not None:
+            secs, toks = gb
+            rows.append({"backend": "hf-generate_batch (continuous)", "requests": len(sub.prompts),
+                         "seconds": secs, "output_tok_s": toks / secs,
+                         "total_tok_s": (toks + sum(sub.input_lens)) / secs})
+    result["rows"] = rows
+    print(f"device: {device_name()}, bandwidth: {bw and round(bw)} GB/s, model {args.model}, dataset {args.dataset}")
+    print_table(rows, ["backend", "requests", "seconds", "output_tok_s", "total_tok_s", "floor_output_tok_s",
+                       "fraction_of_floor"])
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""CUDA graphs for decode-only steps.
+
+A decode step at batch size B launches hundreds of small kernels; on a fast GPU the launch overhead
+(CPU time) would exceed the GPU time. We capture the model forward once per batch-size bucket
+(1, 2, 4, 8, 16, 24, ... up to max_num_seqs), largest first so all graphs share one memory pool,
+and replay the smallest bucket that holds the batch. Inputs go through persistent buffers: the
+real rows are copied in, the padding rows get slot -1 (nothing written) and a 1-token context in
+block 0 (a harmless read).
+
+The attention backend sees the same metadata on every replay of a graph: the kernels' launch plan
+may depend only on the batch size and ``max_seq_len``, which is fixed to ``max_model_len`` here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vllm_engine.attention.backend import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
+    return sorted({min(s, max_num_seqs) for s in sizes})
+
+
+class CUDAGraphRunner:
+    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], max_num_seqs: int, max_model_len: int,
+                 block_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.max_model_len = max_model_len
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        max_bs = self.batch_sizes[-1]
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.hidden_size, self.dtype = hidden_size, dtype
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            num_actual_tokens=bs, num_seqs=bs, query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
+            max_query_len=1, max_seq_len=self.max_model_len,
+            query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[self.max_model_len] * bs,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.time()
+        free_before = torch.cuda.mem_get_info()[0]
+        pool = None
+        stream = torch.cuda.Stream()
+        for bs in reversed(self.batch_sizes):
+            meta = self._metadata(bs)
+            args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, meta)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: compiles / autotunes kernels outside the capture
+                    self.model(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model(*args)
+            pool = graph.pool()
+            self.graphs[bs] = (graph, out)
+        torch.cuda.synchronize()
+        logger.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1fs using %.2f GiB",
+                    len(self.graphs), self.batch_sizes[0], self.batch_sizes[-1], time.time() - t0,
+                    (free_before - torch.cuda.mem_get_info()[0]) / 2**30)
+
+    def bucket(self, num_seqs: int) -> Optional[int]:
+        for bs in self.batch_sizes:
+            if bs >= num_seqs:
+                return bs
+        return None
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Decode step for ``meta.num_seqs`` sequences (one token each) by graph replay; returns hidden [n, H]."""
+        n = meta.num_seqs
+        bs = self.bucket(n)
+        graph, out = self.graphs[bs]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        width = meta.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(meta.block_tables)
+        if bs > n:
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(1)
+            self.block_tables[n:bs, 0].zero_()
+        graph.replay()
+        return out[:n]
