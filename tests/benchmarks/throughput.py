@@ -38,6 +38,17 @@ def run_engine(engine: Engine, workload, temperature: float) -> dict:
             "total_tok_s": (out_tokens + sum(workload.input_lens)) / elapsed}
 
 
+def summarize_steps(profile: list[dict], min_seqs: int) -> dict:
+    """Median phase times of decode-only steps with at least ``min_seqs`` sequences: CPU work vs. the step."""
+    steps = [r for r in profile if r["num_seqs"] >= min_seqs and r["num_tokens"] == r["num_seqs"]]
+    if not steps:
+        return {"steps": 0}
+    med = {k: statistics.median(r[k] for r in steps) for k in
+           ("schedule_ms", "prepare_inputs_ms", "execute_ms", "update_and_output_ms")}
+    med["cpu_ms"] = med["schedule_ms"] + med["prepare_inputs_ms"] + med["update_and_output_ms"]
+    return {"steps": len(steps), **med}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-0.6b")
@@ -76,7 +87,10 @@ def main(argv=None) -> int:
                                  args.output_len, args.seed)
         warm = make_workload("random", hf_config.vocab_size, min(8, args.num_prompts), 64, 16, args.seed + 1)
         run_engine(engine, warm, args.temperature)
-        runs = [run_engine(engine, workload, args.temperature) for _ in range(args.runs)]
+        runs = [run_engine(engine, workload, args.temperature) for _ in range(args.runs - 1)]
+        profile = engine.enable_step_profile()  # the last run also records per-step phase times
+        runs.append(run_engine(engine, workload, args.temperature))
+        engine.step_profile = None
         med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "output_tok_s", "total_tok_s")}
         row = {"backend": "vllm-engine", "requests": len(workload.prompts), **med}
         if bw:
@@ -86,7 +100,7 @@ def main(argv=None) -> int:
         stats = engine.get_stats()
         result["engine"] = {"runs": runs, "median": med, "num_gpu_blocks": engine.num_gpu_blocks,
                             "num_preemptions_total": stats.num_preemptions_total,
-                            "step_timing": getattr(engine.model_runner, "timing_summary", lambda: None)()}
+                            "step_phases_decode_batch_ge_200": summarize_steps(profile, 200)}
         rows.append(row)
     if args.backend in ("hf", "both"):
         if engine is not None:
@@ -121,6 +135,8 @@ def main(argv=None) -> int:
                          "total_tok_s": (toks + sum(sub.input_lens)) / secs})
     result["rows"] = rows
     print(f"device: {device_name()}, bandwidth: {bw and round(bw)} GB/s, model {args.model}, dataset {args.dataset}")
+    if "engine" in result:
+        print("decode steps (batch >= 200), median ms:", result["engine"]["step_phases_decode_batch_ge_200"])
     print_table(rows, ["backend", "requests", "seconds", "output_tok_s", "total_tok_s", "floor_output_tok_s",
                        "fraction_of_floor"])
     write_json(args.out, result)

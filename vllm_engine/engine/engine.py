@@ -74,6 +74,7 @@ class Engine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
         self._ids = itertools.count()
+        self.step_profile: Optional[list[dict]] = None
         logger.info("engine ready in %.1fs: model %s (%s, %s) on %s, KV cache %d blocks x %d tokens = %d tokens",
                     time.time() - t0, config.model.model, config.model.architecture, config.model.dtype,
                     config.device.device, num_gpu_blocks, config.cache.block_size,
@@ -211,6 +212,8 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns outputs of the requests that made progress (cumulative)."""
+        if self.step_profile is not None:
+            return self._profiled_step()
         sched_out = self.scheduler.schedule()
         runner_out = self.model_runner.execute_model(sched_out)
         updated = self.scheduler.update_from_output(sched_out, runner_out)
@@ -218,6 +221,29 @@ class Engine:
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs
+
+    def _profiled_step(self) -> list[RequestOutput]:
+        """step() with each phase timed (``enable_step_profile``): CPU phases vs. the model runner."""
+        t0 = time.perf_counter()
+        sched_out = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        runner_out = self.model_runner.execute_model(sched_out)  # ends with the host copy of sampled ids
+        t2 = time.perf_counter()
+        updated = self.scheduler.update_from_output(sched_out, runner_out)
+        outputs, stopped = self.output_processor.process(updated, runner_out)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        t3 = time.perf_counter()
+        self.step_profile.append({
+            "num_seqs": len(sched_out.scheduled_requests), "num_tokens": sched_out.total_num_scheduled_tokens,
+            "schedule_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3,
+            "prepare_inputs_ms": self.model_runner.last_prepare_s * 1e3, "update_and_output_ms": (t3 - t2) * 1e3})
+        return outputs
+
+    def enable_step_profile(self) -> list[dict]:
+        """Start recording per-step phase times; returns the (growing) list of records."""
+        self.step_profile = []
+        return self.step_profile
 
     def get_stats(self) -> EngineStats:
         s = self.scheduler.get_stats()

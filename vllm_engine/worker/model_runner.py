@@ -7,6 +7,7 @@ samples, and returns a ``ModelRunnerOutput`` (token ids and logprobs: plain Pyth
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,6 +61,7 @@ class ModelRunner:
         self.kv_cache: Optional[KVCache] = None
         self.graph_runner = None  # CUDAGraphRunner for decode-only steps (CUDA, unless enforce_eager)
         self.generators: dict[str, torch.Generator] = {}
+        self.last_prepare_s = 0.0  # CPU time of the last step's input preparation
         self.num_tokens_processed = 0  # total tokens run through the model (tests check prefix-cache savings)
 
     # ---- KV cache ------------------------------------------------------------------------------
@@ -115,7 +117,9 @@ class ModelRunner:
         out = ModelRunnerOutput(req_ids=[r.request_id for r in sched.scheduled_requests])
         if sched.is_empty:
             return out
+        t0 = time.perf_counter()
         inputs = self._prepare_inputs(sched)
+        self.last_prepare_s = time.perf_counter() - t0
         self.num_tokens_processed += sched.total_num_scheduled_tokens
         meta = inputs.attn_metadata
         if self.graph_runner is not None and meta.is_decode_only and self.graph_runner.bucket(meta.num_seqs):
