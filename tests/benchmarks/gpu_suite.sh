@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md, stage by stage (run from the repo root on the GPU machine):
+#   OUT=results bash tests/benchmarks/gpu_suite.sh check throughput latency memory prefix sweep
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-results}
+mkdir -p "$OUT"
+B=tests/benchmarks
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    check)      python -m pytest -q -x tests/e2e/test_gpu_engine.py 2>&1 | tail -15
+                python tests/kernels/gpu_check.py --out "$OUT/kernels.json" ;;
+    smoke)      python $B/throughput.py --model qwen3-0.6b --dataset random --num-prompts 64 --input-len 256 --output-len 128 --runs 1 ;;
+    throughput) python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 3 --backend both --out "$OUT/throughput_qwen3.json"
+                python $B/throughput.py --model llama-3.1-8b --dataset nano --runs 3 --out "$OUT/throughput_llama8b.json" ;;
+    overhead)   python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 3 --no-enable-prefix-caching --out "$OUT/throughput_qwen3_nocache.json" ;;
+    latency)    python $B/latency.py --model llama-3.1-8b --input-len 1000 --output-len 128 --batch-sizes 1 4 16 --runs 5 --out "$OUT/latency.json" ;;
+    memory)     python $B/memory_usage.py --model qwen3-0.6b --out "$OUT/memory.json" ;;
+    prefix)     python $B/prefix_cache.py --model llama-3.1-8b --out "$OUT/prefix_cache.json" ;;
+    sweep)      python $B/batch_sweep.py --model qwen3-0.6b --out "$OUT/sweep.json" --plot "$OUT/throughput_vs_batch.png" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
