@@ -1,0 +1,416 @@
+"""Scheduler: continuous batching with one rule for every step (see docs/scheduler.md).
+
+Each request's ``num_computed_tokens`` catches up to ``num_tokens`` under a per-step token budget
+(``max_num_batched_tokens``) and a sequence cap (``max_num_seqs``): running requests first (decodes
+and continuing prompt chunks), then swapped-out requests, then waiting ones. No tensors here.
+``schedule()`` never advances ``num_computed_tokens`` (the model runner reads it as the start of the
+step's tokens); ``update_from_output()`` does.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Union
+
+from vllm_engine.config import CacheConfig, SchedulerConfig
+from vllm_engine.core.kv_cache_manager import KVCacheManager, cdiv
+from vllm_engine.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from vllm_engine.engine.request import Request, RequestStatus
+
+_RUNNING = RequestStatus.RUNNING
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    kv_cache_usage: float  # fraction of GPU blocks in use, 0..1
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int  # tokens looked up, cumulative
+    prefix_cache_hits: int  # tokens found, cumulative
+    num_preemptions_total: int
+    num_swaps_total: int
+
+
+class RequestQueue:
+    """Requests in scheduling order: FCFS (a deque; preempted requests go back to the front) or
+    priority (a heap on the scheduler's sort key, so preempted requests fall back into their place)."""
+
+    def __init__(self, priority: bool, key) -> None:
+        self._priority = priority
+        self._key = key
+        self._deque: deque[Request] = deque()
+        self._heap: list[tuple[tuple, Request]] = []
+
+    def push(self, req: Request) -> None:
+        if self._priority:
+            heapq.heappush(self._heap, (self._key(req), req))
+        else:
+            self._deque.append(req)
+
+    def push_front(self, req: Request) -> None:
+        if self._priority:
+            self.push(req)
+        else:
+            self._deque.appendleft(req)
+
+    def peek(self) -> Request:
+        return self._heap[0][1] if self._priority else self._deque[0]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[1] if self._priority else self._deque.popleft()
+
+    def remove(self, req: Request) -> None:
+        # O(n), only for aborts.
+        if self._priority:
+            self._heap = [e for e in self._heap if e[1] is not req]
+            heapq.heapify(self._heap)
+        else:
+            self._deque.remove(req)
+
+    def __len__(self) -> int:
+        return len(self._heap) if self._priority else len(self._deque)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (e[1] for e in self._heap) if self._priority else iter(self._deque)
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 num_gpu_blocks: int, num_cpu_blocks: int = 0) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.num_gpu_blocks = num_gpu_blocks
+        self.kv_cache_manager = KVCacheManager(num_gpu_blocks, cache_config.block_size,
+                                               cache_config.enable_prefix_caching, num_cpu_blocks)
+        self.priority_policy = scheduler_config.policy == "priority"
+        self.swap_mode = scheduler_config.preemption_mode == "swap"
+        self.requests: dict[str, Request] = {}
+        self._keys: dict[str, tuple] = {}  # sort key: (priority?, arrival_time, admission number)
+        self._counter = itertools.count()
+        self.waiting = RequestQueue(self.priority_policy, self._key)
+        self.swapped = RequestQueue(self.priority_policy, self._key)
+        # Sorted by key: the last one is the first to preempt (latest arrival / worst priority).
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()
+        self._capped: list[Request] = []  # finished inside schedule(), reported by the next update
+        self.num_preemptions_total = 0
+        self.num_swaps_total = 0
+        # Per-step state of schedule().
+        self._budget = 0
+        self._sched_reqs: list[Request] = []
+        self._sched_tokens: dict[str, int] = {}
+        self._preempted_now: set[str] = set()
+
+    def _key(self, req: Request) -> tuple:
+        return self._keys[req.request_id]
+
+    # ---- requests in -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queues a request (status WAITING). ValueError if its prompt plus one token can never fit the cache."""
+        needed = cdiv(request.num_prompt_tokens + 1, self.block_size)
+        if needed > self.num_gpu_blocks:
+            raise ValueError(
+                f"The prompt ({request.num_prompt_tokens} tokens) needs {needed} KV cache blocks of "
+                f"{self.block_size} tokens, but the KV cache has only {self.num_gpu_blocks} blocks.")
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use.")
+        seq = next(self._counter)
+        self._keys[request.request_id] = ((request.priority, request.arrival_time, seq) if self.priority_policy
+                                          else (request.arrival_time, seq))
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.push(request)
+
+    def finish_requests(self, request_ids: Union[str, Iterable[str]], status: RequestStatus) -> None:
+        """Finishes requests in any state (abort, stop string); frees their blocks at once. Unknown ids are ignored."""
+        ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        for rid in ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.status == _RUNNING:
+                self.running.remove(req)
+            elif req.status == RequestStatus.SWAPPED:
+                self.swapped.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, status)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        """Marks finished, frees blocks (full ones stay in the prefix cache), forgets the request."""
+        req.status = status
+        self.kv_cache_manager.free(req)
+        del self.requests[req.request_id]
+        del self._keys[req.request_id]
+        self._finished_ids.add(req.request_id)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        kv = self.kv_cache_manager
+        kv.new_step()
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = set()
+        self._budget = self.config.max_num_batched_tokens
+        self._sched_reqs, self._sched_tokens, self._preempted_now = [], {}, set()
+
+        self._schedule_running(out)
+        # After a preemption nothing new comes in: the freed blocks are what the running ones need.
+        if not out.preempted_requests:
+            self._schedule_swapped(out)
+            if not len(self.swapped):  # swapped requests go before new ones
+                self._schedule_waiting(out)
+
+        out.scheduled_requests = self._sched_reqs
+        out.num_scheduled_tokens = [self._sched_tokens[r.request_id] for r in self._sched_reqs]
+        out.block_tables = [kv.get_block_ids(r) for r in self._sched_reqs]
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens)
+        out.blocks_to_copy = kv.take_pending_copies()
+        return out
+
+    def _add_scheduled(self, req: Request, num_tokens: int) -> None:
+        self._sched_reqs.append(req)
+        self._sched_tokens[req.request_id] = num_tokens
+        self._budget -= num_tokens
+
+    def _schedule_running(self, out: SchedulerOutput) -> None:
+        kv = self.kv_cache_manager
+        i = 0
+        while i < len(self.running) and self._budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, self._budget)
+            while kv.allocate_slots(req, num_new) is None:
+                if len(self.running) == 1:  # alone and still too big: the cache can never hold it
+                    self.running.clear()
+                    self._cap(req)
+                    return
+                victim = self.running[-1]  # never one scheduled already: those are before index i
+                self._preempt(victim, out)
+                if victim is req:
+                    return  # it was the last running request
+            self._add_scheduled(req, num_new)
+            i += 1
+
+    def _schedule_swapped(self, out: SchedulerOutput) -> None:
+        kv = self.kv_cache_manager
+        while len(self.swapped) and self._budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.swapped.peek()
+            num_new = min(req.num_tokens - req.num_computed_tokens, self._budget)
+            if not kv.can_swap_in(req, num_new):
+                break
+            self.swapped.pop()
+            out.blocks_to_swap_in.extend(kv.swap_in(req) or ())
+            allocated = kv.allocate_slots(req, num_new)
+            assert allocated is not None, "can_swap_in promised room for the new tokens"
+            req.status = _RUNNING
+            bisect.insort(self.running, req, key=self._key)
+            self._add_scheduled(req, num_new)
+
+    def _schedule_waiting(self, out: SchedulerOutput) -> None:
+        skipped: list[Request] = []  # n > 1 samples waiting for their sibling's prompt: they block nobody
+        while len(self.waiting) and self._budget > 0:
+            req = self.waiting.peek()
+            if req.request_id in self._preempted_now:
+                break  # do not bring back a request preempted for a better one in this very step
+            parent = req.fork_from
+            if parent is not None:
+                ready = parent.status == _RUNNING and parent.num_computed_tokens >= parent.num_prompt_tokens
+                if not ready and parent.status in (RequestStatus.WAITING, _RUNNING):
+                    skipped.append(self.waiting.pop())
+                    continue
+                if not ready:  # the sibling finished or was preempted first: compute the prompt itself
+                    req.fork_from = parent = None
+            if len(self.running) >= self.config.max_num_seqs:
+                if self._preempt_for(req, out):
+                    continue
+                break
+            admitted = self._admit_fork(req, parent) if parent is not None else self._admit(req)
+            if admitted is None:
+                if self._preempt_for(req, out):
+                    continue
+                if not self.running:  # nothing else holds blocks: it can never fit
+                    self._cap(self.waiting.pop())
+                    continue
+                break
+            num_new, num_cached = admitted
+            self.waiting.pop()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+                req.first_scheduled_time = time.time()
+            req.status = _RUNNING
+            bisect.insort(self.running, req, key=self._key)
+            self._add_scheduled(req, num_new)
+        for req in reversed(skipped):
+            self.waiting.push_front(req)
+
+    def _admit(self, req: Request) -> Optional[tuple[int, int]]:
+        """Prefix-cache lookup and block allocation for a waiting request: (tokens to compute, cached tokens)."""
+        kv = self.kv_cache_manager
+        blocks, num_hit = kv.get_computed_blocks(req)
+        num_new = min(req.num_tokens - num_hit, self._budget)
+        if kv.allocate_slots(req, num_new, blocks) is None:
+            return None
+        req.num_computed_tokens = num_hit
+        return num_new, num_hit
+
+    def _admit_fork(self, req: Request, parent: Request) -> Optional[tuple[int, int]]:
+        """Sample i > 0 of an n > 1 request: share the sibling's prompt blocks but for the last prompt token,
+        which it computes itself to sample its own first token."""
+        kv = self.kv_cache_manager
+        num_shared = req.num_prompt_tokens - 1
+        kv.fork(req, parent, num_shared)
+        req.num_computed_tokens = num_shared
+        if kv.allocate_slots(req, 1) is None:
+            kv.free(req)
+            req.num_computed_tokens = 0
+            return None
+        req.fork_from = None
+        return 1, num_shared
+
+    def _preempt_for(self, req: Request, out: SchedulerOutput) -> bool:
+        """Priority policy: preempt the worst running request if ``req`` has a strictly better priority."""
+        if not self.priority_policy or not self.running or self.running[-1].priority <= req.priority:
+            return False
+        self._preempt(self.running[-1], out)
+        return True
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Swap the request out (swap mode, if CPU space allows) or free its blocks to recompute it later."""
+        kv = self.kv_cache_manager
+        if self.running[-1] is req:
+            self.running.pop()
+        else:
+            self.running.remove(req)
+        n = self._sched_tokens.pop(req.request_id, None)
+        if n is not None:  # scheduled earlier in this step: take it back
+            self._sched_reqs.remove(req)
+            self._budget += n
+        mapping = kv.swap_out(req) if self.swap_mode else None
+        if mapping is not None:
+            req.status = RequestStatus.SWAPPED
+            self.swapped.push(req)
+            out.blocks_to_swap_out.extend(mapping)
+            out.num_swaps += 1
+            self.num_swaps_total += 1
+        else:
+            kv.free(req)
+            req.num_computed_tokens = 0  # output tokens are kept: resuming recomputes prompt + outputs
+            req.status = RequestStatus.PREEMPTED
+            self.waiting.push_front(req)
+        req.num_preemptions += 1
+        out.num_preemptions += 1
+        self.num_preemptions_total += 1
+        out.preempted_requests.append(req)
+        self._preempted_now.add(req.request_id)
+
+    def _cap(self, req: Request) -> None:
+        """Ends a request whose sequence outgrew the whole KV cache (it keeps the tokens it has)."""
+        self._finish(req, RequestStatus.FINISHED_LENGTH_CAPPED)
+        self._capped.append(req)
+
+    # ---- results -----------------------------------------------------------------------------
+    def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[Request]:
+        """Advances num_computed_tokens, caches full blocks, appends sampled tokens and applies the
+        token-level stop checks. Returns the requests that got a token or finished."""
+        kv = self.kv_cache_manager
+        updated, self._capped = self._capped, []
+        sampled = runner_out.sampled_token_ids
+        any_finished = False
+        for i, req in enumerate(sched_out.scheduled_requests):
+            if req.status != _RUNNING:
+                continue  # finished (aborted) after schedule()
+            req.num_computed_tokens += sched_out.num_scheduled_tokens[i]
+            kv.cache_blocks(req, req.num_computed_tokens)
+            done = min(req.num_computed_tokens, req.num_prompt_tokens - 1)
+            if done > req.num_prompt_logprobs_done:
+                req.num_prompt_logprobs_done = done
+            token = sampled[i] if i < len(sampled) else None
+            if token is None or req.num_computed_tokens < req.num_tokens:
+                continue  # a prompt chunk: nothing sampled
+            req.append_output_token_ids(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                self._finish(req, status)
+                any_finished = True
+            updated.append(req)
+        if any_finished:
+            self.running = [r for r in self.running if r.status == _RUNNING]
+        return updated
+
+    def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
+        params = req.sampling_params
+        n_out = req.num_output_tokens
+        if token in req.eos_token_ids and not params.ignore_eos and n_out > params.min_tokens:
+            return RequestStatus.FINISHED_STOPPED
+        if params.stop_token_ids and token in params.stop_token_ids and n_out > params.min_tokens:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if n_out >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        return None
+
+    # ---- queries -----------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_swapped(self) -> int:
+        return len(self.swapped)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_request(self, request_id: str) -> Optional[Request]:
+        return self.requests.get(request_id)
+
+    def reset_prefix_cache(self) -> None:
+        self.kv_cache_manager.reset_prefix_cache()
+
+    def get_stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting), num_swapped=len(self.swapped),
+            kv_cache_usage=kv.usage, num_free_blocks=kv.num_free_blocks, num_total_blocks=self.num_gpu_blocks,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions_total=self.num_preemptions_total, num_swaps_total=self.num_swaps_total)
+
+    def check_integrity(self) -> None:
+        """AssertionError on a leaked or double-counted block, or a request in the wrong queue or state."""
+        kv = self.kv_cache_manager
+        kv.check_integrity()
+        groups = {
+            "running": (self.running, (_RUNNING,)),
+            "waiting": (list(self.waiting), (RequestStatus.WAITING, RequestStatus.PREEMPTED)),
+            "swapped": (list(self.swapped), (RequestStatus.SWAPPED,)),
+        }
+        seen: set[str] = set()
+        for name, (reqs, statuses) in groups.items():
+            for r in reqs:
+                assert r.status in statuses, f"{r} in {name}"
+                assert r.request_id not in seen, f"{r} queued twice"
+                assert self.requests.get(r.request_id) is r, f"{r} in {name} but unknown"
+                seen.add(r.request_id)
+                if name == "running":
+                    held = kv.num_blocks_held(r) * self.block_size
+                    assert held >= r.num_computed_tokens, f"{r}: blocks cover only {held} tokens"
+                elif name == "waiting":
+                    assert kv.num_blocks_held(r) == 0 and r.request_id not in kv.swapped_blocks, f"{r} holds blocks"
+                else:
+                    assert kv.num_blocks_held(r) == 0 and r.request_id in kv.swapped_blocks, f"{r} not on CPU"
+        assert seen == set(self.requests), "a request is in no queue"
+        assert set(kv.req_blocks) <= {r.request_id for r in self.running}, "blocks held by a request not running"
+        assert len(self.running) <= self.config.max_num_seqs
+        keys = [self._key(r) for r in self.running]
+        assert keys == sorted(keys), "running list out of order"
