@@ -1,0 +1,458 @@
+"""Scheduler scenarios with no model: a simulated runner whose KV cache is a dict of written tokens.
+
+The fake model samples ``f(tokens it reads back from the KV cache through the block table)``. A
+wrong block table, a missed copy-on-write, a bad swap or a block reused too early changes what it
+reads, and therefore the outputs, which are compared with a plain loop that never batches anything.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import pytest
+
+from vllm_engine.config import CacheConfig, SchedulerConfig
+from vllm_engine.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from vllm_engine.core.scheduler import Scheduler
+from vllm_engine.engine.request import Request, RequestStatus
+from vllm_engine.sampling_params import SamplingParams
+
+BS = 4
+
+
+def next_token(tokens: list[int], salt: int = 0) -> int:
+    """The deterministic 'model': depends on every token and its position."""
+    acc = salt * 7919
+    for i, t in enumerate(tokens):
+        acc = (acc * 1000003 + (i + 1) * (t + 17)) % 2**61
+    return 10 + acc % 50
+
+
+def reference(prompt: list[int], max_tokens: int, salt: int = 0) -> list[int]:
+    out: list[int] = []
+    while len(out) < max_tokens:
+        out.append(next_token(prompt + out, salt))
+    return out
+
+
+class FakeRunner:
+    """Carries out swaps and copies, writes each step's tokens into a simulated KV cache, samples from it."""
+
+    def __init__(self, block_size: int = BS) -> None:
+        self.bs = block_size
+        self.gpu: dict[tuple[int, int], tuple[int, int]] = {}  # (block, slot) -> (position, token)
+        self.cpu: dict[tuple[int, int], tuple[int, int]] = {}
+        self.tokens_computed = 0
+
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        bs = self.bs
+        for g, c in so.blocks_to_swap_out:
+            for s in range(bs):
+                self.cpu.pop((c, s), None)
+                if (g, s) in self.gpu:
+                    self.cpu[(c, s)] = self.gpu[(g, s)]
+        for c, g in so.blocks_to_swap_in:
+            for s in range(bs):
+                self.gpu.pop((g, s), None)
+                if (c, s) in self.cpu:
+                    self.gpu[(g, s)] = self.cpu[(c, s)]
+        for src, dst in so.blocks_to_copy:
+            for s in range(bs):
+                self.gpu.pop((dst, s), None)
+                if (src, s) in self.gpu:
+                    self.gpu[(dst, s)] = self.gpu[(src, s)]
+        written: set[tuple[int, int]] = set()
+        for r, n, bt in zip(so.scheduled_requests, so.num_scheduled_tokens, so.block_tables):
+            start = r.num_computed_tokens
+            assert 0 < n and start + n <= r.num_tokens and len(bt) * bs >= start + n
+            for p in range(start, start + n):
+                slot = (bt[p // bs], p % bs)
+                assert slot not in written, "two requests write the same KV slot in one step"
+                written.add(slot)
+                self.gpu[slot] = (p, r.all_token_ids[p])
+        self.tokens_computed += so.total_num_scheduled_tokens
+        sampled: list[Optional[int]] = []
+        for r, n, bt in zip(so.scheduled_requests, so.num_scheduled_tokens, so.block_tables):
+            end = r.num_computed_tokens + n
+            if end < r.num_tokens:
+                sampled.append(None)
+                continue
+            seen = []
+            for p in range(end):
+                pos, tok = self.gpu.get((bt[p // bs], p % bs), (-1, -1))
+                seen.append(tok if pos == p else -1)
+            sampled.append(next_token(seen, r.sample_index))
+        return ModelRunnerOutput(req_ids=[r.request_id for r in so.scheduled_requests], sampled_token_ids=sampled)
+
+
+def make(num_blocks: int = 64, budget: int = 64, max_seqs: int = 16, policy: str = "fcfs", mode: str = "recompute",
+         caching: bool = True, num_cpu_blocks: int = 0, max_model_len: int = 1024) -> Scheduler:
+    sc = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
+                         policy=policy, preemption_mode=mode)
+    return Scheduler(sc, CacheConfig(block_size=BS, enable_prefix_caching=caching), num_blocks, num_cpu_blocks)
+
+
+def req(rid: str, prompt: list[int], max_tokens: int = 8, priority: int = 0, arrival: Optional[float] = None,
+        **kw) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, **kw)
+    return Request(rid, prompt, params, arrival_time=arrival, priority=priority, max_tokens=max_tokens)
+
+
+def step(s: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, list[Request]]:
+    so = s.schedule()
+    cfg = s.config
+    assert so.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
+    assert len(so.scheduled_requests) <= cfg.max_num_seqs and s.num_running <= cfg.max_num_seqs
+    kv = s.kv_cache_manager
+    for r, bt in zip(so.scheduled_requests, so.block_tables):
+        first = r.num_computed_tokens // BS
+        for b in kv.req_blocks[r.request_id][first:]:
+            assert b.ref_cnt == 1, "a step writes into a shared block"
+    updated = s.update_from_output(so, runner.execute(so))
+    s.check_integrity()
+    return so, updated
+
+
+def drain(s: Scheduler, runner: FakeRunner, max_steps: int = 2000) -> list[SchedulerOutput]:
+    outs = []
+    while s.has_unfinished_requests():
+        outs.append(step(s, runner)[0])
+        assert len(outs) < max_steps, "no progress"
+    assert s.kv_cache_manager.num_free_blocks == s.num_gpu_blocks
+    return outs
+
+
+def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    return [[(seed * 131 + i * 31 + j * 7) % 97 for j in range(length + i % 3)] for i in range(n)]
+
+
+# ---- budget, chunking, max_num_seqs ----------------------------------------------------------------
+def test_long_prompt_is_chunked_while_decodes_keep_running():
+    s, runner = make(budget=16), FakeRunner()
+    a = req("a", prompts(1, 5)[0], max_tokens=12)
+    s.add_request(a)
+    step(s, runner)
+    long = req("long", list(range(40)), max_tokens=3)
+    s.add_request(long)
+    chunks = []
+    while long.num_output_tokens == 0:
+        so, _ = step(s, runner)
+        assert so.scheduled_requests[0] is a and so.num_scheduled_tokens[0] == 1  # the decode never waits
+        chunks.append(so.num_scheduled_tokens[1])
+    assert chunks == [15, 15, 10]
+    drain(s, runner)
+    assert a.output_token_ids == reference(a.prompt_token_ids, 12)
+    assert long.output_token_ids == reference(list(range(40)), 3)
+
+
+def test_max_num_seqs_caps_the_batch():
+    s, runner = make(max_seqs=2), FakeRunner()
+    rs = [req(str(i), p, max_tokens=4) for i, p in enumerate(prompts(5, 6))]
+    for r in rs:
+        s.add_request(r)
+    outs = drain(s, runner)
+    assert max(len(o.scheduled_requests) for o in outs) == 2
+    for r in rs:
+        assert r.output_token_ids == reference(r.prompt_token_ids, 4)
+    # FCFS: requests start in arrival order.
+    firsts = [r.first_scheduled_time for r in rs]
+    assert firsts == sorted(firsts)
+
+
+# ---- preemption -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("caching", [True, False])
+def test_recompute_preemption_keeps_outputs(caching):
+    s, runner = make(num_blocks=12, caching=caching), FakeRunner()
+    rs = [req(str(i), p, max_tokens=14) for i, p in enumerate(prompts(6, 9))]
+    for r in rs:
+        s.add_request(r)
+    outs = drain(s, runner)
+    assert sum(o.num_preemptions for o in outs) == s.get_stats().num_preemptions_total > 0
+    assert sum(r.num_preemptions for r in rs) == s.get_stats().num_preemptions_total
+    assert all(o.blocks_to_swap_out == [] for o in outs)
+    for r in rs:
+        assert r.output_token_ids == reference(r.prompt_token_ids, 14)
+        assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
+
+
+def test_swap_preemption_keeps_outputs_without_recomputing():
+    s, runner = make(num_blocks=12, mode="swap", num_cpu_blocks=32), FakeRunner()
+    rs = [req(str(i), p, max_tokens=14) for i, p in enumerate(prompts(6, 9))]
+    for r in rs:
+        s.add_request(r)
+    outs = drain(s, runner)
+    stats = s.get_stats()
+    assert stats.num_swaps_total > 0 and stats.num_swaps_total == sum(o.num_swaps for o in outs)
+    assert sum(len(o.blocks_to_swap_out) for o in outs) == sum(len(o.blocks_to_swap_in) for o in outs)
+    # Swapped KV comes back from CPU: every token is computed exactly once.
+    assert runner.tokens_computed == sum(r.num_prompt_tokens + 14 - 1 for r in rs)
+    for r in rs:
+        assert r.output_token_ids == reference(r.prompt_token_ids, 14)
+    assert s.kv_cache_manager.num_free_cpu_blocks + len(s.kv_cache_manager.cpu_release_next_step) == 32
+
+
+def test_swap_falls_back_to_recompute_without_cpu_space():
+    s, runner = make(num_blocks=12, mode="swap", num_cpu_blocks=1), FakeRunner()
+    rs = [req(str(i), p, max_tokens=14) for i, p in enumerate(prompts(6, 9))]
+    for r in rs:
+        s.add_request(r)
+    outs = drain(s, runner)
+    assert s.get_stats().num_preemptions_total > s.get_stats().num_swaps_total
+    assert not any(o.blocks_to_swap_out for o in outs)
+    for r in rs:
+        assert r.output_token_ids == reference(r.prompt_token_ids, 14)
+
+
+def test_sequence_outgrowing_the_whole_cache_is_length_capped():
+    s, runner = make(num_blocks=3), FakeRunner()
+    a = req("a", [1, 2, 3, 4, 5], max_tokens=50)
+    s.add_request(a)
+    _, updated = step(s, runner)
+    while s.has_unfinished_requests():
+        _, updated = step(s, runner)
+    assert a.status == RequestStatus.FINISHED_LENGTH_CAPPED and a in updated
+    assert a.num_tokens == 3 * BS + 1  # 12 tokens computed and one sampled token that no block can hold
+    assert a.output_token_ids == reference(a.prompt_token_ids, 8)
+
+
+# ---- priority -------------------------------------------------------------------------------------
+def test_priority_late_request_preempts_and_finishes_first():
+    s, runner = make(max_seqs=2, policy="priority"), FakeRunner()
+    low = [req(f"low{i}", p, max_tokens=20, priority=1, arrival=float(i)) for i, p in enumerate(prompts(2, 6))]
+    for r in low:
+        s.add_request(r)
+    for _ in range(3):
+        step(s, runner)
+    high = req("high", [9, 8, 7, 6, 5], max_tokens=4, priority=0, arrival=10.0)
+    s.add_request(high)
+    finished_order = []
+    while s.has_unfinished_requests():
+        finished_order += [r.request_id for r in step(s, runner)[1] if r.is_finished()]
+    assert finished_order[0] == "high"
+    assert low[1].num_preemptions == 1 and low[0].num_preemptions == 0  # the later arrival was preempted
+    for r in low + [high]:
+        assert r.output_token_ids == reference(r.prompt_token_ids, r.max_tokens)
+
+
+def test_priority_preempts_for_blocks_and_fcfs_within_a_level():
+    s, runner = make(num_blocks=8, policy="priority"), FakeRunner()
+    hog = req("hog", list(range(20)), max_tokens=8, priority=5)
+    s.add_request(hog)
+    step(s, runner)  # 6 of 8 blocks
+    same = [req(f"p1-{i}", p, max_tokens=3, priority=1, arrival=100.0 + i) for i, p in enumerate(prompts(3, 5))]
+    for r in reversed(same):  # added out of order: arrival time decides within a level
+        s.add_request(r)
+    so, _ = step(s, runner)
+    assert hog.status == RequestStatus.PREEMPTED and hog in so.preempted_requests
+    drain(s, runner)
+    firsts = [r.first_scheduled_time for r in same]
+    assert firsts == sorted(firsts)
+    for r in same + [hog]:
+        assert r.output_token_ids == reference(r.prompt_token_ids, r.max_tokens)
+
+
+def test_equal_priority_does_not_preempt():
+    s, runner = make(max_seqs=1, policy="priority"), FakeRunner()
+    a, b = req("a", [1, 2, 3], max_tokens=5, arrival=1.0), req("b", [4, 5, 6], max_tokens=5, arrival=2.0)
+    s.add_request(a)
+    step(s, runner)
+    s.add_request(b)
+    drain(s, runner)
+    assert a.num_preemptions == b.num_preemptions == 0 and a.first_scheduled_time < b.first_scheduled_time
+
+
+# ---- prefix caching ------------------------------------------------------------------------------
+def test_prefix_cache_hit_schedules_only_uncached_tokens():
+    s, runner = make(budget=256), FakeRunner()
+    prefix = [(7 * i + 3) % 101 for i in range(20 * BS)]
+    a = req("a", prefix + [1, 2, 3], max_tokens=2)
+    s.add_request(a)
+    drain(s, runner)
+    b = req("b", prefix + [4, 5, 6, 7, 8], max_tokens=3)
+    s.add_request(b)
+    so, _ = step(s, runner)
+    assert so.num_scheduled_tokens == [5] and b.num_cached_tokens == 20 * BS
+    drain(s, runner)
+    assert b.output_token_ids == reference(b.prompt_token_ids, 3)
+    stats = s.get_stats()
+    assert stats.prefix_cache_queries == a.num_prompt_tokens + b.num_prompt_tokens
+    assert stats.prefix_cache_hits == 20 * BS
+    # An identical prompt still computes its last token (to sample from it).
+    c = req("c", list(b.prompt_token_ids), max_tokens=1)
+    s.add_request(c)
+    so, _ = step(s, runner)
+    assert so.num_scheduled_tokens == [1] and c.num_cached_tokens == 84
+    assert c.output_token_ids == reference(c.prompt_token_ids, 1)
+
+
+# ---- n > 1 ------------------------------------------------------------------------------------------
+def test_n_samples_fork_the_prompt_blocks():
+    s, runner = make(budget=10, caching=False), FakeRunner()
+    prompt = list(range(30, 48))  # 18 tokens: chunks of 10 and 8
+    parent = req("x#0", prompt, max_tokens=5)
+    kids = [Request(f"x#{i}", prompt, parent.sampling_params, max_tokens=5, sample_index=i, fork_from=parent)
+            for i in (1, 2)]
+    other = req("other", [1, 2, 3], max_tokens=5)
+    for r in [parent] + kids + [other]:
+        s.add_request(r)
+    so, _ = step(s, runner)
+    assert so.scheduled_requests == [parent]
+    so, _ = step(s, runner)  # the kids wait for the prompt but do not block "other"
+    assert kids[0] not in so.scheduled_requests and other in so.scheduled_requests
+    while parent.num_output_tokens == 0:
+        so, _ = step(s, runner)
+    so, _ = step(s, runner)
+    assert [so.num_scheduled_tokens[so.scheduled_requests.index(k)] for k in kids] == [1, 1]
+    assert {src for src, _ in so.blocks_to_copy} == {s.kv_cache_manager.get_block_ids(parent)[4]}
+    shared = s.kv_cache_manager.req_blocks[parent.request_id][:4]
+    assert all(b.ref_cnt == 3 for b in shared)
+    assert all(k.num_cached_tokens == 17 for k in kids)
+    drain(s, runner)
+    for r in [parent] + kids:
+        assert r.output_token_ids == reference(prompt, 5, salt=r.sample_index)
+    assert runner.tokens_computed == 18 + 2 + 3 * 4 + 3 + 4
+
+
+def test_fork_child_computes_prompt_itself_if_parent_aborted():
+    s, runner = make(budget=8), FakeRunner()
+    prompt = list(range(20))
+    parent = req("y#0", prompt, max_tokens=3)
+    kid = Request("y#1", prompt, parent.sampling_params, max_tokens=3, sample_index=1, fork_from=parent)
+    s.add_request(parent)
+    s.add_request(kid)
+    step(s, runner)
+    s.finish_requests("y#0", RequestStatus.FINISHED_ABORTED)
+    drain(s, runner)
+    assert kid.fork_from is None and kid.output_token_ids == reference(prompt, 3, salt=1)
+
+
+# ---- stop conditions ----------------------------------------------------------------------------------
+class ScriptedRunner:
+    """Samples fixed tokens: script[request_id][k] is the k-th output."""
+
+    def __init__(self, script: dict[str, list[int]]) -> None:
+        self.script = script
+
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        toks = [self.script[r.request_id][r.num_output_tokens] if r.num_computed_tokens + n == r.num_tokens else None
+                for r, n in zip(so.scheduled_requests, so.num_scheduled_tokens)]
+        return ModelRunnerOutput(req_ids=[r.request_id for r in so.scheduled_requests], sampled_token_ids=toks)
+
+
+def test_stop_conditions():
+    s = make(max_model_len=12)
+    eos = {2}
+    cases = {
+        "eos": (req("eos", [5, 5], max_tokens=9, min_tokens=0), [7, 2, 7], [7, 2], "stop", None),
+        "min": (req("min", [5, 5], max_tokens=9, min_tokens=2), [2, 2, 2, 7], [2, 2, 2], "stop", None),
+        "ign": (req("ign", [5, 5], max_tokens=3, ignore_eos=True), [2, 2, 2, 2], [2, 2, 2], "length", None),
+        "ids": (req("ids", [5, 5], max_tokens=9, stop_token_ids=[8], min_tokens=1), [8, 8, 3], [8, 8], "stop", 8),
+        "max": (req("max", [5, 5], max_tokens=3), [3, 4, 5, 6], [3, 4, 5], "length", None),
+        "len": (req("len", [5] * 9, max_tokens=50), [3] * 10, [3, 3, 3], "length", None),
+    }
+    for r, *_ in cases.values():
+        r.eos_token_ids = set() if r.sampling_params.ignore_eos else eos
+        s.add_request(r)
+    runner = ScriptedRunner({k: v[1] for k, v in cases.items()})
+    while s.has_unfinished_requests():
+        so = s.schedule()
+        s.update_from_output(so, runner.execute(so))
+        s.check_integrity()
+    for name, (r, _, expected, reason, stop_reason) in cases.items():
+        assert (r.output_token_ids, r.get_finish_reason(), r.stop_reason) == (expected, reason, stop_reason), name
+    assert s.kv_cache_manager.num_free_blocks == s.num_gpu_blocks
+
+
+# ---- aborts, rejection, bookkeeping ---------------------------------------------------------------
+def _step_until(s: Scheduler, runner: FakeRunner, rs: list[Request], status: RequestStatus) -> Request:
+    for _ in range(200):
+        step(s, runner)
+        hit = [r for r in rs if r.status == status]
+        if hit:
+            return hit[0]
+    raise AssertionError(f"no request reached {status.name}")
+
+
+def test_abort_waiting_and_mid_prefill():
+    s, runner = make(budget=8), FakeRunner()
+    rs = [req(f"r{i}", p, max_tokens=5) for i, p in enumerate(prompts(3, 12))]
+    for r in rs:
+        s.add_request(r)
+    step(s, runner)
+    assert rs[0].status == RequestStatus.RUNNING and 0 < rs[0].num_computed_tokens < rs[0].num_prompt_tokens
+    s.finish_requests(["r0", "unknown"], RequestStatus.FINISHED_ABORTED)
+    s.finish_requests("r2", RequestStatus.FINISHED_ABORTED)
+    s.check_integrity()
+    assert rs[0].get_finish_reason() == rs[2].get_finish_reason() == "abort"
+    so, _ = step(s, runner)
+    assert so.finished_request_ids == {"r0", "r2"}
+    drain(s, runner)
+    assert rs[1].output_token_ids == reference(rs[1].prompt_token_ids, 5)
+
+
+@pytest.mark.parametrize("mode, status", [("recompute", RequestStatus.PREEMPTED), ("swap", RequestStatus.SWAPPED)])
+def test_abort_preempted_or_swapped(mode, status):
+    s, runner = make(num_blocks=12, mode=mode, num_cpu_blocks=32), FakeRunner()
+    rs = [req(str(i), p, max_tokens=14) for i, p in enumerate(prompts(6, 9))]
+    for r in rs:
+        s.add_request(r)
+    victim = _step_until(s, runner, rs, status)
+    s.finish_requests([victim.request_id], RequestStatus.FINISHED_ABORTED)
+    s.check_integrity()  # also checks the CPU pool got the swapped blocks back
+    assert victim.request_id not in s.kv_cache_manager.swapped_blocks
+    drain(s, runner)
+    for r in rs:
+        if r is not victim:
+            assert r.output_token_ids == reference(r.prompt_token_ids, 14)
+
+
+def test_abort_between_schedule_and_update_is_ignored():
+    s, runner = make(), FakeRunner()
+    a, b = req("a", [1, 2, 3], max_tokens=4), req("b", [4, 5, 6], max_tokens=4)
+    s.add_request(a)
+    s.add_request(b)
+    step(s, runner)
+    so = s.schedule()
+    s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    updated = s.update_from_output(so, runner.execute(so))
+    assert updated == [b] and a.num_output_tokens == 1 and a.status == RequestStatus.FINISHED_ABORTED
+    s.check_integrity()
+    so, _ = step(s, runner)
+    assert so.finished_request_ids == {"a"}
+    drain(s, runner)
+
+
+def test_add_request_rejects_prompt_larger_than_the_cache():
+    s = make(num_blocks=4)
+    with pytest.raises(ValueError, match=r"needs 5 KV cache blocks.*only 4 blocks"):
+        s.add_request(req("big", list(range(16))))  # 16 + 1 tokens -> 5 blocks of 4
+    s.add_request(req("fits", list(range(15))))
+    with pytest.raises(ValueError, match="already in use"):
+        s.add_request(req("fits", [1]))
+    assert s.num_waiting == 1 and s.get_request("fits") is not None and s.get_request("big") is None
+    s.check_integrity()
+
+
+def test_scheduler_overhead_at_256_running_requests():
+    s = make(num_blocks=8192, budget=8192, max_seqs=256)
+    rs = [req(str(i), [i % 50 + 1] * 20, max_tokens=10_000) for i in range(256)]
+    for r in rs:
+        s.add_request(r)
+    ones = [7] * 256
+
+    def one_step() -> None:
+        so = s.schedule()
+        s.update_from_output(so, ModelRunnerOutput(req_ids=[], sampled_token_ids=ones))
+
+    one_step()  # prefill
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            one_step()
+        best = min(best, (time.perf_counter() - t0) / 10)
+    assert s.num_running == 256
+    # Target < 2 ms on a server core; generous here so that a loaded CI machine does not flake.
+    assert best < 0.010, f"schedule + update of 256 decodes took {best * 1e3:.2f} ms"
+    s.check_integrity()
