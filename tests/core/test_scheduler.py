@@ -252,6 +252,26 @@ def test_priority_preempts_for_blocks_and_fcfs_within_a_level():
         assert r.output_token_ids == reference(r.prompt_token_ids, r.max_tokens)
 
 
+def test_priority_with_swap_mode_swaps_the_worst_out_and_back_in():
+    s, runner = make(num_blocks=10, max_seqs=4, policy="priority", mode="swap", num_cpu_blocks=20), FakeRunner()
+    low = [req(f"low{i}", p, max_tokens=12, priority=2, arrival=float(i)) for i, p in enumerate(prompts(2, 10))]
+    for r in low:
+        s.add_request(r)
+    for _ in range(3):
+        step(s, runner)
+    high = req("high", list(range(50, 63)), max_tokens=6, priority=0, arrival=9.0)
+    s.add_request(high)
+    so, _ = step(s, runner)
+    assert high in so.scheduled_requests and so.blocks_to_swap_out and low[1].status == RequestStatus.SWAPPED
+    done = []
+    while s.has_unfinished_requests():
+        done += [r.request_id for r in step(s, runner)[1] if r.is_finished()]
+    assert done[0] == "high"
+    assert runner.tokens_computed == sum(r.num_prompt_tokens + r.max_tokens - 1 for r in low + [high])
+    for r in low + [high]:
+        assert r.output_token_ids == reference(r.prompt_token_ids, r.max_tokens)
+
+
 def test_equal_priority_does_not_preempt():
     s, runner = make(max_seqs=1, policy="priority"), FakeRunner()
     a, b = req("a", [1, 2, 3], max_tokens=5, arrival=1.0), req("b", [4, 5, 6], max_tokens=5, arrival=2.0)

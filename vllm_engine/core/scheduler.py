@@ -165,7 +165,9 @@ class Scheduler:
         # After a preemption nothing new comes in: the freed blocks are what the running ones need.
         if not out.preempted_requests:
             self._schedule_swapped(out)
-            if not len(self.swapped):  # swapped requests go before new ones
+            # Swapped requests go before new ones, unless (priority policy) a new one ranks higher.
+            if not len(self.swapped) or (self.priority_policy and len(self.waiting)
+                                         and self._key(self.waiting.peek()) < self._key(self.swapped.peek())):
                 self._schedule_waiting(out)
 
         out.scheduled_requests = self._sched_reqs
