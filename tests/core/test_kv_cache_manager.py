@@ -156,6 +156,7 @@ def test_swap_out_and_in_round_trip():
     back = kv.swap_in(a)
     assert [c for c, _ in back] == [c for _, c in out]
     assert [g for _, g in back] == kv.get_block_ids(a)
+    assert kv.take_swap_ins() == back
     # The CPU blocks are read by this step's swap-in: free again only from the next step on.
     assert kv.num_free_cpu_blocks == 0
     kv.new_step()
@@ -177,6 +178,26 @@ def test_swap_out_after_copy_on_write_reads_the_copy_source():
     out = kv.swap_out(c)  # preempted in the same step, before the copy happened
     assert out is not None and [g for g, _ in out] == [0, 1]
     assert kv.take_pending_copies() == []
+    kv.check_integrity()
+
+
+def test_swap_out_in_the_step_of_its_swap_in_cancels_the_swap_in():
+    kv = KVCacheManager(num_gpu_blocks=4, block_size=BS, enable_caching=False, num_cpu_blocks=4)
+    a = _req("a", list(range(6)))
+    kv.allocate_slots(a, 6, [])
+    _compute(kv, a, 6)
+    out = kv.swap_out(a)
+    kv.new_step()
+    kv.swap_in(a)
+    # Preempted again before the runner ran the swap-in: its GPU blocks hold nothing yet.
+    assert kv.swap_out(a) == [] and kv.take_swap_ins() == []
+    assert kv.swapped_blocks["a"] == [c for _, c in out] and kv.num_free_blocks == 4
+    kv.check_integrity()
+    kv.new_step()
+    assert [c for c, _ in kv.swap_in(a)] == [c for _, c in out]
+    kv.free(a)
+    kv.new_step()
+    assert kv.num_free_cpu_blocks == 4
     kv.check_integrity()
 
 

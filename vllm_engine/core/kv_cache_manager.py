@@ -33,10 +33,10 @@ class KVCacheManager:
         self.num_cached_blocks: dict[str, int] = {}
         # Copy-on-write copies decided since the scheduler last took them: (src, dst) GPU block ids.
         self.pending_copies: list[tuple[int, int]] = []
-        # CPU swap space: a plain free list of ids. Blocks a swap-in read from are released only at the
-        # next step, since the runner performs this step's swap-outs before its swap-ins.
+        # CPU swap space: a plain free list of ids. This step's swap-ins, per request: their CPU blocks
+        # are released only at the next step, since the runner performs swap-outs before swap-ins.
         self.cpu_free: list[int] = list(range(num_cpu_blocks - 1, -1, -1))
-        self.cpu_release_next_step: list[int] = []
+        self.swap_ins_now: dict[str, list[tuple[int, int]]] = {}
         self.swapped_blocks: dict[str, list[int]] = {}
         self.prefix_cache_queries = 0  # tokens looked up (once per request, at its first scheduling)
         self.prefix_cache_hits = 0  # tokens found
@@ -56,9 +56,13 @@ class KVCacheManager:
 
     def new_step(self) -> None:
         """Called at the start of each schedule(): CPU blocks read by last step's swap-ins become free."""
-        if self.cpu_release_next_step:
-            self.cpu_free.extend(self.cpu_release_next_step)
-            self.cpu_release_next_step = []
+        for pairs in self.swap_ins_now.values():
+            self.cpu_free.extend(c for c, _ in pairs)
+        self.swap_ins_now = {}
+
+    def take_swap_ins(self) -> list[tuple[int, int]]:
+        """This step's (cpu, gpu) swap-in copies (those not cancelled by a swap-out in the same step)."""
+        return [pair for pairs in self.swap_ins_now.values() for pair in pairs]
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         out, self.pending_copies = self.pending_copies, []
@@ -221,6 +225,13 @@ class KVCacheManager:
         Returns the (gpu block, cpu block) copies to make, or None (changing nothing) if CPU space is short.
         """
         rid = request.request_id
+        if rid in self.swap_ins_now:
+            # Swapped in earlier in this same step: its GPU blocks are not filled yet (swap-outs run
+            # first), but its CPU copy is intact. Cancel the swap-in instead of copying anything.
+            cpu = [c for c, _ in self.swap_ins_now.pop(rid)]
+            self.free(request)
+            self.swapped_blocks[rid] = cpu
+            return []
         blocks = self.req_blocks.get(rid, [])
         num_valid = min(len(blocks), cdiv(request.num_computed_tokens, self.block_size))
         if num_valid > len(self.cpu_free):
@@ -255,8 +266,9 @@ class KVCacheManager:
         self.req_blocks[rid] = gpu
         self.req_block_ids[rid] = [b.block_id for b in gpu]
         self.num_cached_blocks[rid] = 0
-        self.cpu_release_next_step.extend(cpu)
-        return [(c, g.block_id) for c, g in zip(cpu, gpu)]
+        pairs = [(c, g.block_id) for c, g in zip(cpu, gpu)]
+        self.swap_ins_now[rid] = pairs
+        return pairs
 
     # ---- checks ------------------------------------------------------------------------------
     def reset_prefix_cache(self) -> None:
@@ -273,7 +285,7 @@ class KVCacheManager:
         for b in self.pool.blocks:
             assert holders[b.block_id] == b.ref_cnt, (
                 f"block {b.block_id}: ref_cnt {b.ref_cnt} but held by {holders[b.block_id]} requests")
-        cpu_ids = list(self.cpu_free) + self.cpu_release_next_step
+        cpu_ids = list(self.cpu_free) + [c for pairs in self.swap_ins_now.values() for c, _ in pairs]
         for ids in self.swapped_blocks.values():
             cpu_ids.extend(ids)
         assert sorted(cpu_ids) == list(range(self.num_cpu_blocks)), "CPU swap blocks leaked or double counted"

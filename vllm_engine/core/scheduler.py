@@ -175,6 +175,7 @@ class Scheduler:
         out.block_tables = [kv.get_block_ids(r) for r in self._sched_reqs]
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens)
         out.blocks_to_copy = kv.take_pending_copies()
+        out.blocks_to_swap_in = kv.take_swap_ins()
         return out
 
     def _add_scheduled(self, req: Request, num_tokens: int) -> None:
@@ -208,7 +209,7 @@ class Scheduler:
             if not kv.can_swap_in(req, num_new):
                 break
             self.swapped.pop()
-            out.blocks_to_swap_in.extend(kv.swap_in(req) or ())
+            kv.swap_in(req)
             allocated = kv.allocate_slots(req, num_new)
             assert allocated is not None, "can_swap_in promised room for the new tokens"
             req.status = _RUNNING
