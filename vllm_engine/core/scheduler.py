@@ -15,12 +15,14 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Union
 
-from vllm_engine.config import CacheConfig, SchedulerConfig
 from vllm_engine.core.kv_cache_manager import KVCacheManager, cdiv
 from vllm_engine.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_engine.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:  # config.py imports torch; the scheduler only reads plain fields
+    from vllm_engine.config import CacheConfig, SchedulerConfig
 
 _RUNNING = RequestStatus.RUNNING
 
@@ -43,7 +45,7 @@ class RequestQueue:
     """Requests in scheduling order: FCFS (a deque; preempted requests go back to the front) or
     priority (a heap on the scheduler's sort key, so preempted requests fall back into their place)."""
 
-    def __init__(self, priority: bool, key) -> None:
+    def __init__(self, priority: bool, key: Callable[[Request], tuple]) -> None:
         self._priority = priority
         self._key = key
         self._deque: deque[Request] = deque()
