@@ -7,7 +7,6 @@ reads, and therefore the outputs, which are compared with a plain loop that neve
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import pytest
@@ -451,30 +450,6 @@ def test_add_request_rejects_prompt_larger_than_the_cache():
     with pytest.raises(ValueError, match="already in use"):
         s.add_request(req("fits", [1]))
     assert s.num_waiting == 1 and s.get_request("fits") is not None and s.get_request("big") is None
-    s.check_integrity()
-
-
-def test_scheduler_overhead_at_256_running_requests():
-    s = make(num_blocks=8192, budget=8192, max_seqs=256)
-    rs = [req(str(i), [i % 50 + 1] * 20, max_tokens=10_000) for i in range(256)]
-    for r in rs:
-        s.add_request(r)
-    ones = [7] * 256
-
-    def one_step() -> None:
-        so = s.schedule()
-        s.update_from_output(so, ModelRunnerOutput(req_ids=[], sampled_token_ids=ones))
-
-    one_step()  # prefill
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(10):
-            one_step()
-        best = min(best, (time.perf_counter() - t0) / 10)
-    assert s.num_running == 256
-    # Target < 2 ms on a server core; generous here so that a loaded CI machine does not flake.
-    assert best < 0.010, f"schedule + update of 256 decodes took {best * 1e3:.2f} ms"
     s.check_integrity()
 
 
