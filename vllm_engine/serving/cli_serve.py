@@ -1,0 +1,112 @@
+"""``vllm-engine serve``: the server's command-line flags and the function that runs it.
+
+``cli.py`` calls ``add_serve_args(parser)`` and ``run_serve(args)``; ``python -m
+vllm_engine.serving.cli_serve ...`` does the same on its own. Every engine flag comes from
+``EngineArgs.add_cli_args``; the server adds MODEL (positional, optional), --host, --port,
+--api-key, --chat-template and --log-level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from vllm_engine.config import EngineArgs
+
+logger = logging.getLogger("vllm_engine.serving")
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="Model to serve (HF directory, GGUF file, hub id); default: the built-in "
+                             "SmolLM2-135M-Instruct. Same as --model.")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
+    parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    parser.add_argument("--api-key", default=os.environ.get("VLLM_ENGINE_API_KEY") or None,
+                        help="Require `Authorization: Bearer KEY` (default: $VLLM_ENGINE_API_KEY). "
+                             "/health and /metrics stay open.")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="Jinja chat template file (or the template itself) replacing the model's.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                        help="Log level of the server and of uvicorn.")
+    EngineArgs.add_cli_args(parser)
+    return parser
+
+
+def load_chat_template(value: Optional[str]) -> Optional[str]:
+    """--chat-template: a file's contents, or the value itself when it is an inline Jinja template."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template: no such file: {value}")
+
+
+def run_server(app: Any, host: str, port: int, log_level: str = "info", install_signal_handlers: bool = True) -> int:
+    """Runs uvicorn until shutdown; returns 1 if the engine died (the server then stops at once), else 0."""
+    import uvicorn
+
+    async_engine = app.state.async_engine
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                            timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+    if not install_signal_handlers:
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+    def on_dead(err: BaseException) -> None:
+        logger.error("the engine died (%s): shutting the server down", err)
+        server.should_exit = True
+
+    async_engine.add_dead_callback(on_dead)
+    server.run()
+    if async_engine.dead_error is not None:
+        return 1
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Loads the model, then serves it; returns the process exit status."""
+    from vllm_engine.engine.async_engine import AsyncEngine
+    from vllm_engine.engine.engine import Engine
+    from vllm_engine.serving.api_server import create_app
+
+    if getattr(args, "model_tag", None):
+        if args.model and args.model != args.model_tag:
+            raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    chat_template = load_chat_template(args.chat_template)
+    engine = Engine.from_engine_args(EngineArgs.from_cli_args(args))
+    cache = engine.config.cache
+    num_blocks = getattr(engine, "num_gpu_blocks", None)
+    logger.info("model %s (served as %r), max_model_len %d; KV cache: %s blocks x %d tokens = %s tokens",
+                engine.model_config.model, engine.served_model_name, engine.max_model_len, num_blocks,
+                cache.block_size, num_blocks * cache.block_size if num_blocks is not None else "?")
+    async_engine = AsyncEngine(engine)
+    app = create_app(async_engine, chat_template=chat_template, api_key=args.api_key, owns_engine=True)
+    logger.info("OpenAI-compatible API at http://%s:%d/v1 (auth: %s)", args.host, args.port,
+                "API key" if args.api_key else "none")
+    return run_server(app, args.host, args.port, args.log_level)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = add_serve_args(argparse.ArgumentParser(prog="vllm-engine serve",
+                                                    description="Serve a model with an OpenAI-compatible API."))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_serve(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
