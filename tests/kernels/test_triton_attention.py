@@ -1,0 +1,231 @@
+"""Triton paged attention vs a float64 computation (and the torch reference backend).
+
+Random ragged batches mixing whole prompts, prefill chunks on a cached prefix and decodes, with
+block tables that scatter each sequence over random blocks. On CPU the kernels run under the
+Triton interpreter (conftest.py), so shapes are tiny and tiles are shrunk to cover many of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+from vllm_engine.attention import triton_kernels as K
+from vllm_engine.attention.backend import AttentionMetadata
+from vllm_engine.attention.torch_ref import TorchAttentionBackend
+from vllm_engine.attention.triton_attn import TritonAttentionBackend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@dataclass
+class Case:
+    query: torch.Tensor  # [T, H, D]
+    key: torch.Tensor  # [T, KVH, D] (this step's tokens)
+    value: torch.Tensor
+    kv_cache: torch.Tensor  # holds the cached prefixes + random junk elsewhere
+    meta: AttentionMetadata
+    full_k: list[torch.Tensor]  # per sequence, float64 [L, KVH, D] of every position (as stored)
+    full_v: list[torch.Tensor]
+    specs: list[tuple[int, int]]  # (cached prefix length, query length) per sequence
+
+
+def make_case(specs: list[tuple[int, int]], block_size: int, num_kv_heads: int, group: int, head_dim: int,
+              dtype: torch.dtype, seed: int = 0, num_pad_tokens: int = 0,
+              max_seq_len: Optional[int] = None) -> Case:
+    """A batch of sequences (ctx, q_len); ``num_pad_tokens`` trailing rows belong to no sequence."""
+    g = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in specs]
+    n_blocks = [-(-L // block_size) for L in seq_lens]
+    num_blocks = sum(n_blocks) + 3  # spare blocks must stay untouched
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(max(n_blocks), 1)
+    block_tables = torch.zeros(len(specs), width, dtype=torch.int32)
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    q_rows, k_rows, v_rows, slots, full_k, full_v = [], [], [], [], [], []
+    for i, ((ctx, q_len), L) in enumerate(zip(specs, seq_lens)):
+        blocks = [perm.pop() for _ in range(n_blocks[i])]
+        block_tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        k = torch.randn(L, num_kv_heads, head_dim, generator=g).to(dtype)
+        v = torch.randn(L, num_kv_heads, head_dim, generator=g).to(dtype)
+        pos_slots = [blocks[p // block_size] * block_size + p % block_size for p in range(L)]
+        flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
+        for p in range(ctx):  # the cached prefix
+            flat[0, pos_slots[p]], flat[1, pos_slots[p]] = k[p], v[p]
+        q_rows.append(torch.randn(q_len, num_kv_heads * group, head_dim, generator=g).to(dtype))
+        k_rows.append(k[ctx:])
+        v_rows.append(v[ctx:])
+        slots += pos_slots[ctx:]
+        full_k.append(k.double())
+        full_v.append(v.double())
+    H = num_kv_heads * group
+    q_rows.append(torch.randn(num_pad_tokens, H, head_dim, generator=g).to(dtype))
+    k_rows.append(torch.randn(num_pad_tokens, num_kv_heads, head_dim, generator=g).to(dtype))
+    v_rows.append(torch.randn(num_pad_tokens, num_kv_heads, head_dim, generator=g).to(dtype))
+    slots += [-1] * num_pad_tokens
+    q_lens = [q for _, q in specs]
+    qsl = [0]
+    for q in q_lens:
+        qsl.append(qsl[-1] + q)
+    meta = AttentionMetadata(
+        num_actual_tokens=qsl[-1], num_seqs=len(specs),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=block_tables.to(DEVICE),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        max_query_len=max(q_lens), max_seq_len=max_seq_len or max(seq_lens),
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+    )
+    return Case(torch.cat(q_rows).to(DEVICE), torch.cat(k_rows).to(DEVICE), torch.cat(v_rows).to(DEVICE),
+                kv_cache.to(DEVICE), meta, full_k, full_v, specs)
+
+
+def reference(case: Case, scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+    """float64 attention from the per-sequence K/V (never read back from the cache)."""
+    q = case.query.double().cpu()
+    out = torch.zeros_like(q)
+    row = 0
+    for (ctx, q_len), k, v in zip(case.specs, case.full_k, case.full_v):
+        group = q.shape[1] // k.shape[1]
+        kk = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, D]
+        vv = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        qq = q[row: row + q_len].transpose(0, 1)  # [H, q_len, D]
+        s = qq @ kk.transpose(1, 2) * scale
+        q_pos = torch.arange(ctx, ctx + q_len)[:, None]
+        k_pos = torch.arange(ctx + q_len)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+        out[row: row + q_len] = (p @ vv).transpose(0, 1)
+        row += q_len
+    return out
+
+
+def expected_cache(case: Case) -> torch.Tensor:
+    """The cache before the call with this step's K/V written at their (non-negative) slots."""
+    exp = case.kv_cache.clone().cpu()
+    flat = exp.view(2, -1, *exp.shape[3:])
+    for t, slot in enumerate(case.meta.slot_mapping.tolist()):
+        if slot >= 0:
+            flat[0, slot], flat[1, slot] = case.key[t].cpu(), case.value[t].cpu()
+    return exp
+
+
+def run_and_check(case: Case, backend: TritonAttentionBackend, sliding_window: Optional[int] = None,
+                  check_torch_ref: bool = True) -> torch.Tensor:
+    dtype = case.query.dtype
+    scale = 1.0 / math.sqrt(case.query.shape[-1])
+    want_cache = expected_cache(case)
+    ref_cache = case.kv_cache.clone()
+    out = backend.forward(case.query, case.key, case.value, case.kv_cache, case.meta, scale, sliding_window)
+    assert out.shape == case.query.shape and out.dtype == dtype
+    assert torch.equal(case.kv_cache.cpu(), want_cache), "cache: wrong slots written or others touched"
+    want = reference(case, scale, sliding_window)
+    n = case.meta.num_actual_tokens
+    got = out.double().cpu()
+    assert torch.isfinite(got).all()
+    err = (got[:n] - want[:n]).abs().max().item()
+    assert err < TOL[dtype], f"max abs error {err}"
+    assert (got[n:] == 0).all(), "padding rows must be zeros"
+    if check_torch_ref:
+        ref = TorchAttentionBackend().forward(case.query, case.key, case.value, ref_cache, case.meta, scale,
+                                              sliding_window)
+        assert (ref.double().cpu()[:n] - got[:n]).abs().max().item() < 2 * TOL[dtype]
+    return out
+
+
+MIXED = [(0, 19), (21, 6), (13, 1), (0, 1), (40, 1), (30, 17)]
+
+
+@pytest.mark.parametrize(
+    "dtype,block_size,num_kv_heads,group,head_dim,block_m,tile_n",
+    [
+        (torch.float32, 16, 2, 2, 64, 16, 16),
+        (torch.bfloat16, 32, 1, 4, 128, 16, 32),  # MQA
+        (torch.float16, 16, 2, 1, 64, 32, 16),  # MHA
+        (torch.float32, 12, 1, 3, 96, 16, 16),  # odd block size, odd group, padded head dim
+        (torch.float32, 16, 2, 2, 32, None, None),  # the GPU tile sizes
+    ],
+)
+def test_mixed_batch(dtype, block_size, num_kv_heads, group, head_dim, block_m, tile_n):
+    case = make_case(MIXED, block_size, num_kv_heads, group, head_dim, dtype, seed=1, num_pad_tokens=2)
+    run_and_check(case, TritonAttentionBackend(prefill_block_m=block_m, tile_n=tile_n))
+
+
+@pytest.mark.parametrize("window", [5, 24])
+def test_sliding_window(window):
+    specs = [(0, 35), (28, 9), (50, 1), (3, 1)]
+    case = make_case(specs, 16, 2, 2, 32, torch.float32, seed=2)
+    run_and_check(case, TritonAttentionBackend(prefill_block_m=16, tile_n=16), sliding_window=window)
+
+
+def test_prefill_only_and_unknown_host_lengths():
+    """A prefill-only batch; then the same batch with no host copy of query_start_loc, where the
+    backend must launch both kernels and let each skip the other's sequences on the device."""
+    case = make_case([(0, 20), (9, 30)], 16, 2, 2, 32, torch.float32, seed=3)
+    run_and_check(case, TritonAttentionBackend(prefill_block_m=16, tile_n=16))
+    case = make_case(MIXED, 16, 2, 2, 32, torch.float32, seed=4)
+    case.meta.query_start_loc_cpu = None
+    run_and_check(case, TritonAttentionBackend(prefill_block_m=16, tile_n=16), check_torch_ref=False)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4, 16])
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_splits(num_splits, window):
+    """Split-KV decoding for any split count; an entry with seq_len 0 (CUDA-graph padding) gives zeros."""
+    specs = [(36, 1), (149, 1), (299, 1), (0, 1)]
+    case = make_case(specs, 16, 2, 2, 32, torch.float32, seed=5)
+    scale = 1.0 / math.sqrt(32)
+    m = case.meta
+    m.seq_lens[3] = 0  # padding entry: nothing to attend, nothing written
+    m.slot_mapping[3] = -1
+    K.reshape_and_cache(case.key, case.value, case.kv_cache, m.slot_mapping)
+    out = torch.full_like(case.query, float("nan"))
+    K.paged_attention_decode(case.query, case.kv_cache, m.block_tables, m.seq_lens, m.query_start_loc, out,
+                             m.num_seqs, scale, window, num_splits=num_splits, mixed=False, tile_n=16)
+    want = reference(case, scale, window)
+    got = out.double().cpu()
+    assert (got[:3] - want[:3]).abs().max().item() < TOL[torch.float32]
+    assert (got[3] == 0).all()
+
+
+def test_decode_only_graph_style_plan():
+    """Decode-only step planned from a large max_seq_len (as under CUDA graphs: max_model_len), so most
+    splits are empty for these short contexts; bf16 with head_dim 128 and GQA 4."""
+    specs = [(70, 1), (5, 1), (130, 1)]
+    case = make_case(specs, 16, 1, 4, 128, torch.bfloat16, seed=6, num_pad_tokens=1, max_seq_len=4096)
+    backend = TritonAttentionBackend(num_sms=8, min_tokens_per_split=64, tile_n=16)
+    assert backend.decode_splits(3, 1, 4096, case.query.device) == 16
+    run_and_check(case, backend)
+
+
+def test_reshape_and_cache_strided_views():
+    """K/V as column slices of a fused qkv projection (non-contiguous rows); -1 slots are skipped."""
+    g = torch.Generator().manual_seed(7)
+    T, kvh, D, bs, nb = 5, 2, 16, 4, 6
+    qkv = torch.randn(T, (4 + 2 * kvh) * D, generator=g)
+    k = qkv[:, 4 * D: (4 + kvh) * D].view(T, kvh, D)
+    v = qkv[:, (4 + kvh) * D:].view(T, kvh, D)
+    cache = torch.randn(2, nb, bs, kvh, D, generator=g)
+    slots = torch.tensor([3, -1, 17, 0, 23], dtype=torch.int64)
+    want = cache.clone()
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            want[0, s // bs, s % bs], want[1, s // bs, s % bs] = k[t], v[t]
+    cache, k, v, slots = cache.to(DEVICE), k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE)
+    K.reshape_and_cache(k, v, cache, slots)
+    assert torch.equal(cache.cpu(), want)
+
+
+def test_num_decode_splits_plan():
+    # Llama-8B at batch 1 on 132 SMs: enough splits to fill the GPU for a 32K context...
+    assert K.num_decode_splits(1, 8, 32768, 132) == 64
+    # ...but few for a short context, and one when the batch alone fills the GPU.
+    assert K.num_decode_splits(1, 8, 300, 132) == 2
+    assert K.num_decode_splits(256, 8, 32768, 132) == 1

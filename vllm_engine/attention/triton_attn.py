@@ -1,0 +1,103 @@
+"""Attention backend on Triton kernels (the GPU fast path); same contract as the torch reference.
+
+One ``forward`` = one cache-write launch, then
+  * decode-only batches (``max_query_len == 1``): the split-KV decode kernel (+ its reduce when the
+    plan has more than one split). The plan depends only on ``num_seqs`` and ``max_seq_len`` (the
+    CUDA-graph runner pins it to ``max_model_len``), so a captured graph replays correctly for any
+    real lengths; the kernel re-divides each sequence's actual length among the splits on device.
+  * mixed batches: the tiled prefill kernel for sequences with q_len > 1 and the decode kernel for
+    those with q_len == 1 (each kernel skips the other's sequences on device; with the host copy of
+    ``query_start_loc`` we launch only the kernels that have work).
+No host<->device sync and no Python loop over sequences. Off CUDA (CPU tests) the kernels run
+under ``TRITON_INTERPRET=1``; without it, CPU tensors fall back to the torch reference.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when Triton kernels can run on tensors of ``device`` (CUDA, or anything when interpreted)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+
+    def __init__(self, num_sms: Optional[int] = None, max_decode_splits: int = 64,
+                 min_tokens_per_split: int = 256, prefill_block_m: Optional[int] = None,
+                 tile_n: Optional[int] = None) -> None:
+        """``num_sms``: multiprocessor count for the split plan (read from the device when None).
+        ``prefill_block_m`` / ``tile_n``: tile sizes (queries per prefill program, keys per loop
+        step); None picks per head_dim. Tests shrink them to cover many tiles with tiny shapes."""
+        self._num_sms = num_sms
+        self.max_decode_splits = max_decode_splits
+        self.min_tokens_per_split = min_tokens_per_split
+        self.prefill_block_m = prefill_block_m
+        self.tile_n = tile_n
+
+    def _sms(self, device: torch.device) -> int:
+        if self._num_sms is None:
+            self._num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                             if device.type == "cuda" else 8)
+        return self._num_sms
+
+    def decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+        from vllm_engine.attention.triton_kernels import num_decode_splits
+
+        return num_decode_splits(num_seqs, num_kv_heads, max_seq_len, self._sms(device),
+                                 self.min_tokens_per_split, self.max_decode_splits)
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+        sliding_window: Optional[int] = None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
+        if not triton_usable(query.device):
+            from vllm_engine.attention.torch_ref import TorchAttentionBackend
+
+            return TorchAttentionBackend().forward(query, key, value, kv_cache, metadata, scale, sliding_window)
+        from vllm_engine.attention import triton_kernels as K
+
+        K.reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        num_seqs = metadata.num_seqs
+        qsl_cpu = metadata.query_start_loc_cpu
+        # Rows past the last sequence (padding) belong to no sequence: give them zeros, not garbage.
+        covered = qsl_cpu[num_seqs] if qsl_cpu is not None else metadata.num_actual_tokens
+        if covered < query.shape[0]:
+            out[covered:].zero_()
+        if num_seqs == 0:
+            return out
+        num_kv_heads = kv_cache.shape[3]
+        common = (query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, out,
+                  num_seqs, scale, sliding_window)
+
+        if metadata.max_query_len <= 1:
+            num_decodes, num_prefills = num_seqs, 0
+        elif qsl_cpu is not None:
+            q_lens = np.diff(np.asarray(qsl_cpu[: num_seqs + 1]))
+            num_decodes = int((q_lens == 1).sum())
+            num_prefills = int((q_lens > 1).sum())
+        else:  # unknown split: launch both, each skips the other's sequences on device
+            num_decodes = num_prefills = num_seqs
+        if num_prefills:
+            K.paged_attention_prefill(*common, skip_decodes=num_decodes > 0, block_m=self.prefill_block_m,
+                                      tile_n=self.tile_n)
+        if num_decodes:
+            splits = self.decode_splits(num_decodes, num_kv_heads, metadata.max_seq_len, query.device)
+            # mixed=True: sequences with q_len != 1 (prefills, or empty padding entries) are skipped.
+            K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n)
+        return out

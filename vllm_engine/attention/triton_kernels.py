@@ -1,0 +1,389 @@
+"""Triton kernels for paged attention: cache write, tiled prefill, split-KV decode (+ reduce).
+
+Cache layout (see backend.py): ``kv_cache[2, num_blocks, block_size, num_kv_heads, head_dim]``; the
+kernels take ``kv_cache[0]`` / ``kv_cache[1]`` with their strides and need only the last dim
+contiguous. Token ``t`` of sequence ``s`` lives in block ``block_tables[s, t // block_size]`` at
+offset ``t % block_size``.
+
+Every launch wrapper works without a host<->device sync: sequence boundaries and lengths are read
+on the device; the host only chooses grid sizes (from ``num_tokens``, ``num_seqs`` and a split
+count), so a decode launch is CUDA-graph capturable. Softmax runs in fp32 and in base 2 (``exp2``
+with the scale folded into ``log2(e)``), the usual FlashAttention trick that saves a multiply.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    K, V, KCache, VCache, Slots,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
+    num_kv_heads, head_dim,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per new token: copies its [num_kv_heads, head_dim] keys and values into its slot."""
+    t = tl.program_id(0)
+    slot = tl.load(Slots + t).to(tl.int64)
+    if slot < 0:  # padding token: write nothing
+        return
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (offs_h < num_kv_heads) & (offs_d < head_dim)
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + offs_h * stride_ch + offs_d
+    k = tl.load(K + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
+    tl.store(KCache + dst, k.to(KCache.dtype.element_ty), mask=mask)
+    v = tl.load(V + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+    tl.store(VCache + dst, v.to(VCache.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_kv_tile(Cache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
+                  stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
+    """Gathers [TILE_N, BLOCK_D] of one kv head for token positions ``toks`` through the block table."""
+    blk = tl.load(BlockTables + seq * stride_bt + toks // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+    off = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kvh * stride_ch
+    x = tl.load(Cache + off[:, None] + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _online_softmax_step(qk, m_i, l_i, acc, v):
+    """One FlashAttention update with log2-scaled scores ``qk`` [M, N] (masked entries -inf).
+
+    Rows whose scores are all -inf so far keep m = -inf; ``m_safe`` keeps exp2 away from inf - inf.
+    """
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(
+    Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out, MidO, MidLse,
+    scale_log2,
+    stride_qt, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch, stride_ot, stride_oh,
+    stride_mo_s, stride_mo_h, stride_mo_p, stride_ml_s, stride_ml_h,
+    sliding_window, head_dim,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Grid (num_seqs, num_kv_heads, NUM_SPLITS). All GROUP query heads of one kv head share each K/V tile.
+
+    Split ``p`` covers an equal, TILE_N-aligned share of the sequence's visible keys (computed here
+    from seq_lens, so the split plan adapts to the real length even under CUDA-graph replay). With
+    one split the result goes straight to Out; otherwise (normalized acc, log2-sum-exp) go to
+    MidO/MidLse for the reduce kernel. Sequences with q_len != 1 are skipped when MIXED.
+    """
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(QueryStartLoc + seq)
+    if MIXED:
+        if tl.load(QueryStartLoc + seq + 1) - row != 1:
+            return
+    seq_len = tl.load(SeqLens + seq)
+    kv_start = seq_len * 0
+    if sliding_window > 0:
+        kv_start = tl.maximum(seq_len - sliding_window, 0)
+    span = tl.maximum(seq_len - kv_start, 0)
+    chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), TILE_N) * TILE_N
+    lo = kv_start + split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, TILE_N)
+    gmask = offs_g < GROUP
+    dmask = offs_d < head_dim
+    heads = kvh * GROUP + offs_g
+    q = tl.load(Q + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0).to(KCache.dtype.element_ty)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for t0 in range(lo, hi, TILE_N):
+        toks = t0 + offs_n
+        nmask = toks < hi
+        k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty range (seq_len 0) gives zeros
+    omask = gmask[:, None] & dmask[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(Out + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=omask)
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(MidLse + seq * stride_ml_s + heads * stride_ml_h + split, lse, mask=gmask)
+        if hi > lo:  # empty splits leave MidO unwritten; the reduce masks them out by their lse
+            tl.store(MidO + seq * stride_mo_s + heads[:, None] * stride_mo_h + split * stride_mo_p
+                     + offs_d[None, :], out, mask=omask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    MidO, MidLse, QueryStartLoc, Out,
+    stride_mo_s, stride_mo_h, stride_mo_p, stride_ml_s, stride_ml_h, stride_ot, stride_oh, head_dim,
+    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, MIXED: tl.constexpr,
+):
+    """Grid (num_seqs, num_heads): merges the splits' partial results by their log-sum-exp weights."""
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.load(QueryStartLoc + seq)
+    if MIXED:
+        if tl.load(QueryStartLoc + seq + 1) - row != 1:
+            return
+    offs_p = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < head_dim
+    lse = tl.load(MidLse + seq * stride_ml_s + h * stride_ml_h + offs_p)
+    valid = lse > float("-inf")
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.where(valid, tl.math.exp2(lse - m), 0.0)
+    o = tl.load(MidO + seq * stride_mo_s + h * stride_mo_h + offs_p[:, None] * stride_mo_p + offs_d[None, :],
+                mask=valid[:, None] & dmask[None, :], other=0.0)
+    denom = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(Out + row.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _find_seq(QueryStartLoc, num_seqs, pid, BLOCK_M: tl.constexpr):
+    """Largest i with query_start_loc[i] // BLOCK_M + i <= pid (binary search; the +i gives every
+    sequence at least one tile slot, so tile slots of different sequences never overlap)."""
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(QueryStartLoc + mid) // BLOCK_M + mid <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out,
+    scale_log2, num_seqs,
+    stride_qt, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch, stride_ot, stride_oh,
+    sliding_window, head_dim,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr, SKIP_DECODES: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Grid (num_tokens // BLOCK_M + num_seqs, num_heads): one BLOCK_M tile of one sequence's queries
+    for one head, FlashAttention-2 style over K/V gathered from the paged cache (prefix + new tokens).
+    Query row j of a sequence with q_len q and seq_len L sits at position L - q + j (causal)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    seq = _find_seq(QueryStartLoc, num_seqs, pid, BLOCK_M)
+    q_start = tl.load(QueryStartLoc + seq)
+    q_len = tl.load(QueryStartLoc + seq + 1) - q_start
+    tile = pid - (q_start // BLOCK_M + seq)
+    if tile * BLOCK_M >= q_len:
+        return
+    if SKIP_DECODES:
+        if q_len == 1:
+            return
+    seq_len = tl.load(SeqLens + seq)
+    ctx = seq_len - q_len  # tokens already in the cache before this chunk
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, TILE_N)
+    mmask = offs_m < q_len
+    dmask = offs_d < head_dim
+    q_pos = ctx + offs_m
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mmask[:, None] & dmask[None, :], other=0.0).to(KCache.dtype.element_ty)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    first_pos = ctx + tile * BLOCK_M
+    kv_hi = tl.minimum(first_pos + BLOCK_M, seq_len)  # one past the tile's last query position
+    kv_lo = seq_len * 0
+    full_hi = seq_len * 0  # keys below full_hi are visible to every row of the tile: no mask needed
+    if sliding_window > 0:
+        kv_lo = (tl.maximum(first_pos - sliding_window + 1, 0) // TILE_N) * TILE_N
+    else:
+        full_hi = (tl.minimum(first_pos + 1, seq_len) // TILE_N) * TILE_N
+    for t0 in range(0, full_hi, TILE_N):
+        toks = t0 + offs_n
+        nmask = toks < full_hi
+        k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v)
+    for t0 in range(tl.maximum(kv_lo, full_hi), kv_hi, TILE_N):
+        toks = t0 + offs_n
+        nmask = toks < kv_hi
+        k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        visible = (toks[None, :] <= q_pos[:, None]) & nmask[None, :]
+        if sliding_window > 0:
+            visible = visible & (toks[None, :] > q_pos[:, None] - sliding_window)
+        qk = tl.where(visible, qk, float("-inf"))
+        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch wrappers. Tensors: query [T, H, D]; key/value [T, KVH, D] (last dim contiguous);
+# kv_cache [2, num_blocks, block_size, KVH, D]; block_tables int32 [S, max_blocks];
+# seq_lens int32 [S]; query_start_loc int32 [S + 1]; out [T, H, D] (last dim contiguous).
+# ----------------------------------------------------------------------------------------------
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """DOT_PREC: fp32 inputs would otherwise go through tf32 (10-bit mantissa) on the tensor cores.
+    DOT_F32: the Triton interpreter multiplies bf16 dot operands as their raw uint16 bits (a bug in
+    triton 3.x's interpreter), so interpreted bf16 runs upcast the operands to fp32 first."""
+    dot_f32 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return dict(DOT_PREC="ieee" if dtype == torch.float32 or dot_f32 else "tf32", DOT_F32=dot_f32)
+
+
+def _check_last_dim(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.stride(-1) != 1:
+            raise ValueError(f"the last dim must be contiguous, got strides {t.stride()}")
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Writes key/value [T, KVH, D] into ``kv_cache`` at ``slot_mapping`` (int64 [>= T]; -1 skips).
+
+    Only the first ``min(T, len(slot_mapping))`` tokens are written (one launch for K and V).
+    """
+    _check_last_dim(key, value, kv_cache)
+    n = min(key.shape[0], slot_mapping.shape[0])
+    if n == 0:
+        return
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    kc, vc = kv_cache[0], kv_cache[1]
+    _reshape_and_cache_kernel[(n,)](
+        key, value, kc, vc, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), num_kv_heads, head_dim,
+        BLOCK_SIZE=block_size, BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                      min_tokens_per_split: int = 256, max_splits: int = 64) -> int:
+    """Split count (a power of 2) for split-KV decoding.
+
+    Enough programs to give every SM ~4 (num_seqs * num_kv_heads * splits >= 4 * num_sms), but no
+    split shorter than ``min_tokens_per_split`` of ``max_seq_len``: below that the reduce costs more
+    than the parallelism buys. Depends only on host values fixed per CUDA graph.
+    """
+    want = -(-4 * num_sms // max(num_seqs * num_kv_heads, 1))
+    by_len = -(-max(max_seq_len, 1) // min_tokens_per_split)
+    s = max(1, min(want, by_len, max_splits))
+    return triton.next_power_of_2(s)
+
+
+def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor,
+                           num_seqs: int, scale: float, sliding_window: Optional[int], num_splits: int,
+                           mixed: bool, tile_n: Optional[int] = None, num_warps: Optional[int] = None) -> None:
+    """Attention for the sequences with q_len == 1 (every sequence unless ``mixed``), into ``out``.
+
+    ``num_splits`` (a power of 2): partitions of each context, merged by a reduce kernel when > 1.
+    """
+    _check_last_dim(query, kv_cache, out)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    group = num_heads // num_kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    tile_n = tile_n or (64 if block_d <= 128 else 32)
+    kc, vc = kv_cache[0], kv_cache[1]
+    if num_splits > 1:
+        mid_o = torch.empty(num_seqs, num_heads, num_splits, block_d, dtype=torch.float32, device=query.device)
+        mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    else:
+        mid_o = mid_lse = out  # unused
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
+        scale * LOG2E,
+        query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
+        out.stride(0), out.stride(1),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        sliding_window or 0, head_dim,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        TILE_N=tile_n, NUM_SPLITS=num_splits, MIXED=mixed, **_dot_args(kv_cache.dtype),
+        num_warps=num_warps or 4, num_stages=3,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            mid_o, mid_lse, query_start_loc, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+            out.stride(0), out.stride(1), head_dim,
+            NUM_SPLITS=num_splits, BLOCK_D=block_d, MIXED=mixed, num_warps=4,
+        )
+
+
+def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor,
+                            num_seqs: int, scale: float, sliding_window: Optional[int], skip_decodes: bool,
+                            block_m: Optional[int] = None, tile_n: Optional[int] = None,
+                            num_warps: Optional[int] = None) -> None:
+    """Causal attention for every query row of every sequence (those with q_len == 1 too unless
+    ``skip_decodes``), reading K/V (cached prefix and this step's tokens) from the paged cache."""
+    _check_last_dim(query, kv_cache, out)
+    num_tokens, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if block_m is None:
+        block_m = 128 if block_d <= 128 else 64
+    if tile_n is None:
+        tile_n = 64 if block_d <= 128 else 32
+    kc, vc = kv_cache[0], kv_cache[1]
+    grid = (num_tokens // block_m + num_seqs, num_heads)
+    _prefill_kernel[grid](
+        query, kc, vc, block_tables, seq_lens, query_start_loc, out,
+        scale * LOG2E, num_seqs,
+        query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
+        out.stride(0), out.stride(1), sliding_window or 0, head_dim,
+        GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        TILE_N=tile_n, SKIP_DECODES=skip_decodes, **_dot_args(kv_cache.dtype),
+        num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=2,
+    )
