@@ -338,12 +338,12 @@ class AsyncEngine:
         err = EngineDeadError(f"the engine loop crashed: {cause!r}")
         err.__cause__ = cause
         self._dead_error = err
-        self._fail_all(err)
         for fn in list(self._dead_callbacks):
             try:
                 fn(err)
             except Exception:  # noqa: BLE001
                 logger.exception("dead callback failed")
+        self._fail_all(err)
 
 
 class RequestStream:

@@ -49,26 +49,27 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
     raise ValueError(f"--chat-template: no such file: {value}")
 
 
-def run_server(app: Any, host: str, port: int, log_level: str = "info", install_signal_handlers: bool = True) -> int:
-    """Runs uvicorn until shutdown; returns 1 if the engine died (the server then stops at once), else 0."""
+def build_server(app: Any, host: str, port: int, log_level: str = "info") -> Any:
+    """A uvicorn Server for ``app`` that stops by itself when the app's engine dies."""
     import uvicorn
 
-    async_engine = app.state.async_engine
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                             timeout_keep_alive=5)
     server = uvicorn.Server(config)
-    if not install_signal_handlers:
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
 
     def on_dead(err: BaseException) -> None:
         logger.error("the engine died (%s): shutting the server down", err)
-        server.should_exit = True
+        server.should_exit = True  # read by uvicorn's main loop (checked every 0.1 s)
 
-    async_engine.add_dead_callback(on_dead)
+    app.state.async_engine.add_dead_callback(on_dead)
+    return server
+
+
+def run_server(app: Any, host: str, port: int, log_level: str = "info") -> int:
+    """Runs uvicorn until shutdown; returns 1 if the engine died (the server then stops at once), else 0."""
+    server = build_server(app, host, port, log_level)
     server.run()
-    if async_engine.dead_error is not None:
-        return 1
-    return 0
+    return 1 if app.state.async_engine.dead_error is not None else 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
