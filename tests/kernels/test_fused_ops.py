@@ -1,0 +1,115 @@
+"""Fused Triton ops vs float64 computations (and the torch layers they replace)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_engine.layers import fused_ops
+from vllm_engine.layers.layernorm import rms_norm as torch_rms_norm
+from vllm_engine.layers.rotary import RotaryEmbedding
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Allowed error relative to |value| (a couple of units in the last place of the dtype) + an abs floor.
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close_f64(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    got, want = got.double().cpu(), want.double().cpu()
+    err = (got - want).abs()
+    bound = RTOL[dtype] * (want.abs() + 1e-2)
+    assert (err <= bound).all(), f"max err {err.max().item()}, at {(err - bound).argmax().item()}"
+
+
+def rand(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(dtype):
+    eps = 1e-6
+    big = rand(5, 200, dtype=dtype, seed=0)
+    x = big[:, 8:104]  # rows with a stride: no copy needed, hidden 96 (not a power of 2)
+    w = (1 + 0.1 * rand(96, dtype=torch.float32, seed=1)).to(dtype)
+    y = fused_ops.rms_norm(x, w, eps)
+    assert y.shape == x.shape and y.dtype == dtype
+    xd = x.double()
+    want = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    assert_close_f64(y, want, dtype)
+    # Same rounding points as the torch layer: at most one ulp apart.
+    assert_close_f64(y, torch_rms_norm(x, w, eps), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm(dtype):
+    eps = 1e-5
+    x = rand(2, 3, 64, dtype=dtype, seed=2)
+    r = rand(2, 3, 64, dtype=dtype, seed=3)
+    w = rand(64, dtype=dtype, seed=4)
+    x_before, r_before = x.clone(), r.clone()
+    y, new_res = fused_ops.fused_add_rms_norm(x, r, w, eps)
+    assert y.shape == new_res.shape == x.shape
+    # The sum is rounded to x.dtype exactly as torch's x + residual. (The CPU interpreter rounds
+    # fp32 -> bf16 toward zero, unlike the GPU's round-to-nearest-even: allow that one ulp there.)
+    if DEVICE == "cuda" or dtype != torch.bfloat16:
+        assert torch.equal(new_res, x + r)
+    else:
+        assert ((new_res.double() - (x + r).double()).abs() <= 2**-7 * (x + r).double().abs()).all()
+    s = (x + r).double()
+    want = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    assert_close_f64(y, want, dtype)
+    assert torch.equal(x, x_before) and torch.equal(r, r_before), "inputs must be left alone"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [80, 2100])  # 2100: several column programs per row
+def test_silu_and_mul(dtype, d):
+    x = rand(3, 2 * d, dtype=dtype, seed=5) * 3
+    y = fused_ops.silu_and_mul(x)
+    assert y.shape == (3, d) and y.dtype == dtype
+    g, u = x[:, :d].double(), x[:, d:].double()
+    assert_close_f64(y, g * torch.sigmoid(g) * u, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rotary_dim", [None, 32])
+def test_rotary(dtype, rotary_dim):
+    T, H, KVH, D = 7, 4, 2, 64
+    rope = RotaryEmbedding(D, max_position=512, base=10000.0, rotary_dim=rotary_dim).to(DEVICE)
+    qkv = rand(T, (H + 2 * KVH) * D, dtype=dtype, seed=6)
+    q = qkv[:, : H * D].view(T, H, D)  # strided views, as after a fused qkv projection
+    k = qkv[:, H * D: (H + KVH) * D].view(T, KVH, D)
+    g = torch.Generator().manual_seed(7)
+    positions = torch.randint(0, 512, (T,), generator=g).to(DEVICE)
+    qo, ko = fused_ops.rotary(positions, q, k, rope.cos_sin_cache, rotary_dim)
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
+
+    rd = rotary_dim or D
+    # cos/sin from the given fp32 table (the op's input), applied in float64. The table itself is
+    # within fp32 angle rounding of the exact values (~1e-5 at position 500).
+    cos_sin = rope.cos_sin_cache.double().cpu()[positions.cpu()]
+    cos, sin = cos_sin[:, None, : rd // 2], cos_sin[:, None, rd // 2:]
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+    ang = positions.cpu().double()[:, None, None] * inv_freq
+    assert (cos - ang.cos()).abs().max() < 1e-4 and (sin - ang.sin()).abs().max() < 1e-4
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x = x.double().cpu()
+        x1, x2 = x[..., : rd // 2], x[..., rd // 2: rd]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rd:]), dim=-1)
+
+    assert_close_f64(qo, rotate(q), dtype)
+    assert_close_f64(ko, rotate(k), dtype)
+    if rotary_dim:
+        assert torch.equal(qo[..., rd:], q[..., rd:]) and torch.equal(ko[..., rd:], k[..., rd:])
+
+
+def test_cpu_without_interpreter_uses_torch(monkeypatch):
+    """Plain CPU runs (no interpreter) take the torch path: identical to the torch layer."""
+    if DEVICE == "cuda":
+        pytest.skip("CPU dispatch only")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    x, w = rand(3, 32, dtype=torch.bfloat16, seed=8), rand(32, dtype=torch.bfloat16, seed=9)
+    assert torch.equal(fused_ops.rms_norm(x, w, 1e-6), torch_rms_norm(x, w, 1e-6))
