@@ -1,4 +1,4 @@
-"""Incremental detokenization: new token ids -> the new text, in O(1) amortized work per token.
+r"""Incremental detokenization: new token ids -> the new text, in O(1) amortized work per token.
 
 Decoding only the new token is wrong in two ways: a byte-level BPE token may hold part of a UTF-8
 character (decoded alone it gives U+FFFD), and sentencepiece tokenizers decide a token's leading
@@ -10,16 +10,18 @@ decode a small window twice:
 
     prefix_text = decode(ids[prefix_offset:read_offset])
     new_text    = decode(ids[prefix_offset:])
-    delta       = new_text[len(prefix_text):]     (held back while new_text ends in U+FFFD)
+    delta       = new_text[len(prefix_text):], less a trailing run of U+FFFD
 
 Both decodes start at the same token, so whatever the tokenizer does at the start of a text affects
 both the same way and cancels out. The window starts in the prompt's last few tokens, so the first
 generated token gets the leading space it would have after the prompt (" Paris", not "Paris").
-After each emission the window slides forward, so each decode covers a handful of tokens.
+A trailing U+FFFD is a UTF-8 character whose bytes have not all arrived: it is held back (the text
+before it is emitted) and the window does not slide until it completes. Otherwise the window slides
+after each step, so each decode covers a handful of tokens.
 
-Invariant (tested): ``output_text`` equals ``tokenizer.decode(output ids)`` up to held-back partial
-characters at the end, except for the first token's leading space after a non-empty prompt with
-sentencepiece-style tokenizers, where it equals the text that the tokens add to the prompt.
+Invariant (tested): ``output_text == tokenizer.decode(output ids).rstrip("\ufffd")``, except that
+after a non-empty prompt a sentencepiece-style tokenizer's first token keeps its leading space
+(``output_text`` is then the text that the tokens add to the prompt).
 """
 
 from __future__ import annotations
