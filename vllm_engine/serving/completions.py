@@ -92,8 +92,12 @@ def completion_logprobs(ctx: ServingContext, token_ids: list[int], entries: list
         token = _token_str(ctx, tid, chosen)
         out["tokens"].append(token)
         out["token_logprobs"].append(chosen.logprob if chosen else None)
-        out["top_logprobs"].append(
-            {_token_str(ctx, t, lp): lp.logprob for t, lp in entry.items()} if entry else None)
+        top: Optional[dict[str, float]] = None
+        if entry:
+            top = {}
+            for t, lp in sorted(entry.items(), key=lambda kv: -kv[1].logprob):
+                top.setdefault(_token_str(ctx, t, lp), lp.logprob)  # ids that decode alike: keep the likelier
+        out["top_logprobs"].append(top)
         out["text_offset"].append(text_offset)
         text_offset += len(token)
     return out, text_offset
@@ -177,12 +181,19 @@ def _choice(ctx: ServingContext, req: CompletionRequest, p: Prompt, out: Request
         ids, entries = [], []
         if req.echo:
             ids += p.token_ids
-            entries += list(out.prompt_logprobs or [None] * len(p.token_ids))
+            entries += _prompt_entries(out, len(p.token_ids))
         ids += c.token_ids
         entries += list(c.logprobs or [])
         logprobs, _ = completion_logprobs(ctx, ids, entries, 0)
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason}
+
+
+def _prompt_entries(out: RequestOutput, num_prompt_tokens: int) -> list[Optional[dict[int, Logprob]]]:
+    """One prompt-logprobs entry per prompt token (None where the engine has none: the first token,
+    and any it did not report, which are the leading ones)."""
+    entries = list(out.prompt_logprobs or [])
+    return [None] * (num_prompt_tokens - len(entries)) + entries[-num_prompt_tokens:]
 
 
 @dataclass
@@ -234,7 +245,7 @@ def _delta_choice(ctx: ServingContext, req: CompletionRequest, p: Prompt, out: R
         ids, entries = [], []
         if not st.started and req.echo:
             ids += p.token_ids
-            entries += list(out.prompt_logprobs or [None] * len(p.token_ids))
+            entries += _prompt_entries(out, len(p.token_ids))
         # Logprobs arrive with their tokens (one entry per generated token id).
         lps = c.logprobs or []
         ids += new_ids[: max(0, len(lps) - st.num_tokens)]
