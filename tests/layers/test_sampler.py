@@ -159,20 +159,22 @@ def _ref_keep_top_k_top_p(row: torch.Tensor, k: int, p: float) -> set[int]:
     return keep
 
 
-@pytest.mark.parametrize("mode", ["top_k", "top_p", "both"])
+@pytest.mark.parametrize("mode", ["top_k", "top_k_sorted", "top_p", "both"])
 def test_top_k_top_p_keep_sets(mode):
     V, B = 20, 6
     logits = distinct_logits(B, V, seed=7) * 0.6
     ks = [1, 3, 5, V, 19, 2]
     ps = [0.5, 0.9, 0.3, 0.75, 1.0, 0.99]
-    if mode == "top_k":
+    if mode.startswith("top_k"):
         ps = [1.0] * B
     if mode == "top_p":
         ks = [V] * B
     top_k = torch.tensor(ks) if mode != "top_p" else None
-    top_p = torch.tensor(ps) if mode != "top_k" else None
+    top_p = torch.tensor(ps) if not mode.startswith("top_k") else None
+    # "top_k" takes the partial-topk path (max_top_k given), "top_k_sorted" the full sort.
+    max_top_k = max(k for k in ks if k < V) if mode in ("top_k", "both") else None
     got = logits.clone()
-    apply_top_k_top_p(got, top_k, top_p, max_top_k=max(k for k in ks if k < V) if mode != "top_p" else None)
+    apply_top_k_top_p(got, top_k, top_p, max_top_k=max_top_k)
     for r in range(B):
         assert kept(got)[r] == _ref_keep_top_k_top_p(logits[r], ks[r], ps[r]), (mode, r)
         finite = torch.isfinite(got[r])
@@ -202,7 +204,7 @@ def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 # chi-square critical values at p = 1e-4 (so a correct sampler fails about once in 10^4 runs)
-_CHI2_CRIT = {2: 18.4, 3: 21.1, 4: 23.5, 5: 25.7, 7: 29.9}
+_CHI2_CRIT = {1: 15.1, 2: 18.4, 3: 21.1, 4: 23.5, 5: 25.7, 6: 27.9, 7: 29.9}
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
@@ -217,22 +219,24 @@ def test_distribution_matches_softmax(temperature):
     assert _chi_square(counts, probs) < _CHI2_CRIT[V - 1]
 
 
-def test_distribution_with_filters_is_renormalised():
+@pytest.mark.parametrize("top_k,top_p,min_p", [(6, 1.0, 0.1), (5, 0.8, 0.0), (-1, 0.9, 0.05)])
+def test_distribution_with_filters_is_renormalised(top_k, top_p, min_p):
     torch.manual_seed(1)
-    V, N = 8, 60_000
-    row = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    V, N, T = 8, 40_000, 0.8
+    row = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])[torch.randperm(8)]
     logits = row.expand(N, V).contiguous()
-    # top_k=6 drops tokens 6, 7; min_p=0.1 (on the tempered logits, T=0.8) drops p < 0.1 * p_max.
-    params = [SamplingParams(temperature=0.8, top_k=6, min_p=0.1)] * N
+    params = [SamplingParams(temperature=T, top_k=top_k, top_p=top_p, min_p=min_p)] * N
     out = Sampler()(logits, make_meta(params, vocab_size=V))
     counts = torch.bincount(out.sampled_token_ids, minlength=V).double()
-    scaled = row.double() / 0.8
-    p = torch.softmax(scaled, dim=0)
+    # Reference: top-k then top-p (float64 loop), then min-p, all on the tempered logits.
+    scaled = row.double() / T
     keep = torch.zeros(V, dtype=torch.bool)
-    keep[:6] = True
-    keep &= p >= 0.1 * p.max()
+    keep[list(_ref_keep_top_k_top_p(scaled, top_k if top_k > 0 else V, top_p))] = True
+    p = torch.softmax(scaled.masked_fill(~keep, NEG_INF), dim=0)
+    keep &= p >= min_p * p.max()
     ref = torch.where(keep, p, 0.0)
     ref /= ref.sum()
+    assert 1 < int(keep.sum()) < V  # the filters really filter
     assert _chi_square(counts, ref) < _CHI2_CRIT[int(keep.sum()) - 1]
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,8 @@ from vllm_engine.core.sched_output import SampledLogprobs
 from vllm_engine.sampling_params import SamplingParams
 
 _SAMPLING_EPS = 1e-5
+# Up to this k a partial torch.topk beats a full sort of the vocabulary.
+_PARTIAL_TOPK_MAX = 1024
 
 
 def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -41,9 +44,18 @@ def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.tensor(data, dtype=dtype, device=device)
 
 
-def _pad(rows: Sequence[Sequence[int]], pad: int) -> list[list[int]]:
-    width = max((len(r) for r in rows), default=0)
-    return [list(r) + [pad] * (width - len(r)) for r in rows]
+def _padded_ids(rows: Sequence[Sequence[int]], use: Sequence[bool], pad: int, device: torch.device) -> torch.Tensor:
+    """[B, L] int64 token ids of the rows where ``use`` is set, padded with ``pad`` (other rows: all
+    padding). Built in numpy: a nested Python list through torch.tensor is several times slower."""
+    width = max((len(r) for r, u in zip(rows, use) if u), default=0)
+    arr = np.full((len(rows), max(width, 1)), pad, dtype=np.int64)
+    for i, (r, u) in enumerate(zip(rows, use)):
+        if u and len(r):
+            arr[i, : len(r)] = r
+    t = torch.from_numpy(arr)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
@@ -151,19 +163,20 @@ class SamplingMetadata:
                 meta.min_tokens_rows = _to_device(rows, torch.int64, device)
                 meta.min_tokens_cols = _to_device(cols, torch.int64, device)
 
-        # Penalties: tensors only when some row uses them.
-        use_rep = any(p.repetition_penalty != 1.0 for p in params)
-        use_freq = any(p.frequency_penalty != 0.0 for p in params)
-        use_pres = any(p.presence_penalty != 0.0 for p in params)
-        if use_rep:
+        # Penalties: tensors only when some row uses them, token ids only of the rows that do.
+        rep_rows = [p.repetition_penalty != 1.0 for p in params]
+        freq_rows = [p.frequency_penalty != 0.0 for p in params]
+        pres_rows = [p.presence_penalty != 0.0 for p in params]
+        if any(rep_rows):
             meta.repetition_penalty = _to_device([float(p.repetition_penalty) for p in params], torch.float32, device)
-            meta.prompt_token_ids = _to_device(_pad(prompt_token_ids, V), torch.int64, device)
-        if use_freq:
+            meta.prompt_token_ids = _padded_ids(prompt_token_ids, rep_rows, V, device)
+        if any(freq_rows):
             meta.frequency_penalty = _to_device([float(p.frequency_penalty) for p in params], torch.float32, device)
-        if use_pres:
+        if any(pres_rows):
             meta.presence_penalty = _to_device([float(p.presence_penalty) for p in params], torch.float32, device)
-        if use_rep or use_freq or use_pres:
-            meta.output_token_ids = _to_device(_pad(output_token_ids, V), torch.int64, device)
+        if not meta.no_penalties:
+            used = [a or b or c for a, b, c in zip(rep_rows, freq_rows, pres_rows)]
+            meta.output_token_ids = _padded_ids(output_token_ids, used, V, device)
 
         asked = [p.logprobs for p in params if p.logprobs is not None]
         meta.max_num_logprobs = max(asked) if asked else None
@@ -225,15 +238,21 @@ def apply_logit_bias_and_min_tokens(logits: torch.Tensor, meta: SamplingMetadata
         logits.index_put_((meta.bias_rows, meta.bias_cols), meta.bias_values, accumulate=True)
     if meta.min_tokens_rows is not None:
         logits.index_put_((meta.min_tokens_rows, meta.min_tokens_cols),
-                          torch.tensor(float("-inf"), device=logits.device))
+                          torch.full((), float("-inf"), device=logits.device))
 
 
 def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, L] ids padded with ``vocab_size`` -> [B, V] counts (the padding column is dropped)."""
-    B = token_ids.shape[0]
-    counts = torch.zeros(B, vocab_size + 1, dtype=torch.int32, device=token_ids.device)
+    """[B, L] ids padded with ``vocab_size`` -> [B, V] int32 counts (the padding column is dropped)."""
+    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.int32, device=token_ids.device)
     counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=torch.int32))
     return counts[:, :vocab_size]
+
+
+def _token_mask(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, L] ids padded with ``vocab_size`` -> [B, V] bool: which ids occur."""
+    mask = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=token_ids.device)
+    mask.scatter_(1, token_ids, True)
+    return mask[:, :vocab_size]
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
@@ -243,7 +262,7 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
     V = logits.shape[1]
     out_counts = _token_counts(meta.output_token_ids, V)
     if meta.repetition_penalty is not None:
-        seen = (_token_counts(meta.prompt_token_ids, V) > 0) | (out_counts > 0)
+        seen = _token_mask(meta.prompt_token_ids, V) | (out_counts > 0)
         penalty = torch.where(seen, meta.repetition_penalty.unsqueeze(1), 1.0)
         # HF semantics: push a seen token's logit towards "less likely" whatever its sign.
         logits.copy_(torch.where(logits > 0, logits / penalty, logits * penalty))
@@ -265,11 +284,10 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p
     if top_k is None and top_p is None:
         return
     V = logits.shape[1]
-    if top_k is not None and top_p is None:
-        # No full sort: the k-th largest value is a threshold; a partial top-k up to the largest k
-        # asked for gives it. Rows without top-k (k = V) get threshold -inf.
-        max_k = int(max_top_k) if max_top_k is not None else V
-        kth = logits.topk(max_k, dim=-1).values.gather(1, (top_k.clamp(max=max_k) - 1).unsqueeze(1))
+    if top_p is None and max_top_k is not None and max_top_k <= _PARTIAL_TOPK_MAX:
+        # No full sort: the k-th largest value is a threshold, which a partial top-k up to the
+        # largest k asked for gives. Rows without top-k (k = V) get threshold -inf.
+        kth = logits.topk(max_top_k, dim=-1).values.gather(1, (top_k.clamp(max=max_top_k) - 1).unsqueeze(1))
         thresh = torch.where(top_k.unsqueeze(1) >= V, float("-inf"), kth)
         logits.masked_fill_(logits < thresh, float("-inf"))
         return
@@ -277,11 +295,12 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p
     if top_k is not None:
         thresh = sorted_logits.gather(1, (V - top_k).unsqueeze(1))
         sorted_logits.masked_fill_(sorted_logits < thresh, float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    cum = torch.cumsum(probs, dim=-1)  # mass at-or-below each position (ascending order)
-    drop = cum <= (1.0 - top_p).unsqueeze(1)
-    drop[:, -1] = False
-    sorted_logits.masked_fill_(drop, float("-inf"))
+    if top_p is not None:
+        probs = torch.softmax(sorted_logits, dim=-1)
+        cum = torch.cumsum(probs, dim=-1)  # mass at-or-below each position (ascending order)
+        drop = cum <= (1.0 - top_p).unsqueeze(1)
+        drop[:, -1] = False
+        sorted_logits.masked_fill_(drop, float("-inf"))
     logits.scatter_(1, sorted_idx, sorted_logits)
 
 
