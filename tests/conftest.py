@@ -17,6 +17,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from vllm_engine.attention.backend import AttentionMetadata
+
 CORPUS = [
     "Hello, my name is Ada and I like to write small programs.",
     "The capital of France is Paris, a city on the Seine.",
@@ -31,6 +33,56 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<s>' + message['role'] + '\\n' + message['content'] + '</s>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
 )
+PAGED_BLOCK_SIZE = 4
+PAGED_BLOCKS_PER_SEQ = 32  # up to 128 tokens per sequence
+
+
+def paged_metadata(starts: list[int], counts: list[int], block_tables: list[list[int]]) -> AttentionMetadata:
+    """Metadata for sequences whose new tokens are positions starts[i] .. starts[i] + counts[i] - 1."""
+    seq_lens = [s + c for s, c in zip(starts, counts)]
+    qsl = [0]
+    for c in counts:
+        qsl.append(qsl[-1] + c)
+    width = max(len(bt) for bt in block_tables)
+    bt = torch.zeros(len(starts), width, dtype=torch.int32)
+    slots = []
+    for i, (s, c) in enumerate(zip(starts, counts)):
+        bt[i, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.int32)
+        for p in range(s, s + c):
+            slots.append(block_tables[i][p // PAGED_BLOCK_SIZE] * PAGED_BLOCK_SIZE + p % PAGED_BLOCK_SIZE)
+    return AttentionMetadata(
+        num_actual_tokens=qsl[-1], num_seqs=len(starts),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=bt, slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_query_len=max(counts), max_seq_len=max(seq_lens), query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+
+
+def run_paged_steps(model, cfg, seqs: list[list[int]], schedule: list[list[int]]) -> list[list[torch.Tensor]]:
+    """Feeds each sequence's tokens in the chunk sizes of ``schedule`` (one list of per-sequence counts per
+    step, 0 = not scheduled), all sequences batched; returns each sequence's logits per position."""
+    num_blocks = len(seqs) * PAGED_BLOCKS_PER_SEQ + 1
+    dtype = next(model.parameters()).dtype
+    caches = [torch.zeros(2, num_blocks, PAGED_BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
+              for _ in range(cfg.num_layers)]
+    # Non-contiguous, interleaved block tables (block 0 unused) so paging bugs show.
+    tables = [[len(seqs) * j + i + 1 for j in range(PAGED_BLOCKS_PER_SEQ)] for i in range(len(seqs))]
+    done = [0] * len(seqs)
+    logits: list[list[torch.Tensor]] = [[] for _ in seqs]
+    for counts in schedule:
+        idx = [i for i, c in enumerate(counts) if c]
+        ids = torch.tensor([t for i in idx for t in seqs[i][done[i]: done[i] + counts[i]]])
+        pos = torch.tensor([p for i in idx for p in range(done[i], done[i] + counts[i])])
+        meta = paged_metadata([done[i] for i in idx], [counts[i] for i in idx], [tables[i] for i in idx])
+        with torch.inference_mode():
+            out = model.compute_logits(model(ids, pos, caches, meta))
+        row = 0
+        for i in idx:
+            logits[i].extend(out[row: row + counts[i]])
+            row += counts[i]
+            done[i] += counts[i]
+    return logits
+
+
 TINY_ARCHS = ("llama", "llama3_rope", "tied", "mistral", "qwen2", "qwen3")
 
 
@@ -127,3 +179,9 @@ def smollm2_gguf() -> Path:
         return ensure_default_gguf()
     except ValueError as e:
         pytest.skip(f"cannot fetch the SmolLM2 GGUF (offline?): {e}")
+
+
+@pytest.fixture(scope="session")
+def run_paged() -> Callable[..., list[list[torch.Tensor]]]:
+    """``run_paged(model, model_config, seqs, schedule)``: see ``run_paged_steps``."""
+    return run_paged_steps

@@ -26,7 +26,7 @@ def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBa
     device = torch.device(device)
     hf_config = model_config.hf_config
     cls = get_model_class(model_config.architecture)
-    max_position = max(model_config.max_model_len, getattr(hf_config, "max_position_embeddings", 0) or 0)
+    max_position = model_config.max_model_len  # no position reaches it: the cos/sin cache stops there
     t0 = time.perf_counter()
     with torch.device(device):
         model = cls(hf_config, attn_backend, max_position=max_position, dtype=model_config.dtype,

@@ -98,9 +98,17 @@ def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 # ---- modules -------------------------------------------------------------------------------------
+def make_rotary(config: Any, max_position: int) -> RotaryEmbedding:
+    """One cos/sin cache, shared by every layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta, scaling = rope_params(config)
+    rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    return RotaryEmbedding(head_dim, max_position, theta, scaling, rotary_dim)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, layer_idx: int, attn_backend: AttentionBackend, ops: Ops,
-                 max_position: int, dtype: torch.dtype) -> None:
+                 rotary_emb: RotaryEmbedding, dtype: torch.dtype) -> None:
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
@@ -131,9 +139,8 @@ class LlamaAttention(nn.Module):
             self.k_norm = nn.Module()
             self.k_norm.weight = _empty(self.head_dim, dtype=dtype)
         self.eps = config.rms_norm_eps
-        theta, scaling = rope_params(config)
-        rotary_dim = int(self.head_dim * getattr(config, "partial_rotary_factor", 1.0))
-        self.rotary_emb = RotaryEmbedding(self.head_dim, max_position, theta, scaling, rotary_dim)
+        # Not a submodule (shared): a plain attribute, so it is neither registered nor saved per layer.
+        self.__dict__["rotary_emb"] = rotary_emb
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -181,9 +188,9 @@ class _Norm(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, layer_idx: int, attn_backend: AttentionBackend, ops: Ops,
-                 max_position: int, dtype: torch.dtype) -> None:
+                 rotary_emb: RotaryEmbedding, dtype: torch.dtype) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, attn_backend, ops, max_position, dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, attn_backend, ops, rotary_emb, dtype)
         self.mlp = LlamaMLP(config, ops, dtype)
         self.input_layernorm = _Norm(config.hidden_size, dtype)
         self.post_attention_layernorm = _Norm(config.hidden_size, dtype)
@@ -210,8 +217,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = _empty(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.rotary_emb = make_rotary(config, max_position)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, attn_backend, ops, max_position, dtype)
+            LlamaDecoderLayer(config, i, attn_backend, ops, self.rotary_emb, dtype)
             for i in range(config.num_hidden_layers)
         )
         self.norm = _Norm(config.hidden_size, dtype)
