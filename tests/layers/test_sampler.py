@@ -51,7 +51,7 @@ def kept(x: torch.Tensor) -> list[set[int]]:
 def test_metadata_skips_unused_fields():
     meta = make_meta([SamplingParams(temperature=0.0), SamplingParams(temperature=0.0)])
     assert meta.all_greedy and meta.no_penalties
-    for name in ("temperature", "top_k", "top_p", "min_p", "bias_rows", "min_tokens_rows",
+    for name in ("temperature", "top_k", "top_p", "min_p", "bias_index", "min_tokens_index",
                  "prompt_token_ids", "output_token_ids", "max_num_logprobs"):
         assert getattr(meta, name) is None, name
     meta = make_meta([SamplingParams(temperature=0.8, frequency_penalty=0.5)])
@@ -335,3 +335,28 @@ def test_mixed_batch_greedy_rows_use_penalised_argmax():
     assert ids[1] == int(top[1])
     assert ids[2] == int(top[2])  # greedy without penalties: outputs don't matter
     assert ids[3] in _ref_keep_top_k_top_p(logits[3] / 0.7, V, 0.9)
+
+
+# ---- GPU: no host syncs --------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_host_sync_on_gpu():
+    """The whole sampling path (penalties, filters, seeded rows) queues work without waiting on the GPU."""
+    dev = torch.device("cuda")
+    B, V = 64, 32000
+    logits = torch.randn(B, V, device=dev)
+    params = [SamplingParams(temperature=0.0 if i % 4 == 0 else 0.8, top_k=50 if i % 3 == 0 else -1,
+                             top_p=0.9 if i % 2 else 1.0, min_p=0.05 if i % 5 == 0 else 0.0,
+                             repetition_penalty=1.2 if i % 7 == 0 else 1.0, presence_penalty=0.5 if i % 6 == 0 else 0.0,
+                             logit_bias={3: 2.0} if i % 8 == 0 else None, min_tokens=4, stop_token_ids=[7],
+                             seed=i if i % 9 == 0 else None) for i in range(B)]
+    gens = {i: torch.Generator(device=dev).manual_seed(i) for i in range(B) if params[i].seed is not None}
+    meta = SamplingMetadata.from_requests(params, [[1, 2, 3]] * B, [[4, 5]] * B, [{2}] * B, gens, V, dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = Sampler()(logits, meta)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ids = out.sampled_token_ids.tolist()
+    assert all(0 <= t < V and t not in (2, 7) for t in ids)

@@ -76,13 +76,10 @@ class SamplingMetadata:
     top_p: Optional[torch.Tensor]  # [B] float32 in (0, 1]
     min_p: Optional[torch.Tensor]  # [B] float32 in [0, 1]
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator (seeded rows)
-    # logit_bias as a sparse update: logits[bias_rows, bias_cols] += bias_values
-    bias_rows: Optional[torch.Tensor] = None  # [nnz] int64
-    bias_cols: Optional[torch.Tensor] = None  # [nnz] int64
+    # Sparse updates by flat index row * V + token (index_add_ / index_fill_ never sync with the host):
+    bias_index: Optional[torch.Tensor] = None  # [nnz] int64: logits.view(-1)[bias_index] += bias_values
     bias_values: Optional[torch.Tensor] = None  # [nnz] float32
-    # min_tokens: logits[min_tokens_rows, min_tokens_cols] = -inf
-    min_tokens_rows: Optional[torch.Tensor] = None
-    min_tokens_cols: Optional[torch.Tensor] = None
+    min_tokens_index: Optional[torch.Tensor] = None  # [nnz] int64: logits.view(-1)[...] = -inf (EOS/stop ids)
     repetition_penalty: Optional[torch.Tensor] = None  # [B] float32 (1.0 = off)
     frequency_penalty: Optional[torch.Tensor] = None  # [B] float32
     presence_penalty: Optional[torch.Tensor] = None  # [B] float32
@@ -135,33 +132,28 @@ class SamplingMetadata:
 
         # logit_bias: sparse (row, col, value) triples.
         if any(p.logit_bias for p in params):
-            rows, cols, vals = [], [], []
+            index, vals = [], []
             for r, p in enumerate(params):
                 if p.logit_bias:
                     for tok, b in p.logit_bias.items():
                         if 0 <= tok < V:
-                            rows.append(r)
-                            cols.append(tok)
+                            index.append(r * V + tok)
                             vals.append(b)
-            if rows:
-                meta.bias_rows = _to_device(rows, torch.int64, device)
-                meta.bias_cols = _to_device(cols, torch.int64, device)
+            if index:
+                meta.bias_index = _to_device(index, torch.int64, device)
                 meta.bias_values = _to_device(vals, torch.float32, device)
 
         # min_tokens: the ids that would end the request too early.
         if any(p.min_tokens > len(out) for p, out in zip(params, output_token_ids)):
-            rows, cols = [], []
+            index = []
             for r, (p, out) in enumerate(zip(params, output_token_ids)):
                 if p.min_tokens > len(out):
                     banned = set(p.stop_token_ids or ())
                     if not p.ignore_eos:
                         banned |= set(eos_token_ids[r])
-                    banned = sorted(t for t in banned if 0 <= t < V)
-                    rows.extend([r] * len(banned))
-                    cols.extend(banned)
-            if rows:
-                meta.min_tokens_rows = _to_device(rows, torch.int64, device)
-                meta.min_tokens_cols = _to_device(cols, torch.int64, device)
+                    index.extend(r * V + t for t in sorted(banned) if 0 <= t < V)
+            if index:
+                meta.min_tokens_index = _to_device(index, torch.int64, device)
 
         # Penalties: tensors only when some row uses them, token ids only of the rows that do.
         rep_rows = [p.repetition_penalty != 1.0 for p in params]
@@ -199,13 +191,13 @@ class Sampler(nn.Module):
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
 
-        needs_transform = (meta.bias_rows is not None or meta.min_tokens_rows is not None
+        needs_transform = (meta.bias_index is not None or meta.min_tokens_index is not None
                            or not meta.no_penalties)
         if meta.all_greedy and not needs_transform:
             sampled = logits.argmax(dim=-1)  # fast path: plain greedy decoding
         else:
             # One private copy; every later step works in place on it.
-            logits = logits.to(torch.float32, copy=True)
+            logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
             apply_logit_bias_and_min_tokens(logits, meta)
             apply_penalties(logits, meta)
             sampled = self._sample(logits, meta)
@@ -234,11 +226,12 @@ class Sampler(nn.Module):
 
 # ---- the transforms (each works in place on a [B, V] float32 tensor) -------------------------------
 def apply_logit_bias_and_min_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> None:
-    if meta.bias_rows is not None:
-        logits.index_put_((meta.bias_rows, meta.bias_cols), meta.bias_values, accumulate=True)
-    if meta.min_tokens_rows is not None:
-        logits.index_put_((meta.min_tokens_rows, meta.min_tokens_cols),
-                          torch.full((), float("-inf"), device=logits.device))
+    """logits: contiguous [B, V] float32, modified in place."""
+    flat = logits.view(-1)
+    if meta.bias_index is not None:
+        flat.index_add_(0, meta.bias_index, meta.bias_values)
+    if meta.min_tokens_index is not None:
+        flat.index_fill_(0, meta.min_tokens_index, float("-inf"))
 
 
 def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
