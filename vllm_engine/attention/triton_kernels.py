@@ -31,7 +31,7 @@ def _reshape_and_cache_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per new token: copies its [num_kv_heads, head_dim] keys and values into its slot."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + t).to(tl.int64)
     if slot < 0:  # padding token: write nothing
         return
@@ -196,11 +196,15 @@ def _prefill_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, SKIP_DECODES: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Grid (num_tokens // BLOCK_M + num_seqs, num_heads): one BLOCK_M tile of one sequence's queries
+    """Grid (num_heads, num_tokens // BLOCK_M + num_seqs): one BLOCK_M tile of one sequence's queries
     for one head, FlashAttention-2 style over K/V gathered from the paged cache (prefix + new tokens).
-    Query row j of a sequence with q_len q and seq_len L sits at position L - q + j (causal)."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
+    Query row j of a sequence with q_len q and seq_len L sits at position L - q + j (causal).
+
+    Heads vary fastest in launch order, so the heads of a kv group run together and share K/V
+    through L2; tiles run last-first, so the longest (latest) tiles start first and the short ones
+    fill the tail."""
+    h = tl.program_id(0)
+    pid = tl.num_programs(1) - 1 - tl.program_id(1)
     kvh = h // GROUP
     seq = _find_seq(QueryStartLoc, num_seqs, pid, BLOCK_M)
     q_start = tl.load(QueryStartLoc + seq)
@@ -377,7 +381,7 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_t
     if tile_n is None:
         tile_n = 64 if block_d <= 128 else 32
     kc, vc = kv_cache[0], kv_cache[1]
-    grid = (num_tokens // block_m + num_seqs, num_heads)
+    grid = (num_heads, num_tokens // block_m + num_seqs)
     _prefill_kernel[grid](
         query, kc, vc, block_tables, seq_lens, query_start_loc, out,
         scale * LOG2E, num_seqs,

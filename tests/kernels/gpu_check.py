@@ -1,0 +1,343 @@
+"""GPU check of the Triton kernels at real model shapes: accuracy, timings, achieved bandwidth.
+
+    PYTHONPATH=. python tests/kernels/gpu_check.py --out $OUT/kernels.json      (H100, < 4 minutes)
+    PYTHONPATH=. python tests/kernels/gpu_check.py --smoke                      (CPU interpreter, tiny)
+
+Sections (a table is printed as results come, the JSON written at the end):
+  * decode: batches of 1..256 decodes, contexts up to 32K, Qwen3-0.6B (16 q / 8 kv heads, d 128)
+    and Llama-8B (32 / 8, d 128) in bf16; max relative error vs the torch reference computed in
+    fp32; kernel time (CUDA-graph replay median: also proves the decode path is capturable) and
+    the achieved bandwidth (K/V bytes read / time) against a device-to-device copy's bandwidth.
+  * decode_sweep: tile size / warps / split count around the default plan for the two targets.
+  * prefill: whole prompts, chunks on a cached prefix, and mixed prefill+decode batches (eager
+    timing of the whole backend call, as the engine runs them), TFLOP/s vs torch SDPA.
+  * fused: rms_norm, fused_add_rms_norm, silu_and_mul, rotary vs torch eager vs torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from vllm_engine.attention import triton_kernels as K  # noqa: E402
+from vllm_engine.attention.backend import AttentionMetadata  # noqa: E402
+from vllm_engine.attention.torch_ref import TorchAttentionBackend  # noqa: E402
+from vllm_engine.attention.triton_attn import TritonAttentionBackend  # noqa: E402
+
+MODELS = {
+    "qwen3-0.6b": dict(num_heads=16, num_kv_heads=8, head_dim=128, hidden=1024, inter=3072),
+    "llama-8b": dict(num_heads=32, num_kv_heads=8, head_dim=128, hidden=4096, inter=14336),
+}
+DECODE_CASES = [(1, 1024), (1, 8192), (1, 32768), (4, 16384), (16, 4096), (64, 2048), (128, 1024),
+                (256, 512), (256, 1024), (256, 2048)]
+PREFILL_CASES = {  # name -> list of (cached prefix, query length)
+    "prompt_2048": [(0, 2048)],
+    "prompts_4x512": [(0, 512)] * 4,
+    "chunks_on_prefix": [(1536, 512), (3072, 1024)],
+    "mixed_2chunks_64dec": [(0, 512), (1024, 256)] + [(1024, 1)] * 64,
+}
+BLOCK_SIZE = 16
+if SMOKE:
+    MODELS = {"tiny": dict(num_heads=4, num_kv_heads=2, head_dim=32, hidden=64, inter=96)}
+    DECODE_CASES = [(3, 40)]
+    PREFILL_CASES = {"mixed": [(0, 20), (9, 7), (30, 1)]}
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.time() + seconds
+
+    def left(self) -> bool:
+        return time.time() < self.end
+
+
+def bench(fn: Callable[[], Any], graph: bool) -> float:
+    """Median time in microseconds (CUDA-graph replay when ``graph``); one timed call on CPU."""
+    if SMOKE:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    import triton.testing as tt
+
+    fn()  # compile outside the timed region / capture
+    torch.cuda.synchronize()
+    if graph:
+        return tt.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+    return tt.do_bench(fn, warmup=5, rep=40, return_mode="median") * 1e3
+
+
+def copy_bandwidth(device: str) -> float:
+    """GB/s of a 1 GiB device-to-device copy (read + write): the practical memory roof."""
+    if SMOKE:
+        return float("nan")
+    a = torch.empty(2**29, dtype=torch.float16, device=device)
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a), graph=False)
+    return 2 * a.numel() * 2 / t / 1e3
+
+
+def build_batch(specs: list[tuple[int, int]], m: dict, dtype: torch.dtype, device: str, seed: int = 0,
+                max_seq_len: Optional[int] = None):
+    """Random q/k/v for the new tokens, a cache holding random prefixes, blocks in random order."""
+    torch.manual_seed(seed)
+    H, KVH, D = m["num_heads"], m["num_kv_heads"], m["head_dim"]
+    ctx = torch.tensor([c for c, _ in specs])
+    q_lens = torch.tensor([q for _, q in specs])
+    seq_lens = ctx + q_lens
+    n_blocks = (seq_lens + BLOCK_SIZE - 1) // BLOCK_SIZE
+    num_blocks = int(n_blocks.sum()) + 1
+    perm = torch.randperm(num_blocks)
+    offsets = torch.cumsum(n_blocks, 0) - n_blocks
+    width = int(n_blocks.max())
+    j = torch.arange(width)
+    bt = torch.where(j[None] < n_blocks[:, None], perm[(offsets[:, None] + j[None]).clamp(max=num_blocks - 1)], 0)
+    seq_of_tok = torch.repeat_interleave(torch.arange(len(specs)), q_lens)
+    qsl = torch.zeros(len(specs) + 1, dtype=torch.long)
+    qsl[1:] = torch.cumsum(q_lens, 0)
+    pos = torch.arange(int(qsl[-1])) - qsl[seq_of_tok] + ctx[seq_of_tok]
+    slots = bt[seq_of_tok, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
+    T = int(qsl[-1])
+    cache = torch.randn(2, num_blocks, BLOCK_SIZE, KVH, D, device=device, dtype=dtype)
+    meta = AttentionMetadata(
+        num_actual_tokens=T, num_seqs=len(specs),
+        query_start_loc=qsl.to(torch.int32).to(device), seq_lens=seq_lens.to(torch.int32).to(device),
+        block_tables=bt.to(torch.int32).to(device), slot_mapping=slots.to(device),
+        max_query_len=int(q_lens.max()), max_seq_len=max_seq_len or int(seq_lens.max()),
+        query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens.tolist())
+    q = torch.randn(T, H, D, device=device, dtype=dtype)
+    k = torch.randn(T, KVH, D, device=device, dtype=dtype)
+    v = torch.randn(T, KVH, D, device=device, dtype=dtype)
+    return q, k, v, cache, meta
+
+
+def rel_error(q, k, v, cache, meta, scale, out) -> float:
+    """max |out - ref| / max |ref| with ref = the torch reference on fp32 copies of every input."""
+    ref = TorchAttentionBackend().forward(q.float(), k.float(), v.float(), cache.float(), meta, scale)
+    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def kv_bytes(meta: AttentionMetadata, m: dict, itemsize: int) -> int:
+    return sum(meta.seq_lens_cpu) * m["num_kv_heads"] * m["head_dim"] * 2 * itemsize
+
+
+def run_decode(device: str, budget: Budget, roof: float, log: Callable) -> list[dict]:
+    rows = []
+    dtype = torch.bfloat16
+    backend = TritonAttentionBackend()
+    log(f"\n== decode (bf16, block {BLOCK_SIZE}); copy roof {roof:.0f} GB/s ==")
+    log(f"{'model':12s} {'bs':>4s} {'ctx':>6s} {'splits':>6s} {'rel_err':>9s} {'attn_us':>9s} {'GB/s':>7s} "
+        f"{'%roof':>6s} {'write_us':>9s} {'fwd_us':>8s} {'graph_plan_us':>13s}")
+    for name, m in MODELS.items():
+        for bs, ctx in DECODE_CASES:
+            if not budget.left():
+                rows.append(dict(model=name, bs=bs, ctx=ctx, skipped="time budget"))
+                continue
+            q, k, v, cache, meta = build_batch([(ctx - 1, 1)] * bs, m, dtype, device)
+            scale = 1 / math.sqrt(m["head_dim"])
+            out = backend.forward(q, k, v, cache, meta, scale)
+            err = rel_error(q, k, v, cache, meta, scale, out)
+            splits = backend.decode_splits(bs, m["num_kv_heads"], meta.max_seq_len, q.device)
+            args = (q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, bs, scale, None)
+            t_attn = bench(lambda: K.paged_attention_decode(*args, num_splits=splits, mixed=True), graph=True)
+            t_write = bench(lambda: K.reshape_and_cache(k, v, cache, meta.slot_mapping), graph=True)
+            t_fwd = bench(lambda: backend.forward(q, k, v, cache, meta, scale), graph=True)
+            # The plan a CUDA graph captured for max_model_len = 32K uses, at this real length:
+            g_splits = backend.decode_splits(bs, m["num_kv_heads"], 32768, q.device)
+            t_graph = bench(lambda: K.paged_attention_decode(*args, num_splits=g_splits, mixed=True), graph=True)
+            gbs = kv_bytes(meta, m, 2) / t_attn / 1e3
+            row = dict(model=name, bs=bs, ctx=ctx, splits=splits, rel_err=err, attn_us=t_attn, attn_gbs=gbs,
+                       pct_roof=100 * gbs / roof, write_us=t_write, forward_us=t_fwd,
+                       graph_plan_splits=g_splits, graph_plan_us=t_graph)
+            rows.append(row)
+            log(f"{name:12s} {bs:4d} {ctx:6d} {splits:6d} {err:9.2e} {t_attn:9.1f} {gbs:7.0f} {row['pct_roof']:6.1f} "
+                f"{t_write:9.1f} {t_fwd:8.1f} {t_graph:9.1f}({g_splits})")
+            del q, k, v, cache, meta, out
+    return rows
+
+
+def run_decode_sweep(device: str, budget: Budget, roof: float, log: Callable) -> list[dict]:
+    rows = []
+    log("\n== decode sweep (tile_n, num_warps, splits) ==")
+    targets = [("llama-8b", 1, 32768), ("llama-8b", 1, 4096), ("qwen3-0.6b", 256, 1024), ("qwen3-0.6b", 64, 2048)]
+    if SMOKE:
+        targets = [("tiny", 1, 600)]
+    backend = TritonAttentionBackend()
+    for name, bs, ctx in targets:
+        m = MODELS[name]
+        q, k, v, cache, meta = build_batch([(ctx - 1, 1)] * bs, m, torch.bfloat16, device)
+        K.reshape_and_cache(k, v, cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        scale = 1 / math.sqrt(m["head_dim"])
+        plan = backend.decode_splits(bs, m["num_kv_heads"], ctx, q.device)
+        args = (q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, bs, scale, None)
+        # tile x warps at the default split count, then halving / doubling the splits at the default tile.
+        configs = [(plan, tile_n, warps) for tile_n in (32, 64, 128) for warps in (4, 8)]
+        configs += [(s, 64, 4) for s in sorted({max(plan // 2, 1), plan * 2} - {plan})]
+        for splits, tile_n, warps in configs:
+            if not budget.left():
+                continue
+            t = bench(lambda: K.paged_attention_decode(*args, num_splits=splits, mixed=True, tile_n=tile_n,
+                                                       num_warps=warps), graph=True)
+            gbs = kv_bytes(meta, m, 2) / t / 1e3
+            rows.append(dict(model=name, bs=bs, ctx=ctx, splits=splits, tile_n=tile_n, num_warps=warps,
+                             attn_us=t, attn_gbs=gbs, pct_roof=100 * gbs / roof, default=splits == plan))
+        best = min((r for r in rows if r["model"] == name and r["bs"] == bs and r["ctx"] == ctx),
+                   key=lambda r: r["attn_us"], default=None)
+        if best:
+            log(f"{name:12s} bs {bs:3d} ctx {ctx:6d}: best splits {best['splits']} tile {best['tile_n']} "
+                f"warps {best['num_warps']}: {best['attn_us']:.1f} us, {best['attn_gbs']:.0f} GB/s "
+                f"({best['pct_roof']:.0f}% roof); default plan splits {plan}")
+        del q, k, v, cache, meta, out
+    return rows
+
+
+def causal_flops(specs: list[tuple[int, int]], m: dict) -> float:
+    visible = sum(q * c + q * (q + 1) / 2 for c, q in specs)
+    return 4 * visible * m["head_dim"] * m["num_heads"]
+
+
+def run_prefill(device: str, budget: Budget, log: Callable) -> list[dict]:
+    rows = []
+    backend = TritonAttentionBackend()
+    log("\n== prefill / mixed (bf16, eager backend.forward incl. cache write) ==")
+    log(f"{'model':12s} {'case':22s} {'tokens':>7s} {'rel_err':>9s} {'us':>9s} {'TFLOP/s':>8s} {'sdpa_us':>8s}")
+    for name, m in MODELS.items():
+        for case, specs in PREFILL_CASES.items():
+            if not budget.left():
+                rows.append(dict(model=name, case=case, skipped="time budget"))
+                continue
+            q, k, v, cache, meta = build_batch(specs, m, torch.bfloat16, device)
+            scale = 1 / math.sqrt(m["head_dim"])
+            ref_cache = cache.clone()
+            out = backend.forward(q, k, v, cache, meta, scale)
+            err = rel_error(q, k, v, ref_cache, meta, scale, out)
+            t = bench(lambda: backend.forward(q, k, v, cache, meta, scale), graph=False)
+            tflops = causal_flops(specs, m) / t / 1e6
+            t_sdpa = float("nan")
+            if not SMOKE and case == "prompt_2048":  # torch's flash attention on contiguous K/V, same work
+                qq, kk, vv = (x.transpose(0, 1)[None] for x in (q, k, v))
+                sdpa = torch.nn.functional.scaled_dot_product_attention
+                try:
+                    t_sdpa = bench(lambda: sdpa(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=True), graph=False)
+                except Exception as e:  # an older torch without enable_gqa: no comparison
+                    log(f"sdpa failed: {e!r}"[:200])
+            rows.append(dict(model=name, case=case, tokens=meta.num_actual_tokens, rel_err=err, us=t, tflops=tflops,
+                             sdpa_us=t_sdpa))
+            log(f"{name:12s} {case:22s} {meta.num_actual_tokens:7d} {err:9.2e} {t:9.1f} {tflops:8.1f} {t_sdpa:8.1f}")
+            del q, k, v, cache, ref_cache, meta, out
+    return rows
+
+
+def run_fused(device: str, budget: Budget, roof: float, log: Callable) -> list[dict]:
+    from vllm_engine.layers import fused_ops as F
+    from vllm_engine.layers.activation import silu_and_mul as t_silu
+    from vllm_engine.layers.layernorm import rms_norm as t_rms
+    from vllm_engine.layers.rotary import RotaryEmbedding, apply_rotary
+
+    def t_rotary(pos, q, k, cs, rd):
+        cos, sin = cs.index_select(0, pos).chunk(2, dim=-1)
+        return apply_rotary(q, cos, sin, rd), apply_rotary(k, cos, sin, rd)
+
+    torch_ops = {"rms_norm": lambda x, w: t_rms(x, w, 1e-6), "fused_add_rms_norm": lambda x, r, w: t_rms(x, w, 1e-6, r),
+                 "silu_and_mul": t_silu, "rotary": t_rotary}
+    triton_ops = {"rms_norm": lambda x, w: F.rms_norm(x, w, 1e-6),
+                  "fused_add_rms_norm": lambda x, r, w: F.fused_add_rms_norm(x, r, w, 1e-6),
+                  "silu_and_mul": F.silu_and_mul, "rotary": F.rotary}
+    compiled = {}
+    rows = []
+    log("\n== fused ops (bf16): triton vs torch eager vs torch.compile(dynamic=True) ==")
+    log(f"{'model':12s} {'op':20s} {'T':>5s} {'max_diff':>9s} {'triton_us':>9s} {'GB/s':>6s} {'eager_us':>9s} "
+        f"{'compile_us':>10s}")
+    dt = torch.bfloat16
+    for name, m in MODELS.items():
+        H, KVH, D, hid, inter = m["num_heads"], m["num_kv_heads"], m["head_dim"], m["hidden"], m["inter"]
+        rope = RotaryEmbedding(D, 40960, 1e6).to(device)
+        for T in ((8,) if SMOKE else (256, 4096)):
+            x, r = torch.randn(T, hid, device=device, dtype=dt), torch.randn(T, hid, device=device, dtype=dt)
+            w = torch.randn(hid, device=device, dtype=dt)
+            gu = torch.randn(T, 2 * inter, device=device, dtype=dt)
+            qkv = torch.randn(T, (H + 2 * KVH) * D, device=device, dtype=dt)
+            q, k = qkv[:, : H * D].view(T, H, D), qkv[:, H * D: (H + KVH) * D].view(T, KVH, D)
+            pos = torch.randint(0, 40960, (T,), device=device)
+            cases = {"rms_norm": ((x, w), 2 * T * hid * 2), "fused_add_rms_norm": ((x, r, w), 4 * T * hid * 2),
+                     "silu_and_mul": ((gu,), 3 * T * inter * 2),
+                     "rotary": ((pos, q, k, rope.cos_sin_cache, D), 2 * T * (H + KVH) * D * 2)}
+            for op, (args, nbytes) in cases.items():
+                if not budget.left():
+                    rows.append(dict(model=name, op=op, T=T, skipped="time budget"))
+                    continue
+                got, want = triton_ops[op](*args), torch_ops[op](*args)
+                got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+                diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
+                t_tr = bench(lambda: triton_ops[op](*args), graph=False)
+                t_eager = bench(lambda: torch_ops[op](*args), graph=False)
+                t_comp = float("nan")
+                if not SMOKE:
+                    try:
+                        fn = compiled.setdefault(op, torch.compile(torch_ops[op], dynamic=True))
+                        t_comp = bench(lambda: fn(*args), graph=False)
+                    except Exception as e:  # report, keep going
+                        log(f"torch.compile failed for {op}: {e!r}"[:200])
+                gbs = nbytes / t_tr / 1e3
+                rows.append(dict(model=name, op=op, T=T, max_abs_diff=diff, triton_us=t_tr, triton_gbs=gbs,
+                                 pct_roof=100 * gbs / roof, eager_us=t_eager, compile_us=t_comp))
+                log(f"{name:12s} {op:20s} {T:5d} {diff:9.2e} {t_tr:9.1f} {gbs:6.0f} {t_eager:9.1f} {t_comp:10.1f}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="kernels.json")
+    ap.add_argument("--budget-s", type=float, default=210.0, help="skip remaining cases after this many seconds")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+    args = ap.parse_args()
+    device = "cpu" if SMOKE else "cuda"
+    t0 = time.time()
+    budget = Budget(args.budget_s)
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+
+    roof = copy_bandwidth(device)
+    result: dict[str, Any] = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+                                  torch=torch.__version__, copy_roof_gbs=roof)
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        pass
+    with torch.inference_mode():
+        for section, fn in (("decode", lambda: run_decode(device, budget, roof, log)),
+                            ("prefill", lambda: run_prefill(device, budget, log)),
+                            ("fused", lambda: run_fused(device, budget, roof, log)),
+                            ("decode_sweep", lambda: run_decode_sweep(device, budget, roof, log))):
+            try:
+                result[section] = fn()
+            except Exception as e:  # keep the other sections' results
+                import traceback
+
+                traceback.print_exc()
+                result[section + "_error"] = repr(e)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    result["elapsed_s"] = time.time() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    log(f"\nwrote {args.out} in {result['elapsed_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
