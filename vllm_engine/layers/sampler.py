@@ -130,7 +130,7 @@ class SamplingMetadata:
                    temperature=temperature, greedy_mask=greedy_mask, top_k=top_k, max_top_k=max_top_k,
                    top_p=top_p, min_p=min_p, generators=seeded)
 
-        # logit_bias: sparse (row, col, value) triples.
+        # logit_bias: sparse (flat index, value) pairs.
         if any(p.logit_bias for p in params):
             index, vals = [], []
             for r, p in enumerate(params):
