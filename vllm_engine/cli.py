@@ -37,7 +37,13 @@ def _engine(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = _engine(args)
     params = _params(engine, args)
-    outs = engine.generate(list(args.prompts), params, use_tqdm=len(args.prompts) > 1)
+    use_tqdm = len(args.prompts) > 1
+    has_template = engine.tokenizer is not None and getattr(engine.tokenizer, "chat_template", None)
+    if has_template and not args.raw:
+        # An instruct model answers a question asked through its chat template.
+        outs = engine.chat([[{"role": "user", "content": p}] for p in args.prompts], params, use_tqdm=use_tqdm)
+    else:
+        outs = engine.generate(list(args.prompts), params, use_tqdm=use_tqdm)
     for prompt, out in zip(args.prompts, outs):
         if len(args.prompts) > 1:
             print(f"### {prompt}")
@@ -97,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="Generate completions for prompts and print them.")
     gen.add_argument("prompts", nargs="+", help="Prompt text(s).")
+    gen.add_argument("--raw", action="store_true",
+                     help="Complete the prompt text as is (default: ask it as a user message through the chat template, if the model has one).")
     EngineArgs.add_cli_args(gen)
     _sampling_args(gen)
 

@@ -61,6 +61,8 @@ def test_cli_generate(engine, hf_model):
                           "--max-tokens", "16", "--temperature", "0", "--max-model-len", "512"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    ids = engine.tokenize("What is the capital of France?")
+    text = engine.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ids = engine.tokenize(text, add_special_tokens=False)
     ref = engine.detokenize(_hf_greedy(hf_model, ids, 16), skip_special_tokens=True)
     assert res.stdout.strip() == ref.strip()
+    assert "Paris" in res.stdout
