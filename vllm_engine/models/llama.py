@@ -326,10 +326,6 @@ class LlamaForCausalLM(nn.Module):
         """What ``load_weights`` must report for a complete checkpoint."""
         names: set[str] = set()
         for name, _ in self.named_parameters():
-            for fused, _hf, shard_id in STACKED_PARAMS:
-                if f".{fused}." in name:
-                    names.add(f"{name}#{shard_id}")
-                    break
-            else:
-                names.add(name)
+            shards = [f"{name}#{shard_id}" for fused, _hf, shard_id in STACKED_PARAMS if f".{fused}." in name]
+            names.update(shards or [name])
         return names
