@@ -251,9 +251,9 @@ def run_fused(device: str, budget: Budget, roof: float, log: Callable) -> list[d
 
     torch_ops = {"rms_norm": lambda x, w: t_rms(x, w, 1e-6), "fused_add_rms_norm": lambda x, r, w: t_rms(x, w, 1e-6, r),
                  "silu_and_mul": t_silu, "rotary": t_rotary}
-    triton_ops = {"rms_norm": lambda x, w: F.rms_norm(x, w, 1e-6),
-                  "fused_add_rms_norm": lambda x, r, w: F.fused_add_rms_norm(x, r, w, 1e-6),
-                  "silu_and_mul": F.silu_and_mul, "rotary": F.rotary}
+    triton_ops = {"rms_norm": lambda x, w: F.triton_rms_norm(x, w, 1e-6),
+                  "fused_add_rms_norm": lambda x, r, w: F.triton_fused_add_rms_norm(x, r, w, 1e-6),
+                  "silu_and_mul": F.triton_silu_and_mul, "rotary": F.triton_rotary}
     compiled = {}
     rows = []
     log("\n== fused ops (bf16): triton vs torch eager vs torch.compile(dynamic=True) ==")

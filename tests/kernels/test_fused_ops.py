@@ -33,7 +33,7 @@ def test_rms_norm(dtype):
     big = rand(5, 200, dtype=dtype, seed=0)
     x = big[:, 8:104]  # rows with a stride: no copy needed, hidden 96 (not a power of 2)
     w = (1 + 0.1 * rand(96, dtype=torch.float32, seed=1)).to(dtype)
-    y = fused_ops.rms_norm(x, w, eps)
+    y = fused_ops.triton_rms_norm(x, w, eps)
     assert y.shape == x.shape and y.dtype == dtype
     xd = x.double()
     want = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * w.double()
@@ -49,7 +49,7 @@ def test_fused_add_rms_norm(dtype):
     r = rand(2, 3, 64, dtype=dtype, seed=3)
     w = rand(64, dtype=dtype, seed=4)
     x_before, r_before = x.clone(), r.clone()
-    y, new_res = fused_ops.fused_add_rms_norm(x, r, w, eps)
+    y, new_res = fused_ops.triton_fused_add_rms_norm(x, r, w, eps)
     assert y.shape == new_res.shape == x.shape
     # The sum is rounded to x.dtype exactly as torch's x + residual. (The CPU interpreter rounds
     # fp32 -> bf16 toward zero, unlike the GPU's round-to-nearest-even: allow that one ulp there.)
@@ -67,7 +67,7 @@ def test_fused_add_rms_norm(dtype):
 @pytest.mark.parametrize("d", [80, 2100])  # 2100: several column programs per row
 def test_silu_and_mul(dtype, d):
     x = rand(3, 2 * d, dtype=dtype, seed=5) * 3
-    y = fused_ops.silu_and_mul(x)
+    y = fused_ops.triton_silu_and_mul(x)
     assert y.shape == (3, d) and y.dtype == dtype
     g, u = x[:, :d].double(), x[:, d:].double()
     assert_close_f64(y, g * torch.sigmoid(g) * u, dtype)
@@ -83,7 +83,7 @@ def test_rotary(dtype, rotary_dim):
     k = qkv[:, H * D: (H + KVH) * D].view(T, KVH, D)
     g = torch.Generator().manual_seed(7)
     positions = torch.randint(0, 512, (T,), generator=g).to(DEVICE)
-    qo, ko = fused_ops.rotary(positions, q, k, rope.cos_sin_cache, rotary_dim)
+    qo, ko = fused_ops.triton_rotary(positions, q, k, rope.cos_sin_cache, rotary_dim)
     assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
 
     rd = rotary_dim or D
@@ -106,10 +106,16 @@ def test_rotary(dtype, rotary_dim):
         assert torch.equal(qo[..., rd:], q[..., rd:]) and torch.equal(ko[..., rd:], k[..., rd:])
 
 
-def test_cpu_without_interpreter_uses_torch(monkeypatch):
-    """Plain CPU runs (no interpreter) take the torch path: identical to the torch layer."""
-    if DEVICE == "cuda":
-        pytest.skip("CPU dispatch only")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    x, w = rand(3, 32, dtype=torch.bfloat16, seed=8), rand(32, dtype=torch.bfloat16, seed=9)
+def test_cpu_tensors_dispatch_to_torch():
+    """The public ops send CPU tensors to the torch layers (even with the interpreter on), so CPU
+    models in the same test session are unaffected; CUDA tensors go to the kernels."""
+    x, w = torch.randn(3, 32).bfloat16(), torch.randn(32).bfloat16()
     assert torch.equal(fused_ops.rms_norm(x, w, 1e-6), torch_rms_norm(x, w, 1e-6))
+    y, s = fused_ops.fused_add_rms_norm(x, x, w, 1e-6)
+    want_y, want_s = torch_rms_norm(x, w, 1e-6, x)
+    assert torch.equal(y, want_y) and torch.equal(s, want_s)
+    gu = torch.randn(2, 16).bfloat16()
+    assert torch.equal(fused_ops.silu_and_mul(gu), torch.nn.functional.silu(gu[:, :8]) * gu[:, 8:])
+    rope = RotaryEmbedding(16, max_position=32)
+    pos, q, k = torch.tensor([0, 5, 31]), torch.randn(3, 2, 16), torch.randn(3, 1, 16)
+    assert all(torch.equal(a, b) for a, b in zip(fused_ops.rotary(pos, q, k, rope.cos_sin_cache), rope(pos, q, k)))

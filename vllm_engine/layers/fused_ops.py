@@ -2,9 +2,10 @@
 
 Each is one bandwidth-bound pass (one read and one write per element), with the same rounding
 points as the torch versions in layernorm.py / activation.py / rotary.py so outputs match them
-bit-for-bit up to the order of the fp32 reduction. CPU tensors use those torch versions, unless
-``TRITON_INTERPRET=1`` (the CPU tests), where the kernels run through the interpreter.
-All ops take a last dim that is contiguous; leading dims are flattened into rows.
+bit-for-bit up to the order of the fp32 reduction. ``rms_norm`` etc. dispatch: CUDA tensors to
+the kernels, others to those torch versions. ``triton_rms_norm`` etc. always launch the kernels
+(CPU tensors under ``TRITON_INTERPRET=1``: the tests). All ops take a last dim that is contiguous;
+leading dims are flattened into rows.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Optional
 
 import torch
 
-from vllm_engine.attention.triton_attn import triton_usable
 from vllm_engine.layers import activation as _act
 from vllm_engine.layers import layernorm as _ln
 from vllm_engine.layers import rotary as _rot
@@ -26,7 +26,9 @@ except ImportError:  # CPU-only installs: the torch versions serve every call
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and triton_usable(x.device)
+    # CUDA only: the interpreter (tests) is reached through the triton_* functions, so a process
+    # that set TRITON_INTERPRET=1 for kernel tests keeps running CPU models on the torch versions.
+    return triton is not None and x.is_cuda
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -131,32 +133,20 @@ def _rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., hidden] (fp16/bf16/fp32); weight: [hidden] -> y = x / rms(x) * weight, [..., hidden]."""
-    if not _use_triton(x):
-        return _ln.rms_norm(x, weight, eps)
-    return _rms_norm_launch(x, weight, eps, None)[0]
+    return triton_rms_norm(x, weight, eps) if _use_triton(x) else _ln.rms_norm(x, weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """s = x + residual (rounded to x.dtype); returns (rms_norm(s) * weight, s) as new tensors."""
-    if not _use_triton(x):
-        return _ln.rms_norm(x, weight, eps, residual)
-    y, s = _rms_norm_launch(x, weight, eps, residual)
-    return y, s
+    if _use_triton(x):
+        return triton_fused_add_rms_norm(x, residual, weight, eps)
+    return _ln.rms_norm(x, weight, eps, residual)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [..., 2 * d] holding [gate, up] -> silu(gate) * up: [..., d] in x.dtype."""
-    if not _use_triton(x):
-        return _act.silu_and_mul(x)
-    d = x.shape[-1] // 2
-    x2 = _rows(x)
-    y = torch.empty(x2.shape[0], d, dtype=x.dtype, device=x.device)
-    if x2.shape[0] > 0 and d > 0:
-        block = min(triton.next_power_of_2(d), 2048)
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, y, x2.stride(0), y.stride(0), d, BLOCK=block, num_warps=_warps(block))
-    return y.view(*x.shape[:-1], d)
+    return triton_silu_and_mul(x) if _use_triton(x) else _act.silu_and_mul(x)
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -167,11 +157,41 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_ca
     contiguous last dim are fine); cos_sin_cache: float32 [max_position, rotary_dim] = cos | sin.
     Returns new contiguous (q_rot, k_rot); dims past ``rotary_dim`` pass through unchanged.
     """
+    if _use_triton(q):
+        return triton_rotary(positions, q, k, cos_sin_cache, rotary_dim)
+    rotary_dim = rotary_dim or q.shape[-1]
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+    return _rot.apply_rotary(q, cos, sin, rotary_dim), _rot.apply_rotary(k, cos, sin, rotary_dim)
+
+
+# The kernels themselves, on any device Triton can run on.
+
+
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rms_norm_launch(x, weight, eps, None)[0]
+
+
+def triton_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, s = _rms_norm_launch(x, weight, eps, residual)
+    return y, s
+
+
+def triton_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    x2 = _rows(x)
+    y = torch.empty(x2.shape[0], d, dtype=x.dtype, device=x.device)
+    if x2.shape[0] > 0 and d > 0:
+        block = min(triton.next_power_of_2(d), 2048)
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+            x2, y, x2.stride(0), y.stride(0), d, BLOCK=block, num_warps=_warps(block))
+    return y.view(*x.shape[:-1], d)
+
+
+def triton_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                  rotary_dim: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     head_dim = q.shape[-1]
     rotary_dim = rotary_dim or head_dim
-    if not _use_triton(q):
-        cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
-        return _rot.apply_rotary(q, cos, sin, rotary_dim), _rot.apply_rotary(k, cos, sin, rotary_dim)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("rotary needs a contiguous last dim for q, k and cos_sin_cache")
     num_tokens, num_q_heads, _ = q.shape
