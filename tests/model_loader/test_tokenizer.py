@@ -36,16 +36,18 @@ def test_eos_ids_include_the_tokenizers(tiny_model_dir):
 
 @pytest.mark.slow
 def test_gguf_tokenizer_is_converted_once_and_cached(smollm2_gguf, tmp_path):
+    """The first call converts with transformers (``from_pretrained(dir, gguf_file=...)``) and saves the
+    result; the second loads the saved copy, which must behave exactly like the conversion."""
     gguf = tmp_path / smollm2_gguf.name
     gguf.symlink_to(smollm2_gguf)
-    tok = get_tokenizer(str(gguf))
+    fresh = get_tokenizer(str(gguf))
     assert (gguf_tokenizer_cache(gguf) / "tokenizer.json").is_file()
     cached = get_tokenizer(str(gguf))
-    ref = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    for t in (tok, cached):
-        for text in ["The capital of France is", "def f(x):\n    return x * 2  # émoji 🙂"]:
-            assert t.encode(text) == ref.encode(text)
-        assert t.eos_token_id == 2 and len(t) == 49152
-        assert t.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
-            ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    for text in ["The capital of France is", "def f(x):\n    return x * 2  # émoji 🙂", "<|im_start|>user"]:
+        assert cached.encode(text) == fresh.encode(text)
+    assert fresh.encode("<|im_start|>") == [1]  # a special token, one id (SmolLM2's vocabulary)
+    assert cached.eos_token_id == fresh.eos_token_id == 2 and len(cached) == len(fresh) == 49152
+    assert cached.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        fresh.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>assistant" in cached.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -32,7 +32,9 @@ def get_tokenizer(model_config_or_source: Any, gguf_file: Optional[str] = None) 
     if gguf_file is not None:
         path = Path(gguf_file) if Path(gguf_file).is_absolute() or Path(gguf_file).exists() else Path(source) / gguf_file
         cached = gguf_tokenizer_cache(path)
-        if (cached / "tokenizer.json").is_file():
+        # Reused unless the GGUF was replaced after the cache was written.
+        if (cached / "tokenizer.json").is_file() and \
+                (cached / "tokenizer.json").stat().st_mtime >= path.resolve().stat().st_mtime:
             try:
                 return AutoTokenizer.from_pretrained(str(cached))
             except Exception as e:  # a stale or partial cache: convert again
