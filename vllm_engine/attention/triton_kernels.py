@@ -27,7 +27,7 @@ LOG2E = 1.4426950408889634
 def _reshape_and_cache_kernel(
     K, V, KCache, VCache, Slots,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
-    num_kv_heads, head_dim,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per new token: copies its [num_kv_heads, head_dim] keys and values into its slot."""
@@ -37,21 +37,32 @@ def _reshape_and_cache_kernel(
         return
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (offs_h < num_kv_heads) & (offs_d < head_dim)
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + offs_h * stride_ch + offs_d
-    k = tl.load(K + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
-    tl.store(KCache + dst, k.to(KCache.dtype.element_ty), mask=mask)
-    v = tl.load(V + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
-    tl.store(VCache + dst, v.to(VCache.dtype.element_ty), mask=mask)
+    if NUM_KV_HEADS == BLOCK_H and HEAD_DIM == BLOCK_D:  # no mask: lets the compiler use 16-byte accesses
+        k = tl.load(K + t * stride_kt + offs_h * stride_kh + offs_d)
+        tl.store(KCache + dst, k.to(KCache.dtype.element_ty))
+        v = tl.load(V + t * stride_vt + offs_h * stride_vh + offs_d)
+        tl.store(VCache + dst, v.to(VCache.dtype.element_ty))
+    else:
+        mask = (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM)
+        k = tl.load(K + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
+        tl.store(KCache + dst, k.to(KCache.dtype.element_ty), mask=mask)
+        v = tl.load(V + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+        tl.store(VCache + dst, v.to(VCache.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _load_kv_tile(Cache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
-                  stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
+def _load_kv_tile(Cache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                  stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
     """Gathers [TILE_N, BLOCK_D] of one kv head for token positions ``toks`` through the block table."""
     blk = tl.load(BlockTables + seq * stride_bt + toks // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
     off = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kvh * stride_ch
-    x = tl.load(Cache + off[:, None] + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    ptrs = Cache + off[:, None] + offs_d[None, :]
+    if HEAD_DIM == BLOCK_D:  # a mask constant along d keeps the loads vectorized (16 bytes)
+        x = tl.load(ptrs, mask=nmask[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=nmask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     if DOT_F32:
         x = x.to(tl.float32)
     return x
@@ -78,8 +89,8 @@ def _decode_kernel(
     scale_log2,
     stride_qt, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch, stride_ot, stride_oh,
     stride_mo_s, stride_mo_h, stride_mo_p, stride_ml_s, stride_ml_h,
-    sliding_window, head_dim,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    sliding_window,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
@@ -110,7 +121,7 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, TILE_N)
     gmask = offs_g < GROUP
-    dmask = offs_d < head_dim
+    dmask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
     q = tl.load(Q + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0).to(KCache.dtype.element_ty)
@@ -123,12 +134,12 @@ def _decode_kernel(
     for t0 in range(lo, hi, TILE_N):
         toks = t0 + offs_n
         nmask = toks < hi
-        k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         qk = tl.where(nmask[None, :], qk, float("-inf"))
-        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty range (seq_len 0) gives zeros
@@ -147,8 +158,8 @@ def _decode_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     MidO, MidLse, QueryStartLoc, Out,
-    stride_mo_s, stride_mo_h, stride_mo_p, stride_ml_s, stride_ml_h, stride_ot, stride_oh, head_dim,
-    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, MIXED: tl.constexpr,
+    stride_mo_s, stride_mo_h, stride_mo_p, stride_ml_s, stride_ml_h, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIXED: tl.constexpr,
 ):
     """Grid (num_seqs, num_heads): merges the splits' partial results by their log-sum-exp weights."""
     seq = tl.program_id(0)
@@ -159,7 +170,7 @@ def _decode_reduce_kernel(
             return
     offs_p = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < head_dim
+    dmask = offs_d < HEAD_DIM
     lse = tl.load(MidLse + seq * stride_ml_s + h * stride_ml_h + offs_p)
     valid = lse > float("-inf")
     m = tl.max(lse, 0)
@@ -192,8 +203,8 @@ def _prefill_kernel(
     Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out,
     scale_log2, num_seqs,
     stride_qt, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch, stride_ot, stride_oh,
-    sliding_window, head_dim,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    sliding_window,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, SKIP_DECODES: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Grid (num_heads, num_tokens // BLOCK_M + num_seqs): one BLOCK_M tile of one sequence's queries
@@ -222,7 +233,7 @@ def _prefill_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, TILE_N)
     mmask = offs_m < q_len
-    dmask = offs_d < head_dim
+    dmask = offs_d < HEAD_DIM
     q_pos = ctx + offs_m
     rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
@@ -244,24 +255,24 @@ def _prefill_kernel(
     for t0 in range(0, full_hi, TILE_N):
         toks = t0 + offs_n
         nmask = toks < full_hi
-        k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v)
     for t0 in range(tl.maximum(kv_lo, full_hi), kv_hi, TILE_N):
         toks = t0 + offs_n
         nmask = toks < kv_hi
-        k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         visible = (toks[None, :] <= q_pos[:, None]) & nmask[None, :]
         if sliding_window > 0:
             visible = visible & (toks[None, :] > q_pos[:, None] - sliding_window)
         qk = tl.where(visible, qk, float("-inf"))
-        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d, dmask,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, DOT_F32)
+        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -305,7 +316,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
     _reshape_and_cache_kernel[(n,)](
         key, value, kc, vc, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), num_kv_heads, head_dim,
+        kc.stride(0), kc.stride(1), kc.stride(2), NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
     )
@@ -351,8 +362,9 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         out.stride(0), out.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        sliding_window or 0, head_dim,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        sliding_window or 0,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
         TILE_N=tile_n, NUM_SPLITS=num_splits, MIXED=mixed, **_dot_args(kv_cache.dtype),
         num_warps=num_warps or 4, num_stages=3,
     )
@@ -360,8 +372,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, query_start_loc, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-            out.stride(0), out.stride(1), head_dim,
-            NUM_SPLITS=num_splits, BLOCK_D=block_d, MIXED=mixed, num_warps=4,
+            out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, MIXED=mixed, num_warps=4,
         )
 
 
@@ -386,8 +398,8 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_t
         query, kc, vc, block_tables, seq_lens, query_start_loc, out,
         scale * LOG2E, num_seqs,
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
-        out.stride(0), out.stride(1), sliding_window or 0, head_dim,
-        GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        out.stride(0), out.stride(1), sliding_window or 0,
+        GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         TILE_N=tile_n, SKIP_DECODES=skip_decodes, **_dot_args(kv_cache.dtype),
         num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=2,
     )

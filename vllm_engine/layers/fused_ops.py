@@ -45,71 +45,72 @@ def _warps(block: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(X, R, W, Y, ResOut, stride_x, stride_r, stride_y, stride_ro, n, eps,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per row: (optional x + r rounded to x's dtype -> ResOut), then RMS norm."""
+    def _rms_norm_kernel(X, R, W, Y, ResOut, stride_x, stride_r, stride_y, stride_ro, eps,
+                         N: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per row of N: (optional x + r rounded to x's dtype -> ResOut), then RMS norm.
+        N is a constexpr (a model constant) so masks fold away and accesses stay 16-byte vectors."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
-        mask = offs < n
+        mask = offs < N
         x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
         if HAS_RES:
             r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
             tl.store(ResOut + row * stride_ro + offs, x, mask=mask)
         h = x.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(h * h, 0) / n + eps)
+        rstd = tl.math.rsqrt(tl.sum(h * h, 0) / N + eps)
         hn = (h * rstd).to(X.dtype.element_ty).to(tl.float32)  # rounded like h.to(orig_dtype)
         w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + row * stride_y + offs, (w * hn).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(X, Y, stride_x, stride_y, d, BLOCK: tl.constexpr):
-        """Grid (rows, cdiv(d, BLOCK)): y = silu(gate) * up with gate = x[:d], up = x[d:]."""
+    def _silu_and_mul_kernel(X, Y, stride_x, stride_y, D: tl.constexpr, BLOCK: tl.constexpr):
+        """Grid (rows, cdiv(D, BLOCK)): y = silu(gate) * up with gate = x[:D], up = x[D:]."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < d
+        mask = offs < D
         g = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(X + row * stride_x + d + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(X + row * stride_x + D + offs, mask=mask, other=0.0).to(tl.float32)
         s = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty).to(tl.float32)  # F.silu rounds here
         tl.store(Y + row * stride_y + offs, (s * u).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotary_heads(X, O, t, cos, sin, stride_xt, stride_xh, stride_ot, stride_oh, num_heads, head_dim,
-                      half, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HAS_PASS: tl.constexpr):
+    def _rotary_heads(X, O, t, cos, sin, stride_xt, stride_xh, stride_ot, stride_oh, NUM_HEADS: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                      BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr):
         """Rotates all heads of token t: [BLOCK_H, half] halves; dims >= 2 * half are copied."""
         offs_h = tl.arange(0, BLOCK_H)[:, None]
         offs_r = tl.arange(0, BLOCK_HALF)[None, :]
-        mask = (offs_h < num_heads) & (offs_r < half)
+        mask = (offs_h < NUM_HEADS) & (offs_r < HALF)
         src = X + t * stride_xt + offs_h * stride_xh + offs_r
         dst = O + t * stride_ot + offs_h * stride_oh + offs_r
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
         tl.store(dst, (x1 * cos - x2 * sin).to(O.dtype.element_ty), mask=mask)
-        tl.store(dst + half, (x2 * cos + x1 * sin).to(O.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, (x2 * cos + x1 * sin).to(O.dtype.element_ty), mask=mask)
         if HAS_PASS:
             offs_d = tl.arange(0, BLOCK_D)[None, :]
-            pmask = (offs_h < num_heads) & (offs_d >= 2 * half) & (offs_d < head_dim)
+            pmask = (offs_h < NUM_HEADS) & (offs_d >= 2 * HALF) & (offs_d < HEAD_DIM)
             xp = tl.load(X + t * stride_xt + offs_h * stride_xh + offs_d, mask=pmask)
             tl.store(O + t * stride_ot + offs_h * stride_oh + offs_d, xp, mask=pmask)
 
     @triton.jit
     def _rotary_kernel(Pos, Q, K, CosSin, QO, KO, stride_cs,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-                       num_q_heads, num_kv_heads, head_dim, half,
-                       BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                       NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
                        BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr):
         """One program per token: cos/sin of its position are read once for all q and k heads."""
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(Pos + t).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_HALF)[None, :]
-        cmask = offs_r < half
+        cmask = offs_r < HALF
         cos = tl.load(CosSin + pos * stride_cs + offs_r, mask=cmask, other=0.0).to(tl.float32)
-        sin = tl.load(CosSin + pos * stride_cs + half + offs_r, mask=cmask, other=0.0).to(tl.float32)
-        _rotary_heads(Q, QO, t, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh, num_q_heads, head_dim,
-                      half, BLOCK_HQ, BLOCK_HALF, BLOCK_D, HAS_PASS)
-        _rotary_heads(K, KO, t, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh, num_kv_heads, head_dim,
-                      half, BLOCK_HK, BLOCK_HALF, BLOCK_D, HAS_PASS)
+        sin = tl.load(CosSin + pos * stride_cs + HALF + offs_r, mask=cmask, other=0.0).to(tl.float32)
+        _rotary_heads(Q, QO, t, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh, NUM_Q_HEADS, HEAD_DIM,
+                      HALF, BLOCK_HQ, BLOCK_HALF, BLOCK_D, HAS_PASS)
+        _rotary_heads(K, KO, t, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh, NUM_KV_HEADS, HEAD_DIM,
+                      HALF, BLOCK_HK, BLOCK_HALF, BLOCK_D, HAS_PASS)
 
 
 def _rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -126,8 +127,8 @@ def _rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight, y, res_out, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), n, eps,
-            HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block))
+            x2, r2, weight, y, res_out, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), eps,
+            N=n, HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block))
     return y.view(shape), (res_out.view(shape) if residual is not None else None)
 
 
@@ -184,7 +185,7 @@ def triton_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] > 0 and d > 0:
         block = min(triton.next_power_of_2(d), 2048)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, y, x2.stride(0), y.stride(0), d, BLOCK=block, num_warps=_warps(block))
+            x2, y, x2.stride(0), y.stride(0), D=d, BLOCK=block, num_warps=_warps(block))
     return y.view(*x.shape[:-1], d)
 
 
@@ -203,7 +204,7 @@ def triton_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos
         _rotary_kernel[(num_tokens,)](
             positions, q, k, cos_sin_cache, qo, ko, cos_sin_cache.stride(0),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
-            num_q_heads, num_kv_heads, head_dim, half,
+            NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
             BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
             HAS_PASS=rotary_dim < head_dim, num_warps=4)
