@@ -95,7 +95,7 @@ def _resolve_local(path: Path, load_format: str) -> ResolvedModel:
     has_config = (path / "config.json").is_file()
     if load_format == "gguf" or (ggufs and not has_config):
         if len(ggufs) != 1:
-            raise ValueError(f"{path} holds {len(ggufs)} .gguf files; pass the one to load.")
+            raise ValueError(f"{path} holds {len(ggufs)} .gguf files; pass the path of the GGUF file to load.")
         return _resolve_gguf(ggufs[0], load_format)
     if not has_config:
         raise ValueError(f"{path} has no config.json (and no .gguf file): not a model directory.")
