@@ -33,3 +33,13 @@ def test_logits_match_hf(arch, tiny_model_dir, run_paged):
         with torch.no_grad():
             ref = hf(torch.tensor([seq])).logits[0].float()
         torch.testing.assert_close(torch.stack(got), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_ops_hook_picks_fused_ops_on_cuda_only():
+    from vllm_engine.models.llama import TORCH_OPS, get_ops
+
+    assert get_ops(torch.device("cpu")) is TORCH_OPS
+    fused_ops = pytest.importorskip("vllm_engine.layers.fused_ops")
+    ops = get_ops(torch.device("cuda"))  # a device name: no GPU needed to pick the functions
+    assert ops.rms_norm is fused_ops.rms_norm and ops.fused_add_rms_norm is fused_ops.fused_add_rms_norm
+    assert ops.silu_and_mul is fused_ops.silu_and_mul and ops.rotary is fused_ops.rotary

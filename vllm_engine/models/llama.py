@@ -25,18 +25,20 @@ from torch import nn
 
 from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
 from vllm_engine.layers import activation, layernorm
-from vllm_engine.layers.rotary import RotaryEmbedding
+from vllm_engine.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 # ---- swappable elementwise ops (torch on CPU, fused Triton kernels on CUDA) ------------------------
 @dataclass(frozen=True)
 class Ops:
     """``rms_norm(x, w, eps) -> y``; ``fused_add_rms_norm(x, residual, w, eps) -> (y, x + residual)``;
-    ``silu_and_mul(x[..., 2d]) -> [..., d]``. All return tensors in ``x.dtype``."""
+    ``silu_and_mul(x[..., 2d]) -> [..., d]``; ``rotary(positions[T], q[T, h, d], k[T, kv, d],
+    cos_sin_cache[max_pos, rotary_dim] float32, rotary_dim) -> (q, k)`` (neox style). All return ``x.dtype``."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _torch_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -48,7 +50,13 @@ def _torch_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.
     return layernorm.rms_norm(x, w, eps, residual)
 
 
-TORCH_OPS = Ops(_torch_rms_norm, _torch_fused_add_rms_norm, activation.silu_and_mul)
+def _torch_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                  rotary_dim: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+    return apply_rotary(q, cos, sin, rotary_dim), apply_rotary(k, cos, sin, rotary_dim)
+
+
+TORCH_OPS = Ops(_torch_rms_norm, _torch_fused_add_rms_norm, activation.silu_and_mul, _torch_rotary)
 
 
 def get_ops(device: torch.device) -> Ops:
@@ -63,6 +71,7 @@ def get_ops(device: torch.device) -> Ops:
         getattr(fused_ops, "rms_norm", TORCH_OPS.rms_norm),
         getattr(fused_ops, "fused_add_rms_norm", TORCH_OPS.fused_add_rms_norm),
         getattr(fused_ops, "silu_and_mul", TORCH_OPS.silu_and_mul),
+        getattr(fused_ops, "rotary", TORCH_OPS.rotary),
     )
 
 
@@ -154,7 +163,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.ops.rms_norm(q, self.q_norm.weight, self.eps)
             k = self.ops.rms_norm(k, self.k_norm.weight, self.eps)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.ops.rotary(positions, q, k, self.rotary_emb.cos_sin_cache, self.rotary_emb.rotary_dim)
         out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.sliding_window)
         return F.linear(out.reshape(t, self.q_size), self.o_proj.weight, self.o_proj.bias)
 
