@@ -135,6 +135,12 @@ class KVCacheManager:
         rid = request.request_id
         bs = self.block_size
         blocks = self.req_blocks.get(rid)
+        if computed_blocks is None and blocks:
+            # Fast path (most decode steps): the tokens land in held blocks that no one else shares.
+            start = request.num_computed_tokens
+            last = (start + num_new_tokens - 1) // bs
+            if last < len(blocks) and all(blocks[i].ref_cnt == 1 for i in range(start // bs, last + 1)):
+                return []
         first_lookup = computed_blocks is not None and request.num_cached_tokens < 0
         computed_blocks = computed_blocks or []
         if computed_blocks:

@@ -147,8 +147,11 @@ class Engine:
         return ids
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None, priority: int = 0) -> None:
-        """Queues a request; ValueError (naming the field) when it can never run, QueueFullError when full."""
+                    arrival_time: Optional[float] = None, priority: int = 0, stream: bool = True) -> None:
+        """Queues a request; ValueError (naming the field) when it can never run, QueueFullError when full.
+
+        ``stream=False``: step() returns this request's output only once, when it finishes.
+        """
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use.")
         params = params if params is not None else self.default_sampling_params()
@@ -188,7 +191,7 @@ class Engine:
         except ValueError:
             self.scheduler.finish_requests([r.request_id for r in added], RequestStatus.FINISHED_ABORTED)
             raise
-        self.output_processor.add_request(request_id, text, ids, params, samples, arrival_time)
+        self.output_processor.add_request(request_id, text, ids, params, samples, arrival_time, stream)
 
     def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
         """Stops requests (by the id given to add_request) and frees their KV blocks at once."""
@@ -230,14 +233,16 @@ class Engine:
         runner_out = self.model_runner.execute_model(sched_out)  # ends with the host copy of sampled ids
         t2 = time.perf_counter()
         updated = self.scheduler.update_from_output(sched_out, runner_out)
+        t3 = time.perf_counter()
         outputs, stopped = self.output_processor.process(updated, runner_out)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
         self.step_profile.append({
             "num_seqs": len(sched_out.scheduled_requests), "num_tokens": sched_out.total_num_scheduled_tokens,
             "schedule_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3,
-            "prepare_inputs_ms": self.model_runner.last_prepare_s * 1e3, "update_and_output_ms": (t3 - t2) * 1e3})
+            "prepare_inputs_ms": self.model_runner.last_prepare_s * 1e3, "update_ms": (t3 - t2) * 1e3,
+            "output_ms": (t4 - t3) * 1e3, "update_and_output_ms": (t4 - t2) * 1e3})
         return outputs
 
     def enable_step_profile(self) -> list[dict]:
@@ -296,7 +301,7 @@ class Engine:
         ids = [f"gen-{next(self._ids)}" for _ in batch]
         try:
             for i, (prompt, params) in enumerate(zip(batch, params_list)):
-                self.add_request(ids[i], prompt, params, priority=priority[i] if priority else 0)
+                self.add_request(ids[i], prompt, params, priority=priority[i] if priority else 0, stream=False)
         except Exception:
             self.abort_request(ids)
             raise

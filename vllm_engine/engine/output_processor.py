@@ -11,7 +11,7 @@ back (they might be the start of a stop string), so text a client has seen is ne
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs
@@ -49,7 +49,9 @@ class _RequestState:
     metrics: RequestMetrics
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
     max_stop_len: int = 0
-    extra: dict = field(default_factory=dict)
+    stream: bool = True  # False: build a RequestOutput only when the request finishes (offline generate)
+    # True when no per-token text work is needed (no detokenizer, no logprobs, no stop strings).
+    tokens_only: bool = False
 
     @property
     def finished(self) -> bool:
@@ -66,7 +68,8 @@ class OutputProcessor:
 
     # ---- registration ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-                    params: SamplingParams, samples: list[Request], arrival_time: float) -> None:
+                    params: SamplingParams, samples: list[Request], arrival_time: float,
+                    stream: bool = True) -> None:
         from vllm_engine.engine.detokenizer import IncrementalDetokenizer
 
         def detokenizer():
@@ -81,7 +84,10 @@ class OutputProcessor:
             metrics=RequestMetrics(arrival_time=arrival_time),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             max_stop_len=max((len(s) for s in params.stop), default=0),
+            stream=stream,
         )
+        state.tokens_only = (state.samples[0].detokenizer is None and params.logprobs is None
+                             and not params.stop)
         for s in state.samples:
             if params.logprobs is not None:
                 s.logprobs, s.cumulative_logprob = [], 0.0
@@ -123,14 +129,22 @@ class OutputProcessor:
             state, sample = pair
             if sample.finished:
                 continue
+            if state.tokens_only:  # the common benchmark / token-id path: no text work per token
+                n = r.num_output_tokens
+                self.num_generation_tokens_total += n - sample.num_tokens_seen
+                if sample.num_tokens_seen == 0 and n:
+                    self._first_token(state, r, now)
+                sample.num_tokens_seen = n
+                state.metrics.last_token_time = now
+                if r.is_finished():
+                    sample.finish_reason, sample.stop_reason = r.get_finish_reason(), r.stop_reason
+                touched[state.request_id] = state
+                continue
             new_ids = r.output_token_ids[sample.num_tokens_seen:]
             sample.num_tokens_seen = r.num_output_tokens
             if new_ids:
                 self.num_generation_tokens_total += len(new_ids)
-                if state.metrics.first_token_time is None:
-                    state.metrics.first_token_time = now
-                    state.metrics.first_scheduled_time = r.first_scheduled_time
-                    self.num_prompt_tokens_total += len(state.prompt_token_ids)
+                self._first_token(state, r, now)
                 state.metrics.last_token_time = now
                 if sample.logprobs is not None:
                     self._append_logprobs(sample, new_ids, runner_out, row_of.get(r.request_id))
@@ -146,8 +160,15 @@ class OutputProcessor:
             if finished:
                 state.metrics.finished_time = now
                 self.remove(state.request_id)
-            outputs.append(self._make_output(state, finished))
+            if finished or state.stream:
+                outputs.append(self._make_output(state, finished))
         return outputs, stopped_by_string
+
+    def _first_token(self, state: _RequestState, r: Request, now: float) -> None:
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = now
+            state.metrics.first_scheduled_time = r.first_scheduled_time
+            self.num_prompt_tokens_total += len(state.prompt_token_ids)
 
     def _update_text(self, state: _RequestState, sample: _Sample, r: Request, new_ids: list[int]) -> bool:
         """Detokenizes new tokens; True when a stop string ended the sample (text truncated there)."""
