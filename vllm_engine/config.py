@@ -92,6 +92,8 @@ class DeviceConfig:
     device: torch.device = torch.device("cpu")
     enforce_eager: bool = False
     attention_backend: Optional[str] = None  # None: triton on CUDA, torch elsewhere
+    # Schedule step N+1 while the GPU runs step N (sampled tokens stay on the device); see engine.py.
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,9 @@ class EngineArgs:
     device: str = field(default="auto", metadata=_arg("auto, cpu or cuda.", choices=["auto", "cpu", "cuda"]))
     enforce_eager: bool = field(default=False, metadata=_arg("Disable CUDA graphs.", action="store_true"))
     attention_backend: Optional[str] = field(default=None, metadata=_arg("torch (reference) or triton.", choices=["torch", "triton"]))
+    async_scheduling: Optional[bool] = field(default=None, metadata=_arg(
+        "Overlap the CPU work of the next step with the GPU work of this one (default: on with CUDA).",
+        action=argparse.BooleanOptionalAction))
 
     # ---- CLI ----------------------------------------------------------------------------------
     @classmethod
@@ -251,5 +256,7 @@ class EngineArgs:
             max_waiting_requests=self.max_waiting_requests,
         )
         dev = DeviceConfig(device=device, enforce_eager=self.enforce_eager or device.type != "cuda",
-                           attention_backend=self.attention_backend)
+                           attention_backend=self.attention_backend,
+                           async_scheduling=(device.type == "cuda" if self.async_scheduling is None
+                                             else bool(self.async_scheduling)))
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, device=dev)

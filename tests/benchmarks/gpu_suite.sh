@@ -9,6 +9,7 @@ B=tests/benchmarks
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
+    gputest)    python -m pytest -q -x tests/e2e/test_gpu_engine.py tests/layers/test_sampler.py -m gpu 2>&1 | tail -15 ;;
     check)      python -m pytest -q -x tests/e2e/test_gpu_engine.py 2>&1 | tail -15
                 python tests/kernels/gpu_check.py --out "$OUT/kernels.json" ;;
     smoke)      python $B/throughput.py --model qwen3-0.6b --dataset random --num-prompts 64 --input-len 256 --output-len 128 --runs 1 ;;

@@ -9,10 +9,10 @@ from vllm_engine import Engine, SamplingParams
 PROMPT = "The quick brown fox jumps over"
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async-scheduling"])
+def engine(tiny_model_dir, request):
     return Engine(model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=128, seed=0,
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=False, async_scheduling=request.param)
 
 
 def _drain(engine: Engine) -> dict:

@@ -82,7 +82,11 @@ def test_greedy_and_logprobs_match_hf(model_and_reference):
     dict(num_gpu_blocks_override=16, block_size=4), dict(max_num_seqs=1),
     dict(enable_prefix_caching=False, block_size=8),
     dict(num_gpu_blocks_override=16, block_size=4, preemption_mode="swap", swap_space=0.01),
-], ids=["bs1", "bs32", "chunked", "preempt", "one-seq", "no-prefix-cache", "swap"])
+    dict(async_scheduling=True), dict(async_scheduling=True, max_num_batched_tokens=8, max_num_seqs=4),
+    dict(async_scheduling=True, num_gpu_blocks_override=16, block_size=4),
+    dict(async_scheduling=True, num_gpu_blocks_override=16, block_size=4, preemption_mode="swap", swap_space=0.01),
+], ids=["bs1", "bs32", "chunked", "preempt", "one-seq", "no-prefix-cache", "swap", "async", "async-chunked",
+        "async-preempt", "async-swap"])
 def test_same_tokens_under_every_regime(model_and_reference, kw):
     path, _, prompt_ids, ref = model_and_reference
     engine = Engine(model=str(path), dtype="float32", max_model_len=256, seed=0, **kw)

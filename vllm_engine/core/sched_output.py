@@ -31,6 +31,8 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)
     num_preemptions: int = 0  # this step
     num_swaps: int = 0  # swap-outs this step
+    # Filled by Scheduler.advance: (index in scheduled_requests, request) of each request sampled this step.
+    sampled_requests: list[tuple[int, Request]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

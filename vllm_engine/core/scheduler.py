@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Union
 
 from vllm_engine.core.kv_cache_manager import KVCacheManager, cdiv
 from vllm_engine.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
 from vllm_engine.engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:  # config.py imports torch; the scheduler only reads plain fields
@@ -190,6 +191,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and self._budget > 0:
             req = self.running[i]
+            if req.finish_pending:  # its last token is in flight and ends it: nothing more to compute
+                i += 1
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, self._budget)
             while kv.allocate_slots(req, num_new) is None:
                 if len(self.running) == 1:  # alone and still too big: the cache can never hold it
@@ -324,10 +328,19 @@ class Scheduler:
     def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[Request]:
         """Advances num_computed_tokens, caches full blocks, appends sampled tokens and applies the
         token-level stop checks. Returns the requests that got a token or finished."""
+        self.advance(sched_out)
+        return self.resolve(sched_out, runner_out)
+
+    def advance(self, sched_out: SchedulerOutput) -> None:
+        """The step's tokens are computed: advance num_computed_tokens and cache full blocks; a request
+        that samples this step gets a placeholder token, filled in by ``resolve``.
+
+        Async scheduling calls this right after launching the step, so the next ``schedule()`` can run
+        while the GPU works; the placeholder's real value reaches the GPU inputs directly.
+        """
         kv = self.kv_cache_manager
-        updated, self._capped = self._capped, []
-        sampled = runner_out.sampled_token_ids
-        any_finished = False
+        pending: list[tuple[int, Request]] = []
+        max_len = self.config.max_model_len
         for i, req in enumerate(sched_out.scheduled_requests):
             if req.status != _RUNNING:
                 continue  # finished (aborted) after schedule()
@@ -336,14 +349,33 @@ class Scheduler:
             done = min(req.num_computed_tokens, req.num_prompt_tokens - 1)
             if done > req.num_prompt_logprobs_done:
                 req.num_prompt_logprobs_done = done
-            token = sampled[i] if i < len(sampled) else None
-            if token is None or req.num_computed_tokens < req.num_tokens:
+            if req.num_computed_tokens < req.num_tokens:
                 continue  # a prompt chunk: nothing sampled
-            req.append_output_token_ids(token)
+            req.append_output_token_ids(PLACEHOLDER_TOKEN_ID)
+            if req.num_output_tokens >= req.max_tokens or req.num_tokens >= max_len:
+                req.finish_pending = True
+            pending.append((i, req))
+        sched_out.sampled_requests = pending
+
+    def resolve(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[Request]:
+        """Fills in the step's sampled tokens and applies the stop checks (see ``advance``)."""
+        updated, self._capped = self._capped, []
+        sampled = runner_out.sampled_token_ids
+        any_finished = False
+        for i, req in sched_out.sampled_requests:
+            if req.is_finished():
+                continue  # aborted or stopped meanwhile: its tokens went with it
+            token = sampled[i]
+            req.set_last_output_token(token)
             status = self._check_stop(req, token)
             if status is not None:
-                self._finish(req, status)
-                any_finished = True
+                if req.status == _RUNNING:
+                    self._finish(req, status)
+                    any_finished = True
+                else:  # preempted (by the next step's schedule) before its token was known
+                    stop_reason = req.stop_reason
+                    self.finish_requests([req.request_id], status)
+                    req.stop_reason = stop_reason
             updated.append(req)
         if any_finished:
             self.running = [r for r in self.running if r.status == _RUNNING]

@@ -25,6 +25,12 @@ logger = logging.getLogger(__name__)
 PromptType = Union[str, list[int], dict]
 
 
+def _needs_host_tokens(params: SamplingParams) -> bool:
+    """Sampling that reads the previous tokens' values on the host (penalties)."""
+    return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0)
+
+
 class QueueFullError(RuntimeError):
     """Too many requests are waiting (``max_waiting_requests``): try again later (HTTP 503)."""
 
@@ -75,6 +81,7 @@ class Engine:
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
         self._ids = itertools.count()
         self.step_profile: Optional[list[dict]] = None
+        self._pending = None  # async scheduling: (SchedulerOutput, StepHandle) launched, tokens not yet read
         logger.info("engine ready in %.1fs: model %s (%s, %s) on %s, KV cache %d blocks x %d tokens = %d tokens",
                     time.time() - t0, config.model.model, config.model.architecture, config.model.dtype,
                     config.device.device, num_gpu_blocks, config.cache.block_size,
@@ -202,7 +209,7 @@ class Engine:
             self.output_processor.remove(rid)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self._pending is not None or self.scheduler.has_unfinished_requests()
 
     @property
     def num_waiting(self) -> int:
@@ -215,35 +222,68 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns outputs of the requests that made progress (cumulative)."""
-        if self.step_profile is not None:
-            return self._profiled_step()
+        if self.config.device.async_scheduling:
+            return self._step_overlapped()
+        prof = self.step_profile is not None
+        t0 = time.perf_counter() if prof else 0.0
         sched_out = self.scheduler.schedule()
+        t1 = time.perf_counter() if prof else 0.0
         runner_out = self.model_runner.execute_model(sched_out)
+        t2 = time.perf_counter() if prof else 0.0
         updated = self.scheduler.update_from_output(sched_out, runner_out)
+        outputs = self._process(updated, runner_out)
+        if prof:
+            self._record(sched_out, t0, t1, t2, time.perf_counter())
+        return outputs
+
+    def _process(self, updated: list[Request], runner_out) -> list[RequestOutput]:
         outputs, stopped = self.output_processor.process(updated, runner_out)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs
 
-    def _profiled_step(self) -> list[RequestOutput]:
-        """step() with each phase timed (``enable_step_profile``): CPU phases vs. the model runner."""
-        t0 = time.perf_counter()
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Async scheduling: schedule and launch step N+1 *before* waiting for step N's tokens.
+
+        The scheduler counts N's sampled tokens as placeholders (``Scheduler.advance``); the runner feeds
+        their real values to N+1 straight from the device. While the GPU runs N+1, the host waits for N,
+        fills in its tokens, checks stops and builds outputs. A request that N finished (EOS) may have
+        been scheduled in N+1: that extra token is dropped. Penalties need the previous token's value
+        on the host, so a step with such requests first waits for the one in flight.
+        """
+        prof = self.step_profile is not None
+        t0 = time.perf_counter() if prof else 0.0
+        pending, self._pending = self._pending, None
+        outputs: list[RequestOutput] = []
+        if pending is not None and any(_needs_host_tokens(r.sampling_params) for _, r in pending[0].sampled_requests):
+            outputs += self._resolve(pending)
+            pending = None
         sched_out = self.scheduler.schedule()
-        t1 = time.perf_counter()
-        runner_out = self.model_runner.execute_model(sched_out)  # ends with the host copy of sampled ids
-        t2 = time.perf_counter()
-        updated = self.scheduler.update_from_output(sched_out, runner_out)
-        t3 = time.perf_counter()
-        outputs, stopped = self.output_processor.process(updated, runner_out)
-        if stopped:
-            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        t4 = time.perf_counter()
+        t1 = time.perf_counter() if prof else 0.0
+        handle = self.model_runner.launch(sched_out)
+        t2 = time.perf_counter() if prof else 0.0
+        if pending is not None:
+            outputs += self._resolve(pending)
+        self.scheduler.advance(sched_out)
+        if sched_out.sampled_requests:
+            self._pending = (sched_out, handle)
+        else:
+            self._resolve((sched_out, handle))  # nothing sampled: only bookkeeping (prompt chunks, logprobs)
+        if prof:
+            self._record(sched_out, t0, t1, t2, time.perf_counter())
+        return outputs
+
+    def _resolve(self, pending) -> list[RequestOutput]:
+        sched_out, handle = pending
+        runner_out = self.model_runner.collect(handle)
+        return self._process(self.scheduler.resolve(sched_out, runner_out), runner_out)
+
+    def _record(self, sched_out, t0: float, t1: float, t2: float, t3: float) -> None:
         self.step_profile.append({
             "num_seqs": len(sched_out.scheduled_requests), "num_tokens": sched_out.total_num_scheduled_tokens,
             "schedule_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3,
-            "prepare_inputs_ms": self.model_runner.last_prepare_s * 1e3, "update_ms": (t3 - t2) * 1e3,
-            "output_ms": (t4 - t3) * 1e3, "update_and_output_ms": (t4 - t2) * 1e3})
-        return outputs
+            "prepare_inputs_ms": self.model_runner.last_prepare_s * 1e3, "update_and_output_ms": (t3 - t2) * 1e3,
+            "total_ms": (t3 - t0) * 1e3})
 
     def enable_step_profile(self) -> list[dict]:
         """Start recording per-step phase times; returns the (growing) list of records."""

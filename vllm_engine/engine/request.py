@@ -13,6 +13,10 @@ from typing import Optional
 from vllm_engine.sampling_params import SamplingParams
 
 
+# Stands for a sampled token that is still on the GPU (async scheduling); never a real token id.
+PLACEHOLDER_TOKEN_ID = -1
+
+
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -81,6 +85,10 @@ class Request:
         # Prompt logprobs are reported once; this counts the prompt positions already reported.
         self.num_prompt_logprobs_done = 0
         self.first_scheduled_time: Optional[float] = None
+        # Async scheduling: the last output token may be a placeholder (PLACEHOLDER_TOKEN_ID) until the
+        # step that samples it is resolved; finish_pending marks a request whose placeholder is its last token
+        # (max_tokens / max_model_len reached), so it is not scheduled again.
+        self.finish_pending = False
 
     # ---- token bookkeeping -------------------------------------------------------------------
     @property
@@ -103,6 +111,11 @@ class Request:
     def append_output_token_ids(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
+
+    def set_last_output_token(self, token_id: int) -> None:
+        """Fills in the placeholder appended when the token's step was launched (async scheduling)."""
+        self.output_token_ids[-1] = token_id
+        self._all_token_ids[-1] = token_id
 
     # ---- status ------------------------------------------------------------------------------
     def is_finished(self) -> bool:

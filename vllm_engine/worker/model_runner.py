@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 from vllm_engine.attention.backend import AttentionMetadata, get_attn_backend
 from vllm_engine.config import EngineConfig
 from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
-from vllm_engine.engine.request import Request
+from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID, Request
 from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
 from vllm_engine.worker.kv_cache import KVCache
 
@@ -61,6 +61,8 @@ class ModelRunner:
         self.kv_cache: Optional[KVCache] = None
         self.graph_runner = None  # CUDAGraphRunner for decode-only steps (CUDA, unless enforce_eager)
         self.generators: dict[str, torch.Generator] = {}
+        self._last_sampled: Optional[torch.Tensor] = None  # the previous launch's sampled ids (device)
+        self._last_sample_row: dict[str, int] = {}
         self.last_prepare_s = 0.0  # CPU time of the last step's input preparation
         self.num_tokens_processed = 0  # total tokens run through the model (tests check prefix-cache savings)
 
@@ -106,8 +108,17 @@ class ModelRunner:
         return int(budget)
 
     # ---- one step ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Runs one step and waits for its sampled tokens."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> "StepHandle":
+        """Queues one step on the device (forward and sampling) without waiting for it.
+
+        Input tokens that are still placeholders (sampled by the previous launch, not yet known on the
+        host) are taken from that launch's sampled-token tensor on the device.
+        """
         assert self.kv_cache is not None, "initialize_kv_cache() first"
         for req_id in sched.finished_request_ids:
             self.generators.pop(req_id, None)
@@ -115,8 +126,9 @@ class ModelRunner:
         self.kv_cache.swap_in(sched.blocks_to_swap_in)
         self.kv_cache.copy_blocks(sched.blocks_to_copy)
         out = ModelRunnerOutput(req_ids=[r.request_id for r in sched.scheduled_requests])
+        handle = StepHandle(out)
         if sched.is_empty:
-            return out
+            return handle
         t0 = time.perf_counter()
         inputs = self._prepare_inputs(sched)
         self.last_prepare_s = time.perf_counter() - t0
@@ -129,13 +141,22 @@ class ModelRunner:
         out.sampled_token_ids = [None] * len(sched.scheduled_requests)
         out.logprobs = [None] * len(sched.scheduled_requests)
         if inputs.sample_rows:
-            self._sample(sched, inputs, hidden, out)
+            self._sample(sched, inputs, hidden, handle)
         if inputs.prompt_logprob_rows:
             self._prompt_logprobs(sched, inputs, hidden, out)
+        return handle
+
+    @staticmethod
+    def collect(handle: "StepHandle") -> ModelRunnerOutput:
+        """Waits for a launched step: its sampled token ids, as host ints (the one sync per step)."""
+        out = handle.output
+        if handle.sampled is not None:
+            for req_index, token in zip(handle.sample_req_indices, handle.sampled.tolist()):
+                out.sampled_token_ids[req_index] = token
         return out
 
-    def _sample(self, sched: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
-        rows = torch.tensor(inputs.sample_rows, device=self.device)
+    def _sample(self, sched: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor, handle: "StepHandle") -> None:
+        rows = _h2d(np.asarray(inputs.sample_rows, dtype=np.int64), self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         reqs = [sched.scheduled_requests[i] for i in inputs.sample_req_indices]
         generators = {}
@@ -152,11 +173,16 @@ class ModelRunner:
             device=self.device,
         )
         result = self.sampler(logits, meta)
-        token_ids = result.sampled_token_ids.tolist()
-        for row, req_index in enumerate(inputs.sample_req_indices):
-            out.sampled_token_ids[req_index] = token_ids[row]
-            if result.logprobs is not None and reqs[row].sampling_params.logprobs is not None:
-                out.logprobs[req_index] = _trim(result.logprobs[row], reqs[row].sampling_params.logprobs)
+        handle.sampled = result.sampled_token_ids
+        handle.sample_req_indices = inputs.sample_req_indices
+        # The next launch reads placeholder tokens from here.
+        self._last_sampled = result.sampled_token_ids
+        self._last_sample_row = {r.request_id: row for row, r in enumerate(reqs)}
+        out = handle.output
+        if result.logprobs is not None:
+            for row, req_index in enumerate(inputs.sample_req_indices):
+                if reqs[row].sampling_params.logprobs is not None:
+                    out.logprobs[req_index] = _trim(result.logprobs[row], reqs[row].sampling_params.logprobs)
 
     def _prompt_logprobs(self, sched: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor,
                          out: ModelRunnerOutput) -> None:
@@ -192,6 +218,7 @@ class ModelRunner:
         token_ids = np.empty(total, dtype=np.int64)
         for i, r in enumerate(reqs):
             token_ids[query_start_loc[i]: query_start_loc[i + 1]] = r.all_token_ids[starts[i]: seq_lens[i]]
+        placeholders = np.flatnonzero(token_ids == PLACEHOLDER_TOKEN_ID)
 
         max_blocks = max(len(bt) for bt in sched.block_tables)
         block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
@@ -211,21 +238,27 @@ class ModelRunner:
                     plp_rows.append(pl)
 
         dev = self.device
+        input_ids = _h2d(token_ids, dev)
+        if placeholders.size:
+            # Tokens sampled by the previous launch and still on the device (async scheduling).
+            src = [self._last_sample_row[reqs[i].request_id] for i in row_seq[placeholders]]
+            input_ids.index_copy_(0, _h2d(placeholders.astype(np.int64), dev),
+                                  self._last_sampled.index_select(0, _h2d(np.asarray(src, dtype=np.int64), dev)))
         meta = AttentionMetadata(
             num_actual_tokens=total,
             num_seqs=num_seqs,
-            query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
+            query_start_loc=_h2d(query_start_loc.astype(np.int32), dev),
+            seq_lens=_h2d(seq_lens.astype(np.int32), dev),
+            block_tables=_h2d(block_tables, dev),
+            slot_mapping=_h2d(slot_mapping, dev),
             max_query_len=int(counts.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
         return StepInputs(
-            input_ids=torch.from_numpy(token_ids).to(dev, non_blocking=True),
-            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
+            input_ids=input_ids,
+            positions=_h2d(positions, dev),
             attn_metadata=meta,
             sample_rows=sample_rows,
             sample_req_indices=sample_req_indices,
@@ -243,6 +276,24 @@ class ModelRunner:
         if hi <= lo:
             return None
         return _PromptLogprobRows(i, first_row + lo - start, hi - lo, r.prompt_token_ids[lo + 1: hi + 1])
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its output, filled in by ``ModelRunner.collect``."""
+
+    output: ModelRunnerOutput
+    sampled: Optional[torch.Tensor] = None  # [num sampled] int64 on the device
+    sample_req_indices: list[int] = field(default_factory=list)
+
+
+def _h2d(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array -> device tensor. On CUDA through pinned memory, so the copy is queued without
+    waiting for the GPU to drain (a copy from pageable memory would make the host wait)."""
+    t = torch.from_numpy(a)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _trim(lp: SampledLogprobs, n: int) -> SampledLogprobs:
