@@ -151,7 +151,12 @@ class ModelRunner:
         """Waits for a launched step: its sampled token ids, as host ints (the one sync per step)."""
         out = handle.output
         if handle.sampled is not None:
-            for req_index, token in zip(handle.sample_req_indices, handle.sampled.tolist()):
+            if handle.copied is not None:
+                handle.copied.synchronize()  # waits for this step only, not for steps queued after it
+                tokens = handle.sampled_host.tolist()
+            else:
+                tokens = handle.sampled.tolist()
+            for req_index, token in zip(handle.sample_req_indices, tokens):
                 out.sampled_token_ids[req_index] = token
         return out
 
@@ -175,6 +180,13 @@ class ModelRunner:
         result = self.sampler(logits, meta)
         handle.sampled = result.sampled_token_ids
         handle.sample_req_indices = inputs.sample_req_indices
+        if self.device.type == "cuda":
+            # Queue the copy to the host now: a later .tolist() would also wait for the next step,
+            # which async scheduling has queued behind this one by then.
+            handle.sampled_host = torch.empty(handle.sampled.shape, dtype=handle.sampled.dtype, pin_memory=True)
+            handle.sampled_host.copy_(handle.sampled, non_blocking=True)
+            handle.copied = torch.cuda.Event()
+            handle.copied.record()
         # The next launch reads placeholder tokens from here.
         self._last_sampled = result.sampled_token_ids
         self._last_sample_row = {r.request_id: row for row, r in enumerate(reqs)}
@@ -285,6 +297,8 @@ class StepHandle:
     output: ModelRunnerOutput
     sampled: Optional[torch.Tensor] = None  # [num sampled] int64 on the device
     sample_req_indices: list[int] = field(default_factory=list)
+    sampled_host: Optional[torch.Tensor] = None  # pinned host copy, valid once `copied` has completed
+    copied: Optional[torch.cuda.Event] = None
 
 
 def _h2d(a: np.ndarray, device: torch.device) -> torch.Tensor:
