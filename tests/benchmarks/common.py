@@ -188,7 +188,11 @@ def hf_generate_batch(model: Any, workload: Workload) -> Optional[tuple[float, i
     cfg = GenerationConfig(max_new_tokens=max_out, do_sample=False, eos_token_id=-1, pad_token_id=0,
                            use_cuda_graph=False, scheduler="fifo")
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        model.generate_batch(inputs=workload.prompts, generation_config=cfg, progress_bar=False)
+    with torch.no_grad():  # its static buffers are updated in place outside inference mode
+        results = model.generate_batch(inputs=workload.prompts, generation_config=cfg, progress_bar=False)
     sync()
-    return time.perf_counter() - t0, len(workload.prompts) * max_out
+    elapsed = time.perf_counter() - t0
+    tokens = sum(len(getattr(r, "generated_tokens", None) or []) for r in (results or {}).values())
+    if tokens == 0:
+        raise RuntimeError("generate_batch produced no tokens (its generation loop failed; see the log)")
+    return elapsed, tokens
