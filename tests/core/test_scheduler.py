@@ -305,6 +305,30 @@ def test_prefix_cache_hit_schedules_only_uncached_tokens():
     assert c.output_token_ids == reference(c.prompt_token_ids, 1)
 
 
+def test_requests_arriving_together_compute_a_shared_prefix_once():
+    s, runner = make(budget=256), FakeRunner()
+    prefix = [(5 * i + 1) % 97 for i in range(6 * BS)]
+    a, b, c = (req(x, prefix + tail, max_tokens=2) for x, tail in (("a", [1, 2]), ("b", [3]), ("c", [4, 5, 6])))
+    for r in (a, b, c):
+        s.add_request(r)
+    so, _ = step(s, runner)
+    # b and c wait while a computes the shared blocks, then reuse them.
+    assert [r.request_id for r in so.scheduled_requests] == ["a"]
+    so, _ = step(s, runner)
+    assert {r.request_id: n for r, n in zip(so.scheduled_requests, so.num_scheduled_tokens)} == {"a": 1, "b": 1, "c": 3}
+    assert b.num_cached_tokens == c.num_cached_tokens == 6 * BS
+    drain(s, runner)
+    for r in (a, b, c):
+        assert r.output_token_ids == reference(r.prompt_token_ids, 2)
+    s.check_integrity()
+    # Without prefix caching nothing waits.
+    s2, runner2 = make(budget=256, caching=False), FakeRunner()
+    for x in "abc":
+        s2.add_request(req(x, prefix + [9], max_tokens=1))
+    so, _ = step(s2, runner2)
+    assert len(so.scheduled_requests) == 3
+
+
 # ---- n > 1 ------------------------------------------------------------------------------------------
 def test_n_samples_fork_the_prompt_blocks():
     s, runner = make(budget=10, caching=False), FakeRunner()

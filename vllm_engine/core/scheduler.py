@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # config.py imports torch; the scheduler only reads plain fie
     from vllm_engine.config import CacheConfig, SchedulerConfig
 
 _RUNNING = RequestStatus.RUNNING
+_DEFER = (-1, -1)  # _admit: wait a step, the prefix this request needs is being computed right now
 
 
 @dataclass
@@ -241,6 +242,9 @@ class Scheduler:
                     continue
                 break
             admitted = self._admit_fork(req, parent) if parent is not None else self._admit(req)
+            if admitted is _DEFER:
+                skipped.append(self.waiting.pop())
+                continue
             if admitted is None:
                 if self._preempt_for(req, out):
                     continue
@@ -263,11 +267,28 @@ class Scheduler:
         """Prefix-cache lookup and block allocation for a waiting request: (tokens to compute, cached tokens)."""
         kv = self.kv_cache_manager
         blocks, num_hit = kv.get_computed_blocks(req)
+        if self._prefix_being_computed(req, num_hit):
+            return _DEFER
         num_new = min(req.num_tokens - num_hit, self._budget)
         if kv.allocate_slots(req, num_new, blocks) is None:
             return None
         req.num_computed_tokens = num_hit
         return num_new, num_hit
+
+    def _prefix_being_computed(self, req: Request, num_hit: int) -> bool:
+        """True when a request scheduled this step is computing the very block that would extend
+        ``req``'s prefix-cache hit: ``req`` then waits a step and reuses it instead of computing the
+        same prefix again (many requests with one system prompt arriving together)."""
+        if not self.kv_cache_manager.enable_caching:
+            return False
+        end = num_hit + self.block_size
+        tokens = req.all_token_ids
+        if end > len(tokens) - 1:  # the hit is capped to leave a token to compute anyway
+            return False
+        for other in self._sched_reqs:
+            if other.num_computed_tokens < end <= other.num_tokens and other.all_token_ids[:end] == tokens[:end]:
+                return True
+        return False
 
     def _admit_fork(self, req: Request, parent: Request) -> Optional[tuple[int, int]]:
         """Sample i > 0 of an n > 1 request: share the sibling's prompt blocks but for the last prompt token,
