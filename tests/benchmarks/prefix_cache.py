@@ -72,7 +72,10 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         prefix = rng.integers(0, vocab, args.prefix_len).tolist()
         prompts = [prefix + rng.integers(0, vocab, args.question_len).tolist() for _ in range(args.num_requests)]
-        run(engine, [rng.integers(0, vocab, 64).tolist()], 4, "warm")  # warm-up (kernels, graphs)
+        # Warm-up with the same shapes (another prefix): compiles the kernels' variants for these lengths.
+        warm_prefix = rng.integers(0, vocab, args.prefix_len).tolist()
+        run(engine, [warm_prefix + rng.integers(0, vocab, args.question_len).tolist() for _ in range(32)],
+            args.output_len, "warm")
         rows.append({"prefix_caching": caching, **run(engine, prompts, args.output_len, "run")})
         del engine
         gc.collect()
