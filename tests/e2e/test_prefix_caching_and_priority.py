@@ -91,3 +91,16 @@ def test_swap_preemption_keeps_outputs(model_dir):
     assert stats.num_swaps_total > 0
     assert stats.num_free_blocks == stats.num_total_blocks
     engine.scheduler.check_integrity()
+
+
+def test_prompt_logprobs_are_complete_on_a_cached_prompt(model_dir):
+    engine = _engine(model_dir, block_size=4)
+    prompt = list(range(5, 45))
+    first = engine.generate(prompt, _greedy(2, prompt_logprobs=1), use_tqdm=False)
+    again = engine.generate(prompt, _greedy(2, prompt_logprobs=1), use_tqdm=False)
+    assert len(first.prompt_logprobs) == len(again.prompt_logprobs) == len(prompt)
+    got = [d[t].logprob for d, t in zip(again.prompt_logprobs[1:], prompt[1:])]
+    want = [d[t].logprob for d, t in zip(first.prompt_logprobs[1:], prompt[1:])]
+    assert got == pytest.approx(want, abs=1e-5)
+    # Without prompt logprobs the same prompt hits the cache.
+    assert engine.generate(prompt, _greedy(2), use_tqdm=False).num_cached_tokens == 36

@@ -88,6 +88,10 @@ class KVCacheManager:
         """
         if not self.enable_caching:
             return [], 0
+        if request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 0:
+            # Prompt logprobs need the logits of every prompt position: compute them all (as vLLM does).
+            # The blocks it fills are still cached for others.
+            return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks: list[KVCacheBlock] = []
         for i in range(max_blocks):

@@ -210,7 +210,7 @@ class OutputProcessor:
     def _logprob_dict(self, token: int, e: Optional[SampledLogprobs], detok: Any = None) -> Optional[dict[int, Logprob]]:
         if e is None:
             return None
-        decode = self._decode_one
+        decode = detok.decode_token if detok is not None else self._decode_one
         d = {token: Logprob(e.sampled_logprob, e.sampled_rank, decode(token))}
         for rank, (tid, lp) in enumerate(zip(e.top_token_ids, e.top_logprobs), start=1):
             if tid not in d:
