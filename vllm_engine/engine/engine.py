@@ -81,6 +81,7 @@ class Engine:
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
         self._ids = itertools.count()
         self.step_profile: Optional[list[dict]] = None
+        self._last_log = time.monotonic()
         self._pending = None  # async scheduling: (SchedulerOutput, StepHandle) launched, tokens not yet read
         logger.info("engine ready in %.1fs: model %s (%s, %s) on %s, KV cache %d blocks x %d tokens = %d tokens",
                     time.time() - t0, config.model.model, config.model.architecture, config.model.dtype,
@@ -227,6 +228,7 @@ class Engine:
         prof = self.step_profile is not None
         t0 = time.perf_counter() if prof else 0.0
         sched_out = self.scheduler.schedule()
+        self._log_step(sched_out)
         t1 = time.perf_counter() if prof else 0.0
         runner_out = self.model_runner.execute_model(sched_out)
         t2 = time.perf_counter() if prof else 0.0
@@ -259,6 +261,7 @@ class Engine:
             outputs += self._resolve(pending)
             pending = None
         sched_out = self.scheduler.schedule()
+        self._log_step(sched_out)
         t1 = time.perf_counter() if prof else 0.0
         handle = self.model_runner.launch(sched_out)
         t2 = time.perf_counter() if prof else 0.0
@@ -272,6 +275,22 @@ class Engine:
         if prof:
             self._record(sched_out, t0, t1, t2, time.perf_counter())
         return outputs
+
+    def _log_step(self, sched_out) -> None:
+        """The step log: preemptions and swaps when they happen, and engine state every 10 s of activity."""
+        now = time.monotonic()
+        if sched_out.num_preemptions or sched_out.num_swaps:
+            logger.info("step: %d requests scheduled (%d tokens); preempted %d, swapped out %d, swapped in %d blocks",
+                        len(sched_out.scheduled_requests), sched_out.total_num_scheduled_tokens,
+                        sched_out.num_preemptions, sched_out.num_swaps, len(sched_out.blocks_to_swap_in))
+        if now - self._last_log >= 10.0 and not sched_out.is_empty:
+            self._last_log = now
+            st = self.get_stats()
+            logger.info("running %d, waiting %d, swapped %d; KV cache %.1f%% used; prefix cache hits %d/%d tokens; "
+                        "preemptions %d, swaps %d; tokens: %d prompt, %d generated", st.num_running, st.num_waiting,
+                        st.num_swapped, 100 * st.kv_cache_usage, st.prefix_cache_hits, st.prefix_cache_queries,
+                        st.num_preemptions_total, st.num_swaps_total, st.num_prompt_tokens_total,
+                        st.num_generation_tokens_total)
 
     def _resolve(self, pending) -> list[RequestOutput]:
         sched_out, handle = pending
