@@ -195,6 +195,12 @@ class Sampler(nn.Module):
                            or not meta.no_penalties)
         if meta.all_greedy and not needs_transform:
             sampled = logits.argmax(dim=-1)  # fast path: plain greedy decoding
+        elif logits.is_cuda and self._one_pass_ok(meta, needs_transform):
+            # Temperature only, no seeds: one Triton pass over the logits (layers/triton_sampler.py).
+            from vllm_engine.layers.triton_sampler import gumbel_sample
+
+            temp = meta.temperature if meta.greedy_mask is None else meta.temperature.masked_fill(meta.greedy_mask, 0.0)
+            sampled = gumbel_sample(logits, temp, self._rng.getrandbits(31))
         else:
             # One private copy; every later step works in place on it.
             logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
@@ -206,6 +212,17 @@ class Sampler(nn.Module):
         if raw_logprobs is not None:
             logprobs = _gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    def __init__(self) -> None:
+        super().__init__()
+        import random
+
+        self._rng = random.Random(0)  # per-step seeds of the one-pass sampler (unseeded requests only)
+
+    @staticmethod
+    def _one_pass_ok(meta: SamplingMetadata, needs_transform: bool) -> bool:
+        return (not needs_transform and not meta.generators and meta.top_k is None and meta.top_p is None
+                and meta.min_p is None)
 
     @staticmethod
     def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

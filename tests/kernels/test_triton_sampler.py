@@ -1,0 +1,46 @@
+"""The one-pass Gumbel-max sampler (layers/triton_sampler.py) under the Triton interpreter:
+its draws follow softmax(logits / T) (chi-square against a float64 reference), temperature-0 rows
+are the argmax, and -inf logits are never drawn."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vllm_engine.layers.triton_sampler import gumbel_sample
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/kernels/conftest.py)
+
+
+def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    return float((((counts - expected) ** 2)[keep] / expected[keep]).sum())
+
+
+def test_draws_follow_softmax_of_logits_over_temperature():
+    torch.manual_seed(0)
+    vocab, rows, temp = 6, 800, 0.7
+    logits = torch.randn(vocab) * 2
+    logits[4] = float("-inf")
+    batch = logits.repeat(rows, 1).to(DEV)
+    # Rows are independent draws (each row has its own Philox offsets); block 4 < vocab covers the tile loop.
+    draws = gumbel_sample(batch, torch.full((rows,), temp, device=DEV), seed=1234, block=4).cpu().numpy()
+    counts = np.bincount(draws, minlength=vocab).astype(np.float64)
+    probs = torch.softmax(logits.double() / temp, dim=-1).numpy()
+    assert counts[4] == 0
+    # 4 degrees of freedom (5 reachable tokens): P(chi2 > 23.5) is about 1e-4.
+    assert _chi_square(counts, probs) < 23.5
+    # Another seed gives other draws.
+    again = gumbel_sample(batch[:50], torch.full((50,), temp, device=DEV), seed=99, block=4).cpu().numpy()
+    assert not np.array_equal(again, draws[:50])
+
+
+def test_temperature_zero_rows_are_argmax_in_a_mixed_batch():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 40, device=DEV)
+    temps = torch.tensor([0.0, 1.0, 0.0, 0.5, 0.0, 2.0], device=DEV)
+    out = gumbel_sample(logits, temps, seed=7, block=16)
+    greedy = temps == 0
+    assert torch.equal(out[greedy], logits[greedy].argmax(-1))
+    assert out.dtype == torch.int64 and bool(((out >= 0) & (out < 40)).all())
