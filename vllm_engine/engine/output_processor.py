@@ -120,8 +120,7 @@ class OutputProcessor:
                 start = len(state.prompt_logprobs)
                 ids = state.prompt_token_ids[start: start + len(entries)]
                 state.prompt_logprobs.extend(self._logprob_dict(tok, e) for tok, e in zip(ids, entries))
-        row_of = {rid: i for i, rid in enumerate(runner_out.req_ids)} if any(
-            s.params.logprobs is not None for s in self._states.values()) else {}
+        row_of: Optional[dict[str, int]] = None  # built on first use: only requests with logprobs need it
         for r in updated:
             pair = self._sample_of.get(r.request_id)
             if pair is None:
@@ -147,6 +146,8 @@ class OutputProcessor:
                 self._first_token(state, r, now)
                 state.metrics.last_token_time = now
                 if sample.logprobs is not None:
+                    if row_of is None:
+                        row_of = {rid: i for i, rid in enumerate(runner_out.req_ids)}
                     self._append_logprobs(sample, new_ids, runner_out, row_of.get(r.request_id))
             if self._update_text(state, sample, r, new_ids):
                 stopped_by_string.append(r.request_id)

@@ -31,6 +31,7 @@ from torch import nn
 
 from vllm_engine.core.sched_output import SampledLogprobs
 from vllm_engine.sampling_params import SamplingParams
+from vllm_engine.utils import host_to_device
 
 _SAMPLING_EPS = 1e-5
 # Up to this k a partial torch.topk beats a full sort of the vocabulary.
@@ -39,9 +40,7 @@ _PARTIAL_TOPK_MAX = 1024
 
 def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """One host->device copy of a (nested) list; non-blocking from pinned memory on CUDA."""
-    if device.type == "cuda":
-        return torch.tensor(data, dtype=dtype).pin_memory().to(device, non_blocking=True)
-    return torch.tensor(data, dtype=dtype, device=device)
+    return host_to_device(torch.tensor(data, dtype=dtype), device)
 
 
 def _padded_ids(rows: Sequence[Sequence[int]], use: Sequence[bool], pad: int, device: torch.device) -> torch.Tensor:
@@ -183,7 +182,8 @@ class SamplerOutput:
 
 
 class Sampler(nn.Module):
-    """Stateless: ``forward(logits [B, V] float32, meta) -> SamplerOutput``. Never modifies ``logits``."""
+    """``forward(logits [B, V] float32, meta) -> SamplerOutput``. Never modifies ``logits``. Its only
+    state is the host RNG that seeds the one-pass sampler of unseeded temperature-only batches."""
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         # Logprobs come from the raw model output, before any transform.

@@ -19,6 +19,7 @@ from vllm_engine.config import EngineConfig
 from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID, Request
 from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
+from vllm_engine.utils import host_to_device
 from vllm_engine.worker.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -302,12 +303,8 @@ class StepHandle:
 
 
 def _h2d(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host array -> device tensor. On CUDA through pinned memory, so the copy is queued without
-    waiting for the GPU to drain (a copy from pageable memory would make the host wait)."""
-    t = torch.from_numpy(a)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+    """A host array on the device (queued through pinned memory on CUDA, see utils.host_to_device)."""
+    return host_to_device(torch.from_numpy(a), device)
 
 
 def _trim(lp: SampledLogprobs, n: int) -> SampledLogprobs:
