@@ -38,8 +38,35 @@ def main(argv=None) -> int:
         for _ in range(args.steps):
             e.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    # GPU time per step by kind of kernel.
+    cats: dict[str, list[float]] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if not t or ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = ev.key.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        cats.setdefault(cat, [0.0, 0])
+        cats[cat][0] += t
+        cats[cat][1] += ev.count
+    total = sum(v[0] for v in cats.values())
+    print(f"GPU time per step: {total / args.steps / 1e3:.3f} ms over {sum(v[1] for v in cats.values()) / args.steps:.0f} kernels")
+    for cat, (t, n) in sorted(cats.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {cat:12s} {t / args.steps / 1e3:7.3f} ms  {n / args.steps:6.1f} kernels/step  {100 * t / total:5.1f}%")
     return 0
+
+
+CATEGORIES = [
+    ("attention", ("paged_attention", "_decode", "_prefill", "reduce")),
+    ("kv_write", ("reshape_and_cache", "cache_kernel")),
+    ("gemm", ("gemm", "cutlass", "sm90", "nvjet", "cublas", "xmma")),
+    ("norm", ("rms_norm",)),
+    ("rotary", ("rotary",)),
+    ("silu_mul", ("silu",)),
+    ("sampler", ("sample", "gumbel", "softmax", "argmax", "topk", "sort", "exponential", "max")),
+    ("copy", ("copy", "memcpy", "fill", "index", "cat", "gather", "scatter", "elementwise")),
+]
 
 
 if __name__ == "__main__":

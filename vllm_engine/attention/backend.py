@@ -44,7 +44,10 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Writes this step's K/V into the paged cache, then computes attention for every query row."""
+    """Writes this step's K/V into the paged cache, then computes attention for every query row.
+
+    ``key``/``value`` None: the caller has already written them into the cache (the models do, in
+    the fused q/k/v pass of ``fused_ops.qkv_rope_cache``)."""
 
     name: str = "abstract"
 
@@ -52,8 +55,8 @@ class AttentionBackend(ABC):
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        key: Optional[torch.Tensor],  # [num_tokens, num_kv_heads, head_dim], or None: already cached
+        value: Optional[torch.Tensor],  # [num_tokens, num_kv_heads, head_dim], or None
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,

@@ -43,14 +43,15 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(
         self,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        key: Optional[torch.Tensor],
+        value: Optional[torch.Tensor],
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: Optional[int] = None,
     ) -> torch.Tensor:
-        write_kv_to_cache(key, value, kv_cache, metadata.slot_mapping)
+        if key is not None:
+            write_kv_to_cache(key, value, kv_cache, metadata.slot_mapping)
         qsl = metadata.query_start_loc_cpu or metadata.query_start_loc.tolist()
         seq_lens = metadata.seq_lens_cpu or metadata.seq_lens.tolist()
         num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
@@ -61,7 +62,7 @@ class TorchAttentionBackend(AttentionBackend):
             q_len = qe - qs
             if q_len == 0:
                 continue
-            if q_len == seq_len:  # a whole prompt in one chunk: the new K/V are the context
+            if q_len == seq_len and key is not None:  # a whole prompt in one chunk: the new K/V are the context
                 k, v = key[qs:qe], value[qs:qe]
             else:
                 k, v = gather_kv(kv_cache, metadata.block_tables[i], seq_len)

@@ -58,8 +58,8 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        key: Optional[torch.Tensor],  # [num_tokens, num_kv_heads, head_dim], or None: already cached
+        value: Optional[torch.Tensor],
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
@@ -71,7 +71,8 @@ class TritonAttentionBackend(AttentionBackend):
             return TorchAttentionBackend().forward(query, key, value, kv_cache, metadata, scale, sliding_window)
         from vllm_engine.attention import triton_kernels as K
 
-        K.reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
+        if key is not None:
+            K.reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         num_seqs = metadata.num_seqs
         qsl_cpu = metadata.query_start_loc_cpu

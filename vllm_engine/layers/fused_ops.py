@@ -112,6 +112,90 @@ if triton is not None:
         _rotary_heads(K, KO, t, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh, NUM_KV_HEADS, HEAD_DIM,
                       HALF, BLOCK_HK, BLOCK_HALF, BLOCK_D, HAS_PASS)
 
+    @triton.jit
+    def _head_group(Src, t, stride_t, cos, sin, NormW, eps, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_PASS: tl.constexpr, HAS_NORM: tl.constexpr):
+        """Loads the [NUM_HEADS, HEAD_DIM] heads of token t (rows HEAD_DIM apart from Src + t * stride_t),
+        optionally RMS-normalises each head (rounded like layernorm.rms_norm), and rotates them
+        (rounded like rotary.apply_rotary). Returns (first half, second half, pass-through part)."""
+        offs_h = tl.arange(0, BLOCK_H)[:, None]
+        offs_r = tl.arange(0, BLOCK_HALF)[None, :]
+        offs_d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (offs_h < NUM_HEADS) & (offs_r < HALF)
+        pmask = (offs_h < NUM_HEADS) & (offs_d >= 2 * HALF) & (offs_d < HEAD_DIM)
+        src = Src + t * stride_t + offs_h * HEAD_DIM
+        x1 = tl.load(src + offs_r, mask=mask, other=0.0)
+        x2 = tl.load(src + HALF + offs_r, mask=mask, other=0.0)
+        xp = x1  # unused unless HAS_PASS
+        if HAS_PASS:
+            xp = tl.load(src + offs_d, mask=pmask, other=0.0)
+        dt = x1.dtype
+        if HAS_NORM:
+            h1 = x1.to(tl.float32)
+            h2 = x2.to(tl.float32)
+            ss = tl.sum(h1 * h1, 1) + tl.sum(h2 * h2, 1)
+            if HAS_PASS:
+                hp = xp.to(tl.float32)
+                ss += tl.sum(hp * hp, 1)
+            rstd = tl.math.rsqrt(ss / HEAD_DIM + eps)[:, None]
+            w1 = tl.load(NormW + offs_r, mask=offs_r < HALF, other=0.0).to(tl.float32)
+            w2 = tl.load(NormW + HALF + offs_r, mask=offs_r < HALF, other=0.0).to(tl.float32)
+            x1 = (w1 * (h1 * rstd).to(dt).to(tl.float32)).to(dt)
+            x2 = (w2 * (h2 * rstd).to(dt).to(tl.float32)).to(dt)
+            if HAS_PASS:
+                wp = tl.load(NormW + offs_d, mask=(offs_d >= 2 * HALF) & (offs_d < HEAD_DIM), other=0.0)
+                xp = (wp.to(tl.float32) * (hp * rstd).to(dt).to(tl.float32)).to(dt)
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        return (f1 * cos - f2 * sin).to(dt), (f2 * cos + f1 * sin).to(dt), xp
+
+    @triton.jit
+    def _qkv_rope_cache_kernel(QKV, Pos, CosSin, QNormW, KNormW, QOut, KCache, VCache, Slots,
+                               stride_t, stride_cs, stride_qo, stride_cb, stride_ct, stride_ch, eps,
+                               NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                               BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr,
+                               HAS_NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """One program per token of the fused qkv row [q heads | k heads | v heads]: q and k are
+        (normalised and) rotated; q goes to QOut, k and v to the token's slot of the paged cache
+        (slot < 0: padding, nothing written)."""
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(Pos + t).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_HALF)[None, :]
+        cmask = offs_r < HALF
+        cos = tl.load(CosSin + pos * stride_cs + offs_r, mask=cmask, other=0.0).to(tl.float32)
+        sin = tl.load(CosSin + pos * stride_cs + HALF + offs_r, mask=cmask, other=0.0).to(tl.float32)
+        offs_d = tl.arange(0, BLOCK_D)[None, :]
+
+        q1, q2, qp = _head_group(QKV, t, stride_t, cos, sin, QNormW, eps, NUM_Q_HEADS, HEAD_DIM, HALF, BLOCK_HQ,
+                                 BLOCK_HALF, BLOCK_D, HAS_PASS, HAS_NORM)
+        offs_hq = tl.arange(0, BLOCK_HQ)[:, None]
+        mq = (offs_hq < NUM_Q_HEADS) & cmask
+        dst = QOut + t * stride_qo + offs_hq * HEAD_DIM + offs_r
+        tl.store(dst, q1.to(QOut.dtype.element_ty), mask=mq)
+        tl.store(dst + HALF, q2.to(QOut.dtype.element_ty), mask=mq)
+        if HAS_PASS:
+            tl.store(QOut + t * stride_qo + offs_hq * HEAD_DIM + offs_d, qp.to(QOut.dtype.element_ty),
+                     mask=(offs_hq < NUM_Q_HEADS) & (offs_d >= 2 * HALF) & (offs_d < HEAD_DIM))
+
+        slot = tl.load(Slots + t).to(tl.int64)
+        if slot >= 0:
+            k_src = QKV + NUM_Q_HEADS * HEAD_DIM
+            k1, k2, kp = _head_group(k_src, t, stride_t, cos, sin, KNormW, eps, NUM_KV_HEADS, HEAD_DIM, HALF,
+                                     BLOCK_HK, BLOCK_HALF, BLOCK_D, HAS_PASS, HAS_NORM)
+            offs_hk = tl.arange(0, BLOCK_HK)[:, None]
+            mk = (offs_hk < NUM_KV_HEADS) & cmask
+            base = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + offs_hk * stride_ch
+            tl.store(KCache + base + offs_r, k1.to(KCache.dtype.element_ty), mask=mk)
+            tl.store(KCache + base + HALF + offs_r, k2.to(KCache.dtype.element_ty), mask=mk)
+            mfull = (offs_hk < NUM_KV_HEADS) & (offs_d < HEAD_DIM)
+            if HAS_PASS:
+                tl.store(KCache + base + offs_d, kp.to(KCache.dtype.element_ty),
+                         mask=mfull & (offs_d >= 2 * HALF))
+            v = tl.load(k_src + NUM_KV_HEADS * HEAD_DIM + t * stride_t + offs_hk * HEAD_DIM + offs_d, mask=mfull)
+            tl.store(VCache + base + offs_d, v.to(VCache.dtype.element_ty), mask=mfull)
+
 
 def _rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float,
                      residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -165,7 +249,73 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_ca
     return _rot.apply_rotary(q, cos, sin, rotary_dim), _rot.apply_rotary(k, cos, sin, rotary_dim)
 
 
+def qkv_rope_cache(positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+                   cos_sin_cache: torch.Tensor, rotary_dim: Optional[int], q_norm_weight: Optional[torch.Tensor],
+                   k_norm_weight: Optional[torch.Tensor], eps: float, kv_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Everything between the qkv projection and attention, in one pass per token.
+
+    qkv: [T, (num_heads + 2 * num_kv_heads) * head_dim] (q | k | v heads); optional per-head RMSNorm of
+    q and k (Qwen3), neox rotary of q and k, and the rotated k and v written into the paged
+    ``kv_cache`` [2, blocks, block_size, kv_heads, head_dim] at ``slot_mapping`` (-1: not written).
+    Returns q: [T, num_heads, head_dim], contiguous.
+    """
+    if _use_triton(qkv):
+        return triton_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache, rotary_dim,
+                                     q_norm_weight, k_norm_weight, eps, kv_cache, slot_mapping)
+    return torch_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache, rotary_dim,
+                                q_norm_weight, k_norm_weight, eps, kv_cache, slot_mapping)
+
+
+def torch_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache, rotary_dim, q_norm_weight,
+                         k_norm_weight, eps, kv_cache, slot_mapping) -> torch.Tensor:
+    """The same as composed torch ops (the reference, and the CPU path)."""
+    from vllm_engine.attention.torch_ref import write_kv_to_cache
+
+    t, head_dim = qkv.shape[0], kv_cache.shape[-1]
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = q.reshape(t, num_heads, head_dim)
+    k = k.reshape(t, num_kv_heads, head_dim)
+    v = v.reshape(t, num_kv_heads, head_dim)
+    if q_norm_weight is not None:
+        q = _ln.rms_norm(q, q_norm_weight, eps)
+        k = _ln.rms_norm(k, k_norm_weight, eps)
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+    rotary_dim = rotary_dim or head_dim
+    q, k = _rot.apply_rotary(q, cos, sin, rotary_dim), _rot.apply_rotary(k, cos, sin, rotary_dim)
+    write_kv_to_cache(k, v, kv_cache, slot_mapping)
+    return q.contiguous()
+
+
 # The kernels themselves, on any device Triton can run on.
+
+
+def triton_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache, rotary_dim, q_norm_weight,
+                          k_norm_weight, eps, kv_cache, slot_mapping) -> torch.Tensor:
+    head_dim = kv_cache.shape[-1]
+    rotary_dim = rotary_dim or head_dim
+    if qkv.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1 or kv_cache.stride(-1) != 1:
+        raise ValueError("qkv_rope_cache needs a contiguous last dim for qkv, cos_sin_cache and kv_cache")
+    if qkv.shape[-1] != (num_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"qkv has {qkv.shape[-1]} columns, expected {(num_heads + 2 * num_kv_heads) * head_dim}")
+    num_tokens = qkv.shape[0]
+    q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    n = min(num_tokens, slot_mapping.shape[0])
+    if n < num_tokens:
+        raise ValueError("slot_mapping must cover every token")
+    kc, vc = kv_cache[0], kv_cache[1]
+    half = rotary_dim // 2
+    has_norm = q_norm_weight is not None
+    if num_tokens > 0:
+        _qkv_rope_cache_kernel[(num_tokens,)](
+            qkv, positions, cos_sin_cache, q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv,
+            q_out, kc, vc, slot_mapping, qkv.stride(0), cos_sin_cache.stride(0), q_out.stride(0),
+            kc.stride(0), kc.stride(1), kc.stride(2), eps,
+            NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
+            BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+            BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
+            HAS_PASS=rotary_dim < head_dim, HAS_NORM=has_norm, BLOCK_SIZE=kv_cache.shape[2], num_warps=4)
+    return q_out
 
 
 def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -33,12 +33,16 @@ from vllm_engine.layers.rotary import RotaryEmbedding, apply_rotary
 class Ops:
     """``rms_norm(x, w, eps) -> y``; ``fused_add_rms_norm(x, residual, w, eps) -> (y, x + residual)``;
     ``silu_and_mul(x[..., 2d]) -> [..., d]``; ``rotary(positions[T], q[T, h, d], k[T, kv, d],
-    cos_sin_cache[max_pos, rotary_dim] float32, rotary_dim) -> (q, k)`` (neox style). All return ``x.dtype``."""
+    cos_sin_cache[max_pos, rotary_dim] float32, rotary_dim) -> (q, k)`` (neox style). All return ``x.dtype``.
+    ``qkv_rope_cache(positions, qkv, heads, kv_heads, cos_sin_cache, rotary_dim, q_norm_w, k_norm_w, eps,
+    kv_cache, slot_mapping) -> q``: q/k norm (when the weights are given), rotary, and the K/V cache
+    write in one pass (see fused_ops.qkv_rope_cache)."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    qkv_rope_cache: Callable[..., torch.Tensor]
 
 
 def _torch_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,7 +60,14 @@ def _torch_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos
     return apply_rotary(q, cos, sin, rotary_dim), apply_rotary(k, cos, sin, rotary_dim)
 
 
-TORCH_OPS = Ops(_torch_rms_norm, _torch_fused_add_rms_norm, activation.silu_and_mul, _torch_rotary)
+def _torch_qkv_rope_cache(*args) -> torch.Tensor:
+    from vllm_engine.layers.fused_ops import torch_qkv_rope_cache
+
+    return torch_qkv_rope_cache(*args)
+
+
+TORCH_OPS = Ops(_torch_rms_norm, _torch_fused_add_rms_norm, activation.silu_and_mul, _torch_rotary,
+                _torch_qkv_rope_cache)
 
 
 def get_ops(device: torch.device) -> Ops:
@@ -72,6 +83,7 @@ def get_ops(device: torch.device) -> Ops:
         getattr(fused_ops, "fused_add_rms_norm", TORCH_OPS.fused_add_rms_norm),
         getattr(fused_ops, "silu_and_mul", TORCH_OPS.silu_and_mul),
         getattr(fused_ops, "rotary", TORCH_OPS.rotary),
+        getattr(fused_ops, "qkv_rope_cache", TORCH_OPS.qkv_rope_cache),
     )
 
 
@@ -156,15 +168,12 @@ class LlamaAttention(nn.Module):
         """positions: [T] int64; hidden: [T, hidden] -> [T, hidden]."""
         t = hidden.shape[0]
         qkv = F.linear(hidden, self.qkv_proj.weight, self.qkv_proj.bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q = self.ops.rms_norm(q, self.q_norm.weight, self.eps)
-            k = self.ops.rms_norm(k, self.k_norm.weight, self.eps)
-        q, k = self.ops.rotary(positions, q, k, self.rotary_emb.cos_sin_cache, self.rotary_emb.rotary_dim)
-        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.sliding_window)
+        # q/k norm (Qwen3), rotary and the K/V cache write in one pass; the backend gets no key/value.
+        q = self.ops.qkv_rope_cache(
+            positions, qkv, self.num_heads, self.num_kv_heads, self.rotary_emb.cos_sin_cache,
+            self.rotary_emb.rotary_dim, self.q_norm.weight if self.qk_norm else None,
+            self.k_norm.weight if self.qk_norm else None, self.eps, kv_cache, attn_metadata.slot_mapping)
+        out = self.attn_backend.forward(q, None, None, kv_cache, attn_metadata, self.scale, self.sliding_window)
         return F.linear(out.reshape(t, self.q_size), self.o_proj.weight, self.o_proj.bias)
 
 

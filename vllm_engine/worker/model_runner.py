@@ -66,6 +66,9 @@ class ModelRunner:
         self._last_sample_row: dict[str, int] = {}
         self.last_prepare_s = 0.0  # CPU time of the last step's input preparation
         self.num_tokens_processed = 0  # total tokens run through the model (tests check prefix-cache savings)
+        # When a list (CUDA only): one (num_seqs, num_tokens, start event, end event) per launched step,
+        # so a benchmark can split the GPU's time into busy and idle (tests/benchmarks/gpu_timeline.py).
+        self.gpu_timeline: Optional[list] = None
 
     # ---- KV cache ------------------------------------------------------------------------------
     def initialize_kv_cache(self) -> tuple[int, int]:
@@ -130,6 +133,10 @@ class ModelRunner:
         handle = StepHandle(out)
         if sched.is_empty:
             return handle
+        timed = self.gpu_timeline is not None and self.device.type == "cuda"
+        if timed:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         inputs = self._prepare_inputs(sched)
         self.last_prepare_s = time.perf_counter() - t0
@@ -145,6 +152,10 @@ class ModelRunner:
             self._sample(sched, inputs, hidden, handle)
         if inputs.prompt_logprob_rows:
             self._prompt_logprobs(sched, inputs, hidden, out)
+        if timed:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.gpu_timeline.append((meta.num_seqs, meta.num_actual_tokens, start, end))
         return handle
 
     @staticmethod
