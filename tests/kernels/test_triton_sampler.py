@@ -44,3 +44,23 @@ def test_temperature_zero_rows_are_argmax_in_a_mixed_batch():
     greedy = temps == 0
     assert torch.equal(out[greedy], logits[greedy].argmax(-1))
     assert out.dtype == torch.int64 and bool(((out >= 0) & (out < 40)).all())
+
+
+def test_draws_do_not_depend_on_the_chunking_and_bf16_logits_match_float32():
+    torch.manual_seed(2)
+    rows, vocab = 5, 50
+    logits = torch.randn(rows, vocab, device=DEV).to(torch.bfloat16)
+    temps = torch.tensor([0.8, 0.0, 1.3, 0.5, 1.0], device=DEV)
+    one = gumbel_sample(logits.float(), temps, seed=11, block=8, chunks=1)
+    for chunks in (2, 3, 7):
+        assert torch.equal(gumbel_sample(logits.float(), temps, seed=11, block=8, chunks=chunks), one)
+    # bf16 logits are read as their float32 values: the same draws.
+    assert torch.equal(gumbel_sample(logits, temps, seed=11, block=8, chunks=3), one)
+
+
+def test_greedy_ties_across_chunks_pick_the_first_token():
+    logits = torch.zeros(2, 40, device=DEV)
+    logits[0, [9, 30]] = 5.0  # a tie in chunks 0 and 1 (block 16 => chunks of 16)
+    logits[1, [35, 20]] = 3.0
+    out = gumbel_sample(logits, torch.zeros(2, device=DEV), seed=0, block=16, chunks=3)
+    assert out.tolist() == [9, 20] == logits.argmax(-1).tolist()

@@ -182,7 +182,8 @@ class SamplerOutput:
 
 
 class Sampler(nn.Module):
-    """``forward(logits [B, V] float32, meta) -> SamplerOutput``. Never modifies ``logits``. Its only
+    """``forward(logits [B, V] (any float dtype; computed on as float32), meta) -> SamplerOutput``.
+    Never modifies ``logits``. Its only
     state is the host RNG that seeds the one-pass sampler of unseeded temperature-only batches."""
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:

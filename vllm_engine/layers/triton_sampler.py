@@ -1,13 +1,15 @@
 """One-pass temperature sampling on the GPU (the common case: temperature only, no filters).
 
 The Gumbel-max trick: ``argmax(logits / T + G)`` with ``G = -log(-log(U))``, U uniform, draws a token
-with probability ``softmax(logits / T)`` (the same law as the exponential race in sampler.py). One
-Triton program per row streams over the vocabulary once, keeping the running best: no softmax, no
+with probability ``softmax(logits / T)`` (the same law as the exponential race in sampler.py). Triton
+programs stream over the vocabulary once (each a chunk of a row), keeping the running best: no softmax, no
 [B, V] temporaries. Rows with temperature 0 take the plain argmax. The random numbers come from
 Triton's Philox generator keyed by a per-step seed, so this path is for unseeded requests only.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -21,9 +23,11 @@ except ImportError:  # pragma: no cover - triton is optional on CPU
 if triton is not None:
 
     @triton.jit
-    def _gumbel_argmax_kernel(logits_ptr, stride_row, temp_ptr, out_ptr, vocab_size, seed,
-                              BLOCK: tl.constexpr):
+    def _gumbel_argmax_kernel(logits_ptr, stride_row, temp_ptr, best_val_ptr, best_idx_ptr, vocab_size, chunk,
+                              seed, num_chunks, BLOCK: tl.constexpr):
+        """Grid (rows, chunks): the best Gumbel score of one chunk of one row's vocabulary."""
         row = tl.program_id(0)
+        c = tl.program_id(1)
         t = tl.load(temp_ptr + row)
         greedy = t <= 0.0
         inv_t = 1.0 / tl.where(greedy, 1.0, t)
@@ -31,11 +35,13 @@ if triton is not None:
         best_val = -float("inf")
         best_idx = 0
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-        for start in range(0, vocab_size, BLOCK):
+        lo = c * chunk
+        hi = tl.minimum(lo + chunk, vocab_size)
+        for start in range(lo, hi, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            mask = offs < vocab_size
+            mask = offs < hi
             x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
-            u = tl.rand(seed, row * vocab_size + offs)
+            u = tl.rand(seed, row * vocab_size + offs)  # keyed by (row, token): independent of the chunking
             gumbel = -tl.log(-tl.log(u + 1e-20) + 1e-20)
             score = x * inv_t + gumbel * noise_scale
             score = tl.where(mask & (x > -float("inf")), score, -float("inf"))
@@ -44,12 +50,32 @@ if triton is not None:
             better = blk_max > best_val
             best_idx = tl.where(better, blk_idx, best_idx)
             best_val = tl.where(better, blk_max, best_val)
-        tl.store(out_ptr + row, best_idx.to(tl.int64))
+        tl.store(best_val_ptr + row * num_chunks + c, best_val)
+        tl.store(best_idx_ptr + row * num_chunks + c, best_idx)
+
+    @triton.jit
+    def _chunk_argmax_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr):
+        """One program per row: the chunk with the best score (the first one on ties) gives the token."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_C)
+        vals = tl.load(best_val_ptr + row * num_chunks + offs, mask=offs < num_chunks, other=-float("inf"))
+        i = tl.argmax(vals, axis=0)
+        tl.store(out_ptr + row, tl.load(best_idx_ptr + row * num_chunks + i).to(tl.int64))
 
 
-def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int = 2048) -> torch.Tensor:
+def num_chunks(num_rows: int, vocab: int, block: int, target_programs: int = 2048) -> int:
+    """Vocabulary chunks per row: enough programs to fill the GPU (about ``target_programs``), but
+    no chunk shorter than one block."""
+    return max(1, min(triton.cdiv(vocab, block), triton.cdiv(target_programs, max(num_rows, 1))))
+
+
+def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int = 2048,
+                  chunks: Optional[int] = None) -> torch.Tensor:
     """logits: [B, V] (any float dtype, last dim contiguous); temperature: [B] float32, 0 = greedy.
-    Returns [B] int64 token ids, each drawn from softmax(logits / T) (argmax where T == 0)."""
+    Returns [B] int64 token ids, each drawn from softmax(logits / T) (argmax where T == 0).
+
+    Two launches: each (row, vocabulary chunk) program keeps its best score, then one program per
+    row picks the best chunk. The noise depends only on (seed, row, token), not on the chunking."""
     if triton is None:
         raise RuntimeError("triton is not available")
     if logits.stride(-1) != 1:
@@ -57,6 +83,12 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, bl
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows:
-        _gumbel_argmax_kernel[(num_rows,)](logits, logits.stride(0), temperature.to(torch.float32).contiguous(),
-                                           out, vocab, seed, BLOCK=block, num_warps=8)
+        n = chunks or num_chunks(num_rows, vocab, block)
+        chunk = triton.cdiv(triton.cdiv(vocab, n), block) * block
+        n = triton.cdiv(vocab, chunk)
+        best_val = torch.empty(num_rows, n, dtype=torch.float32, device=logits.device)
+        best_idx = torch.empty(num_rows, n, dtype=torch.int32, device=logits.device)
+        _gumbel_argmax_kernel[(num_rows, n)](logits, logits.stride(0), temperature.to(torch.float32).contiguous(),
+                                             best_val, best_idx, vocab, chunk, seed, n, BLOCK=block, num_warps=8)
+        _chunk_argmax_kernel[(num_rows,)](best_val, best_idx, out, n, BLOCK_C=max(2, triton.next_power_of_2(n)))
     return out

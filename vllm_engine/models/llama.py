@@ -36,13 +36,15 @@ class Ops:
     cos_sin_cache[max_pos, rotary_dim] float32, rotary_dim) -> (q, k)`` (neox style). All return ``x.dtype``.
     ``qkv_rope_cache(positions, qkv, heads, kv_heads, cos_sin_cache, rotary_dim, q_norm_w, k_norm_w, eps,
     kv_cache, slot_mapping) -> q``: q/k norm (when the weights are given), rotary, and the K/V cache
-    write in one pass (see fused_ops.qkv_rope_cache)."""
+    write in one pass (see fused_ops.qkv_rope_cache). ``linear(x, w, b)``: F.linear (on CUDA a Triton
+    GEMV for a few rows)."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     qkv_rope_cache: Callable[..., torch.Tensor]
+    linear: Callable[..., torch.Tensor] = F.linear
 
 
 def _torch_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,6 +86,7 @@ def get_ops(device: torch.device) -> Ops:
         getattr(fused_ops, "silu_and_mul", TORCH_OPS.silu_and_mul),
         getattr(fused_ops, "rotary", TORCH_OPS.rotary),
         getattr(fused_ops, "qkv_rope_cache", TORCH_OPS.qkv_rope_cache),
+        getattr(fused_ops, "linear", F.linear),
     )
 
 
@@ -167,14 +170,14 @@ class LlamaAttention(nn.Module):
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         """positions: [T] int64; hidden: [T, hidden] -> [T, hidden]."""
         t = hidden.shape[0]
-        qkv = F.linear(hidden, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = self.ops.linear(hidden, self.qkv_proj.weight, self.qkv_proj.bias)
         # q/k norm (Qwen3), rotary and the K/V cache write in one pass; the backend gets no key/value.
         q = self.ops.qkv_rope_cache(
             positions, qkv, self.num_heads, self.num_kv_heads, self.rotary_emb.cos_sin_cache,
             self.rotary_emb.rotary_dim, self.q_norm.weight if self.qk_norm else None,
             self.k_norm.weight if self.qk_norm else None, self.eps, kv_cache, attn_metadata.slot_mapping)
         out = self.attn_backend.forward(q, None, None, kv_cache, attn_metadata, self.scale, self.sliding_window)
-        return F.linear(out.reshape(t, self.q_size), self.o_proj.weight, self.o_proj.bias)
+        return self.ops.linear(out.reshape(t, self.q_size), self.o_proj.weight, self.o_proj.bias)
 
 
 class LlamaMLP(nn.Module):
@@ -194,8 +197,8 @@ class LlamaMLP(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-        return F.linear(self.ops.silu_and_mul(gate_up), self.down_proj.weight, self.down_proj.bias)
+        gate_up = self.ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        return self.ops.linear(self.ops.silu_and_mul(gate_up), self.down_proj.weight, self.down_proj.bias)
 
 
 class _Norm(nn.Module):
@@ -266,7 +269,8 @@ STACKED_PARAMS: list[tuple[str, str, str]] = [
 
 class LlamaForCausalLM(nn.Module):
     """``model(input_ids[T] int64, positions[T] int64, kv_caches, attn_metadata) -> hidden [T, hidden]``;
-    ``compute_logits(hidden[N, hidden]) -> [N, vocab] float32``.
+    ``compute_logits(hidden[N, hidden]) -> [N, vocab]`` in the model dtype (the sampler reads 16-bit
+    logits directly where it can, and converts where it needs float32).
 
     ``kv_caches[i]``: layer i's paged cache ``[2, num_blocks, block_size, num_kv_heads, head_dim]``.
     """
@@ -292,7 +296,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head_weight).float()
+        return self.ops.linear(hidden, self.lm_head_weight)
 
     # ---- weights ---------------------------------------------------------------------------------
     def shard_slice(self, param_name: str, shard_id: str) -> tuple[int, int]:
