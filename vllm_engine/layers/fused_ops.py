@@ -325,9 +325,10 @@ def torch_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache,
     return q.contiguous()
 
 
-# Rows up to which ``linear`` takes the Triton GEMV on CUDA (0: always cuBLAS). At batch 1-4 a decode
-# step is a weight-streaming GEMV; see docs/kernels.md for the measurement that chose this.
-GEMV_MAX_ROWS = int(os.environ.get("VLLM_ENGINE_GEMV_MAX_ROWS", "4"))
+# Rows up to which ``linear`` takes the Triton GEMV on CUDA. At batch 1-4 a decode step is a
+# weight-streaming GEMV. Off (0: always cuBLAS) until tests/benchmarks/gemv_bench.py has measured it
+# against cuBLAS on the GPU (docs/kernels.md); VLLM_ENGINE_GEMV_MAX_ROWS=4 turns it on.
+GEMV_MAX_ROWS = int(os.environ.get("VLLM_ENGINE_GEMV_MAX_ROWS", "0"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
