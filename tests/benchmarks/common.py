@@ -92,7 +92,7 @@ def kv_bytes_per_token(hf_config: Any, bytes_per_elem: int = 2) -> int:
 
 
 def decode_floor_seconds(input_lens: list[int], output_lens: list[int], hf_config: Any, bandwidth_gbs: float,
-                         max_num_seqs: int) -> float:
+                         max_num_seqs: int) -> float:  # the issue's floor: bytes only, prefill not counted
     """Lower bound on the decode time of a workload: every step reads all weights once plus the KV of
     every running sequence, at the measured bandwidth. Requests start as soon as a slot frees (FCFS)."""
     w, kvt = weight_bytes(hf_config), kv_bytes_per_token(hf_config)
@@ -110,6 +110,70 @@ def decode_floor_seconds(input_lens: list[int], output_lens: list[int], hf_confi
             r[1] -= 1
         running = [r for r in running if r[1] > 0]
     return total
+
+
+def linear_flops_per_token(hf_config: Any) -> int:
+    """FLOPs of the decoder layers' matmuls for one token (2 per multiply-add; no LM head, no attention)."""
+    return 2 * (weight_bytes(hf_config, 1) - hf_config.vocab_size * hf_config.hidden_size)
+
+
+def attention_flops(hf_config: Any, start: int, end: int) -> int:
+    """Causal attention FLOPs (QK^T and PV) of the tokens at positions start..end-1, all layers."""
+    heads = hf_config.num_attention_heads
+    hd = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    keys = (end * (end + 1) - start * (start + 1)) // 2  # sum of (p + 1) over the positions
+    return 4 * hf_config.num_hidden_layers * heads * hd * keys
+
+
+def roofline_floor_seconds(input_lens: list[int], output_lens: list[int], hf_config: Any, bandwidth_gbs: float,
+                           peak_tflops: float, max_num_seqs: int) -> float:
+    """A tighter lower bound than ``decode_floor_seconds``: it adds the prefill, and lets a step be
+    bound by compute where that is slower than reading the weights.
+
+    Prefill: every prompt's matmul and attention FLOPs at ``peak_tflops`` (the measured dense GEMM
+    rate). Decode steps (FCFS as in decode_floor_seconds): max(weight read, the step's matmul FLOPs at
+    peak) + the running sequences' KV read. Prefill and decode are not overlapped.
+    """
+    peak = peak_tflops * 1e12
+    lin = linear_flops_per_token(hf_config)
+    lm_head = 2 * hf_config.vocab_size * hf_config.hidden_size
+    prefill = sum(n * lin + lm_head + attention_flops(hf_config, 0, n) for n in input_lens) / peak
+    w, kvt = weight_bytes(hf_config), kv_bytes_per_token(hf_config)
+    bw = bandwidth_gbs * 1e9
+    pending = list(zip(input_lens, output_lens))[::-1]
+    running: list[list[int]] = []  # [context, remaining]
+    decode = 0.0
+    while pending or running:
+        while pending and len(running) < max_num_seqs:
+            i, o = pending.pop()
+            running.append([i, o])
+        n = len(running)
+        decode += max(w / bw, n * (lin + lm_head) / peak) + kvt * sum(r[0] for r in running) / bw
+        for r in running:
+            r[0] += 1
+            r[1] -= 1
+        running = [r for r in running if r[1] > 0]
+    return prefill + decode
+
+
+def measure_gemm_tflops(n: int = 8192, iters: int = 20) -> Optional[float]:
+    """Achieved dense bf16 GEMM rate (n x n x n, median), TFLOPS; None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def percentiles(values: list[float], ps=(50, 90, 99)) -> dict[str, float]:

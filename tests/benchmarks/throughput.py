@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from common import (decode_floor_seconds, device_name, hf_generate_batch, hf_model_from_config,  # noqa: E402
-                    hf_static_generate, make_workload, measure_bandwidth_gbs, print_table, sync, write_json)
+                    hf_static_generate, make_workload, measure_bandwidth_gbs, measure_gemm_tflops, print_table,
+                    roofline_floor_seconds, sync, write_json)
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
     rows = []
     bw = measure_bandwidth_gbs()
     result["bandwidth_gbs"] = bw
+    peak = measure_gemm_tflops()
+    result["gemm_tflops"] = peak
     engine = None
     if args.backend in ("engine", "both"):
         engine = Engine(model=args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
@@ -99,6 +102,11 @@ def main(argv=None) -> int:
             floor_s = decode_floor_seconds(workload.input_lens, workload.output_lens, hf_config, bw, args.max_num_seqs)
             row["floor_output_tok_s"] = sum(workload.output_lens) / floor_s
             row["fraction_of_floor"] = med["output_tok_s"] / row["floor_output_tok_s"]
+            # With the prefill's compute and compute-bound decode steps (at the measured GEMM rate).
+            roof_s = roofline_floor_seconds(workload.input_lens, workload.output_lens, hf_config, bw, peak,
+                                            args.max_num_seqs)
+            row["roofline_output_tok_s"] = sum(workload.output_lens) / roof_s
+            row["fraction_of_roofline"] = med["output_tok_s"] / row["roofline_output_tok_s"]
         stats = engine.get_stats()
         result["engine"] = {"runs": runs, "median": med, "num_gpu_blocks": engine.num_gpu_blocks,
                             "num_preemptions_total": stats.num_preemptions_total,
@@ -136,11 +144,12 @@ def main(argv=None) -> int:
                          "seconds": secs, "output_tok_s": toks / secs,
                          "total_tok_s": (toks + sum(sub.input_lens)) / secs})
     result["rows"] = rows
-    print(f"device: {device_name()}, bandwidth: {bw and round(bw)} GB/s, model {args.model}, dataset {args.dataset}")
+    print(f"device: {device_name()}, bandwidth: {bw and round(bw)} GB/s, GEMM {peak and round(peak)} TFLOPS, "
+          f"model {args.model}, dataset {args.dataset}")
     if "engine" in result:
         print("decode steps (batch >= 200), median ms:", result["engine"]["step_phases_decode_batch_ge_200"])
     print_table(rows, ["backend", "requests", "seconds", "output_tok_s", "total_tok_s", "floor_output_tok_s",
-                       "fraction_of_floor"])
+                       "fraction_of_floor", "roofline_output_tok_s", "fraction_of_roofline"])
     write_json(args.out, result)
     return 0
 
