@@ -321,7 +321,24 @@ def compile_sm90() -> list[dict]:
         ptx = k.asm["ptx"]
         return dict(kernel=fn.__name__, consts={c: v for c, v in consts.items() if c.isupper()},
                     cp_async=k.asm["ttgir"].count("async_copy_global_to_local"), wgmma="wgmma" in ptx,
-                    vec16=bool(re.search(r"ld\.global[.\w]*\.v4\.b32", ptx)), shared=k.metadata.shared)
+                    vec16=bool(re.search(r"ld\.global[.\w]*\.v4\.b32", ptx)), shared=k.metadata.shared,
+                    **ptxas_usage(ptx))
+
+    def ptxas_usage(ptx: str) -> dict:
+        """Registers per thread and spilled bytes, from triton's ptxas in verbose mode."""
+        import subprocess
+        import tempfile
+
+        from triton.backends.nvidia import compiler as nv
+
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(ptx)
+            f.flush()
+            r = subprocess.run([nv.get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                               capture_output=True, text=True)
+        regs = re.search(r"Used (\d+) registers", r.stderr)
+        spills = re.search(r"(\d+) bytes spill stores", r.stderr)
+        return dict(registers=int(regs.group(1)) if regs else None, spill_bytes=int(spills.group(1)) if spills else None)
 
     bf, i32, i64, f32 = "*bf16", "i32", "i64", "fp32"
     attn = dict(Q=bf, KCache=bf, VCache=bf, BlockTables="*i32", SeqLens="*i32", QueryStartLoc="*i32", Out=bf,
@@ -345,6 +362,25 @@ def compile_sm90() -> list[dict]:
     out.append(build(F._rotary_kernel, dict(rot, Pos="*i64", Q=bf, K=bf, CosSin="*fp32", QO=bf, KO=bf),
                      dict(NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_HQ=16, BLOCK_HK=8, BLOCK_HALF=64,
                           BLOCK_D=128, HAS_PASS=False)))
+    # The fused q/k-norm + rotary + cache write: Qwen3 (norm, GQA 16/8) and Llama-8B (no norm, 32/8).
+    qkv = dict(QKV=bf, Pos="*i64", CosSin="*fp32", QNormW=bf, KNormW=bf, QOut=bf, KCache=bf, VCache=bf, Slots="*i64",
+               stride_t=i32, stride_cs=i32, stride_qo=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32, eps=f32)
+    for hq, norm in ((16, True), (32, False)):
+        out.append(build(F._qkv_rope_cache_kernel, qkv, dict(NUM_Q_HEADS=hq, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64,
+                                                             BLOCK_HQ=hq, BLOCK_HK=8, BLOCK_HALF=64, BLOCK_D=128,
+                                                             HAS_PASS=False, HAS_NORM=norm, BLOCK_SIZE=16)))
+    gemv = dict(X=bf, W=bf, Bias=bf, Y=bf, N=i32, K=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32)
+    for m in (1, 4):
+        for cfg in F._gemv_configs():
+            out.append(build(F._gemv_kernel_impl, gemv, dict(M=m, BLOCK_M=m, HAS_BIAS=False, **cfg.kwargs),
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    from vllm_engine.layers import triton_sampler as S
+
+    out.append(build(S._gumbel_argmax_kernel, dict(logits_ptr=bf, stride_row=i32, temp_ptr="*fp32", best_val_ptr="*fp32",
+                                                   best_idx_ptr="*i32", vocab_size=i32, chunk=i32, seed=i32,
+                                                   num_chunks=i32), dict(BLOCK=2048), num_warps=8))
+    out.append(build(S._chunk_argmax_kernel, dict(best_val_ptr="*fp32", best_idx_ptr="*i32", out_ptr="*i64",
+                                                  num_chunks=i32), dict(BLOCK_C=16)))
     for row in out:
         print(row, flush=True)
     return out
