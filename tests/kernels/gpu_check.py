@@ -166,6 +166,42 @@ def run_decode(device: str, budget: Budget, roof: float, log: Callable) -> list[
     return rows
 
 
+def run_decode_ragged(device: str, budget: Budget, roof: float, log: Callable) -> list[dict]:
+    """Ragged contexts (uniform in [100, 2048], as mid-way through the nano workload): programs in
+    index order vs. longest first (``seq_order``), at the split plan of a graph for max_model_len 4096."""
+    rows = []
+    log("\n== decode, ragged contexts: index order vs longest first ==")
+    backend = TritonAttentionBackend()
+    gen = torch.Generator().manual_seed(0)
+    cases = [("tiny", 8)] if SMOKE else [("qwen3-0.6b", 256), ("qwen3-0.6b", 128), ("qwen3-0.6b", 48), ("llama-8b", 256)]
+    for name, bs in cases:
+        if not budget.left():
+            continue
+        m = MODELS[name]
+        ctx = torch.randint(100, 200 if SMOKE else 2049, (bs,), generator=gen).tolist()
+        q, k, v, cache, meta = build_batch([(c - 1, 1) for c in ctx], m, torch.bfloat16, device)
+        K.reshape_and_cache(k, v, cache, meta.slot_mapping)
+        scale = 1 / math.sqrt(m["head_dim"])
+        splits = backend.decode_splits(bs, m["num_kv_heads"], 4096, q.device)
+        order = torch.argsort(meta.seq_lens, descending=True, stable=True).to(torch.int32)
+        outs, times = [], []
+        for seq_order in (None, order):
+            out = torch.empty_like(q)
+            args = (q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, bs, scale, None)
+            times.append(bench(lambda: K.paged_attention_decode(*args, num_splits=splits, mixed=True,
+                                                                seq_order=seq_order), graph=True))
+            outs.append(out)
+        same = torch.equal(outs[0], outs[1])
+        gbs = [kv_bytes(meta, m, 2) / t / 1e3 for t in times]
+        rows.append(dict(model=name, bs=bs, splits=splits, index_order_us=times[0], longest_first_us=times[1],
+                         index_order_pct_roof=100 * gbs[0] / roof, longest_first_pct_roof=100 * gbs[1] / roof,
+                         speedup=times[0] / times[1], identical=same))
+        log(f"{name:12s} bs {bs:4d} splits {splits:3d}: index order {times[0]:8.1f} us ({100 * gbs[0] / roof:.0f}% roof), "
+            f"longest first {times[1]:8.1f} us ({100 * gbs[1] / roof:.0f}% roof), identical={same}")
+        del q, k, v, cache, meta, outs
+    return rows
+
+
 def run_decode_sweep(device: str, budget: Budget, roof: float, log: Callable) -> list[dict]:
     rows = []
     log("\n== decode sweep (tile_n, num_warps, splits) ==")
@@ -344,14 +380,15 @@ def compile_sm90() -> list[dict]:
     attn = dict(Q=bf, KCache=bf, VCache=bf, BlockTables="*i32", SeqLens="*i32", QueryStartLoc="*i32", Out=bf,
                 scale_log2=f32, stride_qt=i32, stride_qh=i32, stride_bt=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32,
                 stride_ot=i32, stride_oh=i32, sliding_window=i32, num_seqs=i32, MidO="*fp32", MidLse="*fp32",
-                stride_mo_s=i32, stride_mo_h=i32, stride_mo_p=i32, stride_ml_s=i32, stride_ml_h=i32)
+                stride_mo_s=i32, stride_mo_h=i32, stride_mo_p=i32, stride_ml_s=i32, stride_ml_h=i32, SeqOrder="*i32")
     dot = dict(DOT_PREC="tf32", DOT_F32=False)
     out = [build(K._reshape_and_cache_kernel, dict(K=bf, V=bf, KCache=bf, VCache=bf, Slots="*i64", stride_kt=i32,
                  stride_kh=i32, stride_vt=i32, stride_vh=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32),
                  dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_H=8, BLOCK_D=128))]
     for splits, group, head_dim in ((1, 2, 128), (16, 4, 128), (4, 3, 96)):
         out.append(build(K._decode_kernel, attn, dict(GROUP=group, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_D=128,
-                                                      BLOCK_SIZE=16, TILE_N=64, NUM_SPLITS=splits, MIXED=True, **dot)))
+                                                      BLOCK_SIZE=16, TILE_N=64, NUM_SPLITS=splits, MIXED=True, HAS_ORDER=True,
+                                                      **dot)))
     out.append(build(K._decode_reduce_kernel, attn, dict(NUM_SPLITS=16, HEAD_DIM=128, BLOCK_D=128, MIXED=True)))
     out.append(build(K._prefill_kernel, attn, dict(GROUP=4, BLOCK_M=128, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16,
                                                    TILE_N=64, SKIP_DECODES=True, **dot), num_warps=8, num_stages=2))
@@ -414,6 +451,7 @@ def main() -> None:
         pass
     with torch.inference_mode():
         for section, fn in (("decode", lambda: run_decode(device, budget, roof, log)),
+                            ("decode_ragged", lambda: run_decode_ragged(device, budget, roof, log)),
                             ("prefill", lambda: run_prefill(device, budget, log)),
                             ("fused", lambda: run_fused(device, budget, roof, log)),
                             ("decode_sweep", lambda: run_decode_sweep(device, budget, roof, log))):

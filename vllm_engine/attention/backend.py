@@ -37,6 +37,9 @@ class AttentionMetadata:
     # Host copies, so backends can plan (and the reference can loop) without a device sync.
     query_start_loc_cpu: Optional[list[int]] = None
     seq_lens_cpu: Optional[list[int]] = None
+    # int32 [num_seqs]: the sequences longest first, a scheduling hint for kernels that give each
+    # sequence its own programs (long ones start first, short ones fill the tail). None: index order.
+    decode_order: Optional[torch.Tensor] = None
 
     @property
     def is_decode_only(self) -> bool:

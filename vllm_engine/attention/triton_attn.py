@@ -100,5 +100,6 @@ class TritonAttentionBackend(AttentionBackend):
         if num_decodes:
             splits = self.decode_splits(num_decodes, num_kv_heads, metadata.max_seq_len, query.device)
             # mixed=True: sequences with q_len != 1 (prefills, or empty padding entries) are skipped.
-            K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n)
+            K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n,
+                                     seq_order=metadata.decode_order)
         return out

@@ -85,25 +85,32 @@ def _online_softmax_step(qk, m_i, l_i, acc, v):
 
 @triton.jit
 def _decode_kernel(
-    Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out, MidO, MidLse,
+    Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out, MidO, MidLse, SeqOrder,
     scale_log2,
     stride_qt, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch, stride_ot, stride_oh,
     stride_mo_s, stride_mo_h, stride_mo_p, stride_ml_s, stride_ml_h,
     sliding_window,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, HAS_ORDER: tl.constexpr,
 ):
-    """Grid (num_seqs, num_kv_heads, NUM_SPLITS). All GROUP query heads of one kv head share each K/V tile.
+    """Grid (NUM_SPLITS, num_kv_heads, num_seqs). All GROUP query heads of one kv head share each K/V tile.
+
+    Programs are dispatched in grid order (splits, then heads, vary fastest): with ``HAS_ORDER`` the
+    z index is a rank and ``SeqOrder[rank]`` the sequence, longest first. Long sequences then start
+    first and short ones fill the tail, instead of a long one starting last and running alone
+    (ragged batches lose 10-25% to that tail in a simulation of the nano workload).
 
     Split ``p`` covers an equal, TILE_N-aligned share of the sequence's visible keys (computed here
     from seq_lens, so the split plan adapts to the real length even under CUDA-graph replay). With
     one split the result goes straight to Out; otherwise (normalized acc, log2-sum-exp) go to
     MidO/MidLse for the reduce kernel. Sequences with q_len != 1 are skipped when MIXED.
     """
-    seq = tl.program_id(0)
+    split = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    seq = tl.program_id(2)
+    if HAS_ORDER:
+        seq = tl.load(SeqOrder + seq)
     row = tl.load(QueryStartLoc + seq)
     if MIXED:
         if tl.load(QueryStartLoc + seq + 1) - row != 1:
@@ -339,10 +346,13 @@ def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor,
                            num_seqs: int, scale: float, sliding_window: Optional[int], num_splits: int,
-                           mixed: bool, tile_n: Optional[int] = None, num_warps: Optional[int] = None) -> None:
+                           mixed: bool, tile_n: Optional[int] = None, num_warps: Optional[int] = None,
+                           seq_order: Optional[torch.Tensor] = None) -> None:
     """Attention for the sequences with q_len == 1 (every sequence unless ``mixed``), into ``out``.
 
     ``num_splits`` (a power of 2): partitions of each context, merged by a reduce kernel when > 1.
+    ``seq_order``: int32 [>= num_seqs], a permutation of the sequences in the order their programs
+    should start (longest first); None: index order. It changes only the schedule, never the result.
     """
     _check_last_dim(query, kv_cache, out)
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -356,8 +366,9 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
     else:
         mid_o = mid_lse = out  # unused
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _decode_kernel[(num_splits, num_kv_heads, num_seqs)](
         query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
+        seq_order if seq_order is not None else seq_lens,
         scale * LOG2E,
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         out.stride(0), out.stride(1),
@@ -366,7 +377,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size,
         TILE_N=tile_n, NUM_SPLITS=num_splits, MIXED=mixed, **_dot_args(kv_cache.dtype),
-        num_warps=num_warps or 4, num_stages=3,
+        HAS_ORDER=seq_order is not None, num_warps=num_warps or 4, num_stages=3,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](

@@ -45,6 +45,9 @@ class CUDAGraphRunner:
         self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        # The decode kernel's program order (longest sequence first); padding rows last, in index order.
+        self.decode_order = torch.arange(max_bs, dtype=torch.int32, device=device)
+        self.arange = torch.arange(max_bs, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.hidden_size, self.dtype = hidden_size, dtype
 
@@ -54,6 +57,7 @@ class CUDAGraphRunner:
             seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
             max_query_len=1, max_seq_len=self.max_model_len,
             query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[self.max_model_len] * bs,
+            decode_order=self.decode_order[:bs],
         )
 
     @torch.inference_mode()
@@ -98,7 +102,12 @@ class CUDAGraphRunner:
         self.seq_lens[:n].copy_(meta.seq_lens)
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables)
+        if meta.decode_order is not None:
+            self.decode_order[:n].copy_(meta.decode_order)
+        else:
+            self.decode_order[:n].copy_(self.arange[:n])
         if bs > n:
+            self.decode_order[n:bs].copy_(self.arange[n:bs])
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)
             self.block_tables[n:bs, 0].zero_()

@@ -279,6 +279,8 @@ class ModelRunner:
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
+            # Longest first: the decode kernel starts their programs first (a shorter tail).
+            decode_order=_h2d(np.argsort(-seq_lens, kind="stable").astype(np.int32), dev) if num_seqs > 1 else None,
         )
         return StepInputs(
             input_ids=input_ids,
