@@ -11,9 +11,12 @@ for stage in "$@"; do
   case $stage in
     gputest)    python -m pytest -q -x tests/e2e/test_gpu_engine.py tests/layers/test_sampler.py tests/kernels/test_fused_ops.py \
                   tests/kernels/test_triton_sampler.py 2>&1 | tail -15 ;;
-    gemv)       python $B/gemv_bench.py --out "$OUT/gemv.json" ;;
-    latency_gemv) VLLM_ENGINE_GEMV_MAX_ROWS=4 python $B/latency.py --model llama-3.1-8b --input-len 1000 --output-len 128 \
-                  --batch-sizes 1 4 --runs 5 --out "$OUT/latency_gemv.json" ;;
+    linear)     python $B/linear_bench.py --out "$OUT/linear.json" ;;
+    cublas)     # A/B: the same measurements with cuBLAS for every linear layer (no LinearPicker)
+                VLLM_ENGINE_LINEAR=cublas python $B/latency.py --model llama-3.1-8b --input-len 1000 --output-len 128 \
+                  --batch-sizes 1 4 --runs 5 --out "$OUT/latency_cublas.json"
+                VLLM_ENGINE_LINEAR=cublas python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 3 \
+                  --out "$OUT/throughput_qwen3_cublas.json" ;;
     timeline)   python $B/gpu_timeline.py --model qwen3-0.6b --out "$OUT/timeline_qwen3.json"
                 python $B/gpu_timeline.py --model llama-3.1-8b --out "$OUT/timeline_llama8b.json" ;;
     profile)    python $B/gpu_kernel_profile.py --model qwen3-0.6b --batch 256 | tail -12

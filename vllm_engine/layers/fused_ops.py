@@ -10,11 +10,9 @@ leading dims are flattened into rows.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from vllm_engine.layers import activation as _act
 from vllm_engine.layers import layernorm as _ln
@@ -199,40 +197,6 @@ if triton is not None:
             tl.store(VCache + base + offs_d, v.to(VCache.dtype.element_ty), mask=mfull)
 
 
-    def _gemv_configs():
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                for bn, bk, w, st in [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 3),
-                                      (16, 512, 8, 3), (16, 256, 8, 4), (32, 256, 8, 3), (4, 1024, 4, 2),
-                                      (8, 1024, 8, 2)]]
-
-    @triton.jit
-    def _gemv_kernel_impl(X, W, Bias, Y, N, K, stride_xm, stride_wn, stride_ym, M: tl.constexpr, BLOCK_M: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m: each program streams BLOCK_N
-        rows of W once, with float32 products accumulated elementwise and reduced at the end."""
-        pid = tl.program_id(0)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        mmask = offs_m < M
-        nmask = offs_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        w_ptr = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-        for k0 in range(0, K, BLOCK_K):
-            kmask = (k0 + offs_k) < K
-            w = tl.load(w_ptr + k0, mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            acc += x[:, None, :] * w[None, :, :]
-        y = tl.sum(acc, axis=2)
-        if HAS_BIAS:
-            y += tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
-
-    # Tile sizes chosen per (M, N, K) by timing every config once (on the GPU only; the first call of a
-    # shape happens in the warm-up before CUDA-graph capture).
-    _gemv_kernel = triton.autotune(configs=_gemv_configs(), key=["M", "N", "K"])(_gemv_kernel_impl)
 
 
 def _rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -325,41 +289,9 @@ def torch_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache,
     return q.contiguous()
 
 
-# Rows up to which ``linear`` takes the Triton GEMV on CUDA. At batch 1-4 a decode step is a
-# weight-streaming GEMV. Off (0: always cuBLAS) until tests/benchmarks/gemv_bench.py has measured it
-# against cuBLAS on the GPU (docs/kernels.md); VLLM_ENGINE_GEMV_MAX_ROWS=4 turns it on.
-GEMV_MAX_ROWS = int(os.environ.get("VLLM_ENGINE_GEMV_MAX_ROWS", "0"))
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, except for 2-D inputs of at most GEMV_MAX_ROWS rows on CUDA: the Triton GEMV."""
-    if _use_triton(x) and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS:
-        return triton_gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
 # The kernels themselves, on any device Triton can run on.
 
 
-def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                block_n: Optional[int] = None, block_k: Optional[int] = None) -> torch.Tensor:
-    """x [M, K] (M small), weight [N, K], bias [N] or None -> [M, N] in x.dtype. Tile sizes are
-    autotuned on CUDA unless given (the interpreter tests give them)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    if weight.shape[1] != k or weight.stride(-1) != 1:
-        raise ValueError(f"gemv: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    args = (x, weight, bias if bias is not None else weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0))
-    common = dict(M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None)
-    if block_n is None and x.is_cuda:
-        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **common)
-    else:
-        block_n, block_k = block_n or 8, block_k or 256
-        _gemv_kernel_impl[(triton.cdiv(n, block_n),)](*args, **common, BLOCK_N=block_n, BLOCK_K=block_k)
-    return y
 
 
 def triton_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache, rotary_dim, q_norm_weight,

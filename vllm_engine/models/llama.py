@@ -36,8 +36,8 @@ class Ops:
     cos_sin_cache[max_pos, rotary_dim] float32, rotary_dim) -> (q, k)`` (neox style). All return ``x.dtype``.
     ``qkv_rope_cache(positions, qkv, heads, kv_heads, cos_sin_cache, rotary_dim, q_norm_w, k_norm_w, eps,
     kv_cache, slot_mapping) -> q``: q/k norm (when the weights are given), rotary, and the K/V cache
-    write in one pass (see fused_ops.qkv_rope_cache). ``linear(x, w, b)``: F.linear (on CUDA a Triton
-    GEMV for a few rows)."""
+    write in one pass (see fused_ops.qkv_rope_cache). ``linear(x, w, b)``: F.linear (on CUDA a
+    ``layers.linear.LinearPicker``: cuBLAS or a Triton GEMV/GEMM per shape, whichever measures faster)."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
@@ -86,8 +86,21 @@ def get_ops(device: torch.device) -> Ops:
         getattr(fused_ops, "silu_and_mul", TORCH_OPS.silu_and_mul),
         getattr(fused_ops, "rotary", TORCH_OPS.rotary),
         getattr(fused_ops, "qkv_rope_cache", TORCH_OPS.qkv_rope_cache),
-        getattr(fused_ops, "linear", F.linear),
+        _linear_picker(),
     )
+
+
+def _linear_picker() -> Callable[..., torch.Tensor]:
+    """cuBLAS or our Triton kernels per shape; VLLM_ENGINE_LINEAR=cublas forces cuBLAS (A/B benchmarks)."""
+    import os
+
+    if os.environ.get("VLLM_ENGINE_LINEAR", "auto") == "cublas":
+        return F.linear
+    try:
+        from vllm_engine.layers.linear import LinearPicker
+    except Exception:  # pragma: no cover - no Triton: cuBLAS for everything
+        return F.linear
+    return LinearPicker()
 
 
 # ---- config helpers ------------------------------------------------------------------------------

@@ -82,6 +82,9 @@ class ModelRunner:
                 self.model_config.max_model_len, self.block_size, self.model_config.hf_config.hidden_size,
                 self.dtype, self.device)
             self.graph_runner.capture()
+        picker = getattr(getattr(self.model, "ops", None), "linear", None)
+        if hasattr(picker, "summary"):  # layers.linear.LinearPicker: which kernel each shape got
+            logger.info("%s", picker.summary())
         return self.kv_cache.num_blocks, self.kv_cache.num_cpu_blocks
 
     def _profile_free_memory(self) -> int:

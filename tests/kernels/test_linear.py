@@ -1,0 +1,98 @@
+"""layers/linear.py: the Triton GEMV and GEMM against float64, and LinearPicker's choice logic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm_engine.layers import linear as L
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/kernels/conftest.py)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rand(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+
+def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b, dtype: torch.dtype) -> None:
+    assert y.shape == (x.shape[0], w.shape[0]) and y.dtype == dtype
+    want = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    # One rounding of a float32 sum: relative to the value and to the sum of |products| (the dot may cancel).
+    scale = x.double().abs() @ w.double().abs().T
+    err = (y.double() - want).abs().cpu()
+    bound = RTOL[dtype] * (want.abs().cpu() + 1e-2) + 1e-5 * scale.cpu()
+    assert (err <= bound).all(), err.max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,bias", [(1, 37, 300, False), (3, 64, 256, True), (4, 20, 77, False)])
+def test_gemv(dtype, m, n, k, bias):
+    x, w = rand(m, k, dtype=dtype, seed=50), rand(n, k, dtype=dtype, seed=51)
+    b = rand(n, dtype=dtype, seed=52) if bias else None
+    check(L.triton_gemv(x, w, b, block_n=16, block_k=64), x, w, b, dtype)  # tiles smaller than N and K
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,bias", [(5, 40, 96, False), (33, 70, 64, True), (16, 32, 100, False)])
+def test_matmul(dtype, m, n, k, bias):
+    x, w = rand(m, k, dtype=dtype, seed=60), rand(n, k, dtype=dtype, seed=61)
+    b = rand(n, dtype=dtype, seed=62) if bias else None
+    # Several row, column and K tiles, with ragged edges on every side.
+    check(L.triton_matmul(x, w, b, block_m=16, block_n=32, block_k=32), x, w, b, dtype)
+
+
+def test_matmul_strided_input_and_zero_rows():
+    big = rand(9, 80, dtype=torch.float32, seed=63)
+    x = big[:, 8:72]  # rows with a stride
+    w = rand(24, 64, dtype=torch.float32, seed=64)
+    check(L.triton_matmul(x, w, block_m=16, block_n=16, block_k=32), x, w, None, torch.float32)
+    assert L.triton_matmul(x[:0], w).shape == (0, 24)
+
+
+def test_bucket():
+    assert [L._bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 200, 256)] == [1, 2, 4, 4, 8, 8, 16, 256, 256]
+
+
+class FakeTimer:
+    """Seconds per candidate, looked up by the function the picker times."""
+
+    def __init__(self, seconds: dict):
+        self.seconds = seconds
+        self.calls = 0
+
+    def __call__(self, fn):
+        self.calls += 1
+        return self.seconds[fn.__defaults__[0]]
+
+
+def test_picker_keeps_cublas_unless_ours_wins_by_the_margin():
+    cublas, ours = (lambda *a: "c"), (lambda *a: "o")
+    timer = FakeTimer({cublas: 10e-6, ours: 9.7e-6})  # 3% faster: below the 5% margin
+    picker = L.LinearPicker(margin=0.05, timer=timer)
+    choice, times = picker.decide(("k1",), {"cublas": cublas, "triton_gemm": ours})
+    assert choice == "cublas" and times == {"cublas": 10e-6, "triton_gemm": 9.7e-6}
+    timer.seconds[ours] = 8e-6  # 20% faster
+    assert picker.decide(("k2",), {"cublas": cublas, "triton_gemm": ours})[0] == "triton_gemm"
+    timer.seconds[ours] = 20e-6
+    assert picker.decide(("k3",), {"cublas": cublas, "gemv": ours})[0] == "cublas"
+    assert set(picker.decisions) == {("k1",), ("k2",), ("k3",)}
+    assert "triton_gemm for 1" in picker.summary() and "cublas for 2" in picker.summary()
+
+
+def test_picker_candidates_by_rows():
+    assert set(L.LinearPicker.candidates(1)) == {"cublas", "gemv"}
+    assert set(L.LinearPicker.candidates(4)) == {"cublas", "gemv"}
+    assert set(L.LinearPicker.candidates(5)) == {"cublas", "triton_gemm"}
+    assert L.LinearPicker.candidates(256)["cublas"] is F.linear
+
+
+def test_picker_off_cuda_is_f_linear_and_times_nothing():
+    timer = FakeTimer({})
+    picker = L.LinearPicker(timer=timer)
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    assert torch.equal(picker(x, w, b), F.linear(x, w, b))
+    assert timer.calls == 0 and not picker.decisions

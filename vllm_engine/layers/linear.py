@@ -1,0 +1,237 @@
+"""Linear layers on the GPU: cuBLAS, or a Triton kernel where that measures faster for the shape.
+
+A decode step multiplies a few hundred rows at most by each weight matrix. At 1-4 rows the work is a
+GEMV that streams the weights once; at 8-256 rows a small GEMM whose tiles are too few to fill an
+H100. cuBLAS is not always best at either, so for inputs of at most ``MAX_ROWS`` rows
+``LinearPicker`` times cuBLAS against our kernel (``triton_gemv`` for <= 4 rows, ``triton_matmul``
+above) the first time it meets a shape, with the L2 cache flushed between calls as in a real step,
+and keeps the faster (our kernel must win by ``margin``). Shapes are keyed by the row count rounded
+up to a power of 2, so a few dozen decisions cover every CUDA-graph bucket. Decisions are made in
+the warm-up runs before graph capture, never inside a capture. Off CUDA it is ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: F.linear serves every call
+    triton = None
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = 256  # larger inputs (prefill) always take cuBLAS
+GEMV_MAX_ROWS = 4
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    def _gemv_configs():
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bn, bk, w, st in [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 3),
+                                      (16, 512, 8, 3), (16, 256, 8, 4), (32, 256, 8, 3), (4, 1024, 4, 2),
+                                      (8, 1024, 8, 2)]]
+
+    @triton.jit
+    def _gemv_kernel_impl(X, W, Bias, Y, N, K, stride_xm, stride_wn, stride_ym, M: tl.constexpr, BLOCK_M: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m: each program streams BLOCK_N
+        rows of W once, with float32 products accumulated elementwise and reduced at the end."""
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mmask = offs_m < M
+        nmask = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        w_ptr = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + offs_k) < K
+            w = tl.load(w_ptr + k0, mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += x[:, None, :] * w[None, :, :]
+        y = tl.sum(acc, axis=2)
+        if HAS_BIAS:
+            y += tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+    # Tile sizes chosen per (M, N, K) by timing every config once (on the GPU only; the first call of a
+    # shape happens in the warm-up before CUDA-graph capture).
+    _gemv_kernel = triton.autotune(configs=_gemv_configs(), key=["M", "N", "K"])(_gemv_kernel_impl)
+
+    def _matmul_configs():
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bm, bn, bk, w, st in [(16, 64, 128, 4, 5), (32, 64, 128, 4, 4), (64, 32, 128, 4, 4),
+                                          (64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4),
+                                          (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)]]
+
+    @triton.jit
+    def _matmul_kernel_impl(X, W, Bias, Y, M, N, K, stride_xm, stride_wn, stride_ym, M_BUCKET,
+                            HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y = x @ w.T (+ bias), fp32 accumulation on tensor
+        cores. Column tiles vary fastest, so the programs running together share x tiles in L2.
+        ``M_BUCKET`` is unused here: the autotuner keys on it."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mmask = offs_m < M
+        nmask = offs_n < N
+        x_ptr = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        w_ptr = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # a [BLOCK_K, BLOCK_N] view of w.T
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + offs_k) < K
+            a = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_ptr + k0, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+    _matmul_kernel = triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K"])(_matmul_kernel_impl)
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                block_n: Optional[int] = None, block_k: Optional[int] = None) -> torch.Tensor:
+    """x [M, K] (M small), weight [N, K], bias [N] or None -> [M, N] in x.dtype. Tile sizes are
+    autotuned on CUDA unless given (the interpreter tests give them)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or weight.stride(-1) != 1:
+        raise ValueError(f"gemv: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    args = (x, weight, bias if bias is not None else weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0))
+    common = dict(M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None)
+    if block_n is None and x.is_cuda:
+        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **common)
+    else:
+        block_n, block_k = block_n or 8, block_k or 256
+        _gemv_kernel_impl[(triton.cdiv(n, block_n),)](*args, **common, BLOCK_N=block_n, BLOCK_K=block_k)
+    return y
+
+
+def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  block_m: Optional[int] = None, block_n: Optional[int] = None,
+                  block_k: Optional[int] = None) -> torch.Tensor:
+    """x [M, K], weight [N, K], bias [N] or None -> [M, N] in x.dtype, for M up to a few hundred. Tiles
+    are autotuned per (M rounded up to a power of 2, N, K) on CUDA unless given (the interpreter tests)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or weight.stride(-1) != 1:
+        raise ValueError(f"matmul: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    dot_f32 = x.dtype == torch.bfloat16 and _interpreted()  # the interpreter's bf16 dot is wrong
+    prec = "ieee" if x.dtype == torch.float32 or dot_f32 else "tf32"
+    args = (x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+            _bucket(m))
+    common = dict(HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC=prec)
+    if block_m is None and x.is_cuda:
+        _matmul_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))](*args, **common)
+    else:
+        block_m, block_n, block_k = block_m or 16, block_n or 32, block_k or 32
+        _matmul_kernel_impl[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+            *args, **common, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return y
+
+
+def cuda_time_s(fn: Callable[[], object], reps: int = 15, flush_bytes: int = 64 << 20) -> float:
+    """Median seconds of ``fn()`` on the GPU, with the L2 cache flushed before every call (a decode
+    step reads each weight from HBM, not from L2)."""
+    flush = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda")
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+class LinearPicker:
+    """``picker(x, weight, bias=None)`` is ``F.linear(x, weight, bias)``, computed by whichever of
+    cuBLAS and our Triton kernel measured faster for the shape (see the module docstring).
+
+    ``timer(fn) -> seconds`` is injectable (tests); ``decisions`` maps each key
+    (rows rounded up to a power of 2, N, K, dtype, has bias) to (choice, {candidate: seconds})."""
+
+    def __init__(self, margin: float = 0.05, timer: Optional[Callable[[Callable[[], object]], float]] = None,
+                 max_rows: int = MAX_ROWS) -> None:
+        self.margin = margin
+        self.timer = timer or cuda_time_s
+        self.max_rows = max_rows
+        self.decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
+
+    @staticmethod
+    def candidates(m: int) -> dict[str, Callable]:
+        ours = ("gemv", triton_gemv) if m <= GEMV_MAX_ROWS else ("triton_gemm", triton_matmul)
+        return {"cublas": F.linear, ours[0]: ours[1]}
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if triton is None or not x.is_cuda or x.dim() != 2 or not 0 < x.shape[0] <= self.max_rows:
+            return F.linear(x, weight, bias)
+        m = x.shape[0]
+        key = (_bucket(m), weight.shape[0], weight.shape[1], x.dtype, bias is not None)
+        decided = self.decisions.get(key)
+        if decided is None:
+            if torch.cuda.is_current_stream_capturing():  # never time inside a graph capture
+                return F.linear(x, weight, bias)
+            decided = self.decide(key, self.candidates(m), x, weight, bias)
+        return self.candidates(m)[decided[0]](x, weight, bias)
+
+    def decide(self, key: tuple, candidates: dict[str, Callable], *args) -> tuple[str, dict[str, float]]:
+        """Times every candidate on ``args``; cuBLAS unless another is faster by ``margin``."""
+        times = {name: self.timer(lambda fn=fn: fn(*args)) for name, fn in candidates.items()}
+        best = min(times, key=times.get)
+        choice = best if times[best] < (1 - self.margin) * times["cublas"] else "cublas"
+        self.decisions[key] = (choice, times)
+        logger.debug("linear %s: %s (%s)", key, choice, {k: f"{v * 1e6:.1f}us" for k, v in times.items()})
+        return self.decisions[key]
+
+    def summary(self) -> str:
+        """One line for the startup log: which kernel each shape got, and the time it saved."""
+        if not self.decisions:
+            return "linear: no shapes timed"
+        counts: dict[str, int] = {}
+        saved = 0.0
+        for choice, times in self.decisions.values():
+            counts[choice] = counts.get(choice, 0) + 1
+            saved += times["cublas"] - times[choice]
+        parts = ", ".join(f"{c} for {n}" for c, n in sorted(counts.items()))
+        return (f"linear kernels over {len(self.decisions)} shapes: {parts}; one call of each shape takes "
+                f"{saved * 1e6:.0f} us less in total than with cuBLAS")
