@@ -345,7 +345,7 @@ def compile_sm90() -> list[dict]:
     from vllm_engine.layers import fused_ops as F
     from vllm_engine.layers import linear as L
 
-    not_div = {"stride_bt", "num_seqs", "sliding_window", "eps", "scale_log2", "M", "M_BUCKET"}
+    not_div = {"stride_bt", "num_seqs", "sliding_window", "eps", "scale_log2", "M"}
 
     def build(fn, types: dict, consts: dict, num_warps: int = 4, num_stages: int = 3) -> dict:
         sig, attrs = {}, {}
@@ -409,13 +409,13 @@ def compile_sm90() -> list[dict]:
                                                              HAS_PASS=False, HAS_NORM=norm, BLOCK_SIZE=16)))
     gemv = dict(X=bf, W=bf, Bias=bf, Y=bf, N=i32, K=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32)
     for m in (1, 4):
-        for cfg in L._gemv_configs():
-            out.append(build(L._gemv_kernel_impl, gemv, dict(M=m, BLOCK_M=m, HAS_BIAS=False, **cfg.kwargs),
-                             num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    mm = dict(gemv, M=i32, M_BUCKET=i32)
-    for cfg in L._matmul_configs():
-        out.append(build(L._matmul_kernel_impl, mm, dict(HAS_BIAS=False, DOT_F32=False, DOT_PREC="tf32", **cfg.kwargs),
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        for bn, bk, warps, stages in L.GEMV_CONFIGS:
+            out.append(build(L._gemv_kernel_impl, gemv, dict(M=m, BLOCK_M=m, HAS_BIAS=False, BLOCK_N=bn, BLOCK_K=bk),
+                             num_warps=warps, num_stages=stages))
+    mm = dict(gemv, M=i32)
+    for bm, bn, bk, warps, stages in L.GEMM_CONFIGS:
+        out.append(build(L._matmul_kernel_impl, mm, dict(HAS_BIAS=False, DOT_F32=False, DOT_PREC="tf32", BLOCK_M=bm,
+                                                         BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages))
     from vllm_engine.layers import triton_sampler as S
 
     out.append(build(S._gumbel_argmax_kernel, dict(logits_ptr=bf, stride_row=i32, temp_ptr="*fp32", best_val_ptr="*fp32",

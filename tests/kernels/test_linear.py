@@ -33,7 +33,7 @@ def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b, dtype: torch.dty
 def test_gemv(dtype, m, n, k, bias):
     x, w = rand(m, k, dtype=dtype, seed=50), rand(n, k, dtype=dtype, seed=51)
     b = rand(n, dtype=dtype, seed=52) if bias else None
-    check(L.triton_gemv(x, w, b, block_n=16, block_k=64), x, w, b, dtype)  # tiles smaller than N and K
+    check(L.triton_gemv(x, w, b, config=(16, 64, 4, 1)), x, w, b, dtype)  # tiles smaller than N and K
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -42,14 +42,14 @@ def test_matmul(dtype, m, n, k, bias):
     x, w = rand(m, k, dtype=dtype, seed=60), rand(n, k, dtype=dtype, seed=61)
     b = rand(n, dtype=dtype, seed=62) if bias else None
     # Several row, column and K tiles, with ragged edges on every side.
-    check(L.triton_matmul(x, w, b, block_m=16, block_n=32, block_k=32), x, w, b, dtype)
+    check(L.triton_matmul(x, w, b, config=(16, 32, 32, 4, 2)), x, w, b, dtype)
 
 
 def test_matmul_strided_input_and_zero_rows():
     big = rand(9, 80, dtype=torch.float32, seed=63)
     x = big[:, 8:72]  # rows with a stride
     w = rand(24, 64, dtype=torch.float32, seed=64)
-    check(L.triton_matmul(x, w, block_m=16, block_n=16, block_k=32), x, w, None, torch.float32)
+    check(L.triton_matmul(x, w, config=(16, 16, 32, 4, 2)), x, w, None, torch.float32)
     assert L.triton_matmul(x[:0], w).shape == (0, 24)
 
 
@@ -73,20 +73,26 @@ def test_picker_keeps_cublas_unless_ours_wins_by_the_margin():
     cublas, ours = (lambda *a: "c"), (lambda *a: "o")
     timer = FakeTimer({cublas: 10e-6, ours: 9.7e-6})  # 3% faster: below the 5% margin
     picker = L.LinearPicker(margin=0.05, timer=timer)
-    choice, times = picker.decide(("k1",), {"cublas": cublas, "triton_gemm": ours})
-    assert choice == "cublas" and times == {"cublas": 10e-6, "triton_gemm": 9.7e-6}
-    timer.seconds[ours] = 8e-6  # 20% faster
-    assert picker.decide(("k2",), {"cublas": cublas, "triton_gemm": ours})[0] == "triton_gemm"
+    choice, times = picker.decide(("k1",), {"cublas": cublas, "gemm a": ours})
+    assert choice == "cublas" and times == {"cublas": 10e-6, "gemm a": 9.7e-6}
+    slow = lambda *a: "s"  # noqa: E731
+    timer.seconds.update({ours: 8e-6, slow: 9e-6})  # 20% and 10% faster: the fastest config wins
+    assert picker.decide(("k2",), {"cublas": cublas, "gemm slow": slow, "gemm a": ours})[0] == "gemm a"
+    assert picker._fns[("k2",)] is ours
     timer.seconds[ours] = 20e-6
-    assert picker.decide(("k3",), {"cublas": cublas, "gemv": ours})[0] == "cublas"
+    assert picker.decide(("k3",), {"cublas": cublas, "gemv a": ours})[0] == "cublas"
     assert set(picker.decisions) == {("k1",), ("k2",), ("k3",)}
-    assert "triton_gemm for 1" in picker.summary() and "cublas for 2" in picker.summary()
+    assert "gemm for 1" in picker.summary() and "cublas for 2" in picker.summary()
 
 
 def test_picker_candidates_by_rows():
-    assert set(L.LinearPicker.candidates(1)) == {"cublas", "gemv"}
-    assert set(L.LinearPicker.candidates(4)) == {"cublas", "gemv"}
-    assert set(L.LinearPicker.candidates(5)) == {"cublas", "triton_gemm"}
+    kinds = lambda m: {name.split()[0] for name in L.LinearPicker.candidates(m)}  # noqa: E731
+    assert kinds(1) == kinds(4) == {"cublas", "gemv"}
+    assert kinds(5) == kinds(256) == {"cublas", "gemm"}
+    assert len(L.LinearPicker.candidates(1)) == 1 + len(L.GEMV_CONFIGS)
+    # No row tile larger than the rows rounded up (16 at least): 8 rows try only the 16-row tiles.
+    assert all(int(n.split()[1].split("x")[0]) <= 16 for n in L.LinearPicker.candidates(8) if n != "cublas")
+    assert len(L.LinearPicker.candidates(256)) == 1 + len(L.GEMM_CONFIGS)
     assert L.LinearPicker.candidates(256)["cublas"] is F.linear
 
 

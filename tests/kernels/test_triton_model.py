@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpret
 def _linear(x, w, b=None):
     # Small tiles, so the tiny shapes still cover several tiles and the masked edges.
     if x.shape[0] <= 4:
-        return L.triton_gemv(x, w, b, block_n=16, block_k=32)
-    return L.triton_matmul(x, w, b, block_m=16, block_n=32, block_k=32)
+        return L.triton_gemv(x, w, b, config=(16, 32, 4, 1))
+    return L.triton_matmul(x, w, b, config=(16, 32, 32, 4, 2))
 
 
 TRITON_OPS = Ops(FO.triton_rms_norm, FO.triton_fused_add_rms_norm, FO.triton_silu_and_mul, FO.triton_rotary,

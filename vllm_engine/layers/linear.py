@@ -3,15 +3,16 @@
 A decode step multiplies a few hundred rows at most by each weight matrix. At 1-4 rows the work is a
 GEMV that streams the weights once; at 8-256 rows a small GEMM whose tiles are too few to fill an
 H100. cuBLAS is not always best at either, so for inputs of at most ``MAX_ROWS`` rows
-``LinearPicker`` times cuBLAS against our kernel (``triton_gemv`` for <= 4 rows, ``triton_matmul``
-above) the first time it meets a shape, with the L2 cache flushed between calls as in a real step,
-and keeps the faster (our kernel must win by ``margin``). Shapes are keyed by the row count rounded
+``LinearPicker`` times cuBLAS against every tile config of our kernel (``triton_gemv`` for <= 4
+rows, ``triton_matmul`` above) the first time it meets a shape, with the L2 cache flushed before
+each call as in a real step, and keeps the fastest (ours must beat cuBLAS by ``margin``). Shapes are keyed by the row count rounded
 up to a power of 2, so a few dozen decisions cover every CUDA-graph bucket. Decisions are made in
 the warm-up runs before graph capture, never inside a capture. Off CUDA it is ``F.linear``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
@@ -29,7 +30,14 @@ except ImportError:  # CPU-only installs: F.linear serves every call
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 256  # larger inputs (prefill) always take cuBLAS
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 4  # up to here our candidates are the GEMV's configs, above the GEMM's
+
+# The tile configs the picker tries: (BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMV,
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMM.
+GEMV_CONFIGS = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 3), (16, 512, 8, 3),
+                (16, 256, 8, 4), (32, 256, 8, 3), (4, 1024, 4, 2), (8, 1024, 8, 2)]
+GEMM_CONFIGS = [(16, 64, 128, 4, 5), (32, 64, 128, 4, 4), (64, 32, 128, 4, 4), (64, 64, 64, 4, 4), (64, 64, 128, 4, 3),
+                (64, 128, 64, 4, 4), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)]
 
 
 def _interpreted() -> bool:
@@ -37,12 +45,6 @@ def _interpreted() -> bool:
 
 
 if triton is not None:
-
-    def _gemv_configs():
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                for bn, bk, w, st in [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 3),
-                                      (16, 512, 8, 3), (16, 256, 8, 4), (32, 256, 8, 3), (4, 1024, 4, 2),
-                                      (8, 1024, 8, 2)]]
 
     @triton.jit
     def _gemv_kernel_impl(X, W, Bias, Y, N, K, stride_xm, stride_wn, stride_ym, M: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -69,23 +71,13 @@ if triton is not None:
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
-    # Tile sizes chosen per (M, N, K) by timing every config once (on the GPU only; the first call of a
-    # shape happens in the warm-up before CUDA-graph capture).
-    _gemv_kernel = triton.autotune(configs=_gemv_configs(), key=["M", "N", "K"])(_gemv_kernel_impl)
-
-    def _matmul_configs():
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                for bm, bn, bk, w, st in [(16, 64, 128, 4, 5), (32, 64, 128, 4, 4), (64, 32, 128, 4, 4),
-                                          (64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4),
-                                          (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)]]
 
     @triton.jit
-    def _matmul_kernel_impl(X, W, Bias, Y, M, N, K, stride_xm, stride_wn, stride_ym, M_BUCKET,
+    def _matmul_kernel_impl(X, W, Bias, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                             HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y = x @ w.T (+ bias), fp32 accumulation on tensor
-        cores. Column tiles vary fastest, so the programs running together share x tiles in L2.
-        ``M_BUCKET`` is unused here: the autotuner keys on it."""
+        cores. Column tiles vary fastest, so the programs running together share x tiles in L2."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -109,7 +101,6 @@ if triton is not None:
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
-    _matmul_kernel = triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K"])(_matmul_kernel_impl)
 
 
 def _bucket(m: int) -> int:
@@ -117,9 +108,9 @@ def _bucket(m: int) -> int:
 
 
 def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                block_n: Optional[int] = None, block_k: Optional[int] = None) -> torch.Tensor:
-    """x [M, K] (M small), weight [N, K], bias [N] or None -> [M, N] in x.dtype. Tile sizes are
-    autotuned on CUDA unless given (the interpreter tests give them)."""
+                config: tuple = (8, 256, 4, 3)) -> torch.Tensor:
+    """x [M, K] (M small), weight [N, K], bias [N] or None -> [M, N] in x.dtype.
+    ``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k or weight.stride(-1) != 1:
@@ -127,21 +118,20 @@ def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    args = (x, weight, bias if bias is not None else weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0))
-    common = dict(M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None)
-    if block_n is None and x.is_cuda:
-        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **common)
-    else:
-        block_n, block_k = block_n or 8, block_k or 256
-        _gemv_kernel_impl[(triton.cdiv(n, block_n),)](*args, **common, BLOCK_N=block_n, BLOCK_K=block_k)
+    if m == 0:
+        return y
+    block_n, block_k, warps, stages = config
+    _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
     return y
 
 
 def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  block_m: Optional[int] = None, block_n: Optional[int] = None,
-                  block_k: Optional[int] = None) -> torch.Tensor:
-    """x [M, K], weight [N, K], bias [N] or None -> [M, N] in x.dtype, for M up to a few hundred. Tiles
-    are autotuned per (M rounded up to a power of 2, N, K) on CUDA unless given (the interpreter tests)."""
+                  config: tuple = (64, 64, 64, 4, 4)) -> torch.Tensor:
+    """x [M, K], weight [N, K], bias [N] or None -> [M, N] in x.dtype, for M up to a few hundred.
+    ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k or weight.stride(-1) != 1:
@@ -152,16 +142,11 @@ def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if m == 0:
         return y
     dot_f32 = x.dtype == torch.bfloat16 and _interpreted()  # the interpreter's bf16 dot is wrong
-    prec = "ieee" if x.dtype == torch.float32 or dot_f32 else "tf32"
-    args = (x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-            _bucket(m))
-    common = dict(HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC=prec)
-    if block_m is None and x.is_cuda:
-        _matmul_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))](*args, **common)
-    else:
-        block_m, block_n, block_k = block_m or 16, block_n or 32, block_k or 32
-        _matmul_kernel_impl[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
-            *args, **common, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    block_m, block_n, block_k, warps, stages = config
+    _matmul_kernel_impl[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC="ieee" if x.dtype == torch.float32 or dot_f32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -196,11 +181,20 @@ class LinearPicker:
         self.timer = timer or cuda_time_s
         self.max_rows = max_rows
         self.decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
+        self._fns: dict[tuple, Callable] = {}  # the chosen function per key
 
     @staticmethod
     def candidates(m: int) -> dict[str, Callable]:
-        ours = ("gemv", triton_gemv) if m <= GEMV_MAX_ROWS else ("triton_gemm", triton_matmul)
-        return {"cublas": F.linear, ours[0]: ours[1]}
+        """cuBLAS, and each tile config of our kernel for ``m`` rows: "gemv 8x256 w4 s3", "gemm 64x64x64 w4 s4"..."""
+        out: dict[str, Callable] = {"cublas": F.linear}
+        if m <= GEMV_MAX_ROWS:
+            for c in GEMV_CONFIGS:
+                out["gemv %dx%d w%d s%d" % c] = functools.partial(triton_gemv, config=c)
+        else:
+            for c in GEMM_CONFIGS:
+                if c[0] <= max(16, _bucket(m)):  # no row tile larger than the rows rounded up
+                    out["gemm %dx%dx%d w%d s%d" % c] = functools.partial(triton_matmul, config=c)
+        return out
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if triton is None or not x.is_cuda or x.dim() != 2 or not 0 < x.shape[0] <= self.max_rows:
@@ -212,7 +206,7 @@ class LinearPicker:
             if torch.cuda.is_current_stream_capturing():  # never time inside a graph capture
                 return F.linear(x, weight, bias)
             decided = self.decide(key, self.candidates(m), x, weight, bias)
-        return self.candidates(m)[decided[0]](x, weight, bias)
+        return self._fns[key](x, weight, bias)
 
     def decide(self, key: tuple, candidates: dict[str, Callable], *args) -> tuple[str, dict[str, float]]:
         """Times every candidate on ``args``; cuBLAS unless another is faster by ``margin``."""
@@ -220,6 +214,7 @@ class LinearPicker:
         best = min(times, key=times.get)
         choice = best if times[best] < (1 - self.margin) * times["cublas"] else "cublas"
         self.decisions[key] = (choice, times)
+        self._fns[key] = candidates[choice]
         logger.debug("linear %s: %s (%s)", key, choice, {k: f"{v * 1e6:.1f}us" for k, v in times.items()})
         return self.decisions[key]
 
@@ -230,7 +225,8 @@ class LinearPicker:
         counts: dict[str, int] = {}
         saved = 0.0
         for choice, times in self.decisions.values():
-            counts[choice] = counts.get(choice, 0) + 1
+            kind = choice.split()[0]
+            counts[kind] = counts.get(kind, 0) + 1
             saved += times["cublas"] - times[choice]
         parts = ", ".join(f"{c} for {n}" for c, n in sorted(counts.items()))
         return (f"linear kernels over {len(self.decisions)} shapes: {parts}; one call of each shape takes "
