@@ -176,6 +176,16 @@ def measure_gemm_tflops(n: int = 8192, iters: int = 20) -> Optional[float]:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
+def linear_choices(engine: Any) -> Optional[dict]:
+    """What the engine's LinearPicker chose per shape (None without one: CPU, or VLLM_ENGINE_LINEAR=cublas)."""
+    picker = getattr(getattr(engine.model_runner.model, "ops", None), "linear", None)
+    if not hasattr(picker, "decisions"):
+        return None
+    return {"summary": picker.summary(),
+            "decisions": {str(key[:3]): {"choice": choice, "us": {c: round(t * 1e6, 2) for c, t in times.items()}}
+                          for key, (choice, times) in picker.decisions.items()}}
+
+
 def percentiles(values: list[float], ps=(50, 90, 99)) -> dict[str, float]:
     if not values:
         return {f"p{p}": float("nan") for p in ps}

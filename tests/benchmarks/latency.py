@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (device_name, kv_bytes_per_token, make_workload, measure_bandwidth_gbs,  # noqa: E402
-                    percentiles, print_table, weight_bytes, write_json)
+                    linear_choices, percentiles, print_table, weight_bytes, write_json)
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 
@@ -61,7 +61,9 @@ def main(argv=None) -> int:
     cfg = engine.model_config.hf_config
     bw = measure_bandwidth_gbs()
     rows, result = [], {"benchmark": "latency", "args": vars(args), "bandwidth_gbs": bw}
-    one_batch(engine, make_workload("random", cfg.vocab_size, 2, 64, 8, 99).prompts, 8, "warm")
+    # Warm-up at the measured shapes: the first prompt of a new length compiles kernel variants.
+    for bs in args.batch_sizes:
+        one_batch(engine, make_workload("random", cfg.vocab_size, bs, args.input_len, 8, 99).prompts, 8, f"warm{bs}")
     for bs in args.batch_sizes:
         ttfts, tpots = [], []
         for run in range(args.runs):
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
             row["tpot_p50_over_floor"] = statistics.median(tpots) / floor
         rows.append(row)
     result["rows"] = rows
+    result["linear"] = linear_choices(engine)
     print(f"device: {device_name()}, bandwidth {bw and round(bw)} GB/s, model {args.model}, "
           f"input {args.input_len}, output {args.output_len}")
     print_table(rows, ["batch", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p90",

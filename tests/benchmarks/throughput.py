@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from common import (decode_floor_seconds, device_name, hf_generate_batch, hf_model_from_config,  # noqa: E402
-                    hf_static_generate, make_workload, measure_bandwidth_gbs, measure_gemm_tflops, print_table,
-                    roofline_floor_seconds, sync, write_json)
+                    hf_static_generate, linear_choices, make_workload, measure_bandwidth_gbs, measure_gemm_tflops,
+                    print_table, roofline_floor_seconds, sync, write_json)
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 
@@ -108,6 +108,7 @@ def main(argv=None) -> int:
             row["roofline_output_tok_s"] = sum(workload.output_lens) / roof_s
             row["fraction_of_roofline"] = med["output_tok_s"] / row["roofline_output_tok_s"]
         stats = engine.get_stats()
+        result["linear"] = linear_choices(engine)
         result["engine"] = {"runs": runs, "median": med, "num_gpu_blocks": engine.num_gpu_blocks,
                             "num_preemptions_total": stats.num_preemptions_total,
                             "step_phases_decode_batch_ge_200": summarize_steps(profile, 200)}

@@ -1,0 +1,30 @@
+"""The benchmark scripts run end to end on the CPU with a tiny model (the GPU runs are in gpu_suite.sh):
+they must not break between GPU sessions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import latency  # noqa: E402
+import throughput  # noqa: E402
+
+
+def test_throughput_and_latency_scripts(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir("qwen3"))
+    out = tmp_path / "tp.json"
+    assert throughput.main(["--model", model, "--load-format", "auto", "--dataset", "random", "--num-prompts", "3",
+                            "--input-len", "20", "--output-len", "5", "--runs", "1", "--max-model-len", "128",
+                            "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    row = res["rows"][0]
+    assert row["backend"] == "vllm-engine" and row["requests"] == 3 and row["output_tok_s"] > 0
+    assert res["linear"] is None  # no LinearPicker on the CPU
+    out = tmp_path / "lat.json"
+    assert latency.main(["--model", model, "--load-format", "auto", "--input-len", "20", "--output-len", "4",
+                         "--batch-sizes", "1", "2", "--runs", "1", "--max-model-len", "64", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["tpot_ms_p50"] > 0 for r in rows)
