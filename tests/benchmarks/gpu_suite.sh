@@ -10,7 +10,8 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     gputest)    python -m pytest -q -x tests/e2e/test_gpu_engine.py tests/layers/test_sampler.py tests/kernels/test_fused_ops.py \
-                  tests/kernels/test_triton_sampler.py 2>&1 | tail -15 ;;
+                  tests/kernels/test_triton_sampler.py tests/kernels/test_linear.py tests/kernels/test_triton_attention.py \
+                  2>&1 | tail -15 ;;
     linear)     python $B/linear_bench.py --out "$OUT/linear.json" ;;
     cublas)     # A/B: the same measurements with cuBLAS for every linear layer (no LinearPicker)
                 VLLM_ENGINE_LINEAR=cublas python $B/latency.py --model llama-3.1-8b --input-len 1000 --output-len 128 \
