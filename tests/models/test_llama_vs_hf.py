@@ -43,3 +43,20 @@ def test_ops_hook_picks_fused_ops_on_cuda_only():
     ops = get_ops(torch.device("cuda"))  # a device name: no GPU needed to pick the functions
     assert ops.rms_norm is fused_ops.rms_norm and ops.fused_add_rms_norm is fused_ops.fused_add_rms_norm
     assert ops.silu_and_mul is fused_ops.silu_and_mul and ops.rotary is fused_ops.rotary
+
+
+def test_linear_mode_env(monkeypatch):
+    import torch.nn.functional as F
+
+    from vllm_engine.models.llama import get_ops
+
+    monkeypatch.setenv("VLLM_ENGINE_LINEAR", "cublas")
+    assert get_ops(torch.device("cuda")).linear is F.linear
+    monkeypatch.setenv("VLLM_ENGINE_LINEAR", "fast")
+    with pytest.raises(ValueError, match="VLLM_ENGINE_LINEAR"):
+        get_ops(torch.device("cuda"))
+    monkeypatch.setenv("VLLM_ENGINE_LINEAR", "auto")
+    pytest.importorskip("triton")
+    from vllm_engine.layers.linear import LinearPicker
+
+    assert isinstance(get_ops(torch.device("cuda")).linear, LinearPicker)

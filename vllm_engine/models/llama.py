@@ -94,7 +94,10 @@ def _linear_picker() -> Callable[..., torch.Tensor]:
     """cuBLAS or our Triton kernels per shape; VLLM_ENGINE_LINEAR=cublas forces cuBLAS (A/B benchmarks)."""
     import os
 
-    if os.environ.get("VLLM_ENGINE_LINEAR", "auto") == "cublas":
+    mode = os.environ.get("VLLM_ENGINE_LINEAR", "auto")
+    if mode not in ("auto", "cublas"):
+        raise ValueError(f"VLLM_ENGINE_LINEAR={mode!r}: use 'auto' (time cuBLAS against our kernels) or 'cublas'.")
+    if mode == "cublas":
         return F.linear
     try:
         from vllm_engine.layers.linear import LinearPicker
