@@ -185,3 +185,22 @@ def smollm2_gguf() -> Path:
 def run_paged() -> Callable[..., list[list[torch.Tensor]]]:
     """``run_paged(model, model_config, seqs, schedule)``: see ``run_paged_steps``."""
     return run_paged_steps
+
+
+def check_paged_logits_against_hf(model, cfg, hf, lens: list[int], schedule: list[list[int]], tol: float) -> None:
+    """Random sequences of ``lens`` tokens fed through our model in the chunks of ``schedule``
+    (``run_paged_steps``) give HF's logits for every position, within ``tol`` (abs and rel)."""
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lens]
+    assert [sum(c[i] for c in schedule) for i in range(len(lens))] == lens
+    ours = run_paged_steps(model, cfg, seqs, schedule)
+    for seq, got in zip(seqs, ours):
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq])).logits[0].float()
+        torch.testing.assert_close(torch.stack(got), ref, atol=tol, rtol=tol)
+
+
+@pytest.fixture(scope="session")
+def paged_vs_hf() -> Callable[..., None]:
+    """``paged_vs_hf(model, model_config, hf_model, lens, schedule, tol)``: see ``check_paged_logits_against_hf``."""
+    return check_paged_logits_against_hf

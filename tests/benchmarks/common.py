@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from vllm_engine.layers.linear import cuda_time_s
 
 
 @dataclass
@@ -58,18 +59,7 @@ def measure_bandwidth_gbs(size_mib: int = 1024, iters: int = 20) -> Optional[flo
     n = size_mib * 2**20 // 2
     a = torch.empty(n, dtype=torch.float16, device="cuda")
     b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * a.numel() * a.element_size() / statistics.median(times) / 1e9
+    return 2 * a.numel() * a.element_size() / cuda_time_s(lambda: b.copy_(a), reps=iters, flush_bytes=0) / 1e9
 
 
 def weight_bytes(hf_config: Any, bytes_per_param: int = 2) -> int:
@@ -97,19 +87,23 @@ def decode_floor_seconds(input_lens: list[int], output_lens: list[int], hf_confi
     every running sequence, at the measured bandwidth. Requests start as soon as a slot frees (FCFS)."""
     w, kvt = weight_bytes(hf_config), kv_bytes_per_token(hf_config)
     bw = bandwidth_gbs * 1e9
+    return sum((w + kvt * context) / bw for _, context in fcfs_decode_steps(input_lens, output_lens, max_num_seqs))
+
+
+def fcfs_decode_steps(input_lens: list[int], output_lens: list[int], max_num_seqs: int):
+    """The decode steps of a workload when requests start as soon as a slot frees (FCFS): yields
+    (running sequences, their summed context length) per step."""
     pending = list(zip(input_lens, output_lens))[::-1]
     running: list[list[int]] = []  # [context, remaining]
-    total = 0.0
     while pending or running:
         while pending and len(running) < max_num_seqs:
             i, o = pending.pop()
             running.append([i, o])
-        total += (w + kvt * sum(r[0] for r in running)) / bw
+        yield len(running), sum(r[0] for r in running)
         for r in running:
             r[0] += 1
             r[1] -= 1
         running = [r for r in running if r[1] > 0]
-    return total
 
 
 def linear_flops_per_token(hf_config: Any) -> int:
@@ -140,19 +134,8 @@ def roofline_floor_seconds(input_lens: list[int], output_lens: list[int], hf_con
     prefill = sum(n * lin + lm_head + attention_flops(hf_config, 0, n) for n in input_lens) / peak
     w, kvt = weight_bytes(hf_config), kv_bytes_per_token(hf_config)
     bw = bandwidth_gbs * 1e9
-    pending = list(zip(input_lens, output_lens))[::-1]
-    running: list[list[int]] = []  # [context, remaining]
-    decode = 0.0
-    while pending or running:
-        while pending and len(running) < max_num_seqs:
-            i, o = pending.pop()
-            running.append([i, o])
-        n = len(running)
-        decode += max(w / bw, n * (lin + lm_head) / peak) + kvt * sum(r[0] for r in running) / bw
-        for r in running:
-            r[0] += 1
-            r[1] -= 1
-        running = [r for r in running if r[1] > 0]
+    decode = sum(max(w / bw, n * (lin + lm_head) / peak) + kvt * context / bw
+                 for n, context in fcfs_decode_steps(input_lens, output_lens, max_num_seqs))
     return prefill + decode
 
 
@@ -162,19 +145,7 @@ def measure_gemm_tflops(n: int = 8192, iters: int = 20) -> Optional[float]:
         return None
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n**3 / statistics.median(times) / 1e12
-
+    return 2 * n**3 / cuda_time_s(lambda: a @ b, reps=iters, flush_bytes=0) / 1e12
 
 def linear_choices(engine: Any) -> Optional[dict]:
     """What the engine's LinearPicker chose per shape (None without one: CPU, or VLLM_ENGINE_LINEAR=cublas)."""

@@ -15,7 +15,7 @@ from vllm_engine.layers import fused_ops as FO
 from vllm_engine.layers import linear as L
 from vllm_engine.models.llama import LlamaForCausalLM, Ops
 
-# run_paged builds its tensors on the CPU: this is the interpreter's test (the GPU has test_gpu_engine.py).
+# run_paged_steps builds its tensors on the CPU: this is the interpreter's test (the GPU has test_gpu_engine.py).
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter test")
 
 
@@ -41,7 +41,7 @@ class LongestFirst(TritonAttentionBackend):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])  # q/k norm + GQA; sliding window
-def test_triton_layers_match_hf(arch, tiny_model_dir, run_paged):
+def test_triton_layers_match_hf(arch, tiny_model_dir, paged_vs_hf):
     from transformers import AutoModelForCausalLM
 
     path = tiny_model_dir(arch)
@@ -51,13 +51,4 @@ def test_triton_layers_match_hf(arch, tiny_model_dir, run_paged):
                              dtype=torch.float32, ops=TRITON_OPS)
     model.load_weights((name, t) for name, t in hf.state_dict().items())
     model.eval()
-    gen = torch.Generator().manual_seed(1)
-    lens = [23, 9, 5]
-    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lens]
-    schedule = [[12, 0, 4], [9, 8, 1], [1, 1, 0], [1, 0, 0]]
-    assert [sum(c[i] for c in schedule) for i in range(3)] == lens
-    ours = run_paged(model, cfg, seqs, schedule)
-    for seq, got in zip(seqs, ours):
-        with torch.no_grad():
-            ref = hf(torch.tensor([seq])).logits[0].float()
-        torch.testing.assert_close(torch.stack(got), ref, atol=2e-3, rtol=2e-3)
+    paged_vs_hf(model, cfg, hf, [23, 9, 5], [[12, 0, 4], [9, 8, 1], [1, 1, 0], [1, 0, 0]], tol=2e-3)

@@ -11,29 +11,21 @@ from vllm_engine.config import EngineArgs
 from vllm_engine.model_loader import get_model
 
 @pytest.mark.parametrize("arch", ["llama", "llama3_rope", "tied", "mistral", "qwen2", "qwen3"])
-def test_logits_match_hf(arch, tiny_model_dir, run_paged):
+def test_logits_match_hf(arch, tiny_model_dir, paged_vs_hf):
     from transformers import AutoModelForCausalLM
 
     path = tiny_model_dir(arch)
     cfg = EngineArgs(model=str(path), dtype="float32", device="cpu", max_model_len=256).create_engine_config().model
     model = get_model(cfg, torch.device("cpu"), TorchAttentionBackend())
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(1)
     # Lengths past the Mistral window (16) and past llama3's original context (32).
     lens = [39, 21, 7]
-    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lens]
     schedule = [
         [20, 0, 5],    # sequence 0: first chunk; sequence 2: whole prompt
         [12, 18, 1],   # sequence 0: second chunk on top of cached tokens; sequence 1: whole prompt; 2 decodes
         [1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0], [3, 0, 0],
     ]
-    assert [sum(c[i] for c in schedule) for i in range(3)] == lens
-    ours = run_paged(model, cfg, seqs, schedule)
-    for seq, got in zip(seqs, ours):
-        with torch.no_grad():
-            ref = hf(torch.tensor([seq])).logits[0].float()
-        torch.testing.assert_close(torch.stack(got), ref, atol=1e-4, rtol=1e-4)
-
+    paged_vs_hf(model, cfg, hf, lens, schedule, tol=1e-4)
 
 def test_ops_hook_picks_fused_ops_on_cuda_only():
     from vllm_engine.models.llama import TORCH_OPS, get_ops

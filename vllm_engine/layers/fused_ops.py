@@ -95,6 +95,16 @@ if triton is not None:
             tl.store(O + t * stride_ot + offs_h * stride_oh + offs_d, xp, mask=pmask)
 
     @triton.jit
+    def _cos_sin(Pos, CosSin, t, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """cos and sin [1, BLOCK_HALF] (float32) of token t's position, from the cos | sin cache rows."""
+        pos = tl.load(Pos + t).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_HALF)[None, :]
+        cmask = offs_r < HALF
+        cos = tl.load(CosSin + pos * stride_cs + offs_r, mask=cmask, other=0.0).to(tl.float32)
+        sin = tl.load(CosSin + pos * stride_cs + HALF + offs_r, mask=cmask, other=0.0).to(tl.float32)
+        return cos, sin
+
+    @triton.jit
     def _rotary_kernel(Pos, Q, K, CosSin, QO, KO, stride_cs,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
                        NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -102,11 +112,7 @@ if triton is not None:
                        BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr):
         """One program per token: cos/sin of its position are read once for all q and k heads."""
         t = tl.program_id(0).to(tl.int64)
-        pos = tl.load(Pos + t).to(tl.int64)
-        offs_r = tl.arange(0, BLOCK_HALF)[None, :]
-        cmask = offs_r < HALF
-        cos = tl.load(CosSin + pos * stride_cs + offs_r, mask=cmask, other=0.0).to(tl.float32)
-        sin = tl.load(CosSin + pos * stride_cs + HALF + offs_r, mask=cmask, other=0.0).to(tl.float32)
+        cos, sin = _cos_sin(Pos, CosSin, t, stride_cs, HALF, BLOCK_HALF)
         _rotary_heads(Q, QO, t, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh, NUM_Q_HEADS, HEAD_DIM,
                       HALF, BLOCK_HQ, BLOCK_HALF, BLOCK_D, HAS_PASS)
         _rotary_heads(K, KO, t, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh, NUM_KV_HEADS, HEAD_DIM,
@@ -161,11 +167,9 @@ if triton is not None:
         (normalised and) rotated; q goes to QOut, k and v to the token's slot of the paged cache
         (slot < 0: padding, nothing written)."""
         t = tl.program_id(0).to(tl.int64)
-        pos = tl.load(Pos + t).to(tl.int64)
+        cos, sin = _cos_sin(Pos, CosSin, t, stride_cs, HALF, BLOCK_HALF)
         offs_r = tl.arange(0, BLOCK_HALF)[None, :]
         cmask = offs_r < HALF
-        cos = tl.load(CosSin + pos * stride_cs + offs_r, mask=cmask, other=0.0).to(tl.float32)
-        sin = tl.load(CosSin + pos * stride_cs + HALF + offs_r, mask=cmask, other=0.0).to(tl.float32)
         offs_d = tl.arange(0, BLOCK_D)[None, :]
 
         q1, q2, qp = _head_group(QKV, t, stride_t, cos, sin, QNormW, eps, NUM_Q_HEADS, HEAD_DIM, HALF, BLOCK_HQ,
@@ -304,9 +308,8 @@ def triton_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache
         raise ValueError(f"qkv has {qkv.shape[-1]} columns, expected {(num_heads + 2 * num_kv_heads) * head_dim}")
     num_tokens = qkv.shape[0]
     q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    n = min(num_tokens, slot_mapping.shape[0])
-    if n < num_tokens:
-        raise ValueError("slot_mapping must cover every token")
+    if slot_mapping.shape[0] < num_tokens:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {num_tokens} tokens")
     kc, vc = kv_cache[0], kv_cache[1]
     half = rotary_dim // 2
     has_norm = q_norm_weight is not None

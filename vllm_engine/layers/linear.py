@@ -107,17 +107,21 @@ def _bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
+def _checked_out(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x with a contiguous last dim, the empty [M, N] output) after checking weight [N, K] against x [M, K]."""
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.stride(-1) != 1:
+        raise ValueError(f"linear: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x, torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+
+
 def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 config: tuple = (8, 256, 4, 3)) -> torch.Tensor:
     """x [M, K] (M small), weight [N, K], bias [N] or None -> [M, N] in x.dtype.
     ``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    if weight.shape[1] != k or weight.stride(-1) != 1:
-        raise ValueError(f"gemv: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    x, y = _checked_out(x, weight)
+    (m, k), n = x.shape, y.shape[1]
     if m == 0:
         return y
     block_n, block_k, warps, stages = config
@@ -132,13 +136,8 @@ def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   config: tuple = (64, 64, 64, 4, 4)) -> torch.Tensor:
     """x [M, K], weight [N, K], bias [N] or None -> [M, N] in x.dtype, for M up to a few hundred.
     ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    if weight.shape[1] != k or weight.stride(-1) != 1:
-        raise ValueError(f"matmul: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    x, y = _checked_out(x, weight)
+    (m, k), n = x.shape, y.shape[1]
     if m == 0:
         return y
     dot_f32 = x.dtype == torch.bfloat16 and _interpreted()  # the interpreter's bf16 dot is wrong
@@ -150,15 +149,16 @@ def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return y
 
 
-def cuda_time_s(fn: Callable[[], object], reps: int = 15, flush_bytes: int = 64 << 20) -> float:
+def cuda_time_s(fn: Callable[[], object], reps: int = 15, flush_bytes: int = 64 << 20, warmup: int = 3) -> float:
     """Median seconds of ``fn()`` on the GPU, with the L2 cache flushed before every call (a decode
-    step reads each weight from HBM, not from L2)."""
-    flush = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda")
-    for _ in range(2):
+    step reads each weight from HBM, not from L2); ``flush_bytes=0``: no flush."""
+    flush = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda") if flush_bytes else None
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        flush.zero_()
+        if flush is not None:
+            flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
