@@ -11,11 +11,18 @@ window 16), qwen2 (qkv bias), qwen3 (q/k norm, explicit head_dim, tied embedding
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in the interpreter. The switch must be set before anything
+# imports triton (triton.jit decides at definition time), and any test module may import code that
+# does (tests/kernels/conftest.py explains), so it is set here, before collection.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vllm_engine.attention.backend import AttentionMetadata
 

@@ -15,8 +15,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vllm_engine.layers.linear import cuda_time_s
-
 
 @dataclass
 class Workload:
@@ -57,6 +55,8 @@ def measure_bandwidth_gbs(size_mib: int = 1024, iters: int = 20) -> Optional[flo
     if not torch.cuda.is_available():
         return None
     n = size_mib * 2**20 // 2
+    from vllm_engine.layers.linear import cuda_time_s  # imports triton: only when measuring on a GPU
+
     a = torch.empty(n, dtype=torch.float16, device="cuda")
     b = torch.empty_like(a)
     return 2 * a.numel() * a.element_size() / cuda_time_s(lambda: b.copy_(a), reps=iters, flush_bytes=0) / 1e9
@@ -143,6 +143,8 @@ def measure_gemm_tflops(n: int = 8192, iters: int = 20) -> Optional[float]:
     """Achieved dense bf16 GEMM rate (n x n x n, median), TFLOPS; None on CPU."""
     if not torch.cuda.is_available():
         return None
+    from vllm_engine.layers.linear import cuda_time_s
+
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     return 2 * n**3 / cuda_time_s(lambda: a @ b, reps=iters, flush_bytes=0) / 1e12
