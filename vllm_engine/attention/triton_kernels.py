@@ -69,7 +69,7 @@ def _load_kv_tile(Cache, BlockTables, seq, kvh, toks, nmask, offs_d,
 
 
 @triton.jit
-def _online_softmax_step(qk, m_i, l_i, acc, v):
+def _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC: tl.constexpr):
     """One FlashAttention update with log2-scaled scores ``qk`` [M, N] (masked entries -inf).
 
     Rows whose scores are all -inf so far keep m = -inf; ``m_safe`` keeps exp2 away from inf - inf.
@@ -79,7 +79,7 @@ def _online_softmax_step(qk, m_i, l_i, acc, v):
     p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return m_new, l_i, acc
 
 
@@ -147,7 +147,7 @@ def _decode_kernel(
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
                           stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
-        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v)
+        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty range (seq_len 0) gives zeros
     omask = gmask[:, None] & dmask[None, :]
@@ -267,7 +267,7 @@ def _prefill_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
                           stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
-        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v)
+        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
     for t0 in range(tl.maximum(kv_lo, full_hi), kv_hi, TILE_N):
         toks = t0 + offs_n
         nmask = toks < kv_hi
@@ -280,7 +280,7 @@ def _prefill_kernel(
         qk = tl.where(visible, qk, float("-inf"))
         v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
                           stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
-        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v)
+        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],

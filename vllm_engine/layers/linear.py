@@ -149,14 +149,23 @@ def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return y
 
 
+HOST_HEAD_START_CYCLES = 500_000  # ~0.3 ms of GPU spinning: longer than a Python launch of any candidate
+
+
 def cuda_time_s(fn: Callable[[], object], reps: int = 15, flush_bytes: int = 64 << 20, warmup: int = 3) -> float:
     """Median seconds of ``fn()`` on the GPU, with the L2 cache flushed before every call (a decode
-    step reads each weight from HBM, not from L2); ``flush_bytes=0``: no flush."""
+    step reads each weight from HBM, not from L2); ``flush_bytes=0``: no flush.
+
+    The GPU spins (``torch.cuda._sleep``) before each rep so that the host has queued the flush, the
+    events and ``fn``'s kernels before the GPU gets to them: the time is the kernels' alone, as in a
+    replayed CUDA graph. Without it a microsecond-scale kernel would be timed together with its
+    Python launch (tens of microseconds, more for a Triton launch than for cuBLAS)."""
     flush = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda") if flush_bytes else None
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        torch.cuda._sleep(HOST_HEAD_START_CYCLES)
         if flush is not None:
             flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
