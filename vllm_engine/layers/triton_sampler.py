@@ -23,9 +23,28 @@ except ImportError:  # pragma: no cover - triton is optional on CPU
 if triton is not None:
 
     @triton.jit
+    def _gumbel_update(row_ptr, offs, hi, u, inv_t, noise_scale, best_val, best_idx):
+        """Folds the tokens ``offs`` (uniforms ``u``) into the running best (strictly better: the first wins)."""
+        mask = offs < hi
+        x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        gumbel = -tl.log(-tl.log(u + 1e-20) + 1e-20)
+        score = x * inv_t + gumbel * noise_scale
+        score = tl.where(mask & (x > -float("inf")), score, -float("inf"))
+        blk_max = tl.max(score, axis=0)
+        blk_idx = tl.argmax(score, axis=0) + tl.min(offs, axis=0)
+        better = blk_max > best_val
+        return tl.where(better, blk_max, best_val), tl.where(better, blk_idx, best_idx)
+
+    @triton.jit
     def _gumbel_argmax_kernel(logits_ptr, stride_row, temp_ptr, best_val_ptr, best_idx_ptr, vocab_size, chunk,
-                              seed, num_chunks, BLOCK: tl.constexpr):
-        """Grid (rows, chunks): the best Gumbel score of one chunk of one row's vocabulary."""
+                              seed, num_chunks, tiles_per_row, BLOCK: tl.constexpr):
+        """Grid (rows, chunks): the best Gumbel score of one chunk of one row's vocabulary.
+
+        A tile of BLOCK tokens takes its uniforms from BLOCK / 4 Philox calls (``tl.rand4x``: four
+        numbers per call, a quarter of the generator's work of one call per token). The counter is
+        (row, tile, lane), so a token's noise depends on (seed, row, token) only, not on the chunking
+        (chunks are whole tiles)."""
+        QUARTER: tl.constexpr = BLOCK // 4
         row = tl.program_id(0)
         c = tl.program_id(1)
         t = tl.load(temp_ptr + row)
@@ -37,19 +56,16 @@ if triton is not None:
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
         lo = c * chunk
         hi = tl.minimum(lo + chunk, vocab_size)
+        lane = tl.arange(0, QUARTER)
         for start in range(lo, hi, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < hi
-            x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
-            u = tl.rand(seed, row * vocab_size + offs)  # keyed by (row, token): independent of the chunking
-            gumbel = -tl.log(-tl.log(u + 1e-20) + 1e-20)
-            score = x * inv_t + gumbel * noise_scale
-            score = tl.where(mask & (x > -float("inf")), score, -float("inf"))
-            blk_max = tl.max(score, axis=0)
-            blk_idx = tl.argmax(score, axis=0) + start
-            better = blk_max > best_val
-            best_idx = tl.where(better, blk_idx, best_idx)
-            best_val = tl.where(better, blk_max, best_val)
+            u0, u1, u2, u3 = tl.rand4x(seed, (row * tiles_per_row + start // BLOCK) * QUARTER + lane)
+            best_val, best_idx = _gumbel_update(row_ptr, start + lane, hi, u0, inv_t, noise_scale, best_val, best_idx)
+            best_val, best_idx = _gumbel_update(row_ptr, start + QUARTER + lane, hi, u1, inv_t, noise_scale,
+                                                best_val, best_idx)
+            best_val, best_idx = _gumbel_update(row_ptr, start + 2 * QUARTER + lane, hi, u2, inv_t, noise_scale,
+                                                best_val, best_idx)
+            best_val, best_idx = _gumbel_update(row_ptr, start + 3 * QUARTER + lane, hi, u3, inv_t, noise_scale,
+                                                best_val, best_idx)
         tl.store(best_val_ptr + row * num_chunks + c, best_val)
         tl.store(best_idx_ptr + row * num_chunks + c, best_idx)
 
@@ -78,6 +94,8 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, bl
     row picks the best chunk. The noise depends only on (seed, row, token), not on the chunking."""
     if triton is None:
         raise RuntimeError("triton is not available")
+    if block < 4 or block & (block - 1):
+        raise ValueError(f"block must be a power of 2 >= 4 (four uniforms per Philox call), got {block}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     num_rows, vocab = logits.shape
@@ -89,6 +107,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, bl
         best_val = torch.empty(num_rows, n, dtype=torch.float32, device=logits.device)
         best_idx = torch.empty(num_rows, n, dtype=torch.int32, device=logits.device)
         _gumbel_argmax_kernel[(num_rows, n)](logits, logits.stride(0), temperature.to(torch.float32).contiguous(),
-                                             best_val, best_idx, vocab, chunk, seed, n, BLOCK=block, num_warps=8)
+                                             best_val, best_idx, vocab, chunk, seed, n, triton.cdiv(vocab, block),
+                                             BLOCK=block, num_warps=8)
         _chunk_argmax_kernel[(num_rows,)](best_val, best_idx, out, n, BLOCK_C=max(2, triton.next_power_of_2(n)))
     return out

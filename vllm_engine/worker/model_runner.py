@@ -84,8 +84,27 @@ class ModelRunner:
             self.graph_runner.capture()
         picker = getattr(getattr(self.model, "ops", None), "linear", None)
         if hasattr(picker, "summary"):  # layers.linear.LinearPicker: which kernel each shape got
+            self._warm_lm_head()
             logger.info("%s", picker.summary())
         return self.kv_cache.num_blocks, self.kv_cache.num_cpu_blocks
+
+    @torch.inference_mode()
+    def _warm_lm_head(self) -> None:
+        """Runs the LM head at every row count a step can sample, rounded to the picker's buckets.
+
+        The LM head runs outside the CUDA graphs, on the rows being sampled (1 to max_num_seqs), so
+        without this the picker would time its candidates, and Triton compile the winners, in the
+        middle of the first requests (seconds of stall). Rows b and b - 1 per power of 2 b: Triton
+        compiles separate variants for a row count of 1, and for multiples of 16 and the rest.
+        """
+        max_rows = self.config.scheduler.max_num_seqs
+        rows, b = set(), 1
+        while b < 2 * max_rows:
+            rows.update(r for r in (min(b, max_rows), min(b, max_rows) - 1) if r >= 1)
+            b *= 2
+        hidden_size = self.model_config.hf_config.hidden_size
+        for n in sorted(rows):
+            self.model.compute_logits(torch.zeros(n, hidden_size, dtype=self.dtype, device=self.device))
 
     def _profile_free_memory(self) -> int:
         """Bytes left for KV blocks on the GPU after a warm-up forward at the largest batch."""
