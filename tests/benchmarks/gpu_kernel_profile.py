@@ -1,6 +1,8 @@
-"""Top GPU kernels of steady decode steps (torch.profiler), to see where a step's GPU time goes.
+"""Top GPU kernels of steady decode steps (torch.profiler), to see where a step's GPU time goes;
+``--mixed``: of the first steps instead, the prompt chunks (max_num_batched_tokens tokens each).
 
     PYTHONPATH=. python tests/benchmarks/gpu_kernel_profile.py --model qwen3-0.6b --batch 256
+    PYTHONPATH=. python tests/benchmarks/gpu_kernel_profile.py --model qwen3-0.6b --mixed --steps 4
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ def main(argv=None) -> int:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--mixed", action="store_true", help="profile the first steps (prompt chunks), not decode")
     args = p.parse_args(argv)
     e = Engine(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=args.batch)
     w = make_workload("random", e.model_config.vocab_size, args.batch, args.input_len, 1)
     params = SamplingParams(temperature=args.temperature, max_tokens=1000, ignore_eos=True, detokenize=False)
     for i, prompt in enumerate(w.prompts):
         e.add_request(str(i), prompt, params)
-    for _ in range(40):  # prefill + warm decode steps
+    for _ in range(0 if args.mixed else 40):  # prefill + warm decode steps
         e.step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,

@@ -24,16 +24,15 @@ if triton is not None:
 
     @triton.jit
     def _gumbel_update(row_ptr, offs, hi, u, inv_t, noise_scale, best_val, best_idx):
-        """Folds the tokens ``offs`` (uniforms ``u``) into the running best (strictly better: the first wins)."""
+        """Folds the tokens ``offs`` (uniforms ``u``) into the per-lane running best: elementwise, no
+        reduction per tile. A lane sees its tokens in increasing order and keeps the first on ties."""
         mask = offs < hi
         x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
         gumbel = -tl.log(-tl.log(u + 1e-20) + 1e-20)
         score = x * inv_t + gumbel * noise_scale
         score = tl.where(mask & (x > -float("inf")), score, -float("inf"))
-        blk_max = tl.max(score, axis=0)
-        blk_idx = tl.argmax(score, axis=0) + tl.min(offs, axis=0)
-        better = blk_max > best_val
-        return tl.where(better, blk_max, best_val), tl.where(better, blk_idx, best_idx)
+        better = score > best_val
+        return tl.where(better, score, best_val), tl.where(better, offs, best_idx)
 
     @triton.jit
     def _gumbel_argmax_kernel(logits_ptr, stride_row, temp_ptr, best_val_ptr, best_idx_ptr, vocab_size, chunk,
@@ -41,9 +40,10 @@ if triton is not None:
         """Grid (rows, chunks): the best Gumbel score of one chunk of one row's vocabulary.
 
         A tile of BLOCK tokens takes its uniforms from BLOCK / 4 Philox calls (``tl.rand4x``: four
-        numbers per call, a quarter of the generator's work of one call per token). The counter is
-        (row, tile, lane), so a token's noise depends on (seed, row, token) only, not on the chunking
-        (chunks are whole tiles)."""
+        numbers per call). The counter is (row, tile, lane), so a token's noise depends on (seed, row,
+        token) only, not on the chunking (chunks are whole tiles). Each of the BLOCK / 4 lanes keeps
+        its own best over the chunk; one reduction at the end picks the best lane (the lowest token
+        on ties), so a tie anywhere goes to the first token."""
         QUARTER: tl.constexpr = BLOCK // 4
         row = tl.program_id(0)
         c = tl.program_id(1)
@@ -51,12 +51,12 @@ if triton is not None:
         greedy = t <= 0.0
         inv_t = 1.0 / tl.where(greedy, 1.0, t)
         noise_scale = tl.where(greedy, 0.0, 1.0)
-        best_val = -float("inf")
-        best_idx = 0
+        lane = tl.arange(0, QUARTER)
+        best_val = tl.full([QUARTER], -float("inf"), tl.float32)
+        best_idx = tl.zeros([QUARTER], tl.int32)
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
         lo = c * chunk
         hi = tl.minimum(lo + chunk, vocab_size)
-        lane = tl.arange(0, QUARTER)
         for start in range(lo, hi, BLOCK):
             u0, u1, u2, u3 = tl.rand4x(seed, (row * tiles_per_row + start // BLOCK) * QUARTER + lane)
             best_val, best_idx = _gumbel_update(row_ptr, start + lane, hi, u0, inv_t, noise_scale, best_val, best_idx)
@@ -66,8 +66,12 @@ if triton is not None:
                                                 best_val, best_idx)
             best_val, best_idx = _gumbel_update(row_ptr, start + 3 * QUARTER + lane, hi, u3, inv_t, noise_scale,
                                                 best_val, best_idx)
-        tl.store(best_val_ptr + row * num_chunks + c, best_val)
-        tl.store(best_idx_ptr + row * num_chunks + c, best_idx)
+        top = tl.max(best_val, axis=0)
+        # Lanes that never saw a finite score keep index 0 and -inf: a chunk of only -inf reports lo.
+        first = tl.min(tl.where(best_val == top, best_idx, 2147483647), axis=0)
+        first = tl.where(top == -float("inf"), lo, first)
+        tl.store(best_val_ptr + row * num_chunks + c, top)
+        tl.store(best_idx_ptr + row * num_chunks + c, first)
 
     @triton.jit
     def _chunk_argmax_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr):
