@@ -420,7 +420,8 @@ def compile_sm90() -> list[dict]:
 
     out.append(build(S._gumbel_argmax_kernel, dict(logits_ptr=bf, stride_row=i32, temp_ptr="*fp32", best_val_ptr="*fp32",
                                                    best_idx_ptr="*i32", vocab_size=i32, chunk=i32, seed=i32,
-                                                   num_chunks=i32), dict(BLOCK=2048), num_warps=8))
+                                                   num_chunks=i32, tiles_per_row=i32), dict(BLOCK=2048),
+                     num_warps=S.gumbel_num_warps(2048)))
     out.append(build(S._chunk_argmax_kernel, dict(best_val_ptr="*fp32", best_idx_ptr="*i32", out_ptr="*i64",
                                                   num_chunks=i32), dict(BLOCK_C=16)))
     for row in out:

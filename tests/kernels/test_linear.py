@@ -102,3 +102,26 @@ def test_picker_off_cuda_is_f_linear_and_times_nothing():
     x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
     assert torch.equal(picker(x, w, b), F.linear(x, w, b))
     assert timer.calls == 0 and not picker.decisions
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 20, 256])
+def test_lm_head_warm_up_covers_every_row_bucket_a_step_can_sample(max_num_seqs):
+    """The runner warms the LM head (picker decisions, Triton compiles) at startup for every row count
+    bucket from 1 to max_num_seqs, so none is timed or compiled while requests are running."""
+    from types import SimpleNamespace
+
+    from vllm_engine.worker.model_runner import ModelRunner
+
+    rows = []
+    stub = SimpleNamespace(
+        config=SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=max_num_seqs)),
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(hidden_size=8)),
+        dtype=torch.float32, device=torch.device("cpu"),
+        model=SimpleNamespace(compute_logits=lambda h: rows.append(h.shape[0])))
+    ModelRunner._warm_lm_head(stub)
+    assert rows and max(rows) <= max_num_seqs and min(rows) == 1
+    assert {L._bucket(r) for r in rows} == {L._bucket(m) for m in range(1, max_num_seqs + 1)}
+    # Triton compiles separate variants for multiples of 16 and the rest: both are warmed per bucket.
+    for b in {L._bucket(m) for m in range(17, max_num_seqs + 1)}:
+        possible = {m % 16 == 0 for m in range(17, max_num_seqs + 1) if L._bucket(m) == b}
+        assert {r % 16 == 0 for r in rows if L._bucket(r) == b} == possible

@@ -5,6 +5,7 @@ are the argmax, and -inf logits are never drawn."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from vllm_engine.layers.triton_sampler import gumbel_sample
@@ -64,3 +65,9 @@ def test_greedy_ties_across_chunks_pick_the_first_token():
     logits[1, [35, 20]] = 3.0
     out = gumbel_sample(logits, torch.zeros(2, device=DEV), seed=0, block=16, chunks=3)
     assert out.tolist() == [9, 20] == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("block", [2, 6, 100])
+def test_block_must_be_a_power_of_two_of_at_least_four(block):
+    with pytest.raises(ValueError, match="block"):
+        gumbel_sample(torch.zeros(1, 8, device=DEV), torch.ones(1, device=DEV), seed=0, block=block)

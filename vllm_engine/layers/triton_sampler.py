@@ -83,6 +83,12 @@ if triton is not None:
         tl.store(out_ptr + row, tl.load(best_idx_ptr + row * num_chunks + i).to(tl.int64))
 
 
+def gumbel_num_warps(block: int) -> int:
+    """Warps for a tile of ``block`` tokens: its four quarters are loaded one at a time, so 8 tokens
+    (16 bytes of bf16) per thread per load keeps the loads vectorized: block / 4 / 8 threads."""
+    return max(1, min(8, block // 1024))
+
+
 def num_chunks(num_rows: int, vocab: int, block: int, target_programs: int = 2048) -> int:
     """Vocabulary chunks per row: enough programs to fill the GPU (about ``target_programs``), but
     no chunk shorter than one block."""
@@ -112,6 +118,6 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, bl
         best_idx = torch.empty(num_rows, n, dtype=torch.int32, device=logits.device)
         _gumbel_argmax_kernel[(num_rows, n)](logits, logits.stride(0), temperature.to(torch.float32).contiguous(),
                                              best_val, best_idx, vocab, chunk, seed, n, triton.cdiv(vocab, block),
-                                             BLOCK=block, num_warps=8)
+                                             BLOCK=block, num_warps=gumbel_num_warps(block))
         _chunk_argmax_kernel[(num_rows,)](best_val, best_idx, out, n, BLOCK_C=max(2, triton.next_power_of_2(n)))
     return out
