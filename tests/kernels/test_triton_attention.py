@@ -288,3 +288,36 @@ def test_kernels_compile_for_sm90():
         if row["kernel"] in ("_decode_kernel", "_prefill_kernel", "_matmul_kernel_impl"):
             assert row["cp_async"] > 0, row
     assert all(r["wgmma"] for r in rows if r["kernel"] == "_prefill_kernel")
+
+
+def test_block_table_width_is_a_multiple_of_16_that_holds_every_block():
+    from vllm_engine.attention.backend import block_table_width
+
+    for n in range(0, 100):
+        w = block_table_width(n)
+        assert w % 16 == 0 and w >= max(n, 1) and w - max(n, 1) < 16
+
+
+def test_warmup_launches_every_variant_an_eager_step_can_choose_and_only_reads_the_cache(monkeypatch):
+    """Startup compiles the prefill kernel (with and without decodes beside it) and the decode kernel at
+    every split count the plan can pick for up to max_num_seqs decodes and max_model_len tokens."""
+    backend = TritonAttentionBackend(num_sms=8, min_tokens_per_split=64, max_decode_splits=8,
+                                     prefill_block_m=16, tile_n=16)
+    max_num_seqs, max_model_len, kvh = 6, 600, 2
+    # Independent enumeration: the plan at every (decodes, longest context) pair.
+    want = {K.num_decode_splits(n, kvh, length, 8, 64, 8) for n in range(1, max_num_seqs + 1)
+            for length in range(1, max_model_len + 1)}
+    assert set(backend.mixed_step_splits(kvh, max_num_seqs, max_model_len, torch.device(DEVICE))) == want
+    assert len(want) > 2
+    calls = {"decode": [], "prefill": []}
+    real_decode, real_prefill = K.paged_attention_decode, K.paged_attention_prefill
+    monkeypatch.setattr(K, "paged_attention_decode",
+                        lambda *a, **kw: (calls["decode"].append(kw["num_splits"]), real_decode(*a, **kw))[1])
+    monkeypatch.setattr(K, "paged_attention_prefill",
+                        lambda *a, **kw: (calls["prefill"].append(kw["skip_decodes"]), real_prefill(*a, **kw))[1])
+    cache = torch.randn(2, 4, 16, kvh, 32, device=DEVICE)
+    before = cache.clone()
+    n = backend.warmup(cache, num_heads=4, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    assert n == len(want) + 2
+    assert sorted(calls["decode"]) == sorted(want) and sorted(calls["prefill"]) == [False, True]
+    assert torch.equal(cache, before)

@@ -68,6 +68,14 @@ class AttentionBackend(ABC):
         ...
 
 
+def block_table_width(max_blocks_per_seq: int) -> int:
+    """Columns of a block-table tensor holding up to ``max_blocks_per_seq`` blocks per row: rounded up
+    to a multiple of 16. Triton specializes integer kernel arguments on divisibility by 16 (and on
+    == 1), the row stride included, so a width that followed the longest sequence would compile new
+    kernel variants in the middle of serving as lengths change; a multiple of 16 keeps one."""
+    return -(-max(max_blocks_per_seq, 1) // 16) * 16
+
+
 def get_attn_backend(device: torch.device, name: Optional[str] = None) -> AttentionBackend:
     """``name``: "torch" (reference, any device) or "triton" (CUDA). Default: triton on CUDA."""
     if name is None:

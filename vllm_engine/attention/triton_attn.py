@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
+from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata, block_table_width
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -54,6 +54,42 @@ class TritonAttentionBackend(AttentionBackend):
 
         return num_decode_splits(num_seqs, num_kv_heads, max_seq_len, self._sms(device),
                                  self.min_tokens_per_split, self.max_decode_splits)
+
+    def mixed_step_splits(self, num_kv_heads: int, max_num_seqs: int, max_model_len: int,
+                          device: torch.device) -> list[int]:
+        """Every split count ``forward`` can choose for the decodes of an eager step."""
+        lens = list(range(1, max_model_len + 1, self.min_tokens_per_split)) + [max_model_len]
+        return sorted({self.decode_splits(n, num_kv_heads, length, device)
+                       for n in range(1, max_num_seqs + 1) for length in lens})
+
+    @torch.inference_mode()
+    def warmup(self, kv_cache: torch.Tensor, num_heads: int, max_num_seqs: int, max_model_len: int) -> int:
+        """Compiles, before any request, every kernel variant an eager (mixed or uncaptured) step can
+        launch: the prefill kernel with and without decodes beside it, and the decode kernel and its
+        reduce at each split count the plan can choose (Triton compiles one variant per value of a
+        constexpr). Otherwise the first requests would wait for these compiles (seconds on an H100
+        host). Launches on a 2-sequence batch (a 2-token prompt and a decode) that only reads
+        ``kv_cache``. Returns the number of launches."""
+        from vllm_engine.attention import triton_kernels as K
+
+        dev = kv_cache.device
+        _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        query = torch.zeros(3, num_heads, head_dim, dtype=kv_cache.dtype, device=dev)
+        out = torch.empty_like(query)
+        block_tables = torch.zeros(2, block_table_width(1), dtype=torch.int32, device=dev)
+        seq_lens = torch.tensor([2, 1], dtype=torch.int32, device=dev)
+        qsl = torch.tensor([0, 2, 3], dtype=torch.int32, device=dev)
+        order = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+        common = (query, kv_cache, block_tables, seq_lens, qsl, out, 2, 1.0, None)
+        launches = 0
+        for skip_decodes in (True, False):
+            K.paged_attention_prefill(*common, skip_decodes=skip_decodes, block_m=self.prefill_block_m,
+                                      tile_n=self.tile_n)
+            launches += 1
+        for splits in self.mixed_step_splits(num_kv_heads, max_num_seqs, max_model_len, dev):
+            K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n, seq_order=order)
+            launches += 1
+        return launches
 
     def forward(
         self,

@@ -205,7 +205,7 @@ def _find_seq(QueryStartLoc, num_seqs, pid, BLOCK_M: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # one compiled variant for any number of sequences
 def _prefill_kernel(
     Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out,
     scale_log2, num_seqs,

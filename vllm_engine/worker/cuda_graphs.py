@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vllm_engine.attention.backend import AttentionMetadata
+from vllm_engine.attention.backend import AttentionMetadata, block_table_width
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class CUDAGraphRunner:
         self.max_model_len = max_model_len
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         max_bs = self.batch_sizes[-1]
-        max_blocks = -(-max_model_len // block_size)
+        max_blocks = block_table_width(-(-max_model_len // block_size))
         self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)

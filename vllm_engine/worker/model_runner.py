@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vllm_engine.attention.backend import AttentionMetadata, get_attn_backend
+from vllm_engine.attention.backend import AttentionMetadata, block_table_width, get_attn_backend
 from vllm_engine.config import EngineConfig
 from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID, Request
@@ -82,6 +82,13 @@ class ModelRunner:
                 self.model_config.max_model_len, self.block_size, self.model_config.hf_config.hidden_size,
                 self.dtype, self.device)
             self.graph_runner.capture()
+        if self.device.type == "cuda" and hasattr(self.attn_backend, "warmup"):
+            t0 = time.perf_counter()
+            n = self.attn_backend.warmup(self.kv_cache.gpu_caches[0], self.model_config.num_heads,
+                                         self.config.scheduler.max_num_seqs, self.model_config.max_model_len)
+            torch.cuda.synchronize()
+            logger.info("attention kernels warmed up for eager steps (%d variants) in %.1fs",
+                        n, time.perf_counter() - t0)
         picker = getattr(getattr(self.model, "ops", None), "linear", None)
         if hasattr(picker, "summary"):  # layers.linear.LinearPicker: which kernel each shape got
             self._warm_lm_head()
@@ -266,7 +273,7 @@ class ModelRunner:
             token_ids[query_start_loc[i]: query_start_loc[i + 1]] = r.all_token_ids[starts[i]: seq_lens[i]]
         placeholders = np.flatnonzero(token_ids == PLACEHOLDER_TOKEN_ID)
 
-        max_blocks = max(len(bt) for bt in sched.block_tables)
+        max_blocks = block_table_width(max(len(bt) for bt in sched.block_tables))
         block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
         for i, bt in enumerate(sched.block_tables):
             block_tables[i, : len(bt)] = bt
