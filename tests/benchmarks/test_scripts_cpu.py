@@ -28,3 +28,21 @@ def test_throughput_and_latency_scripts(tiny_model_dir, tmp_path):
                          "--batch-sizes", "1", "2", "--runs", "1", "--max-model-len", "64", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2] and all(r["tpot_ms_p50"] > 0 for r in rows)
+
+
+def test_throughput_hf_baselines_run_and_count_their_tokens(tiny_model_dir, tmp_path):
+    """``--backend both``: the engine, HF's static-batch ``generate`` and (where transformers has it)
+    the continuous-batching ``generate_batch`` on the same requests, each producing every token."""
+    model = str(tiny_model_dir("qwen3"))
+    out = tmp_path / "both.json"
+    assert throughput.main(["--model", model, "--load-format", "auto", "--dataset", "random", "--num-prompts", "3",
+                            "--input-len", "20", "--output-len", "5", "--runs", "1", "--max-model-len", "128",
+                            "--backend", "both", "--hf-num-prompts", "3", "--hf-batch-size", "3",
+                            "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in res["rows"]}
+    assert "hf_generate_batch_error" not in res, res.get("hf_generate_batch_error")
+    for name in ("vllm-engine", "hf-generate (static batch)", "hf-generate_batch (continuous)"):
+        assert rows[name]["requests"] == 3
+        # 3 requests x 5 tokens, no EOS stop: the token count behind the rate is exactly 15
+        assert abs(rows[name]["output_tok_s"] * rows[name]["seconds"] - 15) < 1e-6
