@@ -307,7 +307,7 @@ def test_warmup_launches_every_variant_an_eager_step_can_choose_and_only_reads_t
     # Independent enumeration: the plan at every (decodes, longest context) pair.
     want = {K.num_decode_splits(n, kvh, length, 8, 64, 8) for n in range(1, max_num_seqs + 1)
             for length in range(1, max_model_len + 1)}
-    assert set(backend.mixed_step_splits(kvh, max_num_seqs, max_model_len, torch.device(DEVICE))) == want
+    assert set(backend.mixed_step_splits(kvh, max_model_len, torch.device(DEVICE))) == want
     assert len(want) > 2
     calls = {"decode": [], "prefill": []}
     real_decode, real_prefill = K.paged_attention_decode, K.paged_attention_prefill
@@ -317,7 +317,7 @@ def test_warmup_launches_every_variant_an_eager_step_can_choose_and_only_reads_t
                         lambda *a, **kw: (calls["prefill"].append(kw["skip_decodes"]), real_prefill(*a, **kw))[1])
     cache = torch.randn(2, 4, 16, kvh, 32, device=DEVICE)
     before = cache.clone()
-    n = backend.warmup(cache, num_heads=4, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    n = backend.warmup(cache, num_heads=4, max_model_len=max_model_len)
     assert n == len(want) + 2
     assert sorted(calls["decode"]) == sorted(want) and sorted(calls["prefill"]) == [False, True]
     assert torch.equal(cache, before)

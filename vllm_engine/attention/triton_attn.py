@@ -55,15 +55,15 @@ class TritonAttentionBackend(AttentionBackend):
         return num_decode_splits(num_seqs, num_kv_heads, max_seq_len, self._sms(device),
                                  self.min_tokens_per_split, self.max_decode_splits)
 
-    def mixed_step_splits(self, num_kv_heads: int, max_num_seqs: int, max_model_len: int,
-                          device: torch.device) -> list[int]:
-        """Every split count ``forward`` can choose for the decodes of an eager step."""
-        lens = list(range(1, max_model_len + 1, self.min_tokens_per_split)) + [max_model_len]
-        return sorted({self.decode_splits(n, num_kv_heads, length, device)
-                       for n in range(1, max_num_seqs + 1) for length in lens})
+    def mixed_step_splits(self, num_kv_heads: int, max_model_len: int, device: torch.device) -> list[int]:
+        """Every split count ``forward`` can choose for the decodes of an eager step: the plan is a
+        power of 2 that grows with the context and shrinks with the batch, so it is every power of 2
+        up to the plan for one sequence at ``max_model_len``."""
+        top = self.decode_splits(1, num_kv_heads, max_model_len, device)
+        return [1 << i for i in range(top.bit_length())]
 
     @torch.inference_mode()
-    def warmup(self, kv_cache: torch.Tensor, num_heads: int, max_num_seqs: int, max_model_len: int) -> int:
+    def warmup(self, kv_cache: torch.Tensor, num_heads: int, max_model_len: int) -> int:
         """Compiles, before any request, every kernel variant an eager (mixed or uncaptured) step can
         launch: the prefill kernel with and without decodes beside it, and the decode kernel and its
         reduce at each split count the plan can choose (Triton compiles one variant per value of a
@@ -86,7 +86,7 @@ class TritonAttentionBackend(AttentionBackend):
             K.paged_attention_prefill(*common, skip_decodes=skip_decodes, block_m=self.prefill_block_m,
                                       tile_n=self.tile_n)
             launches += 1
-        for splits in self.mixed_step_splits(num_kv_heads, max_num_seqs, max_model_len, dev):
+        for splits in self.mixed_step_splits(num_kv_heads, max_model_len, dev):
             K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n, seq_order=order)
             launches += 1
         return launches

@@ -85,7 +85,7 @@ class ModelRunner:
         if self.device.type == "cuda" and hasattr(self.attn_backend, "warmup"):
             t0 = time.perf_counter()
             n = self.attn_backend.warmup(self.kv_cache.gpu_caches[0], self.model_config.num_heads,
-                                         self.config.scheduler.max_num_seqs, self.model_config.max_model_len)
+                                         self.model_config.max_model_len)
             torch.cuda.synchronize()
             logger.info("attention kernels warmed up for eager steps (%d variants) in %.1fs",
                         n, time.perf_counter() - t0)
