@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,6 +37,13 @@ def main(argv=None) -> int:
     for _ in range(0 if args.mixed else 40):  # prefill + warm decode steps
         e.step()
     torch.cuda.synchronize()
+    # Wall time of the same number of steps without the profiler: the gap to the summed kernel time
+    # below is what the GPU spends between kernels (launch ramps, waiting for the host).
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        e.step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
@@ -54,7 +62,7 @@ def main(argv=None) -> int:
         cats[cat][0] += t
         cats[cat][1] += ev.count
     total = sum(v[0] for v in cats.values())
-    print(f"GPU time per step: {total / args.steps / 1e3:.3f} ms over {sum(v[1] for v in cats.values()) / args.steps:.0f} kernels")
+    print(f"GPU time per step: {total / args.steps / 1e3:.3f} ms over {sum(v[1] for v in cats.values()) / args.steps:.0f} kernels; wall time per step without the profiler: {wall_ms:.3f} ms")
     for cat, (t, n) in sorted(cats.items(), key=lambda kv: -kv[1][0]):
         print(f"  {cat:12s} {t / args.steps / 1e3:7.3f} ms  {n / args.steps:6.1f} kernels/step  {100 * t / total:5.1f}%")
     return 0

@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--runs", type=int, default=3, help="timed runs (median reported) after a warm-up and a first run of the workload")
     p.add_argument("--backend", choices=["engine", "hf", "both"], default="engine")
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
         engine = Engine(model=args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         enforce_eager=args.enforce_eager, seed=args.seed,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=args.enable_prefix_caching)
         hf_config = engine.model_config.hf_config
         workload = make_workload(args.dataset, hf_config.vocab_size, args.num_prompts, args.input_len,

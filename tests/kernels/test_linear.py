@@ -63,9 +63,11 @@ class FakeTimer:
     def __init__(self, seconds: dict):
         self.seconds = seconds
         self.calls = 0
+        self.flushes = []
 
-    def __call__(self, fn):
+    def __call__(self, fn, flush="read"):
         self.calls += 1
+        self.flushes.append(flush)
         return self.seconds[fn.__defaults__[0]]
 
 
@@ -125,3 +127,21 @@ def test_lm_head_warm_up_covers_every_row_bucket_a_step_can_sample(max_num_seqs)
     for b in {L._bucket(m) for m in range(17, max_num_seqs + 1)}:
         possible = {m % 16 == 0 for m in range(17, max_num_seqs + 1) if L._bucket(m) == b}
         assert {r % 16 == 0 for r in rows if L._bucket(r) == b} == possible
+
+
+def test_cuda_time_flush_mode_is_checked():
+    with pytest.raises(ValueError, match="flush"):
+        L.cuda_time_s(lambda: None, flush="evict")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the picker times only CUDA inputs")
+def test_picker_times_gemv_with_a_read_flush_and_gemm_with_a_write_flush():
+    timer = FakeTimer({})
+    timer.seconds = type("AnyFn", (dict,), {"__missing__": lambda self, k: 1e-5})()
+    picker = L.LinearPicker(timer=timer)
+    w = torch.randn(64, 32, device="cuda")
+    picker(torch.randn(2, 32, device="cuda"), w)
+    assert set(timer.flushes) == {L.LinearPicker.GEMV_TIMING[0]}
+    timer.flushes.clear()
+    picker(torch.randn(32, 32, device="cuda"), w)
+    assert set(timer.flushes) == {L.LinearPicker.GEMM_TIMING[0]}

@@ -4,8 +4,8 @@ A decode step multiplies a few hundred rows at most by each weight matrix. At 1-
 GEMV that streams the weights once; at 8-256 rows a small GEMM whose tiles are too few to fill an
 H100. cuBLAS is not always best at either, so for inputs of at most ``MAX_ROWS`` rows
 ``LinearPicker`` times cuBLAS against every tile config of our kernel (``triton_gemv`` for <= 4
-rows, ``triton_matmul`` above) the first time it meets a shape, with the L2 cache flushed before
-each call as in a real step, and keeps the fastest (ours must beat cuBLAS by ``margin``). Shapes are keyed by the row count rounded
+rows, ``triton_matmul`` above) the first time it meets a shape, with the L2 cache flushed (by a
+read) before each call as in a real step, and keeps the fastest (ours must beat cuBLAS by ``margin``). Shapes are keyed by the row count rounded
 up to a power of 2, so a few dozen decisions cover every CUDA-graph bucket. Decisions are made in
 the warm-up runs before graph capture, never inside a capture. Off CUDA it is ``F.linear``.
 """
@@ -152,22 +152,33 @@ def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 HOST_HEAD_START_CYCLES = 500_000  # ~0.3 ms of GPU spinning: longer than a Python launch of any candidate
 
 
-def cuda_time_s(fn: Callable[[], object], reps: int = 15, flush_bytes: int = 64 << 20, warmup: int = 3) -> float:
+def cuda_time_s(fn: Callable[[], object], reps: int = 15, flush_bytes: int = 64 << 20, warmup: int = 3,
+                flush: str = "read") -> float:
     """Median seconds of ``fn()`` on the GPU, with the L2 cache flushed before every call (a decode
     step reads each weight from HBM, not from L2); ``flush_bytes=0``: no flush.
+
+    ``flush="read"`` sums a buffer larger than L2, leaving it full of clean lines, as the previous
+    layers' weight reads do in a real step. ``"write"`` zeroes it instead: the timed call's misses
+    then also write the dirty lines back, which added 2-13 us to each Llama-8B GEMV and ranked the
+    candidates differently from the same calls inside a CUDA graph (``gemv_stack.py``); the read
+    flush ranks them as the graph does.
 
     The GPU spins (``torch.cuda._sleep``) before each rep so that the host has queued the flush, the
     events and ``fn``'s kernels before the GPU gets to them: the time is the kernels' alone, as in a
     replayed CUDA graph. Without it a microsecond-scale kernel would be timed together with its
     Python launch (tens of microseconds, more for a Triton launch than for cuBLAS)."""
-    flush = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda") if flush_bytes else None
+    if flush not in ("read", "write"):
+        raise ValueError(f"flush must be 'read' or 'write', got {flush!r}")
+    buf = torch.zeros(flush_bytes // 4, dtype=torch.int32, device="cuda") if flush_bytes else None
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
         torch.cuda._sleep(HOST_HEAD_START_CYCLES)
-        if flush is not None:
-            flush.zero_()
+        if buf is not None and flush == "read":
+            buf.sum()
+        elif buf is not None:
+            buf.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -184,9 +195,17 @@ class LinearPicker:
     ``timer(fn) -> seconds`` is injectable (tests); ``decisions`` maps each key
     (rows rounded up to a power of 2, N, K, dtype, has bias) to (choice, {candidate: seconds})."""
 
-    def __init__(self, margin: float = 0.05, timer: Optional[Callable[[Callable[[], object]], float]] = None,
-                 max_rows: int = MAX_ROWS) -> None:
-        self.margin = margin
+    # (L2 flush, margin) per kind of candidate. The GEMV's were checked against the same calls inside
+    # a CUDA graph (tests/benchmarks/gemv_stack.py, Llama-8B at 1 row): a read flush ranks them as
+    # the graph does, and the graph's wins were 3-12%. The GEMM's (8-256 rows) keep the settings the
+    # nano throughput was measured with: a read flush moved 11 Qwen3 shapes to our GEMM, and the run
+    # that had them was slower; they go back to the read flush once gemv_stack covers those rows.
+    GEMV_TIMING = ("read", 0.02)
+    GEMM_TIMING = ("write", 0.05)
+
+    def __init__(self, margin: Optional[float] = None,
+                 timer: Optional[Callable[..., float]] = None, max_rows: int = MAX_ROWS) -> None:
+        self.margin = margin  # None: the kind's own (GEMV_TIMING / GEMM_TIMING)
         self.timer = timer or cuda_time_s
         self.max_rows = max_rows
         self.decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
@@ -214,14 +233,18 @@ class LinearPicker:
         if decided is None:
             if torch.cuda.is_current_stream_capturing():  # never time inside a graph capture
                 return F.linear(x, weight, bias)
-            decided = self.decide(key, self.candidates(m), x, weight, bias)
+            flush, margin = self.GEMV_TIMING if m <= GEMV_MAX_ROWS else self.GEMM_TIMING
+            decided = self.decide(key, self.candidates(m), x, weight, bias, flush=flush, margin=margin)
         return self._fns[key](x, weight, bias)
 
-    def decide(self, key: tuple, candidates: dict[str, Callable], *args) -> tuple[str, dict[str, float]]:
-        """Times every candidate on ``args``; cuBLAS unless another is faster by ``margin``."""
-        times = {name: self.timer(lambda fn=fn: fn(*args)) for name, fn in candidates.items()}
+    def decide(self, key: tuple, candidates: dict[str, Callable], *args, flush: str = "read",
+               margin: float = 0.05) -> tuple[str, dict[str, float]]:
+        """Times every candidate on ``args`` (``timer(fn, flush=...)``); cuBLAS unless another is
+        faster by the margin (``self.margin`` when set, else ``margin``)."""
+        times = {name: self.timer(lambda fn=fn: fn(*args), flush=flush) for name, fn in candidates.items()}
         best = min(times, key=times.get)
-        choice = best if times[best] < (1 - self.margin) * times["cublas"] else "cublas"
+        margin = self.margin if self.margin is not None else margin
+        choice = best if times[best] < (1 - margin) * times["cublas"] else "cublas"
         self.decisions[key] = (choice, times)
         self._fns[key] = candidates[choice]
         logger.debug("linear %s: %s (%s)", key, choice, {k: f"{v * 1e6:.1f}us" for k, v in times.items()})
