@@ -39,3 +39,24 @@ def test_roofline_floor():
     prefill = 10 * linear_flops_per_token(LLAMA_8B) + 2 * 128256 * 4096 + attention_flops(LLAMA_8B, 0, 10)
     want = (prefill + lin) / (peak * 1e12) + kv_bytes_per_token(LLAMA_8B) * 10 / (bw * 1e9)
     assert roofline_floor_seconds([10], [1], LLAMA_8B, bw, peak, 1) == pytest.approx(want, rel=1e-9)
+
+
+def test_gpu_timeline_splits_host_waits_from_gpu_work():
+    """gpu_timeline.summarize: gaps between steps and the start-to-forward time (input copies, the GPU
+    waiting for the host) are kept apart from the forward's own time."""
+    import gpu_timeline
+
+    class Ev:
+        def __init__(self, ms):
+            self.ms = ms
+
+        def elapsed_time(self, other):
+            return other.ms - self.ms
+
+    # step 1: decode of 4 seqs, start 0, forward 1, end 5; step 2: mixed, start 7 (2 ms gap), forward 7.5, end 10
+    tl = [(4, 4, Ev(0), Ev(1), Ev(5)), (3, 40, Ev(7), Ev(7.5), Ev(10))]
+    out = gpu_timeline.summarize(tl, wall_s=0.01)
+    assert out["busy_s"] == pytest.approx((4 + 2.5) / 1e3)
+    assert out["inputs_s"] == pytest.approx(1.5 / 1e3) and out["idle_s"] == pytest.approx(2 / 1e3)
+    assert out["mixed"]["idle_before_s"] == pytest.approx(2 / 1e3) and out["decode"]["inputs_s"] == pytest.approx(1e-3)
+    assert out["decode_by_batch"][0]["batch"] == "1-16" and out["decode_by_batch"][0]["busy_ms_median"] == 4

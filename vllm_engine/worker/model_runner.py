@@ -169,6 +169,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         inputs = self._prepare_inputs(sched)
         self.last_prepare_s = time.perf_counter() - t0
+        if timed:  # the GPU reaches this after the input copies; before it, it may wait for the host
+            forward = torch.cuda.Event(enable_timing=True)
+            forward.record()
         self.num_tokens_processed += sched.total_num_scheduled_tokens
         meta = inputs.attn_metadata
         if self.graph_runner is not None and meta.is_decode_only and self.graph_runner.bucket(meta.num_seqs):
@@ -184,7 +187,7 @@ class ModelRunner:
         if timed:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self.gpu_timeline.append((meta.num_seqs, meta.num_actual_tokens, start, end))
+            self.gpu_timeline.append((meta.num_seqs, meta.num_actual_tokens, start, forward, end))
         return handle
 
     @staticmethod
