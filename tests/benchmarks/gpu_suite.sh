@@ -13,6 +13,9 @@ for stage in "$@"; do
                   tests/kernels/test_triton_sampler.py tests/kernels/test_linear.py tests/kernels/test_triton_attention.py \
                   2>&1 | tail -15 ;;
     linear)     python $B/linear_bench.py --out "$OUT/linear.json" ;;
+    gemvstack)  python $B/gemv_stack.py --model llama-3.1-8b --rows 1 4 --out "$OUT/gemv_stack.json" ;;
+    profile1)   python $B/gpu_kernel_profile.py --model llama-3.1-8b --batch 1 --input-len 1000 --steps 20 > "$OUT/profile_llama8b_bs1.txt" 2>&1
+                grep -A9 "GPU time per step" "$OUT/profile_llama8b_bs1.txt" ;;
     cublas)     # A/B: the same measurements with cuBLAS for every linear layer (no LinearPicker)
                 VLLM_ENGINE_LINEAR=cublas python $B/latency.py --model llama-3.1-8b --input-len 1000 --output-len 128 \
                   --batch-sizes 1 4 --runs 5 --out "$OUT/latency_cublas.json"
