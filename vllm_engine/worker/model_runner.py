@@ -6,6 +6,8 @@ samples, and returns a ``ModelRunnerOutput`` (token ids and logprobs: plain Pyth
 
 from __future__ import annotations
 
+import itertools
+
 import logging
 import time
 from dataclasses import dataclass, field
@@ -271,23 +273,32 @@ class ModelRunner:
         # positions: start_i + (0 .. count_i - 1) for each sequence, concatenated
         row_seq = np.repeat(np.arange(num_seqs), counts)
         positions = np.arange(total, dtype=np.int64) - np.repeat(query_start_loc[:-1], counts) + starts[row_seq]
-        token_ids = np.empty(total, dtype=np.int64)
-        for i, r in enumerate(reqs):
-            token_ids[query_start_loc[i]: query_start_loc[i + 1]] = r.all_token_ids[starts[i]: seq_lens[i]]
+        if total == num_seqs:  # decode-only: each sequence's one token is at its num_computed_tokens
+            token_ids = np.fromiter((r.all_token_ids[r.num_computed_tokens] for r in reqs), dtype=np.int64,
+                                    count=num_seqs)
+        else:
+            token_ids = np.empty(total, dtype=np.int64)
+            for i, r in enumerate(reqs):
+                token_ids[query_start_loc[i]: query_start_loc[i + 1]] = r.all_token_ids[starts[i]: seq_lens[i]]
         placeholders = np.flatnonzero(token_ids == PLACEHOLDER_TOKEN_ID)
 
-        max_blocks = block_table_width(max(len(bt) for bt in sched.block_tables))
+        # Block tables: every list flattened in one pass, then scattered into the rows' leading slots
+        # (a boolean mask in row-major order matches the concatenation order).
+        table_lens = np.fromiter(map(len, sched.block_tables), dtype=np.int64, count=num_seqs)
+        max_blocks = block_table_width(int(table_lens.max()))
         block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        for i, bt in enumerate(sched.block_tables):
-            block_tables[i, : len(bt)] = bt
+        block_tables[np.arange(max_blocks) < table_lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(sched.block_tables), dtype=np.int32, count=int(table_lens.sum()))
         bs = self.block_size
         slot_mapping = block_tables[row_seq, positions // bs].astype(np.int64) * bs + positions % bs
 
-        sample_rows, sample_req_indices, plp_rows = [], [], []
+        # A request is sampled when this step reaches its last token (not for a partial prompt chunk).
+        num_tokens = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=num_seqs)
+        sampled = np.flatnonzero(seq_lens == num_tokens)
+        sample_rows = (query_start_loc[sampled + 1] - 1).tolist()
+        sample_req_indices = sampled.tolist()
+        plp_rows = []
         for i, r in enumerate(reqs):
-            if seq_lens[i] == r.num_tokens:
-                sample_rows.append(int(query_start_loc[i + 1]) - 1)
-                sample_req_indices.append(i)
             if r.sampling_params.prompt_logprobs is not None:
                 pl = self._prompt_logprob_rows(r, i, int(starts[i]), int(seq_lens[i]), int(query_start_loc[i]))
                 if pl is not None:
