@@ -46,3 +46,12 @@ def test_throughput_hf_baselines_run_and_count_their_tokens(tiny_model_dir, tmp_
         assert rows[name]["requests"] == 3
         # 3 requests x 5 tokens, no EOS stop: the token count behind the rate is exactly 15
         assert abs(rows[name]["output_tok_s"] * rows[name]["seconds"] - 15) < 1e-6
+
+
+def test_host_prepare_script(tmp_path):
+    import host_prepare
+
+    out = tmp_path / "hp.json"
+    assert host_prepare.main(["--batch", "8", "--min-len", "20", "--max-len", "50", "--reps", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["median_ms"] > 0 and res["blocks"] >= 8 * 2
