@@ -7,7 +7,6 @@ samples, and returns a ``ModelRunnerOutput`` (token ids and logprobs: plain Pyth
 from __future__ import annotations
 
 import itertools
-
 import logging
 import time
 from dataclasses import dataclass, field
