@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -36,7 +35,8 @@ def shapes(cfg) -> dict[str, tuple[int, int]]:
 
 
 def graph_time_s(fn, reps: int) -> float:
-    """Median seconds of one replay of a CUDA graph of ``fn``."""
+    """Median seconds of one replay of a CUDA graph of ``fn`` (timed like the picker's candidates,
+    without an L2 flush: the graph's layers read distinct weights)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -46,18 +46,9 @@ def graph_time_s(fn, reps: int) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    t = L.cuda_time_s(g.replay, reps=reps, flush_bytes=0)
     del g
-    return statistics.median(times)
+    return t
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 
-from vllm_engine.layers.linear import GEMV_MAX_ROWS, LinearPicker  # noqa: E402
+from vllm_engine.layers.linear import LinearPicker  # noqa: E402
 
 SHAPES = {  # (name, N, K) per model: qkv, o, gate_up, down, lm_head
     "llama-3.1-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                 for cand, fn in candidates.items():
                     err = ((fn(x, w).double() - ref).abs().max() / ref.abs().max()).item()
                     assert err < 2e-2, (cand, err)
-                flush, margin = picker.GEMV_TIMING if m <= GEMV_MAX_ROWS else picker.GEMM_TIMING
+                flush, margin = picker.timing(m)
                 # the engine's own timing
                 choice, times = picker.decide((model, name, m), candidates, x, w, flush=flush, margin=margin)
                 ours = min((c for c in times if c != "cublas"), key=times.get)

@@ -145,3 +145,8 @@ def test_picker_times_gemv_with_a_read_flush_and_gemm_with_a_write_flush():
     timer.flushes.clear()
     picker(torch.randn(32, 32, device="cuda"), w)
     assert set(timer.flushes) == {L.LinearPicker.GEMM_TIMING[0]}
+
+
+def test_picker_timing_by_rows():
+    assert L.LinearPicker.timing(1) == L.LinearPicker.timing(L.GEMV_MAX_ROWS) == L.LinearPicker.GEMV_TIMING
+    assert L.LinearPicker.timing(L.GEMV_MAX_ROWS + 1) == L.LinearPicker.timing(256) == L.LinearPicker.GEMM_TIMING

@@ -213,6 +213,11 @@ class LinearPicker:
         self.decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
         self._fns: dict[tuple, Callable] = {}  # the chosen function per key
 
+    @classmethod
+    def timing(cls, m: int) -> tuple[str, float]:
+        """(L2 flush, margin) for inputs of ``m`` rows: the GEMV's or the GEMM's."""
+        return cls.GEMV_TIMING if m <= GEMV_MAX_ROWS else cls.GEMM_TIMING
+
     @staticmethod
     def candidates(m: int) -> dict[str, Callable]:
         """cuBLAS, and each tile config of our kernel for ``m`` rows: "gemv 8x256 w4 s3", "gemm 64x64x64 w4 s4"..."""
@@ -235,7 +240,7 @@ class LinearPicker:
         if decided is None:
             if torch.cuda.is_current_stream_capturing():  # never time inside a graph capture
                 return F.linear(x, weight, bias)
-            flush, margin = self.GEMV_TIMING if m <= GEMV_MAX_ROWS else self.GEMM_TIMING
+            flush, margin = self.timing(m)
             decided = self.decide(key, self.candidates(m), x, weight, bias, flush=flush, margin=margin)
         return self._fns[key](x, weight, bias)
 

@@ -67,7 +67,8 @@ class ModelRunner:
         self._last_sample_row: dict[str, int] = {}
         self.last_prepare_s = 0.0  # CPU time of the last step's input preparation
         self.num_tokens_processed = 0  # total tokens run through the model (tests check prefix-cache savings)
-        # When a list (CUDA only): one (num_seqs, num_tokens, start event, end event) per launched step,
+        # When a list (CUDA only): one (num_seqs, num_tokens, start, forward, end) per launched step, the
+        # last three CUDA events (step start, after input preparation, step end),
         # so a benchmark can split the GPU's time into busy and idle (tests/benchmarks/gpu_timeline.py).
         self.gpu_timeline: Optional[list] = None
 
