@@ -348,6 +348,8 @@ def compile_sm90() -> list[dict]:
     not_div = {"stride_bt", "num_seqs", "sliding_window", "eps", "scale_log2", "M"}
 
     def build(fn, types: dict, consts: dict, num_warps: int = 4, num_stages: int = 3) -> dict:
+        if "PDL" in fn.arg_names:  # the variant an H100 runs: launched with programmatic dependent launch
+            consts = dict(consts, PDL=True)
         sig, attrs = {}, {}
         for i, n in enumerate(fn.arg_names):
             sig[n] = "constexpr" if n in consts else types[n]
@@ -359,6 +361,7 @@ def compile_sm90() -> list[dict]:
         return dict(kernel=fn.__name__, consts={c: v for c, v in consts.items() if c.isupper()},
                     cp_async=k.asm["ttgir"].count("async_copy_global_to_local"), wgmma="wgmma" in ptx,
                     vec16=bool(re.search(r"ld\.global[.\w]*\.v4\.b32", ptx)), shared=k.metadata.shared,
+                    pdl="griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx,
                     **ptxas_usage(ptx))
 
     def ptxas_usage(ptx: str) -> dict:
@@ -389,6 +392,7 @@ def compile_sm90() -> list[dict]:
     for splits, group, head_dim in ((1, 2, 128), (16, 4, 128), (4, 3, 96)):
         out.append(build(K._decode_kernel, attn, dict(GROUP=group, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_D=128,
                                                       BLOCK_SIZE=16, TILE_N=64, NUM_SPLITS=splits, MIXED=True, HAS_ORDER=True,
+                                                      EARLY_V=False,
                                                       **dot)))
     out.append(build(K._decode_reduce_kernel, attn, dict(NUM_SPLITS=16, HEAD_DIM=128, BLOCK_D=128, MIXED=True)))
     out.append(build(K._prefill_kernel, attn, dict(GROUP=4, BLOCK_M=128, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16,

@@ -177,10 +177,11 @@ def test_prefill_only_and_unknown_host_lengths():
     run_and_check(case, TritonAttentionBackend(prefill_block_m=16, tile_n=16), check_torch_ref=False)
 
 
-@pytest.mark.parametrize("num_splits", [1, 4, 16])
+@pytest.mark.parametrize("num_splits,early_v", [(1, False), (4, False), (16, False), (4, True)])
 @pytest.mark.parametrize("window", [None, 40])
-def test_decode_splits(num_splits, window):
-    """Split-KV decoding for any split count; an entry with seq_len 0 (CUDA-graph padding) gives zeros."""
+def test_decode_splits(num_splits, early_v, window):
+    """Split-KV decoding for any split count, with V loaded before or after the q.k dot; an entry with
+    seq_len 0 (CUDA-graph padding) gives zeros."""
     specs = [(36, 1), (149, 1), (299, 1), (0, 1)]
     case = make_case(specs, 16, 2, 2, 32, torch.float32, seed=5)
     scale = 1.0 / math.sqrt(32)
@@ -190,7 +191,8 @@ def test_decode_splits(num_splits, window):
     K.reshape_and_cache(case.key, case.value, case.kv_cache, m.slot_mapping)
     out = torch.full_like(case.query, float("nan"))
     K.paged_attention_decode(case.query, case.kv_cache, m.block_tables, m.seq_lens, m.query_start_loc, out,
-                             m.num_seqs, scale, window, num_splits=num_splits, mixed=False, tile_n=16)
+                             m.num_seqs, scale, window, num_splits=num_splits, mixed=False, tile_n=16,
+                             early_v=early_v)
     want = reference(case, scale, window)
     got = out.double().cpu()
     assert (got[:3] - want[:3]).abs().max().item() < TOL[torch.float32]
@@ -287,6 +289,8 @@ def test_kernels_compile_for_sm90():
             assert row["spill_bytes"] == 0, row
         if row["kernel"] in ("_decode_kernel", "_prefill_kernel", "_matmul_kernel_impl"):
             assert row["cp_async"] > 0, row
+        # every kernel but the sampler's waits for its predecessor under PDL (layers/pdl.py)
+        assert row["pdl"] == (row["kernel"] not in ("_gumbel_argmax_kernel", "_chunk_argmax_kernel")), row
     assert all(r["wgmma"] for r in rows if r["kernel"] == "_prefill_kernel")
 
 

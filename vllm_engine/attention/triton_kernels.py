@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_engine.layers import pdl
+from vllm_engine.layers.pdl import pdl_prologue
+
 LOG2E = 1.4426950408889634
 
 
@@ -28,9 +31,10 @@ def _reshape_and_cache_kernel(
     K, V, KCache, VCache, Slots,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per new token: copies its [num_kv_heads, head_dim] keys and values into its slot."""
+    pdl_prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + t).to(tl.int64)
     if slot < 0:  # padding token: write nothing
@@ -92,7 +96,7 @@ def _decode_kernel(
     sliding_window,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, HAS_ORDER: tl.constexpr,
+    DOT_F32: tl.constexpr, HAS_ORDER: tl.constexpr, EARLY_V: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (NUM_SPLITS, num_kv_heads, num_seqs). All GROUP query heads of one kv head share each K/V tile.
 
@@ -106,6 +110,7 @@ def _decode_kernel(
     one split the result goes straight to Out; otherwise (normalized acc, log2-sum-exp) go to
     MidO/MidLse for the reduce kernel. Sequences with q_len != 1 are skipped when MIXED.
     """
+    pdl_prologue(PDL)
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     seq = tl.program_id(2)
@@ -143,10 +148,14 @@ def _decode_kernel(
         nmask = toks < hi
         k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
                           stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
+        if EARLY_V:  # V's load issued before the q.k dot waits on K: less latency, more registers
+            v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                              stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         qk = tl.where(nmask[None, :], qk, float("-inf"))
-        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
+        if not EARLY_V:
+            v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                              stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty range (seq_len 0) gives zeros
@@ -166,9 +175,10 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     MidO, MidLse, QueryStartLoc, Out,
     stride_mo_s, stride_mo_h, stride_mo_p, stride_ml_s, stride_ml_h, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIXED: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIXED: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (num_seqs, num_heads): merges the splits' partial results by their log-sum-exp weights."""
+    pdl_prologue(PDL)
     seq = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.load(QueryStartLoc + seq)
@@ -213,6 +223,7 @@ def _prefill_kernel(
     sliding_window,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, SKIP_DECODES: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid (num_heads, num_tokens // BLOCK_M + num_seqs): one BLOCK_M tile of one sequence's queries
     for one head, FlashAttention-2 style over K/V gathered from the paged cache (prefix + new tokens).
@@ -221,6 +232,7 @@ def _prefill_kernel(
     Heads vary fastest in launch order, so the heads of a kv group run together and share K/V
     through L2; tiles run last-first, so the longest (latest) tiles start first and the short ones
     fill the tail."""
+    pdl_prologue(PDL)
     h = tl.program_id(0)
     pid = tl.num_programs(1) - 1 - tl.program_id(1)
     kvh = h // GROUP
@@ -325,7 +337,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=triton.next_power_of_2(head_dim), **pdl.launch_args(key.device),
     )
 
 
@@ -347,7 +359,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor,
                            num_seqs: int, scale: float, sliding_window: Optional[int], num_splits: int,
                            mixed: bool, tile_n: Optional[int] = None, num_warps: Optional[int] = None,
-                           seq_order: Optional[torch.Tensor] = None) -> None:
+                           seq_order: Optional[torch.Tensor] = None, num_stages: int = 3,
+                           early_v: bool = False) -> None:
     """Attention for the sequences with q_len == 1 (every sequence unless ``mixed``), into ``out``.
 
     ``num_splits`` (a power of 2): partitions of each context, merged by a reduce kernel when > 1.
@@ -377,7 +390,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size,
         TILE_N=tile_n, NUM_SPLITS=num_splits, MIXED=mixed, **_dot_args(kv_cache.dtype),
-        HAS_ORDER=seq_order is not None, num_warps=num_warps or 4, num_stages=3,
+        HAS_ORDER=seq_order is not None, EARLY_V=early_v, num_warps=num_warps or 4, num_stages=num_stages,
+        **pdl.launch_args(query.device),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -385,6 +399,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, MIXED=mixed, num_warps=4,
+            **pdl.launch_args(query.device),
         )
 
 
@@ -412,5 +427,5 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_t
         out.stride(0), out.stride(1), sliding_window or 0,
         GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         TILE_N=tile_n, SKIP_DECODES=skip_decodes, **_dot_args(kv_cache.dtype),
-        num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=2,
+        num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=2, **pdl.launch_args(query.device),
     )

@@ -21,8 +21,12 @@ from vllm_engine.layers import rotary as _rot
 try:
     import triton
     import triton.language as tl
+
+    from vllm_engine.layers.pdl import pdl_prologue
 except ImportError:  # CPU-only installs: the torch versions serve every call
     triton = None
+
+from vllm_engine.layers import pdl
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -46,9 +50,10 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(X, R, W, Y, ResOut, stride_x, stride_r, stride_y, stride_ro, eps,
-                         N: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                         N: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One program per row of N: (optional x + r rounded to x's dtype -> ResOut), then RMS norm.
         N is a constexpr (a model constant) so masks fold away and accesses stay 16-byte vectors."""
+        pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
@@ -64,8 +69,9 @@ if triton is not None:
         tl.store(Y + row * stride_y + offs, (w * hn).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(X, Y, stride_x, stride_y, D: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(X, Y, stride_x, stride_y, D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Grid (rows, cdiv(D, BLOCK)): y = silu(gate) * up with gate = x[:D], up = x[D:]."""
+        pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < D
@@ -109,8 +115,9 @@ if triton is not None:
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
                        NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                        HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                       BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr):
+                       BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr, PDL: tl.constexpr):
         """One program per token: cos/sin of its position are read once for all q and k heads."""
+        pdl_prologue(PDL)
         t = tl.program_id(0).to(tl.int64)
         cos, sin = _cos_sin(Pos, CosSin, t, stride_cs, HALF, BLOCK_HALF)
         _rotary_heads(Q, QO, t, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh, NUM_Q_HEADS, HEAD_DIM,
@@ -162,10 +169,11 @@ if triton is not None:
                                NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                                BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr,
-                               HAS_NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                               HAS_NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
         """One program per token of the fused qkv row [q heads | k heads | v heads]: q and k are
         (normalised and) rotated; q goes to QOut, k and v to the token's slot of the paged cache
         (slot < 0: padding, nothing written)."""
+        pdl_prologue(PDL)
         t = tl.program_id(0).to(tl.int64)
         cos, sin = _cos_sin(Pos, CosSin, t, stride_cs, HALF, BLOCK_HALF)
         offs_r = tl.arange(0, BLOCK_HALF)[None, :]
@@ -218,7 +226,7 @@ def _rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float,
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, y, res_out, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), eps,
-            N=n, HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block))
+            N=n, HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block), **pdl.launch_args(x.device))
     return y.view(shape), (res_out.view(shape) if residual is not None else None)
 
 
@@ -321,7 +329,8 @@ def triton_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache
             NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
             BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
-            HAS_PASS=rotary_dim < head_dim, HAS_NORM=has_norm, BLOCK_SIZE=kv_cache.shape[2], num_warps=4)
+            HAS_PASS=rotary_dim < head_dim, HAS_NORM=has_norm, BLOCK_SIZE=kv_cache.shape[2], num_warps=4,
+            **pdl.launch_args(qkv.device))
     return q_out
 
 
@@ -342,7 +351,7 @@ def triton_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] > 0 and d > 0:
         block = min(triton.next_power_of_2(d), 2048)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, y, x2.stride(0), y.stride(0), D=d, BLOCK=block, num_warps=_warps(block))
+            x2, y, x2.stride(0), y.stride(0), D=d, BLOCK=block, num_warps=_warps(block), **pdl.launch_args(x.device))
     return y.view(*x.shape[:-1], d)
 
 
@@ -364,5 +373,5 @@ def triton_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos
             NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
             BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
-            HAS_PASS=rotary_dim < head_dim, num_warps=4)
+            HAS_PASS=rotary_dim < head_dim, num_warps=4, **pdl.launch_args(q.device))
     return qo, ko

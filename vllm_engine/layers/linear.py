@@ -24,8 +24,12 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+
+    from vllm_engine.layers.pdl import pdl_prologue
 except ImportError:  # CPU-only installs: F.linear serves every call
     triton = None
+
+from vllm_engine.layers import pdl
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +52,10 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel_impl(X, W, Bias, Y, N, K, stride_xm, stride_wn, stride_ym, M: tl.constexpr, BLOCK_M: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m: each program streams BLOCK_N
         rows of W once, with float32 products accumulated elementwise and reduced at the end."""
+        pdl_prologue(PDL)
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,9 +80,11 @@ if triton is not None:
     @triton.jit
     def _matmul_kernel_impl(X, W, Bias, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                             HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            PDL: tl.constexpr):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y = x @ w.T (+ bias), fp32 accumulation on tensor
         cores. Column tiles vary fastest, so the programs running together share x tiles in L2."""
+        pdl_prologue(PDL)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,7 +135,7 @@ def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
         M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
     return y
 
 
@@ -145,7 +152,8 @@ def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     _matmul_kernel_impl[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC="ieee" if x.dtype == torch.float32 or dot_f32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        **pdl.launch_args(x.device))
     return y
 
 
