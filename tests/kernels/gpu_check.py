@@ -414,7 +414,8 @@ def compile_sm90() -> list[dict]:
     gemv = dict(X=bf, W=bf, Bias=bf, Y=bf, N=i32, K=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32)
     for m in (1, 4):
         for bn, bk, warps, stages in L.GEMV_CONFIGS:
-            out.append(build(L._gemv_kernel_impl, gemv, dict(M=m, BLOCK_M=m, HAS_BIAS=False, BLOCK_N=bn, BLOCK_K=bk),
+            out.append(build(L._gemv_kernel_impl, gemv, dict(M=m, BLOCK_M=m, HAS_BIAS=False, BLOCK_N=bn, BLOCK_K=bk,
+                                                             PREFETCH=True),
                              num_warps=warps, num_stages=stages))
     mm = dict(gemv, M=i32)
     for bm, bn, bk, warps, stages in L.GEMM_CONFIGS:

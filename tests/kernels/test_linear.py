@@ -29,8 +29,12 @@ def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b, dtype: torch.dty
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,bias", [(1, 37, 300, False), (3, 64, 256, True), (4, 20, 77, False)])
-def test_gemv(dtype, m, n, k, bias):
+@pytest.mark.parametrize("m,n,k,bias", [(1, 37, 300, False), (3, 64, 256, True), (4, 20, 77, False),
+                                        (2, 16, 40, False)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gemv(dtype, m, n, k, bias, prefetch, monkeypatch):
+    """``prefetch``: the first W tile loaded before the PDL wait (here without PDL, which needs sm_90)."""
+    monkeypatch.setattr(L, "_gemv_pdl_args", lambda device: {"PDL": False, "PREFETCH": prefetch})
     x, w = rand(m, k, dtype=dtype, seed=50), rand(n, k, dtype=dtype, seed=51)
     b = rand(n, dtype=dtype, seed=52) if bias else None
     check(L.triton_gemv(x, w, b, config=(16, 64, 4, 1)), x, w, b, dtype)  # tiles smaller than N and K
@@ -85,6 +89,18 @@ def test_picker_keeps_cublas_unless_ours_wins_by_the_margin():
     assert picker.decide(("k3",), {"cublas": cublas, "gemv a": ours})[0] == "cublas"
     assert set(picker.decisions) == {("k1",), ("k2",), ("k3",)}
     assert "gemm for 1" in picker.summary() and "cublas for 2" in picker.summary()
+
+
+def test_negative_margin_takes_our_fastest_while_slower_by_less_than_it():
+    cublas, fast, slow = (lambda *a: "c"), (lambda *a: "f"), (lambda *a: "s")
+    timer = FakeTimer({cublas: 10e-6, fast: 10.4e-6, slow: 11e-6})
+    cands = {"cublas": cublas, "gemv slow": slow, "gemv fast": fast}
+    picker = L.LinearPicker(margin=-0.05, timer=timer)
+    assert picker.decide(("k1",), cands)[0] == "gemv fast"  # 4% slower: within the 5% allowance
+    timer.seconds[fast] = 10.6e-6
+    assert picker.decide(("k2",), cands)[0] == "cublas"  # 6% slower: not
+    assert L.LinearPicker(margin=-1.0, timer=timer).decide(("k3",), cands)[0] == "gemv fast"
+    assert L.LinearPicker(margin=-1.0, timer=timer).decide(("k4",), {"cublas": cublas})[0] == "cublas"
 
 
 def test_picker_candidates_by_rows():

@@ -52,10 +52,13 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel_impl(X, W, Bias, Y, N, K, stride_xm, stride_wn, stride_ym, M: tl.constexpr, BLOCK_M: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                     PREFETCH: tl.constexpr):
         """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m: each program streams BLOCK_N
-        rows of W once, with float32 products accumulated elementwise and reduced at the end."""
-        pdl_prologue(PDL)
+        rows of W once, with float32 products accumulated elementwise and reduced at the end.
+
+        ``PREFETCH`` (with PDL): the first W tile is loaded before waiting for the previous kernel
+        (the weights do not depend on it), so that load overlaps the previous kernel's tail."""
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,7 +68,15 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         w_ptr = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
         x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-        for k0 in range(0, K, BLOCK_K):
+        k_first = 0
+        if PREFETCH:
+            w = tl.load(w_ptr, mask=nmask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+        pdl_prologue(PDL)
+        if PREFETCH:
+            x = tl.load(x_ptr, mask=mmask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+            acc += x[:, None, :] * w[None, :, :]
+            k_first = BLOCK_K
+        for k0 in range(k_first, K, BLOCK_K):
             kmask = (k0 + offs_k) < K
             w = tl.load(w_ptr + k0, mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             x = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
@@ -123,6 +134,14 @@ def _checked_out(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, t
     return x, torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
 
 
+GEMV_PREFETCH = os.environ.get("VLLM_ENGINE_GEMV_PREFETCH", "1") != "0"  # =0: an A/B switch for benchmarks
+
+
+def _gemv_pdl_args(device: torch.device) -> dict:
+    args = pdl.launch_args(device)
+    return dict(args, PREFETCH=args["PDL"] and GEMV_PREFETCH)
+
+
 def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 config: tuple = (8, 256, 4, 3)) -> torch.Tensor:
     """x [M, K] (M small), weight [N, K], bias [N] or None -> [M, N] in x.dtype.
@@ -135,7 +154,7 @@ def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
         M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
+        num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
     return y
 
 
@@ -214,8 +233,10 @@ class LinearPicker:
     GEMM_TIMING = ("write", 0.05)
 
     def __init__(self, margin: Optional[float] = None,
-                 timer: Optional[Callable[..., float]] = None, max_rows: int = MAX_ROWS) -> None:
+                 timer: Optional[Callable[..., float]] = None, max_rows: int = MAX_ROWS,
+                 gemv_margin: Optional[float] = None) -> None:
         self.margin = margin  # None: the kind's own (GEMV_TIMING / GEMM_TIMING)
+        self.gemv_margin = gemv_margin  # overrides the margin at <= GEMV_MAX_ROWS rows
         self.timer = timer or cuda_time_s
         self.max_rows = max_rows
         self.decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
@@ -249,15 +270,19 @@ class LinearPicker:
             if torch.cuda.is_current_stream_capturing():  # never time inside a graph capture
                 return F.linear(x, weight, bias)
             flush, margin = self.timing(m)
+            if m <= GEMV_MAX_ROWS and self.gemv_margin is not None:
+                margin = self.gemv_margin
             decided = self.decide(key, self.candidates(m), x, weight, bias, flush=flush, margin=margin)
         return self._fns[key](x, weight, bias)
 
     def decide(self, key: tuple, candidates: dict[str, Callable], *args, flush: str = "read",
                margin: float = 0.05) -> tuple[str, dict[str, float]]:
-        """Times every candidate on ``args`` (``timer(fn, flush=...)``); cuBLAS unless another is
-        faster by the margin (``self.margin`` when set, else ``margin``)."""
+        """Times every candidate on ``args`` (``timer(fn, flush=...)``); cuBLAS unless our fastest is
+        faster by the margin (``self.margin`` when set, else ``margin``). A negative margin lets ours
+        win while slower by up to that fraction (-1: always ours)."""
         times = {name: self.timer(lambda fn=fn: fn(*args), flush=flush) for name, fn in candidates.items()}
-        best = min(times, key=times.get)
+        ours = [name for name in times if name != "cublas"]
+        best = min(ours, key=times.get) if ours else "cublas"
         margin = self.margin if self.margin is not None else margin
         choice = best if times[best] < (1 - margin) * times["cublas"] else "cublas"
         self.decisions[key] = (choice, times)

@@ -91,19 +91,21 @@ def get_ops(device: torch.device) -> Ops:
 
 
 def _linear_picker() -> Callable[..., torch.Tensor]:
-    """cuBLAS or our Triton kernels per shape; VLLM_ENGINE_LINEAR=cublas forces cuBLAS (A/B benchmarks)."""
+    """cuBLAS or our Triton kernels per shape. For A/B benchmarks, VLLM_ENGINE_LINEAR=cublas forces
+    cuBLAS, and =gemv our fastest GEMV config at 1-4 rows (the picker decides above)."""
     import os
 
     mode = os.environ.get("VLLM_ENGINE_LINEAR", "auto")
-    if mode not in ("auto", "cublas"):
-        raise ValueError(f"VLLM_ENGINE_LINEAR={mode!r}: use 'auto' (time cuBLAS against our kernels) or 'cublas'.")
+    if mode not in ("auto", "cublas", "gemv"):
+        raise ValueError(f"VLLM_ENGINE_LINEAR={mode!r}: use 'auto' (time cuBLAS against our kernels), 'cublas' "
+                         "or 'gemv'.")
     if mode == "cublas":
         return F.linear
     try:
         from vllm_engine.layers.linear import LinearPicker
     except Exception:  # pragma: no cover - no Triton: cuBLAS for everything
         return F.linear
-    return LinearPicker()
+    return LinearPicker(gemv_margin=-1.0 if mode == "gemv" else None)
 
 
 # ---- config helpers ------------------------------------------------------------------------------
