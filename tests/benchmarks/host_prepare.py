@@ -1,6 +1,6 @@
-"""Host time of ``ModelRunner._prepare_inputs`` for a decode step of N sequences (CPU only: the
-numpy work that builds token ids, positions, block tables, slot mapping and sampled rows; on a GPU
-the host-to-device copies come on top).
+"""Host time of ``ModelRunner._prepare_inputs`` for a decode step of N sequences: the numpy work that
+builds token ids, positions, block tables, slot mapping and sampled rows, and (``--device cuda``)
+packing them into pinned memory and queuing their one host-to-device copy.
 
     PYTHONPATH=. python tests/benchmarks/host_prepare.py --batch 256 --out results/host_prepare.json
 """
@@ -24,6 +24,7 @@ from vllm_engine.core.sched_output import SchedulerOutput  # noqa: E402
 from vllm_engine.engine.request import Request  # noqa: E402
 from vllm_engine.sampling_params import SamplingParams  # noqa: E402
 from vllm_engine.worker.model_runner import ModelRunner  # noqa: E402
+from vllm_engine.worker.staging import HostStaging  # noqa: E402
 
 
 def decode_step(batch: int, min_len: int, max_len: int, block_size: int, seed: int) -> SchedulerOutput:
@@ -49,11 +50,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=2000)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda: the host time includes packing into pinned memory and queuing the one copy")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     sched = decode_step(args.batch, args.min_len, args.max_len, args.block_size, seed=0)
-    runner = types.SimpleNamespace(block_size=args.block_size, device=torch.device("cpu"), _last_sample_row={},
-                                   _last_sampled=None, _prompt_logprob_rows=ModelRunner._prompt_logprob_rows)
+    device = torch.device(args.device)
+    runner = types.SimpleNamespace(block_size=args.block_size, device=device, _last_sample_row={},
+                                   _last_sampled=None, _prompt_logprob_rows=ModelRunner._prompt_logprob_rows,
+                                   staging=HostStaging(device))
     times = []
     for _ in range(args.reps):
         t0 = time.perf_counter()
@@ -61,7 +66,9 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t0)
     med = statistics.median(times) * 1e3
     blocks = sum(map(len, sched.block_tables))
-    print(f"prepare_inputs, {args.batch} decodes ({blocks} blocks in their tables): median {med:.3f} ms "
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"prepare_inputs on {device.type}, {args.batch} decodes ({blocks} blocks in their tables): median {med:.3f} ms "
           f"over {args.reps} calls")
     write_json(args.out, {"benchmark": "host_prepare", "args": vars(args), "blocks": blocks, "median_ms": med})
     return 0

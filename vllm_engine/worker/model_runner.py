@@ -20,8 +20,8 @@ from vllm_engine.config import EngineConfig
 from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID, Request
 from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
-from vllm_engine.utils import host_to_device
 from vllm_engine.worker.kv_cache import KVCache
+from vllm_engine.worker.staging import HostStaging
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class StepInputs:
     positions: torch.Tensor
     attn_metadata: AttentionMetadata
     sample_rows: list[int]  # flat row whose logits are sampled, one per sampled request
+    sample_rows_dev: torch.Tensor  # the same rows, int64 on the device
     sample_req_indices: list[int]  # index into scheduled_requests of each sampled row
     prompt_logprob_rows: list[_PromptLogprobRows]
 
@@ -60,6 +61,7 @@ class ModelRunner:
         self.model = get_model(config.model, self.device, self.attn_backend)
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
+        self.staging = HostStaging(self.device)  # a step's input arrays, one host-to-device copy
         self.kv_cache: Optional[KVCache] = None
         self.graph_runner = None  # CUDAGraphRunner for decode-only steps (CUDA, unless enforce_eager)
         self.generators: dict[str, torch.Generator] = {}
@@ -207,8 +209,7 @@ class ModelRunner:
         return out
 
     def _sample(self, sched: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor, handle: "StepHandle") -> None:
-        rows = _h2d(np.asarray(inputs.sample_rows, dtype=np.int64), self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows_dev))
         reqs = [sched.scheduled_requests[i] for i in inputs.sample_req_indices]
         generators = {}
         for row, req in enumerate(reqs):
@@ -295,7 +296,7 @@ class ModelRunner:
         # A request is sampled when this step reaches its last token (not for a partial prompt chunk).
         num_tokens = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=num_seqs)
         sampled = np.flatnonzero(seq_lens == num_tokens)
-        sample_rows = (query_start_loc[sampled + 1] - 1).tolist()
+        sample_rows = query_start_loc[sampled + 1] - 1
         sample_req_indices = sampled.tolist()
         plp_rows = []
         for i, r in enumerate(reqs):
@@ -304,32 +305,37 @@ class ModelRunner:
                 if pl is not None:
                     plp_rows.append(pl)
 
-        dev = self.device
-        input_ids = _h2d(token_ids, dev)
+        # Everything the device needs, in one host-to-device copy (see worker/staging.py).
+        # Longest first: the decode kernel starts their programs first (a shorter tail).
+        order = np.argsort(-seq_lens, kind="stable").astype(np.int32)
+        src = np.fromiter((self._last_sample_row[reqs[i].request_id] for i in row_seq[placeholders]),
+                          dtype=np.int64, count=placeholders.size)
+        (input_ids, positions_d, qsl_d, seq_lens_d, block_tables_d, slot_mapping_d, order_d, rows_d, ph_d,
+         src_d) = self.staging.stage(token_ids, positions, query_start_loc.astype(np.int32),
+                                     seq_lens.astype(np.int32), block_tables, slot_mapping, order, sample_rows,
+                                     placeholders.astype(np.int64), src)
         if placeholders.size:
             # Tokens sampled by the previous launch and still on the device (async scheduling).
-            src = [self._last_sample_row[reqs[i].request_id] for i in row_seq[placeholders]]
-            input_ids.index_copy_(0, _h2d(placeholders.astype(np.int64), dev),
-                                  self._last_sampled.index_select(0, _h2d(np.asarray(src, dtype=np.int64), dev)))
+            input_ids.index_copy_(0, ph_d, self._last_sampled.index_select(0, src_d))
         meta = AttentionMetadata(
             num_actual_tokens=total,
             num_seqs=num_seqs,
-            query_start_loc=_h2d(query_start_loc.astype(np.int32), dev),
-            seq_lens=_h2d(seq_lens.astype(np.int32), dev),
-            block_tables=_h2d(block_tables, dev),
-            slot_mapping=_h2d(slot_mapping, dev),
+            query_start_loc=qsl_d,
+            seq_lens=seq_lens_d,
+            block_tables=block_tables_d,
+            slot_mapping=slot_mapping_d,
             max_query_len=int(counts.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
-            # Longest first: the decode kernel starts their programs first (a shorter tail).
-            decode_order=_h2d(np.argsort(-seq_lens, kind="stable").astype(np.int32), dev) if num_seqs > 1 else None,
+            decode_order=order_d if num_seqs > 1 else None,
         )
         return StepInputs(
             input_ids=input_ids,
-            positions=_h2d(positions, dev),
+            positions=positions_d,
             attn_metadata=meta,
-            sample_rows=sample_rows,
+            sample_rows=sample_rows.tolist(),
+            sample_rows_dev=rows_d,
             sample_req_indices=sample_req_indices,
             prompt_logprob_rows=plp_rows,
         )
@@ -356,11 +362,6 @@ class StepHandle:
     sample_req_indices: list[int] = field(default_factory=list)
     sampled_host: Optional[torch.Tensor] = None  # pinned host copy, valid once `copied` has completed
     copied: Optional[torch.cuda.Event] = None
-
-
-def _h2d(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on the device (queued through pinned memory on CUDA, see utils.host_to_device)."""
-    return host_to_device(torch.from_numpy(a), device)
 
 
 def _trim(lp: SampledLogprobs, n: int) -> SampledLogprobs:
