@@ -34,9 +34,9 @@ def _reshape_and_cache_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per new token: copies its [num_kv_heads, head_dim] keys and values into its slot."""
-    pdl_prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(Slots + t).to(tl.int64)
+    slot = tl.load(Slots + t).to(tl.int64)  # step metadata: may be read before the PDL wait
+    pdl_prologue(PDL)
     if slot < 0:  # padding token: write nothing
         return
     offs_h = tl.arange(0, BLOCK_H)[:, None]
@@ -110,16 +110,17 @@ def _decode_kernel(
     one split the result goes straight to Out; otherwise (normalized acc, log2-sum-exp) go to
     MidO/MidLse for the reduce kernel. Sequences with q_len != 1 are skipped when MIXED.
     """
-    pdl_prologue(PDL)
+    # The step's metadata (order, lengths, start rows) was written before its first kernel, so these
+    # loads may run before the PDL wait, overlapping the previous kernel (layers/pdl.py).
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     seq = tl.program_id(2)
     if HAS_ORDER:
         seq = tl.load(SeqOrder + seq)
     row = tl.load(QueryStartLoc + seq)
+    q_end = row + 1
     if MIXED:
-        if tl.load(QueryStartLoc + seq + 1) - row != 1:
-            return
+        q_end = tl.load(QueryStartLoc + seq + 1)
     seq_len = tl.load(SeqLens + seq)
     kv_start = seq_len * 0
     if sliding_window > 0:
@@ -128,6 +129,9 @@ def _decode_kernel(
     chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), TILE_N) * TILE_N
     lo = kv_start + split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
+    pdl_prologue(PDL)
+    if q_end - row != 1:  # a prefill (MIXED) or an empty padding entry: not ours
+        return
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -178,13 +182,15 @@ def _decode_reduce_kernel(
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIXED: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (num_seqs, num_heads): merges the splits' partial results by their log-sum-exp weights."""
-    pdl_prologue(PDL)
     seq = tl.program_id(0)
     h = tl.program_id(1)
-    row = tl.load(QueryStartLoc + seq)
+    row = tl.load(QueryStartLoc + seq)  # step metadata: before the PDL wait
+    q_end = row + 1
     if MIXED:
-        if tl.load(QueryStartLoc + seq + 1) - row != 1:
-            return
+        q_end = tl.load(QueryStartLoc + seq + 1)
+    pdl_prologue(PDL)
+    if q_end - row != 1:
+        return
     offs_p = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
@@ -232,14 +238,15 @@ def _prefill_kernel(
     Heads vary fastest in launch order, so the heads of a kv group run together and share K/V
     through L2; tiles run last-first, so the longest (latest) tiles start first and the short ones
     fill the tail."""
-    pdl_prologue(PDL)
     h = tl.program_id(0)
     pid = tl.num_programs(1) - 1 - tl.program_id(1)
     kvh = h // GROUP
+    # The binary search reads only step metadata: it may run before the PDL wait (layers/pdl.py).
     seq = _find_seq(QueryStartLoc, num_seqs, pid, BLOCK_M)
     q_start = tl.load(QueryStartLoc + seq)
     q_len = tl.load(QueryStartLoc + seq + 1) - q_start
     tile = pid - (q_start // BLOCK_M + seq)
+    pdl_prologue(PDL)
     if tile * BLOCK_M >= q_len:
         return
     if SKIP_DECODES:

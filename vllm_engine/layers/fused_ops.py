@@ -53,10 +53,11 @@ if triton is not None:
                          N: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One program per row of N: (optional x + r rounded to x's dtype -> ResOut), then RMS norm.
         N is a constexpr (a model constant) so masks fold away and accesses stay 16-byte vectors."""
-        pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
+        w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)  # a weight: before the PDL wait
+        pdl_prologue(PDL)
         x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
         if HAS_RES:
             r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
@@ -65,7 +66,6 @@ if triton is not None:
         h = x.to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(h * h, 0) / N + eps)
         hn = (h * rstd).to(X.dtype.element_ty).to(tl.float32)  # rounded like h.to(orig_dtype)
-        w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + row * stride_y + offs, (w * hn).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -117,9 +117,9 @@ if triton is not None:
                        HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
                        BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr, PDL: tl.constexpr):
         """One program per token: cos/sin of its position are read once for all q and k heads."""
-        pdl_prologue(PDL)
         t = tl.program_id(0).to(tl.int64)
-        cos, sin = _cos_sin(Pos, CosSin, t, stride_cs, HALF, BLOCK_HALF)
+        cos, sin = _cos_sin(Pos, CosSin, t, stride_cs, HALF, BLOCK_HALF)  # metadata, constants: before the wait
+        pdl_prologue(PDL)
         _rotary_heads(Q, QO, t, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh, NUM_Q_HEADS, HEAD_DIM,
                       HALF, BLOCK_HQ, BLOCK_HALF, BLOCK_D, HAS_PASS)
         _rotary_heads(K, KO, t, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh, NUM_KV_HEADS, HEAD_DIM,
@@ -173,9 +173,11 @@ if triton is not None:
         """One program per token of the fused qkv row [q heads | k heads | v heads]: q and k are
         (normalised and) rotated; q goes to QOut, k and v to the token's slot of the paged cache
         (slot < 0: padding, nothing written)."""
-        pdl_prologue(PDL)
         t = tl.program_id(0).to(tl.int64)
+        # Positions and slots are step metadata and the cos/sin cache a constant: read before the PDL wait.
         cos, sin = _cos_sin(Pos, CosSin, t, stride_cs, HALF, BLOCK_HALF)
+        slot = tl.load(Slots + t).to(tl.int64)
+        pdl_prologue(PDL)
         offs_r = tl.arange(0, BLOCK_HALF)[None, :]
         cmask = offs_r < HALF
         offs_d = tl.arange(0, BLOCK_D)[None, :]
@@ -191,7 +193,6 @@ if triton is not None:
             tl.store(QOut + t * stride_qo + offs_hq * HEAD_DIM + offs_d, qp.to(QOut.dtype.element_ty),
                      mask=(offs_hq < NUM_Q_HEADS) & (offs_d >= 2 * HALF) & (offs_d < HEAD_DIM))
 
-        slot = tl.load(Slots + t).to(tl.int64)
         if slot >= 0:
             k_src = QKV + NUM_Q_HEADS * HEAD_DIM
             k1, k2, kp = _head_group(k_src, t, stride_t, cos, sin, KNormW, eps, NUM_KV_HEADS, HEAD_DIM, HALF,

@@ -8,10 +8,20 @@ programs may be scheduled as soon as every program of the predecessor has starte
 ``gdc_launch_dependents``, and they block in ``gdc_wait`` until the predecessor has finished and its
 writes are visible. A CUDA graph capture keeps these edges.
 
-The rule that keeps this correct: a kernel launched with PDL calls ``gdc_wait`` in every program
-before it reads or writes anything another kernel of the step touches (all our kernels do it first
-thing, via ``pdl_prologue``). Then each kernel still finishes after its predecessor, which finished
-after its own, and so on: the order of every write is the same as without PDL.
+The rules that keep this correct:
+
+1. Every program of a kernel launched with PDL calls ``gdc_wait`` (via ``pdl_prologue``) before it
+   writes anything, before it reads anything an earlier kernel of the step writes, and before any
+   early return. Then each kernel still finishes after its predecessor, which finished after its
+   own, and so on: every write lands in the same order as without PDL.
+2. Before the wait a kernel may read only what no kernel of the step writes: weights and other
+   constants (norm weights, the rotary table), and the step's metadata (positions, slot mapping,
+   sequence lengths, start rows, block tables, decode order). The host's copies put the metadata
+   in place before the step's first kernel, and a kernel can start only after its predecessor has
+   started; going back along that chain one reaches a kernel launched without PDL (the embedding
+   lookup at the latest), which started after everything queued before it had finished. So the
+   GEMV fetches its first weight tile, and the attention kernels walk their index arrays, while
+   the previous kernel is still running.
 
 ``VLLM_ENGINE_PDL=0`` turns it off. It is off on GPUs before sm_90, under the Triton interpreter,
 and with a Triton that lacks the ``gdc`` intrinsics.
@@ -57,8 +67,9 @@ if triton is not None and gdc_wait is not None:
 
     @triton.jit
     def pdl_prologue(PDL: tl.constexpr):
-        """First thing in a kernel launched with PDL: let the next kernel's programs be scheduled, then
-        wait until the previous kernel has finished (its writes visible)."""
+        """In a kernel launched with PDL, before its first write or dependent read (module docstring):
+        let the next kernel's programs be scheduled, then wait until the previous kernel has finished
+        (its writes visible)."""
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
