@@ -360,3 +360,30 @@ def test_no_host_sync_on_gpu():
         torch.cuda.set_sync_debug_mode("default")
     ids = out.sampled_token_ids.tolist()
     assert all(0 <= t < V and t not in (2, 7) for t in ids)
+
+
+def test_metadata_through_staging_equals_one_copy_per_field():
+    """``staging``: every field's tensor comes out of the runner's one packed copy, equal in value,
+    dtype and shape to the field built on its own; unused fields stay None."""
+    from vllm_engine.worker.staging import HostStaging
+
+    params = [SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.7, top_k=3, top_p=0.9, min_p=0.05, repetition_penalty=1.2,
+                             frequency_penalty=0.5, logit_bias={2: 1.5, 40: 3.0}, min_tokens=3, stop_token_ids=[5]),
+              SamplingParams(temperature=1.3, presence_penalty=-0.4)]
+    args = dict(params=params, output_token_ids=[[1], [2, 3], []], prompt_token_ids=[[4, 5, 6], [7], [8, 9]],
+                eos_token_ids=[{0}, {1}, {0}], generators={}, vocab_size=16, device=CPU)
+    plain = SamplingMetadata.from_requests(**args)
+    staged = SamplingMetadata.from_requests(**args, staging=HostStaging(CPU))
+    tensors = 0
+    for name, value in vars(plain).items():
+        other = getattr(staged, name)
+        if isinstance(value, torch.Tensor):
+            tensors += 1
+            assert other.dtype == value.dtype and other.shape == value.shape and torch.equal(other, value), name
+        else:
+            assert other == value, name
+    assert tensors == 13 and plain.greedy_mask.tolist() == [True, False, False]
+    greedy_only = SamplingMetadata.from_requests(**dict(args, params=[SamplingParams(temperature=0.0)] * 3),
+                                                 staging=HostStaging(CPU))
+    assert greedy_only.temperature is None and greedy_only.output_token_ids is None

@@ -23,7 +23,7 @@ Everything stays on the device: the only host sync is the caller's ``.tolist()``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,17 +33,15 @@ from vllm_engine.core.sched_output import SampledLogprobs
 from vllm_engine.sampling_params import SamplingParams
 from vllm_engine.utils import host_to_device
 
+if TYPE_CHECKING:
+    from vllm_engine.worker.staging import HostStaging
+
 _SAMPLING_EPS = 1e-5
 # Up to this k a partial torch.topk beats a full sort of the vocabulary.
 _PARTIAL_TOPK_MAX = 1024
 
 
-def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One host->device copy of a (nested) list; non-blocking from pinned memory on CUDA."""
-    return host_to_device(torch.tensor(data, dtype=dtype), device)
-
-
-def _padded_ids(rows: Sequence[Sequence[int]], use: Sequence[bool], pad: int, device: torch.device) -> torch.Tensor:
+def _padded_ids(rows: Sequence[Sequence[int]], use: Sequence[bool], pad: int) -> np.ndarray:
     """[B, L] int64 token ids of the rows where ``use`` is set, padded with ``pad`` (other rows: all
     padding). Built in numpy: a nested Python list through torch.tensor is several times slower."""
     width = max((len(r) for r, u in zip(rows, use) if u), default=0)
@@ -51,10 +49,7 @@ def _padded_ids(rows: Sequence[Sequence[int]], use: Sequence[bool], pad: int, de
     for i, (r, u) in enumerate(zip(rows, use)):
         if u and len(r):
             arr[i, : len(r)] = r
-    t = torch.from_numpy(arr)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return arr
 
 
 @dataclass
@@ -95,39 +90,38 @@ class SamplingMetadata:
     def from_requests(cls, params: list[SamplingParams], output_token_ids: list[list[int]],
                       prompt_token_ids: list[list[int]], eos_token_ids: list[set[int]],
                       generators: dict[int, torch.Generator], vocab_size: int,
-                      device: torch.device) -> "SamplingMetadata":
+                      device: torch.device, staging: Optional["HostStaging"] = None) -> "SamplingMetadata":
         """Builds the tensors for one step; rows are in the order of ``params``.
 
-        Cheap by design: one list pass and at most one tensor build per field that some row uses.
+        Cheap by design: one list pass and at most one array per field that some row uses. The
+        arrays go to the device together: in one copy through ``staging`` (the runner's
+        worker/staging.HostStaging) when given, else one ``host_to_device`` each.
         """
         device = torch.device(device)
         V = vocab_size
         B = len(params)
         greedy = [p.temperature < _SAMPLING_EPS for p in params]
         all_greedy, all_random = all(greedy), not any(greedy)
+        arrays: dict[str, np.ndarray] = {}  # field name -> host array, sent to the device at the end
 
-        temperature = greedy_mask = top_k = top_p = min_p = max_top_k = None
+        max_top_k = None
         if not all_greedy:
-            temperature = _to_device([1.0 if g else float(p.temperature) for p, g in zip(params, greedy)],
-                                     torch.float32, device)
+            arrays["temperature"] = np.array([1.0 if g else p.temperature for p, g in zip(params, greedy)],
+                                             dtype=np.float32)
             if not all_random:
-                greedy_mask = _to_device(greedy, torch.bool, device)
+                arrays["greedy_mask"] = np.array(greedy, dtype=np.bool_)
             # Filters only matter on random rows; greedy rows are argmaxed before them.
             ks = [p.top_k for p, g in zip(params, greedy) if 0 < p.top_k < V and not g]
             if ks:
                 max_top_k = max(ks)
-                top_k = _to_device([min(p.top_k, V) if p.top_k > 0 else V for p in params], torch.int64, device)
+                arrays["top_k"] = np.array([min(p.top_k, V) if p.top_k > 0 else V for p in params], dtype=np.int64)
             if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)):
-                top_p = _to_device([float(p.top_p) for p in params], torch.float32, device)
+                arrays["top_p"] = np.array([p.top_p for p in params], dtype=np.float32)
             if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
-                min_p = _to_device([float(p.min_p) for p in params], torch.float32, device)
+                arrays["min_p"] = np.array([p.min_p for p in params], dtype=np.float32)
             seeded = {r: g for r, g in generators.items() if not greedy[r]}
         else:
             seeded = {}
-
-        meta = cls(num_rows=B, vocab_size=V, all_greedy=all_greedy, all_random=all_random,
-                   temperature=temperature, greedy_mask=greedy_mask, top_k=top_k, max_top_k=max_top_k,
-                   top_p=top_p, min_p=min_p, generators=seeded)
 
         # logit_bias: sparse (flat index, value) pairs.
         if any(p.logit_bias for p in params):
@@ -139,8 +133,8 @@ class SamplingMetadata:
                             index.append(r * V + tok)
                             vals.append(b)
             if index:
-                meta.bias_index = _to_device(index, torch.int64, device)
-                meta.bias_values = _to_device(vals, torch.float32, device)
+                arrays["bias_index"] = np.array(index, dtype=np.int64)
+                arrays["bias_values"] = np.array(vals, dtype=np.float32)
 
         # min_tokens: the ids that would end the request too early.
         if any(p.min_tokens > len(out) for p, out in zip(params, output_token_ids)):
@@ -152,22 +146,32 @@ class SamplingMetadata:
                         banned |= set(eos_token_ids[r])
                     index.extend(r * V + t for t in sorted(banned) if 0 <= t < V)
             if index:
-                meta.min_tokens_index = _to_device(index, torch.int64, device)
+                arrays["min_tokens_index"] = np.array(index, dtype=np.int64)
 
         # Penalties: tensors only when some row uses them, token ids only of the rows that do.
         rep_rows = [p.repetition_penalty != 1.0 for p in params]
         freq_rows = [p.frequency_penalty != 0.0 for p in params]
         pres_rows = [p.presence_penalty != 0.0 for p in params]
         if any(rep_rows):
-            meta.repetition_penalty = _to_device([float(p.repetition_penalty) for p in params], torch.float32, device)
-            meta.prompt_token_ids = _padded_ids(prompt_token_ids, rep_rows, V, device)
+            arrays["repetition_penalty"] = np.array([p.repetition_penalty for p in params], dtype=np.float32)
+            arrays["prompt_token_ids"] = _padded_ids(prompt_token_ids, rep_rows, V)
         if any(freq_rows):
-            meta.frequency_penalty = _to_device([float(p.frequency_penalty) for p in params], torch.float32, device)
+            arrays["frequency_penalty"] = np.array([p.frequency_penalty for p in params], dtype=np.float32)
         if any(pres_rows):
-            meta.presence_penalty = _to_device([float(p.presence_penalty) for p in params], torch.float32, device)
-        if not meta.no_penalties:
+            arrays["presence_penalty"] = np.array([p.presence_penalty for p in params], dtype=np.float32)
+        if any(rep_rows) or any(freq_rows) or any(pres_rows):
             used = [a or b or c for a, b, c in zip(rep_rows, freq_rows, pres_rows)]
-            meta.output_token_ids = _padded_ids(output_token_ids, used, V, device)
+            arrays["output_token_ids"] = _padded_ids(output_token_ids, used, V)
+
+        meta = cls(num_rows=B, vocab_size=V, all_greedy=all_greedy, all_random=all_random, temperature=None,
+                   greedy_mask=None, top_k=None, max_top_k=max_top_k, top_p=None, min_p=None, generators=seeded)
+        if arrays:
+            if staging is not None:
+                tensors = staging.stage(*arrays.values())
+            else:
+                tensors = [host_to_device(torch.from_numpy(a), device) for a in arrays.values()]
+            for name, t in zip(arrays, tensors):
+                setattr(meta, name, t)
 
         asked = [p.logprobs for p in params if p.logprobs is not None]
         meta.max_num_logprobs = max(asked) if asked else None

@@ -61,7 +61,7 @@ class ModelRunner:
         self.model = get_model(config.model, self.device, self.attn_backend)
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
-        self.staging = HostStaging(self.device)  # a step's input arrays, one host-to-device copy
+        self.staging = HostStaging(self.device, slots=8)  # a step's inputs, sampling arrays: a copy each
         self.kv_cache: Optional[KVCache] = None
         self.graph_runner = None  # CUDAGraphRunner for decode-only steps (CUDA, unless enforce_eager)
         self.generators: dict[str, torch.Generator] = {}
@@ -223,6 +223,7 @@ class ModelRunner:
             generators=generators,
             vocab_size=logits.shape[-1],
             device=self.device,
+            staging=self.staging,
         )
         result = self.sampler(logits, meta)
         handle.sampled = result.sampled_token_ids
