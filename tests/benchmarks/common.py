@@ -155,7 +155,7 @@ def linear_choices(engine: Any) -> Optional[dict]:
     if not hasattr(picker, "decisions"):
         return None
     return {"summary": picker.summary(),
-            "decisions": {str(key[:3]): {"choice": choice, "us": {c: round(t * 1e6, 2) for c, t in times.items()}}
+            "decisions": {str(key[:-2]): {"choice": choice, "us": {c: round(t * 1e6, 2) for c, t in times.items()}}
                           for key, (choice, times) in picker.decisions.items()}}
 
 

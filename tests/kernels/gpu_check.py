@@ -411,13 +411,18 @@ def compile_sm90() -> list[dict]:
         out.append(build(F._qkv_rope_cache_kernel, qkv, dict(NUM_Q_HEADS=hq, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64,
                                                              BLOCK_HQ=hq, BLOCK_HK=8, BLOCK_HALF=64, BLOCK_D=128,
                                                              HAS_PASS=False, HAS_NORM=norm, BLOCK_SIZE=16)))
-    gemv = dict(X=bf, W=bf, Bias=bf, Y=bf, N=i32, K=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32)
+    gemv = dict(X=bf, W=bf, Bias=bf, Y=bf, R=bf, G=bf, ResOut=bf, N=i32, K=i32, stride_xm=i32, stride_wn=i32,
+                stride_ym=i32, stride_rm=i32, stride_om=i32, eps=f32)
     for m in (1, 4):
         for bn, bk, warps, stages in L.GEMV_CONFIGS:
             out.append(build(L._gemv_kernel_impl, gemv, dict(M=m, BLOCK_M=m, HAS_BIAS=False, BLOCK_N=bn, BLOCK_K=bk,
-                                                             PREFETCH=True),
+                                                             PREFETCH=True, ADD_NORM=False),
                              num_warps=warps, num_stages=stages))
-    mm = dict(gemv, M=i32)
+    for bn, bk, warps, stages in ((4, 1024, 4, 2), (16, 512, 8, 3)):  # the norm folded in (add_norm_linear)
+        out.append(build(L._gemv_kernel_impl, gemv, dict(M=1, BLOCK_M=1, HAS_BIAS=False, BLOCK_N=bn, BLOCK_K=bk,
+                                                         PREFETCH=True, ADD_NORM=True),
+                         num_warps=warps, num_stages=stages))
+    mm = dict(X=bf, W=bf, Bias=bf, Y=bf, N=i32, K=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32, M=i32)
     for bm, bn, bk, warps, stages in L.GEMM_CONFIGS:
         out.append(build(L._matmul_kernel_impl, mm, dict(HAS_BIAS=False, DOT_F32=False, DOT_PREC="tf32", BLOCK_M=bm,
                                                          BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages))

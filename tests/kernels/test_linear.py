@@ -166,3 +166,70 @@ def test_picker_times_gemv_with_a_read_flush_and_gemm_with_a_write_flush():
 def test_picker_timing_by_rows():
     assert L.LinearPicker.timing(1) == L.LinearPicker.timing(L.GEMV_MAX_ROWS) == L.LinearPicker.GEMV_TIMING
     assert L.LinearPicker.timing(L.GEMV_MAX_ROWS + 1) == L.LinearPicker.timing(256) == L.LinearPicker.GEMM_TIMING
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,bias", [(1, 37, 300, False), (3, 64, 256, True), (4, 20, 77, False)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_add_norm_gemv(dtype, m, n, k, bias, prefetch, monkeypatch):
+    """The residual add and RMSNorm folded into the GEMV, against float64: the residual out is x + r
+    rounded once (as fused_add_rms_norm stores it), the output linear(rmsnorm(x + r) * g)."""
+    monkeypatch.setattr(L, "_gemv_pdl_args", lambda device: {"PDL": False, "PREFETCH": prefetch})
+    x, r = rand(m, k, dtype=dtype, seed=70), rand(m, k, dtype=dtype, seed=71)
+    g = (1 + 0.5 * rand(k, dtype=torch.float32, seed=72)).to(dtype)
+    w = rand(n, k, dtype=dtype, seed=73)
+    b = rand(n, dtype=dtype, seed=74) if bias else None
+    y, res = L.triton_add_norm_gemv(x, r, g, 1e-6, w, b, config=(16, 64, 4, 1))
+    h = (x.float() + r.float()).to(dtype)
+    if DEVICE == "cuda" or dtype != torch.bfloat16:
+        assert torch.equal(res.cpu(), h.cpu())
+    else:  # the interpreter rounds float32 -> bfloat16 toward zero, torch to nearest: one unit apart
+        assert ((res.double() - h.double()).abs() <= 2 ** -7 * h.double().abs()).all()
+    hd = res.double()  # the norm and the GEMV take the kernel's own x + r
+    xn = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-6) * g.double()
+    # the kernel's input is the unrounded float32 product: compare with a float64 reference of it
+    check(y, xn.to(dtype) if dtype == torch.float32 else xn, w, b, dtype)
+
+
+def test_add_norm_gemv_checks_shapes():
+    x = rand(2, 16, dtype=torch.float32, seed=75)
+    with pytest.raises(ValueError, match="residual"):
+        L.triton_add_norm_gemv(x, x[:1], torch.ones(16), 1e-6, rand(8, 16, dtype=torch.float32, seed=76))
+
+
+def test_add_norm_decision_is_timed_against_the_unfused_pair():
+    unfused, fused = (lambda *a: "u"), (lambda *a: "f")
+    timer = FakeTimer({unfused: 20e-6, fused: 19e-6})
+    picker = L.LinearPicker(timer=timer)
+    cands = {"unfused": unfused, "add_norm gemv a": fused}
+    assert picker.decide(("add_norm", 1), cands, flush="read", margin=0.0, baseline="unfused")[0] == "add_norm gemv a"
+    timer.seconds[fused] = 21e-6
+    assert picker.decide(("add_norm", 2), cands, flush="read", margin=0.0, baseline="unfused")[0] == "unfused"
+    assert "1 us less" in picker.summary()  # 20 - 19 us saved by the one fused shape
+
+
+def test_add_norm_linear_off_cuda_is_the_norm_then_the_linear():
+    from vllm_engine.layers.layernorm import rms_norm
+
+    picker = L.LinearPicker(timer=FakeTimer({}))
+    x, r, g = torch.randn(3, 8), torch.randn(3, 8), torch.rand(8) + 0.5
+    w, b = torch.randn(5, 8), torch.randn(5)
+    y, res = picker.add_norm_linear(x, r, g, 1e-6, w, b)
+    h, want_res = rms_norm(x, g, 1e-6, r)
+    assert torch.equal(res, want_res) and torch.equal(y, F.linear(h, w, b)) and not picker.decisions
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the picker times only CUDA inputs")
+@pytest.mark.parametrize("m", [1, 4, 8])
+def test_add_norm_linear_on_cuda_matches_the_unfused_pair(m):
+    from vllm_engine.layers import fused_ops
+
+    picker = L.LinearPicker()
+    x, r = rand(m, 512, dtype=torch.bfloat16, seed=80), rand(m, 512, dtype=torch.bfloat16, seed=81)
+    g, w = (1 + 0.1 * rand(512, dtype=torch.bfloat16, seed=82)), rand(1024, 512, dtype=torch.bfloat16, seed=83)
+    y, res = picker.add_norm_linear(x, r, g, 1e-6, w)
+    h, want_res = fused_ops.fused_add_rms_norm(x, r, g, 1e-6)
+    assert torch.equal(res, want_res)
+    assert torch.allclose(y.float(), F.linear(h, w).float(), rtol=3e-2, atol=3e-2)
+    keys = [k for k in picker.decisions if k[0] == "add_norm"]
+    assert len(keys) == (1 if m <= L.GEMV_MAX_ROWS else 0)

@@ -26,8 +26,16 @@ def _linear(x, w, b=None):
     return L.triton_matmul(x, w, b, config=(16, 32, 32, 4, 2))
 
 
+def _add_norm_linear(x, residual, g, eps, w, b=None):
+    # At a few rows the norm folded into the GEMV, as the picker may choose on a GPU.
+    if x.shape[0] <= 4:
+        return L.triton_add_norm_gemv(x, residual, g, eps, w, b, config=(16, 32, 4, 1))
+    h, res = FO.triton_fused_add_rms_norm(x, residual, g, eps)
+    return _linear(h, w, b), res
+
+
 TRITON_OPS = Ops(FO.triton_rms_norm, FO.triton_fused_add_rms_norm, FO.triton_silu_and_mul, FO.triton_rotary,
-                 FO.triton_qkv_rope_cache, _linear)
+                 FO.triton_qkv_rope_cache, _linear, _add_norm_linear)
 
 
 class LongestFirst(TritonAttentionBackend):

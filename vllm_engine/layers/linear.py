@@ -51,37 +51,69 @@ def _interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel_impl(X, W, Bias, Y, N, K, stride_xm, stride_wn, stride_ym, M: tl.constexpr, BLOCK_M: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr):
+    def _gemv_x_chunk(X, R, G, ResOut, k0, offs_m, offs_k, mmask, K, stride_xm, stride_rm, stride_om, ss,
+                      write_res, ADD_NORM: tl.constexpr):
+        """The [BLOCK_M, BLOCK_K] chunk of the GEMV's input at k0, in float32. With ADD_NORM it is
+        (x + r) rounded to x's dtype (stored to ResOut by ``write_res``), times the norm weight g,
+        and ``ss`` accumulates its sum of squares: the caller scales the result by the RMS."""
+        kmask = (k0 + offs_k) < K
+        m2 = mmask[:, None] & kmask[None, :]
+        x = tl.load(X + offs_m[:, None] * stride_xm + k0 + offs_k[None, :], mask=m2, other=0.0)
+        xf = x.to(tl.float32)
+        if ADD_NORM:
+            r = tl.load(R + offs_m[:, None] * stride_rm + k0 + offs_k[None, :], mask=m2, other=0.0)
+            h = (xf + r.to(tl.float32)).to(X.dtype.element_ty)
+            if write_res:
+                tl.store(ResOut + offs_m[:, None] * stride_om + k0 + offs_k[None, :], h, mask=m2)
+            hf = h.to(tl.float32)
+            ss += tl.sum(hf * hf, axis=1)
+            g = tl.load(G + k0 + offs_k, mask=kmask, other=0.0).to(tl.float32)
+            xf = hf * g[None, :]
+        return xf, ss
+
+    @triton.jit
+    def _gemv_kernel_impl(X, W, Bias, Y, R, G, ResOut, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_om,
+                          eps, M: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                          ADD_NORM: tl.constexpr):
         """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m: each program streams BLOCK_N
         rows of W once, with float32 products accumulated elementwise and reduced at the end.
 
         ``PREFETCH`` (with PDL): the first W tile is loaded before waiting for the previous kernel
-        (the weights do not depend on it), so that load overlaps the previous kernel's tail."""
+        (the weights do not depend on it), so that load overlaps the previous kernel's tail.
+
+        ``ADD_NORM``: the input is RMSNorm(x + r) * g, the residual add and norm that would otherwise be
+        their own kernel before this one (``fused_add_rms_norm``): every program streams all of K,
+        so each accumulates the sum of squares itself and scales its outputs by 1/RMS at the end
+        (the RMS is a per-row scalar); program 0 also stores x + r to ResOut."""
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         mmask = offs_m < M
         nmask = offs_n < N
+        write_res = pid == 0
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         w_ptr = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
         k_first = 0
         if PREFETCH:
             w = tl.load(w_ptr, mask=nmask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
         pdl_prologue(PDL)
         if PREFETCH:
-            x = tl.load(x_ptr, mask=mmask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+            x, ss = _gemv_x_chunk(X, R, G, ResOut, 0, offs_m, offs_k, mmask, K, stride_xm, stride_rm, stride_om,
+                                  ss, write_res, ADD_NORM)
             acc += x[:, None, :] * w[None, :, :]
             k_first = BLOCK_K
         for k0 in range(k_first, K, BLOCK_K):
             kmask = (k0 + offs_k) < K
             w = tl.load(w_ptr + k0, mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            x, ss = _gemv_x_chunk(X, R, G, ResOut, k0, offs_m, offs_k, mmask, K, stride_xm, stride_rm, stride_om,
+                                  ss, write_res, ADD_NORM)
             acc += x[:, None, :] * w[None, :, :]
         y = tl.sum(acc, axis=2)
+        if ADD_NORM:
+            y = y * tl.math.rsqrt(ss / K + eps)[:, None]
         if HAS_BIAS:
             y += tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
@@ -152,10 +184,34 @@ def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return y
     block_n, block_k, warps, stages = config
     _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        x, weight, bias if bias is not None else weight, y, x, x, x, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        0, 0, 0.0,
         M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
+        ADD_NORM=False, num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
     return y
+
+
+def triton_add_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                         weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                         config: tuple = (4, 1024, 4, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(rms_norm(x + residual) * norm_weight, weight, bias), x + residual)`` in one GEMV
+    kernel, for x and residual [M, K] with M small: the residual add and RMSNorm of
+    ``fused_ops.fused_add_rms_norm`` folded into the GEMV (see ``_gemv_kernel_impl``)."""
+    x, y = _checked_out(x, weight)
+    if residual.shape != x.shape or residual.stride(-1) != 1 or norm_weight.shape != (x.shape[1],):
+        raise ValueError(f"add_norm_gemv: residual {tuple(residual.shape)} / norm weight "
+                         f"{tuple(norm_weight.shape)} do not match x {tuple(x.shape)}")
+    (m, k), n = x.shape, y.shape[1]
+    res_out = torch.empty_like(x)
+    if m == 0:
+        return y, res_out
+    block_n, block_k, warps, stages = config
+    _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, residual, norm_weight, res_out, n, k,
+        x.stride(0), weight.stride(0), y.stride(0), residual.stride(0), res_out.stride(0), eps,
+        M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        ADD_NORM=True, num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
+    return y, res_out
 
 
 def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -275,16 +331,43 @@ class LinearPicker:
             decided = self.decide(key, self.candidates(m), x, weight, bias, flush=flush, margin=margin)
         return self._fns[key](x, weight, bias)
 
+    def add_norm_linear(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(linear(rms_norm(x + residual) * norm_weight), x + residual)``, the residual add and norm
+        before a decoder layer's q/k/v or gate/up projection. At up to ``GEMV_MAX_ROWS`` rows on CUDA
+        the norm can be folded into our GEMV (``triton_add_norm_gemv``: one kernel instead of two);
+        that is timed, the first time a shape comes, against the norm kernel followed by the linear
+        this picker chose for it ("unfused"), and the faster one kept."""
+        from vllm_engine.layers import fused_ops
+
+        def unfused(x, residual, norm_weight, eps, weight, bias):
+            h, res = fused_ops.fused_add_rms_norm(x, residual, norm_weight, eps)
+            return self(h, weight, bias), res
+
+        args = (x, residual, norm_weight, eps, weight, bias)
+        if triton is None or not x.is_cuda or x.dim() != 2 or not 0 < x.shape[0] <= min(GEMV_MAX_ROWS, self.max_rows):
+            return unfused(*args)
+        key = ("add_norm", _bucket(x.shape[0]), weight.shape[0], weight.shape[1], x.dtype, bias is not None)
+        if key not in self.decisions:
+            if torch.cuda.is_current_stream_capturing():
+                return unfused(*args)
+            unfused(*args)  # the linear's own decision first: "unfused" then times the picked kernel
+            candidates = {"unfused": unfused}
+            for c in GEMV_CONFIGS:
+                candidates["add_norm gemv %dx%d w%d s%d" % c] = functools.partial(triton_add_norm_gemv, config=c)
+            self.decide(key, candidates, *args, flush="read", margin=0.0, baseline="unfused")
+        return self._fns[key](*args)
+
     def decide(self, key: tuple, candidates: dict[str, Callable], *args, flush: str = "read",
-               margin: float = 0.05) -> tuple[str, dict[str, float]]:
-        """Times every candidate on ``args`` (``timer(fn, flush=...)``); cuBLAS unless our fastest is
-        faster by the margin (``self.margin`` when set, else ``margin``). A negative margin lets ours
-        win while slower by up to that fraction (-1: always ours)."""
+               margin: float = 0.05, baseline: str = "cublas") -> tuple[str, dict[str, float]]:
+        """Times every candidate on ``args`` (``timer(fn, flush=...)``); the ``baseline`` candidate
+        unless our fastest is faster by the margin (``self.margin`` when set, else ``margin``). A
+        negative margin lets ours win while slower by up to that fraction (-1: always ours)."""
         times = {name: self.timer(lambda fn=fn: fn(*args), flush=flush) for name, fn in candidates.items()}
-        ours = [name for name in times if name != "cublas"]
-        best = min(ours, key=times.get) if ours else "cublas"
+        ours = [name for name in times if name != baseline]
+        best = min(ours, key=times.get) if ours else baseline
         margin = self.margin if self.margin is not None else margin
-        choice = best if times[best] < (1 - margin) * times["cublas"] else "cublas"
+        choice = best if times[best] < (1 - margin) * times[baseline] else baseline
         self.decisions[key] = (choice, times)
         self._fns[key] = candidates[choice]
         logger.debug("linear %s: %s (%s)", key, choice, {k: f"{v * 1e6:.1f}us" for k, v in times.items()})
@@ -299,7 +382,7 @@ class LinearPicker:
         for choice, times in self.decisions.values():
             kind = choice.split()[0]
             counts[kind] = counts.get(kind, 0) + 1
-            saved += times["cublas"] - times[choice]
+            saved += times["cublas" if "cublas" in times else "unfused"] - times[choice]
         parts = ", ".join(f"{c} for {n}" for c, n in sorted(counts.items()))
         return (f"linear kernels over {len(self.decisions)} shapes: {parts}; one call of each shape takes "
-                f"{saved * 1e6:.0f} us less in total than with cuBLAS")
+                f"{saved * 1e6:.0f} us less in total than cuBLAS (and a separate norm kernel)")

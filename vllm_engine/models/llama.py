@@ -37,7 +37,10 @@ class Ops:
     ``qkv_rope_cache(positions, qkv, heads, kv_heads, cos_sin_cache, rotary_dim, q_norm_w, k_norm_w, eps,
     kv_cache, slot_mapping) -> q``: q/k norm (when the weights are given), rotary, and the K/V cache
     write in one pass (see fused_ops.qkv_rope_cache). ``linear(x, w, b)``: F.linear (on CUDA a
-    ``layers.linear.LinearPicker``: cuBLAS or a Triton GEMV/GEMM per shape, whichever measures faster)."""
+    ``layers.linear.LinearPicker``: cuBLAS or a Triton GEMV/GEMM per shape, whichever measures faster).
+    ``add_norm_linear(x, residual, norm_w, eps, w, b) -> (linear(rms_norm(x + residual)), x + residual)``:
+    None composes ``fused_add_rms_norm`` and ``linear``; on CUDA the picker's, which may fold the norm
+    into a GEMV (``norm_linear`` calls whichever is set)."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
@@ -45,6 +48,15 @@ class Ops:
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     qkv_rope_cache: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor] = F.linear
+    add_norm_linear: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
+
+    def norm_linear(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and RMSNorm before a projection, and the projection."""
+        if self.add_norm_linear is not None:
+            return self.add_norm_linear(x, residual, norm_weight, eps, weight, bias)
+        h, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps)
+        return self.linear(h, weight, bias), residual
 
 
 def _torch_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,13 +92,15 @@ def get_ops(device: torch.device) -> Ops:
         from vllm_engine.layers import fused_ops
     except Exception:  # no Triton, or the module is absent: the torch ops are correct, just slower
         return TORCH_OPS
+    picker = _linear_picker()
     return Ops(
         getattr(fused_ops, "rms_norm", TORCH_OPS.rms_norm),
         getattr(fused_ops, "fused_add_rms_norm", TORCH_OPS.fused_add_rms_norm),
         getattr(fused_ops, "silu_and_mul", TORCH_OPS.silu_and_mul),
         getattr(fused_ops, "rotary", TORCH_OPS.rotary),
         getattr(fused_ops, "qkv_rope_cache", TORCH_OPS.qkv_rope_cache),
-        _linear_picker(),
+        picker,
+        getattr(picker, "add_norm_linear", None),
     )
 
 
@@ -184,11 +198,11 @@ class LlamaAttention(nn.Module):
         # Not a submodule (shared): a plain attribute, so it is neither registered nor saved per layer.
         self.__dict__["rotary_emb"] = rotary_emb
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """positions: [T] int64; hidden: [T, hidden] -> [T, hidden]."""
-        t = hidden.shape[0]
-        qkv = self.ops.linear(hidden, self.qkv_proj.weight, self.qkv_proj.bias)
+        """positions: [T] int64; qkv: [T, (heads + 2 kv heads) * head_dim], the input already projected
+        by ``qkv_proj`` (the decoder layer does it, with its norm) -> [T, hidden]."""
+        t = qkv.shape[0]
         # q/k norm (Qwen3), rotary and the K/V cache write in one pass; the backend gets no key/value.
         q = self.ops.qkv_rope_cache(
             positions, qkv, self.num_heads, self.num_kv_heads, self.rotary_emb.cos_sin_cache,
@@ -214,8 +228,8 @@ class LlamaMLP(nn.Module):
         self.down_proj.bias = _empty(hidden, dtype=dtype) if bias else None
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up: the input already projected by ``gate_up_proj`` (the decoder layer does it, with its norm)."""
         return self.ops.linear(self.ops.silu_and_mul(gate_up), self.down_proj.weight, self.down_proj.bias)
 
 
@@ -238,16 +252,20 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this layer's output, the residual stream before it): the next norm adds them."""
+        """Returns (this layer's output, the residual stream before it): the next norm adds them.
+        Each norm goes with the projection after it (``Ops.norm_linear``: one kernel where that is faster)."""
+        qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         if residual is None:
             residual = hidden
-            hidden = self.ops.rms_norm(hidden, self.input_layernorm.weight, self.eps)
+            qkv = self.ops.linear(self.ops.rms_norm(hidden, self.input_layernorm.weight, self.eps),
+                                  qkv_proj.weight, qkv_proj.bias)
         else:
-            hidden, residual = self.ops.fused_add_rms_norm(hidden, residual, self.input_layernorm.weight, self.eps)
-        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
-        hidden, residual = self.ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm.weight,
-                                                       self.eps)
-        return self.mlp(hidden), residual
+            qkv, residual = self.ops.norm_linear(hidden, residual, self.input_layernorm.weight, self.eps,
+                                                 qkv_proj.weight, qkv_proj.bias)
+        hidden = self.self_attn(positions, qkv, kv_cache, attn_metadata)
+        gate_up, residual = self.ops.norm_linear(hidden, residual, self.post_attention_layernorm.weight, self.eps,
+                                                 gate_up_proj.weight, gate_up_proj.bias)
+        return self.mlp(gate_up), residual
 
 
 class LlamaModel(nn.Module):
