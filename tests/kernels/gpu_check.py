@@ -416,11 +416,12 @@ def compile_sm90() -> list[dict]:
     for m in (1, 4):
         for bn, bk, warps, stages in L.GEMV_CONFIGS:
             out.append(build(L._gemv_kernel_impl, gemv, dict(M=m, BLOCK_M=m, HAS_BIAS=False, BLOCK_N=bn, BLOCK_K=bk,
-                                                             PREFETCH=True, ADD_NORM=False),
+                                                             PREFETCH=True, ADD_NORM=False, SILU_MUL=False),
                              num_warps=warps, num_stages=stages))
-    for bn, bk, warps, stages in ((4, 1024, 4, 2), (16, 512, 8, 3)):  # the norm folded in (add_norm_linear)
+    # the norm folded in (add_norm_linear), twice; SiLU-and-mul folded in (silu_mul_linear)
+    for (bn, bk, warps, stages), norm in (((4, 1024, 4, 2), True), ((16, 512, 8, 3), True), ((4, 512, 4, 3), False)):
         out.append(build(L._gemv_kernel_impl, gemv, dict(M=1, BLOCK_M=1, HAS_BIAS=False, BLOCK_N=bn, BLOCK_K=bk,
-                                                         PREFETCH=True, ADD_NORM=True),
+                                                         PREFETCH=True, ADD_NORM=norm, SILU_MUL=not norm),
                          num_warps=warps, num_stages=stages))
     mm = dict(X=bf, W=bf, Bias=bf, Y=bf, N=i32, K=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32, M=i32)
     for bm, bn, bk, warps, stages in L.GEMM_CONFIGS:

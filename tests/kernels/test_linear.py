@@ -233,3 +233,39 @@ def test_add_norm_linear_on_cuda_matches_the_unfused_pair(m):
     assert torch.allclose(y.float(), F.linear(h, w).float(), rtol=3e-2, atol=3e-2)
     keys = [k for k in picker.decisions if k[0] == "add_norm"]
     assert len(keys) == (1 if m <= L.GEMV_MAX_ROWS else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,bias", [(1, 37, 300, False), (3, 64, 256, True), (4, 20, 77, False)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_silu_mul_gemv(dtype, m, n, k, bias, prefetch, monkeypatch):
+    """SiLU-and-mul folded into the GEMV: the input it multiplies is exactly the silu_and_mul kernel's
+    output, so the result is checked against float64 of that."""
+    from vllm_engine.layers import fused_ops
+
+    monkeypatch.setattr(L, "_gemv_pdl_args", lambda device: {"PDL": False, "PREFETCH": prefetch})
+    gate_up = rand(m, 2 * k, dtype=dtype, seed=90)
+    w = rand(n, k, dtype=dtype, seed=91)
+    b = rand(n, dtype=dtype, seed=92) if bias else None
+    y = L.triton_silu_mul_gemv(gate_up, w, b, config=(16, 64, 4, 1))
+    check(y, fused_ops.triton_silu_and_mul(gate_up), w, b, dtype)
+    with pytest.raises(ValueError, match="twice"):
+        L.triton_silu_mul_gemv(gate_up[:, :k], w)
+
+
+def test_silu_mul_linear_off_cuda_is_the_activation_then_the_linear():
+    picker = L.LinearPicker(timer=FakeTimer({}))
+    gu, w = torch.randn(3, 16), torch.randn(5, 8)
+    want = F.linear(F.silu(gu[:, :8]) * gu[:, 8:], w)
+    assert torch.equal(picker.silu_mul_linear(gu, w), want) and not picker.decisions
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the picker times only CUDA inputs")
+def test_silu_mul_linear_on_cuda_matches_the_unfused_pair():
+    from vllm_engine.layers import fused_ops
+
+    picker = L.LinearPicker()
+    gu, w = rand(1, 2048, dtype=torch.bfloat16, seed=93), rand(512, 1024, dtype=torch.bfloat16, seed=94)
+    y = picker.silu_mul_linear(gu, w)
+    assert torch.allclose(y.float(), F.linear(fused_ops.silu_and_mul(gu), w).float(), rtol=2e-2, atol=2e-2)
+    assert [k[0] for k in picker.decisions if isinstance(k[0], str)] == ["silu_mul"]

@@ -34,8 +34,14 @@ def _add_norm_linear(x, residual, g, eps, w, b=None):
     return _linear(h, w, b), res
 
 
+def _silu_mul_linear(gate_up, w, b=None):
+    if gate_up.shape[0] <= 4:
+        return L.triton_silu_mul_gemv(gate_up, w, b, config=(16, 32, 4, 1))
+    return _linear(FO.triton_silu_and_mul(gate_up), w, b)
+
+
 TRITON_OPS = Ops(FO.triton_rms_norm, FO.triton_fused_add_rms_norm, FO.triton_silu_and_mul, FO.triton_rotary,
-                 FO.triton_qkv_rope_cache, _linear, _add_norm_linear)
+                 FO.triton_qkv_rope_cache, _linear, _add_norm_linear, _silu_mul_linear)
 
 
 class LongestFirst(TritonAttentionBackend):

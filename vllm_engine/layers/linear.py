@@ -52,14 +52,20 @@ if triton is not None:
 
     @triton.jit
     def _gemv_x_chunk(X, R, G, ResOut, k0, offs_m, offs_k, mmask, K, stride_xm, stride_rm, stride_om, ss,
-                      write_res, ADD_NORM: tl.constexpr):
+                      write_res, ADD_NORM: tl.constexpr, SILU_MUL: tl.constexpr):
         """The [BLOCK_M, BLOCK_K] chunk of the GEMV's input at k0, in float32. With ADD_NORM it is
         (x + r) rounded to x's dtype (stored to ResOut by ``write_res``), times the norm weight g,
-        and ``ss`` accumulates its sum of squares: the caller scales the result by the RMS."""
+        and ``ss`` accumulates its sum of squares: the caller scales the result by the RMS. With
+        SILU_MUL, x is [gate | up] (2K columns) and the chunk is silu(gate) * up, rounded as
+        ``fused_ops.silu_and_mul`` rounds it."""
         kmask = (k0 + offs_k) < K
         m2 = mmask[:, None] & kmask[None, :]
         x = tl.load(X + offs_m[:, None] * stride_xm + k0 + offs_k[None, :], mask=m2, other=0.0)
         xf = x.to(tl.float32)
+        if SILU_MUL:
+            up = tl.load(X + offs_m[:, None] * stride_xm + K + k0 + offs_k[None, :], mask=m2, other=0.0)
+            s = (xf / (1.0 + tl.exp(-xf))).to(X.dtype.element_ty).to(tl.float32)  # F.silu rounds here
+            xf = (s * up.to(tl.float32)).to(X.dtype.element_ty).to(tl.float32)
         if ADD_NORM:
             r = tl.load(R + offs_m[:, None] * stride_rm + k0 + offs_k[None, :], mask=m2, other=0.0)
             h = (xf + r.to(tl.float32)).to(X.dtype.element_ty)
@@ -75,7 +81,7 @@ if triton is not None:
     def _gemv_kernel_impl(X, W, Bias, Y, R, G, ResOut, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_om,
                           eps, M: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                          ADD_NORM: tl.constexpr):
+                          ADD_NORM: tl.constexpr, SILU_MUL: tl.constexpr):
         """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m: each program streams BLOCK_N
         rows of W once, with float32 products accumulated elementwise and reduced at the end.
 
@@ -85,7 +91,8 @@ if triton is not None:
         ``ADD_NORM``: the input is RMSNorm(x + r) * g, the residual add and norm that would otherwise be
         their own kernel before this one (``fused_add_rms_norm``): every program streams all of K,
         so each accumulates the sum of squares itself and scales its outputs by 1/RMS at the end
-        (the RMS is a per-row scalar); program 0 also stores x + r to ResOut."""
+        (the RMS is a per-row scalar); program 0 also stores x + r to ResOut. ``SILU_MUL``: the input is
+        silu(x[:, :K]) * x[:, K:], the activation before a down projection."""
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,14 +109,14 @@ if triton is not None:
         pdl_prologue(PDL)
         if PREFETCH:
             x, ss = _gemv_x_chunk(X, R, G, ResOut, 0, offs_m, offs_k, mmask, K, stride_xm, stride_rm, stride_om,
-                                  ss, write_res, ADD_NORM)
+                                  ss, write_res, ADD_NORM, SILU_MUL)
             acc += x[:, None, :] * w[None, :, :]
             k_first = BLOCK_K
         for k0 in range(k_first, K, BLOCK_K):
             kmask = (k0 + offs_k) < K
             w = tl.load(w_ptr + k0, mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             x, ss = _gemv_x_chunk(X, R, G, ResOut, k0, offs_m, offs_k, mmask, K, stride_xm, stride_rm, stride_om,
-                                  ss, write_res, ADD_NORM)
+                                  ss, write_res, ADD_NORM, SILU_MUL)
             acc += x[:, None, :] * w[None, :, :]
         y = tl.sum(acc, axis=2)
         if ADD_NORM:
@@ -187,7 +194,29 @@ def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         x, weight, bias if bias is not None else weight, y, x, x, x, n, k, x.stride(0), weight.stride(0), y.stride(0),
         0, 0, 0.0,
         M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        ADD_NORM=False, num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
+        ADD_NORM=False, SILU_MUL=False, num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
+    return y
+
+
+def triton_silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                         config: tuple = (4, 512, 4, 3)) -> torch.Tensor:
+    """``linear(silu(x[:, :K]) * x[:, K:], weight, bias)`` in one GEMV kernel for x [M, 2K] (M small)
+    and weight [N, K]: ``fused_ops.silu_and_mul`` folded into the GEMV, with its rounding."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != 2 * weight.shape[1] or weight.stride(-1) != 1:
+        raise ValueError(f"silu_mul_gemv: weight {tuple(weight.shape)} does not match x {tuple(x.shape)} "
+                         "(x must hold gate and up: twice the weight's columns)")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    block_n, block_k, warps, stages = config
+    _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, x, x, x, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        0, 0, 0.0,
+        M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        ADD_NORM=False, SILU_MUL=True, num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
     return y
 
 
@@ -210,7 +239,7 @@ def triton_add_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
         x, weight, bias if bias is not None else weight, y, residual, norm_weight, res_out, n, k,
         x.stride(0), weight.stride(0), y.stride(0), residual.stride(0), res_out.stride(0), eps,
         M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        ADD_NORM=True, num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
+        ADD_NORM=True, SILU_MUL=False, num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
     return y, res_out
 
 
@@ -344,17 +373,36 @@ class LinearPicker:
             h, res = fused_ops.fused_add_rms_norm(x, residual, norm_weight, eps)
             return self(h, weight, bias), res
 
-        args = (x, residual, norm_weight, eps, weight, bias)
+        return self._fused("add_norm", triton_add_norm_gemv, unfused, x, residual, norm_weight, eps, weight, bias)
+
+    def silu_mul_linear(self, x: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``linear(silu(x[:, :K]) * x[:, K:])``, the activation and down projection of a gated MLP. At up
+        to ``GEMV_MAX_ROWS`` rows on CUDA the activation can be folded into our GEMV
+        (``triton_silu_mul_gemv``), timed like ``add_norm_linear``."""
+        from vllm_engine.layers import fused_ops
+
+        def unfused(x, weight, bias):
+            return self(fused_ops.silu_and_mul(x), weight, bias)
+
+        return self._fused("silu_mul", triton_silu_mul_gemv, unfused, x, weight, bias)
+
+    def _fused(self, kind: str, kernel: Callable, unfused: Callable, x: torch.Tensor, *rest) -> object:
+        """``unfused(x, *rest)`` (an elementwise kernel, then this picker's linear) or ``kernel``: the
+        same folded into our GEMV, whichever measured faster for the key (kind, rows rounded up to a
+        power of 2, N, K, dtype, bias); ``rest`` ends with (weight, bias)."""
+        weight, bias = rest[-2], rest[-1]
+        args = (x, *rest)
         if triton is None or not x.is_cuda or x.dim() != 2 or not 0 < x.shape[0] <= min(GEMV_MAX_ROWS, self.max_rows):
             return unfused(*args)
-        key = ("add_norm", _bucket(x.shape[0]), weight.shape[0], weight.shape[1], x.dtype, bias is not None)
+        key = (kind, _bucket(x.shape[0]), weight.shape[0], weight.shape[1], x.dtype, bias is not None)
         if key not in self.decisions:
             if torch.cuda.is_current_stream_capturing():
                 return unfused(*args)
             unfused(*args)  # the linear's own decision first: "unfused" then times the picked kernel
             candidates = {"unfused": unfused}
             for c in GEMV_CONFIGS:
-                candidates["add_norm gemv %dx%d w%d s%d" % c] = functools.partial(triton_add_norm_gemv, config=c)
+                candidates[f"{kind} gemv %dx%d w%d s%d" % c] = functools.partial(kernel, config=c)
             self.decide(key, candidates, *args, flush="read", margin=0.0, baseline="unfused")
         return self._fns[key](*args)
 

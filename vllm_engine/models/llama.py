@@ -40,7 +40,8 @@ class Ops:
     ``layers.linear.LinearPicker``: cuBLAS or a Triton GEMV/GEMM per shape, whichever measures faster).
     ``add_norm_linear(x, residual, norm_w, eps, w, b) -> (linear(rms_norm(x + residual)), x + residual)``:
     None composes ``fused_add_rms_norm`` and ``linear``; on CUDA the picker's, which may fold the norm
-    into a GEMV (``norm_linear`` calls whichever is set)."""
+    into a GEMV (``norm_linear`` calls whichever is set). ``silu_mul_linear(gate_up, w, b)``: the same
+    for the activation before the down projection (``act_linear``)."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
@@ -49,6 +50,7 @@ class Ops:
     qkv_rope_cache: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor] = F.linear
     add_norm_linear: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
+    silu_mul_linear: Optional[Callable[..., torch.Tensor]] = None
 
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +59,12 @@ class Ops:
             return self.add_norm_linear(x, residual, norm_weight, eps, weight, bias)
         h, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps)
         return self.linear(h, weight, bias), residual
+
+    def act_linear(self, gate_up: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """SiLU-and-mul of [gate | up], then the down projection."""
+        if self.silu_mul_linear is not None:
+            return self.silu_mul_linear(gate_up, weight, bias)
+        return self.linear(self.silu_and_mul(gate_up), weight, bias)
 
 
 def _torch_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,6 +109,7 @@ def get_ops(device: torch.device) -> Ops:
         getattr(fused_ops, "qkv_rope_cache", TORCH_OPS.qkv_rope_cache),
         picker,
         getattr(picker, "add_norm_linear", None),
+        getattr(picker, "silu_mul_linear", None),
     )
 
 
@@ -230,7 +239,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up: the input already projected by ``gate_up_proj`` (the decoder layer does it, with its norm)."""
-        return self.ops.linear(self.ops.silu_and_mul(gate_up), self.down_proj.weight, self.down_proj.bias)
+        return self.ops.act_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
 
 
 class _Norm(nn.Module):
