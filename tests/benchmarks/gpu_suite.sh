@@ -35,6 +35,13 @@ for stage in "$@"; do
     throughput) python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 3 --backend both --out "$OUT/throughput_qwen3.json"
                 python $B/throughput.py --model llama-3.1-8b --dataset nano --runs 3 --out "$OUT/throughput_llama8b.json" ;;
     overhead)   python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 3 --no-enable-prefix-caching --out "$OUT/throughput_qwen3_nocache.json" ;;
+    ab)         # A/B of the batch-1 features, one machine: norm/activation folded into GEMVs, PDL
+                for env in "VLLM_ENGINE_FOLD=1" "VLLM_ENGINE_FOLD=0" "VLLM_ENGINE_PDL=0"; do
+                  echo "--- $env"
+                  env $env python $B/latency.py --model llama-3.1-8b --input-len 1000 --output-len 128 --batch-sizes 1 4 \
+                    --runs 5 --out "$OUT/latency_${env//=/_}.json" | tail -2
+                done ;;
+    host)       python $B/host_prepare.py --out "$OUT/host_prepare_cuda.json" ;;
     latency)    python $B/latency.py --model llama-3.1-8b --input-len 1000 --output-len 128 --batch-sizes 1 4 16 --runs 5 --out "$OUT/latency.json" ;;
     memory)     python $B/memory_usage.py --model qwen3-0.6b --out "$OUT/memory.json" ;;
     prefix)     python $B/prefix_cache.py --model llama-3.1-8b --out "$OUT/prefix_cache.json" ;;

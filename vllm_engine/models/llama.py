@@ -16,6 +16,7 @@ Parameters are created uninitialised (``torch.empty``): the loader fills every o
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -101,6 +102,7 @@ def get_ops(device: torch.device) -> Ops:
     except Exception:  # no Triton, or the module is absent: the torch ops are correct, just slower
         return TORCH_OPS
     picker = _linear_picker()
+    fold = os.environ.get("VLLM_ENGINE_FOLD", "1") != "0"  # =0: no norm / activation folded into GEMVs (A/B runs)
     return Ops(
         getattr(fused_ops, "rms_norm", TORCH_OPS.rms_norm),
         getattr(fused_ops, "fused_add_rms_norm", TORCH_OPS.fused_add_rms_norm),
@@ -108,16 +110,14 @@ def get_ops(device: torch.device) -> Ops:
         getattr(fused_ops, "rotary", TORCH_OPS.rotary),
         getattr(fused_ops, "qkv_rope_cache", TORCH_OPS.qkv_rope_cache),
         picker,
-        getattr(picker, "add_norm_linear", None),
-        getattr(picker, "silu_mul_linear", None),
+        getattr(picker, "add_norm_linear", None) if fold else None,
+        getattr(picker, "silu_mul_linear", None) if fold else None,
     )
 
 
 def _linear_picker() -> Callable[..., torch.Tensor]:
     """cuBLAS or our Triton kernels per shape. For A/B benchmarks, VLLM_ENGINE_LINEAR=cublas forces
     cuBLAS, and =gemv our fastest GEMV config at 1-4 rows (the picker decides above)."""
-    import os
-
     mode = os.environ.get("VLLM_ENGINE_LINEAR", "auto")
     if mode not in ("auto", "cublas", "gemv"):
         raise ValueError(f"VLLM_ENGINE_LINEAR={mode!r}: use 'auto' (time cuBLAS against our kernels), 'cublas' "
