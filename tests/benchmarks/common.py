@@ -243,3 +243,22 @@ def hf_generate_batch(model: Any, workload: Workload) -> Optional[tuple[float, i
     if tokens == 0:
         raise RuntimeError("generate_batch produced no tokens (its generation loop failed; see the log)")
     return elapsed, tokens
+
+
+def graph_time_s(fn, reps: int) -> float:
+    """Median seconds of one replay of a CUDA graph of ``fn`` (timed like the linear picker's
+    candidates, without an L2 flush: the graph's layers read distinct weights or caches)."""
+    from vllm_engine.layers.linear import cuda_time_s  # imports triton: only when measuring on a GPU
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    t = cuda_time_s(g.replay, reps=reps, flush_bytes=0)
+    del g
+    return t

@@ -17,29 +17,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import device_name, measure_bandwidth_gbs, print_table, write_json  # noqa: E402
+from common import device_name, graph_time_s, measure_bandwidth_gbs, print_table, write_json  # noqa: E402
 
 from vllm_engine.attention import triton_kernels as K  # noqa: E402
 from vllm_engine.attention.triton_attn import TritonAttentionBackend  # noqa: E402
-from vllm_engine.layers.linear import cuda_time_s  # noqa: E402
 from vllm_engine.model_loader.resolve import resolve_model  # noqa: E402
 
 
 def graph_us_per_layer(calls, reps: int) -> float:
     """Median microseconds per call of a CUDA graph that runs ``calls`` (one per layer) in order."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+
+    def run_all() -> None:
         for c in calls:
             c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    t = cuda_time_s(g.replay, reps=reps, flush_bytes=0)
-    del g
-    return t / len(calls) * 1e6
+
+    return graph_time_s(run_all, reps) / len(calls) * 1e6
 
 
 def main(argv=None) -> int:

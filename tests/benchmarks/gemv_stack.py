@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import device_name  # noqa: E402
+from common import device_name, graph_time_s  # noqa: E402
 
 from vllm_engine.layers import linear as L  # noqa: E402
 from vllm_engine.model_loader.resolve import resolve_model  # noqa: E402
@@ -32,23 +32,6 @@ def shapes(cfg) -> dict[str, tuple[int, int]]:
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     h, kvh, hid, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size, cfg.intermediate_size
     return {"qkv": ((h + 2 * kvh) * d, hid), "o": (hid, h * d), "gate_up": (2 * inter, hid), "down": (hid, inter)}
-
-
-def graph_time_s(fn, reps: int) -> float:
-    """Median seconds of one replay of a CUDA graph of ``fn`` (timed like the picker's candidates,
-    without an L2 flush: the graph's layers read distinct weights)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    t = L.cuda_time_s(g.replay, reps=reps, flush_bytes=0)
-    del g
-    return t
 
 
 def main(argv=None) -> int:

@@ -181,20 +181,29 @@ def _gemv_pdl_args(device: torch.device) -> dict:
     return dict(args, PREFETCH=args["PDL"] and GEMV_PREFETCH)
 
 
+def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor,
+                 config: tuple, silu_mul: bool = False, norm: Optional[tuple] = None) -> None:
+    """One ``_gemv_kernel_impl`` launch computing y [M, N] from x; ``norm``: (residual, norm weight,
+    residual out, eps) for the folded add + RMSNorm."""
+    m, (n, k) = x.shape[0], weight.shape
+    if m == 0:
+        return
+    residual, norm_weight, res_out, eps = norm if norm is not None else (x, x, x, 0.0)
+    block_n, block_k, warps, stages = config
+    _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, residual, norm_weight, res_out, n, k,
+        x.stride(0), weight.stride(0), y.stride(0), residual.stride(0), res_out.stride(0), eps,
+        M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        ADD_NORM=norm is not None, SILU_MUL=silu_mul, num_warps=warps, num_stages=stages,
+        **_gemv_pdl_args(x.device))
+
+
 def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 config: tuple = (8, 256, 4, 3)) -> torch.Tensor:
     """x [M, K] (M small), weight [N, K], bias [N] or None -> [M, N] in x.dtype.
     ``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     x, y = _checked_out(x, weight)
-    (m, k), n = x.shape, y.shape[1]
-    if m == 0:
-        return y
-    block_n, block_k, warps, stages = config
-    _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, x, x, x, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        0, 0, 0.0,
-        M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        ADD_NORM=False, SILU_MUL=False, num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
+    _launch_gemv(x, weight, bias, y, config)
     return y
 
 
@@ -207,16 +216,8 @@ def triton_silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                          "(x must hold gate and up: twice the weight's columns)")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y
-    block_n, block_k, warps, stages = config
-    _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, x, x, x, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        0, 0, 0.0,
-        M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        ADD_NORM=False, SILU_MUL=True, num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch_gemv(x, weight, bias, y, config, silu_mul=True)
     return y
 
 
@@ -230,16 +231,8 @@ def triton_add_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
     if residual.shape != x.shape or residual.stride(-1) != 1 or norm_weight.shape != (x.shape[1],):
         raise ValueError(f"add_norm_gemv: residual {tuple(residual.shape)} / norm weight "
                          f"{tuple(norm_weight.shape)} do not match x {tuple(x.shape)}")
-    (m, k), n = x.shape, y.shape[1]
     res_out = torch.empty_like(x)
-    if m == 0:
-        return y, res_out
-    block_n, block_k, warps, stages = config
-    _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, residual, norm_weight, res_out, n, k,
-        x.stride(0), weight.stride(0), y.stride(0), residual.stride(0), res_out.stride(0), eps,
-        M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        ADD_NORM=True, SILU_MUL=False, num_warps=warps, num_stages=stages, **_gemv_pdl_args(x.device))
+    _launch_gemv(x, weight, bias, y, config, norm=(residual, norm_weight, res_out, eps))
     return y, res_out
 
 
