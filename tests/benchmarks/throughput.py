@@ -52,6 +52,13 @@ def summarize_steps(profile: list[dict], min_seqs: int) -> dict:
     return {"steps": len(steps), **med}
 
 
+def checkpoint(out: str, result: dict, rows: list[dict]) -> None:
+    """Prints the newest row and writes the JSON so far: a run stopped during the (slow) HF part keeps
+    what it measured."""
+    print("result:", {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+    write_json(out, {**result, "rows": rows})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-0.6b")
@@ -73,8 +80,13 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=["engine", "hf", "both"], default="engine")
     p.add_argument("--hf-num-prompts", type=int, default=64, help="requests run through HF (it is slow)")
     p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--hf-modes", default="static,batch",
+                   help="HF runs, comma-separated: static (batched generate), batch (continuous generate_batch)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
+    modes = set(args.hf_modes.split(","))
+    if not modes <= {"static", "batch"}:
+        p.error(f"--hf-modes: unknown {sorted(modes - {'static', 'batch'})}; use static and/or batch")
 
     result: dict = {"benchmark": "throughput", "args": vars(args)}
     rows = []
@@ -119,6 +131,7 @@ def main(argv=None) -> int:
                             "num_preemptions_total": stats.num_preemptions_total,
                             "step_phases_decode_batch_ge_200": summarize_steps(profile, 200)}
         rows.append(row)
+        checkpoint(args.out, result, rows)
     if args.backend in ("hf", "both"):
         if engine is not None:
             hf_config, dtype = engine.model_config.hf_config, engine.model_config.dtype
@@ -136,20 +149,24 @@ def main(argv=None) -> int:
         sub = type(workload)(workload.name, workload.prompts[: args.hf_num_prompts],
                              workload.output_lens[: args.hf_num_prompts])
         model = hf_model_from_config(hf_config, dtype, device)
-        secs, toks = hf_static_generate(model, sub, args.hf_batch_size, device)
-        rows.append({"backend": "hf-generate (static batch)", "requests": len(sub.prompts), "seconds": secs,
-                     "output_tok_s": toks / secs,
-                     "total_tok_s": (toks + sum(sub.input_lens)) / secs})
-        try:
-            gb = hf_generate_batch(model, sub)
-        except Exception as e:  # the API moves between transformers versions: report, do not fail the run
-            gb = None
-            result["hf_generate_batch_error"] = repr(e)[:500]
+        if "static" in modes:
+            secs, toks = hf_static_generate(model, sub, args.hf_batch_size, device)
+            rows.append({"backend": "hf-generate (static batch)", "requests": len(sub.prompts), "seconds": secs,
+                         "output_tok_s": toks / secs,
+                         "total_tok_s": (toks + sum(sub.input_lens)) / secs})
+            checkpoint(args.out, result, rows)
+        gb = None
+        if "batch" in modes:
+            try:
+                gb = hf_generate_batch(model, sub)
+            except Exception as e:  # the API moves between transformers versions: report, do not fail the run
+                result["hf_generate_batch_error"] = repr(e)[:500]
         if gb is not None:
             secs, toks = gb
             rows.append({"backend": "hf-generate_batch (continuous)", "requests": len(sub.prompts),
                          "seconds": secs, "output_tok_s": toks / secs,
                          "total_tok_s": (toks + sum(sub.input_lens)) / secs})
+            checkpoint(args.out, result, rows)
     result["rows"] = rows
     print(f"device: {device_name()}, bandwidth: {bw and round(bw)} GB/s, GEMM {peak and round(peak)} TFLOPS, "
           f"model {args.model}, dataset {args.dataset}")

@@ -230,7 +230,15 @@ def test_add_norm_linear_on_cuda_matches_the_unfused_pair(m):
     y, res = picker.add_norm_linear(x, r, g, 1e-6, w)
     h, want_res = fused_ops.fused_add_rms_norm(x, r, g, 1e-6)
     assert torch.equal(res, want_res)
-    assert torch.allclose(y.float(), F.linear(h, w).float(), rtol=3e-2, atol=3e-2)
+    # float64 reference from the bf16 residual sum. The unfused pair rounds the normed input to bf16
+    # (2^-9 relative per element) and the folded GEMV does not, so both are held to that rounding's
+    # worst case over the dot (sum |h_i w_i| 2^-8) plus bf16's rounding of the output.
+    s = want_res.double()
+    h64 = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * g.double()
+    want = h64 @ w.double().T
+    bound = 2.0 ** -8 * (h64.abs() @ w.double().abs().T) + 2.0 ** -8 * want.abs()
+    for got in (y, F.linear(h, w)):
+        assert ((got.double() - want).abs() <= bound).all(), (got.double() - want).abs().max()
     keys = [k for k in picker.decisions if k[0] == "add_norm"]
     assert len(keys) == (1 if m <= L.GEMV_MAX_ROWS else 0)
 
