@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     pr.disable()
     dec = [r for r in prof if r["num_tokens"] == r["num_seqs"] == args.batch]
     print(f"elapsed {elapsed:.2f}s, {len(prof)} steps, {len(dec)} full decode steps")
-    for k in ("schedule_ms", "prepare_inputs_ms", "execute_ms", "update_and_output_ms", "total_ms"):
+    for k in ("schedule_ms", "prepare_inputs_ms", "execute_ms", "update_and_output_ms", "wait_ms", "host_ms",
+              "total_ms"):
         print(f"  {k:22s} median {statistics.median(r[k] for r in dec):.3f}")
     if args.top:
         pstats.Stats(pr).sort_stats("tottime").print_stats(args.top)

@@ -230,12 +230,13 @@ class Engine:
         sched_out = self.scheduler.schedule()
         self._log_step(sched_out)
         t1 = time.perf_counter() if prof else 0.0
-        runner_out = self.model_runner.execute_model(sched_out)
+        handle = self.model_runner.launch(sched_out)
+        runner_out = self.model_runner.collect(handle)
         t2 = time.perf_counter() if prof else 0.0
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         outputs = self._process(updated, runner_out)
         if prof:
-            self._record(sched_out, t0, t1, t2, time.perf_counter())
+            self._record(sched_out, t0, t1, t2, time.perf_counter(), handle.wait_s)
         return outputs
 
     def _process(self, updated: list[Request], runner_out) -> list[RequestOutput]:
@@ -257,8 +258,10 @@ class Engine:
         t0 = time.perf_counter() if prof else 0.0
         pending, self._pending = self._pending, None
         outputs: list[RequestOutput] = []
+        waited = 0.0  # seconds the host spent waiting for the GPU in this step
         if pending is not None and any(_needs_host_tokens(r.sampling_params) for _, r in pending[0].sampled_requests):
             outputs += self._resolve(pending)
+            waited += pending[1].wait_s
             pending = None
         sched_out = self.scheduler.schedule()
         self._log_step(sched_out)
@@ -267,13 +270,15 @@ class Engine:
         t2 = time.perf_counter() if prof else 0.0
         if pending is not None:
             outputs += self._resolve(pending)
+            waited += pending[1].wait_s
         self.scheduler.advance(sched_out)
         if sched_out.sampled_requests:
             self._pending = (sched_out, handle)
         else:
             self._resolve((sched_out, handle))  # nothing sampled: only bookkeeping (prompt chunks, logprobs)
+            waited += handle.wait_s
         if prof:
-            self._record(sched_out, t0, t1, t2, time.perf_counter())
+            self._record(sched_out, t0, t1, t2, time.perf_counter(), waited)
         return outputs
 
     def _log_step(self, sched_out) -> None:
@@ -297,12 +302,14 @@ class Engine:
         runner_out = self.model_runner.collect(handle)
         return self._process(self.scheduler.resolve(sched_out, runner_out), runner_out)
 
-    def _record(self, sched_out, t0: float, t1: float, t2: float, t3: float) -> None:
+    def _record(self, sched_out, t0: float, t1: float, t2: float, t3: float, waited: float = 0.0) -> None:
+        """One step's phases. ``wait_ms`` (inside update_and_output with async scheduling) is the host
+        waiting for the GPU; ``host_ms`` = total - wait is the host's own work for the step."""
         self.step_profile.append({
             "num_seqs": len(sched_out.scheduled_requests), "num_tokens": sched_out.total_num_scheduled_tokens,
             "schedule_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3,
             "prepare_inputs_ms": self.model_runner.last_prepare_s * 1e3, "update_and_output_ms": (t3 - t2) * 1e3,
-            "total_ms": (t3 - t0) * 1e3})
+            "wait_ms": waited * 1e3, "host_ms": (t3 - t0 - waited) * 1e3, "total_ms": (t3 - t0) * 1e3})
 
     def enable_step_profile(self) -> list[dict]:
         """Start recording per-step phase times; returns the (growing) list of records."""

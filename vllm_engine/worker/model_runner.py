@@ -200,7 +200,9 @@ class ModelRunner:
         out = handle.output
         if handle.sampled is not None:
             if handle.copied is not None:
+                t0 = time.perf_counter()
                 handle.copied.synchronize()  # waits for this step only, not for steps queued after it
+                handle.wait_s = time.perf_counter() - t0
                 tokens = handle.sampled_host.tolist()
             else:
                 tokens = handle.sampled.tolist()
@@ -363,6 +365,7 @@ class StepHandle:
     sample_req_indices: list[int] = field(default_factory=list)
     sampled_host: Optional[torch.Tensor] = None  # pinned host copy, valid once `copied` has completed
     copied: Optional[torch.cuda.Event] = None
+    wait_s: float = 0.0  # how long collect() waited for the GPU (the step profile's idle host time)
 
 
 def _trim(lp: SampledLogprobs, n: int) -> SampledLogprobs:
