@@ -41,7 +41,8 @@ for stage in "$@"; do
                   env $env python $B/latency.py --model llama-3.1-8b --input-len 1000 --output-len 128 --batch-sizes 1 4 \
                     --runs 5 --out "$OUT/latency_${env//=/_}.json" | tail -2
                 done ;;
-    host)       python $B/host_prepare.py --out "$OUT/host_prepare_cuda.json" ;;
+    host)       python $B/host_prepare.py --out "$OUT/host_prepare_cuda.json"
+                python $B/host_step.py --out "$OUT/host_step_cuda.json" ;;
     latency)    python $B/latency.py --model llama-3.1-8b --input-len 1000 --output-len 128 --batch-sizes 1 4 16 --runs 5 --out "$OUT/latency.json" ;;
     memory)     python $B/memory_usage.py --model qwen3-0.6b --out "$OUT/memory.json" ;;
     prefix)     python $B/prefix_cache.py --model llama-3.1-8b --out "$OUT/prefix_cache.json" ;;

@@ -55,3 +55,26 @@ def test_host_prepare_script(tmp_path):
     assert host_prepare.main(["--batch", "8", "--min-len", "20", "--max-len", "50", "--reps", "3", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["median_ms"] > 0 and res["blocks"] >= 8 * 2
+
+
+def test_host_step_script(tmp_path):
+    """The host's work per step with the model stubbed out: every phase measured on full-batch decode steps."""
+    import host_step
+
+    out = tmp_path / "hs.json"
+    assert host_step.main(["--batch", "8", "--input-len", "32", "--output-len", "6", "--runs", "2",
+                           "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["runs"]) == 2 and res["median"] in res["runs"]
+    for run in res["runs"]:
+        # 6 output tokens each: the first comes with the prompt's step, the next 5 from decode steps
+        assert run["steps"] == 5
+        assert all(run[k] > 0 for k in host_step.PHASES)
+        assert run["host_ms"] >= run["schedule_ms"]
+
+
+def test_throughput_rejects_unknown_hf_modes():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        throughput.main(["--backend", "hf", "--hf-modes", "static,eager"])
