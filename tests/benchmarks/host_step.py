@@ -14,10 +14,12 @@ full batch, over ``--runs`` runs (the median run by host time).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,6 +29,7 @@ from common import device_name, make_workload, print_table, write_json  # noqa: 
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 from vllm_engine.layers.sampler import SamplerOutput  # noqa: E402
+from vllm_engine.utils import freeze_gc  # noqa: E402
 
 BUNDLED = Path(__file__).resolve().parents[2] / "vllm_engine" / "model_configs"
 PHASES = ("schedule_ms", "prepare_inputs_ms", "execute_ms", "update_and_output_ms", "host_ms")
@@ -59,6 +62,32 @@ class RandomSampler(torch.nn.Module):
         return SamplerOutput(ids, None)
 
 
+class GcPauses:
+    """The cycle collector's pauses while active (``gc.callbacks``): (generation, seconds) each."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._t0))
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> dict:
+        full = [d for g, d in self.pauses if g == 2]
+        return {"gc_collections": len(self.pauses), "gc_full_collections": len(full),
+                "gc_max_full_ms": max(full, default=0.0) * 1e3, "gc_total_ms": sum(d for _, d in self.pauses) * 1e3}
+
+
 def tiny_model_dir(model: str, root: Path) -> Path:
     """The bundled config of ``model`` with two layers of width 64: the model is stubbed out, so only
     the vocabulary (the sampling arrays) and the block bookkeeping matter."""
@@ -84,15 +113,20 @@ def run(args) -> dict:
     params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, detokenize=args.detokenize)
               for o in w.output_lens]
     engine.generate(w.prompts, params, use_tqdm=False)  # warm-up
+    frozen = freeze_gc() if args.freeze_gc else 0
     runs = []
     for _ in range(args.runs):
         engine.scheduler.reset_prefix_cache()
         prof = engine.enable_step_profile()
-        engine.generate(w.prompts, params, use_tqdm=False)
+        with GcPauses() as pauses:
+            engine.generate(w.prompts, params, use_tqdm=False)
         steps = [r for r in prof if r["num_seqs"] == r["num_tokens"] == args.batch]
-        runs.append({"steps": len(steps), **{k: statistics.median(r[k] for r in steps) for k in PHASES}})
+        runs.append({"steps": len(steps), **{k: statistics.median(r[k] for r in steps) for k in PHASES},
+                     "max_host_ms": max(r["host_ms"] for r in prof), **pauses.summary()})
+    if frozen:
+        gc.unfreeze()
     runs.sort(key=lambda r: r["host_ms"])
-    return {"runs": runs, "median": runs[len(runs) // 2]}
+    return {"runs": runs, "median": runs[len(runs) // 2], "gc_frozen_objects": frozen}
 
 
 def main(argv=None) -> int:
@@ -105,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--detokenize", action="store_true", help="needs the model's tokenizer (not bundled)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--freeze-gc", action="store_true", help="freeze the objects alive after the warm-up "
+                   "(vllm_engine.utils.freeze_gc, as the server does)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     result = {"benchmark": "host_step", "args": vars(args), **run(args)}
@@ -112,6 +148,10 @@ def main(argv=None) -> int:
     print(f"host work per decode step on {device_name()}, {args.batch} running requests, {args.model} vocabulary "
           f"(median of {med['steps']} steps; the median of {args.runs} runs):")
     print_table([{"phase": k, "ms": round(med[k], 3)} for k in PHASES], ["phase", "ms"])
+    for r in result["runs"]:
+        print(f"run: slowest step's host work {r['max_host_ms']:.1f} ms; garbage collector: "
+              f"{r['gc_collections']} runs, {r['gc_full_collections']} full, longest full {r['gc_max_full_ms']:.1f} ms, "
+              f"{r['gc_total_ms']:.1f} ms in all")
     write_json(args.out, result)
     return 0
 

@@ -8,6 +8,7 @@ percentiles, with the batch-1 decode floor (weights + KV bytes per step over the
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ from common import (device_name, kv_bytes_per_token, make_workload, measure_band
                     linear_choices, percentiles, print_table, weight_bytes, write_json)
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
+from vllm_engine.utils import freeze_gc  # noqa: E402
 
 
 def one_batch(engine: Engine, prompts: list[list[int]], output_len: int, tag: str) -> tuple[list[float], list[float]]:
@@ -42,6 +44,13 @@ def one_batch(engine: Engine, prompts: list[list[int]], output_len: int, tag: st
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        gc.unfreeze()  # _main froze its engine's objects (freeze_gc): collectable again once it is gone
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--load-format", default="dummy")
@@ -64,6 +73,7 @@ def main(argv=None) -> int:
     # Warm-up at the measured shapes: the first prompt of a new length compiles kernel variants.
     for bs in args.batch_sizes:
         one_batch(engine, make_workload("random", cfg.vocab_size, bs, args.input_len, 8, 99).prompts, 8, f"warm{bs}")
+    freeze_gc()  # as `vllm-engine serve` does once its engine is built
     for bs in args.batch_sizes:
         ttfts, tpots = [], []
         for run in range(args.runs):

@@ -77,6 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from vllm_engine.engine.async_engine import AsyncEngine
     from vllm_engine.engine.engine import Engine
     from vllm_engine.serving.api_server import create_app
+    from vllm_engine.utils import freeze_gc
 
     if getattr(args, "model_tag", None):
         if args.model and args.model != args.model_tag:
@@ -91,6 +92,9 @@ def run_serve(args: argparse.Namespace) -> int:
                 cache.block_size, num_blocks * cache.block_size if num_blocks is not None else "?")
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, chat_template=chat_template, api_key=args.api_key, owns_engine=True)
+    # This process keeps this engine for its lifetime: what is alive now need never be scanned again
+    # by the garbage collector (a full collection over it stalls a step for 50-200 ms).
+    logger.info("garbage collector: %d startup objects frozen", freeze_gc())
     logger.info("OpenAI-compatible API at http://%s:%d/v1 (auth: %s)", args.host, args.port,
                 "API key" if args.api_key else "none")
     return run_server(app, args.host, args.port, args.log_level)
