@@ -1,5 +1,6 @@
 """Host time of ``ModelRunner._prepare_inputs`` for a decode step of N sequences: the numpy work that
-builds token ids, positions, block tables, slot mapping and sampled rows, and (``--device cuda``)
+builds token ids, positions, block tables (the rows kept across steps, 1 in ``block_size`` of them
+rewritten, as in a decode step), slot mapping and sampled rows, and (``--device cuda``)
 packing them into pinned memory and queuing their one host-to-device copy.
 
     PYTHONPATH=. python tests/benchmarks/host_prepare.py --batch 256 --out results/host_prepare.json
@@ -24,6 +25,7 @@ from vllm_engine.core.sched_output import SchedulerOutput  # noqa: E402
 from vllm_engine.engine.request import Request  # noqa: E402
 from vllm_engine.sampling_params import SamplingParams  # noqa: E402
 from vllm_engine.worker.model_runner import ModelRunner  # noqa: E402
+from vllm_engine.worker.block_tables import HostBlockTables  # noqa: E402
 from vllm_engine.worker.staging import HostStaging  # noqa: E402
 
 
@@ -58,9 +60,15 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     runner = types.SimpleNamespace(block_size=args.block_size, device=device, _last_sample_row={},
                                    _last_sampled=None, _prompt_logprob_rows=ModelRunner._prompt_logprob_rows,
-                                   staging=HostStaging(device))
+                                   staging=HostStaging(device), host_tables=HostBlockTables())
+    # The runner keeps block-table rows across steps: the first call writes them all; in a decode step
+    # after it, one request in block_size moves into a new block (its table changed).
+    ModelRunner._prepare_inputs(runner, sched)
+    rng = random.Random(1)
+    ids = [r.request_id for r in sched.scheduled_requests]
     times = []
     for _ in range(args.reps):
+        sched.changed_block_tables = set(rng.sample(ids, max(1, len(ids) // args.block_size)))
         t0 = time.perf_counter()
         ModelRunner._prepare_inputs(runner, sched)
         times.append(time.perf_counter() - t0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import pytest
 
 from vllm_engine.config import CacheConfig, SchedulerConfig
@@ -16,6 +17,7 @@ from vllm_engine.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_engine.core.scheduler import Scheduler
 from vllm_engine.engine.request import Request, RequestStatus
 from vllm_engine.sampling_params import SamplingParams
+from vllm_engine.worker.block_tables import HostBlockTables
 
 BS = 4
 
@@ -36,16 +38,26 @@ def reference(prompt: list[int], max_tokens: int, salt: int = 0) -> list[int]:
 
 
 class FakeRunner:
-    """Carries out swaps and copies, writes each step's tokens into a simulated KV cache, samples from it."""
+    """Carries out swaps and copies, writes each step's tokens into a simulated KV cache, samples from it.
+
+    Like the model runner, it reads the block tables through ``HostBlockTables`` (rows kept across
+    steps, rewritten where ``SchedulerOutput.changed_block_tables`` or a new list says so), and
+    checks every row against the scheduler's list."""
 
     def __init__(self, block_size: int = BS) -> None:
         self.bs = block_size
         self.gpu: dict[tuple[int, int], tuple[int, int]] = {}  # (block, slot) -> (position, token)
         self.cpu: dict[tuple[int, int], tuple[int, int]] = {}
         self.tokens_computed = 0
+        self.host_tables = HostBlockTables(rows=2)  # few rows: they are freed, reused and doubled
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         bs = self.bs
+        self.host_tables.release(so.finished_request_ids)
+        rows, lens = self.host_tables.gather(so.scheduled_requests, so.block_tables, so.changed_block_tables)
+        tables = [rows[i, :n].tolist() for i, n in enumerate(lens)]
+        assert tables == so.block_tables, "a kept block-table row differs from the scheduler's table"
+        assert not rows[np.arange(rows.shape[1]) >= lens[:, None]].any(), "ids past a table's end"
         for g, c in so.blocks_to_swap_out:
             for s in range(bs):
                 self.cpu.pop((c, s), None)
@@ -62,7 +74,7 @@ class FakeRunner:
                 if (src, s) in self.gpu:
                     self.gpu[(dst, s)] = self.gpu[(src, s)]
         written: set[tuple[int, int]] = set()
-        for r, n, bt in zip(so.scheduled_requests, so.num_scheduled_tokens, so.block_tables):
+        for r, n, bt in zip(so.scheduled_requests, so.num_scheduled_tokens, tables):
             start = r.num_computed_tokens
             assert 0 < n and start + n <= r.num_tokens and len(bt) * bs >= start + n
             for p in range(start, start + n):
@@ -72,7 +84,7 @@ class FakeRunner:
                 self.gpu[slot] = (p, r.all_token_ids[p])
         self.tokens_computed += so.total_num_scheduled_tokens
         sampled: list[Optional[int]] = []
-        for r, n, bt in zip(so.scheduled_requests, so.num_scheduled_tokens, so.block_tables):
+        for r, n, bt in zip(so.scheduled_requests, so.num_scheduled_tokens, tables):
             end = r.num_computed_tokens + n
             if end < r.num_tokens:
                 sampled.append(None)

@@ -14,6 +14,7 @@ from vllm_engine.attention.backend import block_table_width
 from vllm_engine.core.sched_output import SchedulerOutput
 from vllm_engine.engine.request import Request
 from vllm_engine.sampling_params import SamplingParams
+from vllm_engine.worker.block_tables import HostBlockTables
 from vllm_engine.worker.model_runner import ModelRunner
 from vllm_engine.worker.staging import HostStaging
 
@@ -58,7 +59,8 @@ def reference(sched: SchedulerOutput):
 def test_prepare_inputs_matches_a_per_sequence_reference(counts, partial):
     sched = make_step(counts, seed=len(counts), partial=partial)
     stub = types.SimpleNamespace(block_size=BS, device=torch.device("cpu"), _last_sample_row={}, _last_sampled=None,
-                                 _prompt_logprob_rows=ModelRunner._prompt_logprob_rows, staging=HostStaging("cpu"))
+                                 _prompt_logprob_rows=ModelRunner._prompt_logprob_rows, staging=HostStaging("cpu"),
+                                 host_tables=HostBlockTables())
     out = ModelRunner._prepare_inputs(stub, sched)
     tokens, positions, slots, sample_rows = reference(sched)
     assert out.input_ids.dtype == out.positions.dtype == out.attn_metadata.slot_mapping.dtype == torch.int64
@@ -92,7 +94,7 @@ def test_placeholder_tokens_come_from_the_previous_launch_on_the_device():
         r.all_token_ids[r.num_computed_tokens] = PLACEHOLDER_TOKEN_ID
     stub = types.SimpleNamespace(block_size=BS, device=torch.device("cpu"), _prompt_logprob_rows=None,
                                  _last_sample_row={"0": 2, "1": 0}, _last_sampled=torch.tensor([11, 22, 33]),
-                                 staging=HostStaging("cpu"))
+                                 staging=HostStaging("cpu"), host_tables=HostBlockTables())
     out = ModelRunner._prepare_inputs(stub, sched)
     third = sched.scheduled_requests[2]
     assert out.input_ids.tolist() == [33, 11, third.all_token_ids[third.num_computed_tokens]]

@@ -29,6 +29,9 @@ class KVCacheManager:
         self.num_cpu_blocks = num_cpu_blocks
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self.req_block_ids: dict[str, list[int]] = {}
+        # Requests whose req_block_ids list was changed in place since take_changed_tables() (the
+        # runner keeps its copies of the tables across steps; a rebuilt table is a new list).
+        self.changed_tables: set[str] = set()
         # How many leading blocks of each request were already offered to the prefix cache.
         self.num_cached_blocks: dict[str, int] = {}
         # Copy-on-write copies decided since the scheduler last took them: (src, dst) GPU block ids.
@@ -63,6 +66,10 @@ class KVCacheManager:
     def take_swap_ins(self) -> list[tuple[int, int]]:
         """This step's (cpu, gpu) swap-in copies (those not cancelled by a swap-out in the same step)."""
         return [pair for pairs in self.swap_ins_now.values() for pair in pairs]
+
+    def take_changed_tables(self) -> set[str]:
+        out, self.changed_tables = self.changed_tables, set()
+        return out
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         out, self.pending_copies = self.pending_copies, []
@@ -192,6 +199,8 @@ class KVCacheManager:
             for b in fresh:
                 ids.append(b.block_id)
                 new_ids.append(b.block_id)
+        if computed_blocks or new_ids:
+            self.changed_tables.add(rid)
         return new_ids
 
     def fork(self, child: Request, parent: Request, num_tokens: int) -> None:

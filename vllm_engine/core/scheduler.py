@@ -178,6 +178,7 @@ class Scheduler:
         out.num_scheduled_tokens = [self._sched_tokens[r.request_id] for r in self._sched_reqs]
         out.block_tables = [kv.get_block_ids(r) for r in self._sched_reqs]
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens)
+        out.changed_block_tables = kv.take_changed_tables()
         out.blocks_to_copy = kv.take_pending_copies()
         out.blocks_to_swap_in = kv.take_swap_ins()
         return out

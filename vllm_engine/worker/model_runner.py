@@ -6,7 +6,6 @@ samples, and returns a ``ModelRunnerOutput`` (token ids and logprobs: plain Pyth
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,11 +14,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vllm_engine.attention.backend import AttentionMetadata, block_table_width, get_attn_backend
+from vllm_engine.attention.backend import AttentionMetadata, get_attn_backend
 from vllm_engine.config import EngineConfig
 from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID, Request
 from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
+from vllm_engine.worker.block_tables import HostBlockTables
 from vllm_engine.worker.kv_cache import KVCache
 from vllm_engine.worker.staging import HostStaging
 
@@ -62,6 +62,8 @@ class ModelRunner:
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
         self.staging = HostStaging(self.device, slots=8)  # a step's inputs, sampling arrays: a copy each
+        self.host_tables = HostBlockTables(-(-config.model.max_model_len // self.block_size),
+                                           rows=config.scheduler.max_num_seqs)
         self.kv_cache: Optional[KVCache] = None
         self.graph_runner = None  # CUDAGraphRunner for decode-only steps (CUDA, unless enforce_eager)
         self.generators: dict[str, torch.Generator] = {}
@@ -159,6 +161,7 @@ class ModelRunner:
         assert self.kv_cache is not None, "initialize_kv_cache() first"
         for req_id in sched.finished_request_ids:
             self.generators.pop(req_id, None)
+        self.host_tables.release(sched.finished_request_ids)
         self.kv_cache.swap_out(sched.blocks_to_swap_out)
         self.kv_cache.swap_in(sched.blocks_to_swap_in)
         self.kv_cache.copy_blocks(sched.blocks_to_copy)
@@ -286,13 +289,8 @@ class ModelRunner:
                 token_ids[query_start_loc[i]: query_start_loc[i + 1]] = r.all_token_ids[starts[i]: seq_lens[i]]
         placeholders = np.flatnonzero(token_ids == PLACEHOLDER_TOKEN_ID)
 
-        # Block tables: every list flattened in one pass, then scattered into the rows' leading slots
-        # (a boolean mask in row-major order matches the concatenation order).
-        table_lens = np.fromiter(map(len, sched.block_tables), dtype=np.int64, count=num_seqs)
-        max_blocks = block_table_width(int(table_lens.max()))
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        block_tables[np.arange(max_blocks) < table_lens[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(sched.block_tables), dtype=np.int32, count=int(table_lens.sum()))
+        # Block tables: the rows kept across steps, rewritten where the scheduler changed them.
+        block_tables, _ = self.host_tables.gather(reqs, sched.block_tables, sched.changed_block_tables)
         bs = self.block_size
         slot_mapping = block_tables[row_seq, positions // bs].astype(np.int64) * bs + positions % bs
 
