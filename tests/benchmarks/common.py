@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -164,6 +165,21 @@ def percentiles(values: list[float], ps=(50, 90, 99)) -> dict[str, float]:
         return {f"p{p}": float("nan") for p in ps}
     arr = np.asarray(values, dtype=np.float64)
     return {f"p{p}": float(np.percentile(arr, p)) for p in ps}
+
+
+# Phases of a step in the engine's step profile (Engine.enable_step_profile). host_ms is the host's own
+# work (the step minus its wait for the GPU); with async scheduling it overlaps the GPU's previous step.
+STEP_PHASES = ("schedule_ms", "prepare_inputs_ms", "execute_ms", "update_and_output_ms", "wait_ms", "host_ms",
+               "total_ms")
+
+
+def decode_step_medians(profile: list[dict], min_seqs: int, max_seqs: Optional[int] = None) -> dict:
+    """Median of each phase over the decode-only steps of ``min_seqs`` to ``max_seqs`` sequences."""
+    steps = [r for r in profile if r["num_tokens"] == r["num_seqs"] and r["num_seqs"] >= min_seqs
+             and (max_seqs is None or r["num_seqs"] <= max_seqs)]
+    if not steps:
+        return {"steps": 0}
+    return {"steps": len(steps), **{k: statistics.median(r[k] for r in steps) for k in STEP_PHASES}}
 
 
 def write_json(path: Optional[str], data: dict) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -25,14 +24,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import device_name, make_workload, print_table, write_json  # noqa: E402
+from common import decode_step_medians, device_name, make_workload, print_table, write_json  # noqa: E402
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 from vllm_engine.layers.sampler import SamplerOutput  # noqa: E402
 from vllm_engine.utils import freeze_gc  # noqa: E402
 
 BUNDLED = Path(__file__).resolve().parents[2] / "vllm_engine" / "model_configs"
-PHASES = ("schedule_ms", "prepare_inputs_ms", "execute_ms", "update_and_output_ms", "host_ms")
+PHASES = ("schedule_ms", "prepare_inputs_ms", "execute_ms", "update_and_output_ms", "host_ms")  # reported
 
 
 class NullModel(torch.nn.Module):
@@ -120,8 +119,7 @@ def run(args) -> dict:
         prof = engine.enable_step_profile()
         with GcPauses() as pauses:
             engine.generate(w.prompts, params, use_tqdm=False)
-        steps = [r for r in prof if r["num_seqs"] == r["num_tokens"] == args.batch]
-        runs.append({"steps": len(steps), **{k: statistics.median(r[k] for r in steps) for k in PHASES},
+        runs.append({**decode_step_medians(prof, args.batch, args.batch),
                      "max_host_ms": max(r["host_ms"] for r in prof), **pauses.summary()})
     if frozen:
         gc.unfreeze()

@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import make_workload  # noqa: E402
+from common import STEP_PHASES, decode_step_medians, make_workload  # noqa: E402
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 
@@ -42,11 +41,10 @@ def main(argv=None) -> int:
     e.generate(w.prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     pr.disable()
-    dec = [r for r in prof if r["num_tokens"] == r["num_seqs"] == args.batch]
-    print(f"elapsed {elapsed:.2f}s, {len(prof)} steps, {len(dec)} full decode steps")
-    for k in ("schedule_ms", "prepare_inputs_ms", "execute_ms", "update_and_output_ms", "wait_ms", "host_ms",
-              "total_ms"):
-        print(f"  {k:22s} median {statistics.median(r[k] for r in dec):.3f}")
+    med = decode_step_medians(prof, args.batch, args.batch)
+    print(f"elapsed {elapsed:.2f}s, {len(prof)} steps, {med['steps']} full decode steps")
+    for k in STEP_PHASES:
+        print(f"  {k:22s} median {med[k]:.3f}")
     if args.top:
         pstats.Stats(pr).sort_stats("tottime").print_stats(args.top)
     return 0

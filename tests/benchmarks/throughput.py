@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import (decode_floor_seconds, device_name, hf_generate_batch, hf_model_from_config,  # noqa: E402
-                    hf_static_generate, linear_choices, make_workload, measure_bandwidth_gbs, measure_gemm_tflops,
-                    print_table, roofline_floor_seconds, sync, write_json)
+from common import (decode_floor_seconds, decode_step_medians, device_name, hf_generate_batch,  # noqa: E402
+                    hf_model_from_config, hf_static_generate, linear_choices, make_workload, measure_bandwidth_gbs,
+                    measure_gemm_tflops, print_table, roofline_floor_seconds, sync, write_json)
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 from vllm_engine.utils import freeze_gc  # noqa: E402
@@ -39,20 +39,6 @@ def run_engine(engine: Engine, workload, temperature: float) -> dict:
     return {"seconds": elapsed, "output_tokens": out_tokens,
             "output_tok_s": out_tokens / elapsed,
             "total_tok_s": (out_tokens + sum(workload.input_lens)) / elapsed}
-
-
-STEP_PHASES = ("schedule_ms", "prepare_inputs_ms", "execute_ms", "update_and_output_ms", "wait_ms", "host_ms",
-               "total_ms")
-
-
-def summarize_steps(profile: list[dict], min_seqs: int) -> dict:
-    """Median phase times of decode-only steps with at least ``min_seqs`` sequences: CPU work vs. the step."""
-    steps = [r for r in profile if r["num_seqs"] >= min_seqs and r["num_tokens"] == r["num_seqs"]]
-    if not steps:
-        return {"steps": 0}
-    # host_ms: the host's own work (the step minus its wait for the GPU); with async scheduling it
-    # overlaps the GPU's work on the step before.
-    return {"steps": len(steps), **{k: statistics.median(r[k] for r in steps) for k in STEP_PHASES}}
 
 
 def checkpoint(out: str, result: dict, rows: list[dict]) -> None:
@@ -140,7 +126,7 @@ def _main(argv=None) -> int:
         result["linear"] = linear_choices(engine)
         result["engine"] = {"first_run": first, "runs": runs, "median": med, "num_gpu_blocks": engine.num_gpu_blocks,
                             "num_preemptions_total": stats.num_preemptions_total,
-                            "step_phases_decode_batch_ge_200": summarize_steps(profile, 200)}
+                            "step_phases_decode_batch_ge_200": decode_step_medians(profile, 200)}
         rows.append(row)
         checkpoint(args.out, result, rows)
     if args.backend in ("hf", "both"):
