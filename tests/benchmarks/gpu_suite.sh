@@ -18,6 +18,7 @@ for stage in "$@"; do
                   --stages 1 3 --out "$OUT/decode_attn_bs1_4.json" | grep -A4 "^batch"
                 python $B/decode_attn_bench.py --model qwen3-0.6b --context 1000 --batch-sizes 8 16 32 64 128 --layers 8 \
                   --splits 1 2 4 8 16 --tiles 64 --warps 2 4 --stages 3 --out "$OUT/decode_attn_splits.json" | grep -A4 "^batch" ;;
+    prefillattn) python $B/prefill_attn_bench.py --out "$OUT/prefill_attn.json" ;;
     profile1)   python $B/gpu_kernel_profile.py --model llama-3.1-8b --batch 1 --input-len 1000 --steps 20 > "$OUT/profile_llama8b_bs1.txt" 2>&1
                 grep -A9 "GPU time per step" "$OUT/profile_llama8b_bs1.txt" ;;
     cublas)     # A/B: the same measurements with cuBLAS for every linear layer (no LinearPicker)

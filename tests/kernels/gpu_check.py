@@ -395,8 +395,8 @@ def compile_sm90() -> list[dict]:
                                                       EARLY_V=False,
                                                       **dot)))
     out.append(build(K._decode_reduce_kernel, attn, dict(NUM_SPLITS=16, HEAD_DIM=128, BLOCK_D=128, MIXED=True)))
-    out.append(build(K._prefill_kernel, attn, dict(GROUP=4, BLOCK_M=128, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16,
-                                                   TILE_N=64, SKIP_DECODES=True, **dot), num_warps=8, num_stages=2))
+    out.append(build(K._prefill_kernel, attn, dict(GROUP=4, BLOCK_M=64, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16,
+                                                   TILE_N=64, SKIP_DECODES=True, **dot), num_warps=4, num_stages=2))
     out.append(build(F._rms_norm_kernel, dict(X=bf, R=bf, W=bf, Y=bf, ResOut=bf, stride_x=i32, stride_r=i32, stride_y=i32,
                      stride_ro=i32, eps=f32), dict(N=4096, HAS_RES=True, BLOCK=4096), num_warps=8))
     out.append(build(F._silu_and_mul_kernel, dict(X=bf, Y=bf, stride_x=i32, stride_y=i32), dict(D=3072, BLOCK=2048)))
