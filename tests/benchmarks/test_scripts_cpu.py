@@ -78,3 +78,13 @@ def test_throughput_rejects_unknown_hf_modes():
 
     with pytest.raises(SystemExit):
         throughput.main(["--backend", "hf", "--hf-modes", "static,eager"])
+
+
+def test_prefill_bench_fills_a_mixed_step_with_nano_length_prompts():
+    import prefill_attn_bench
+
+    lens = prefill_attn_bench.prompt_lens(8192, seed=0)
+    assert sum(lens) == 8192
+    assert all(100 <= n <= 1024 for n in lens[:-1]) and 1 <= lens[-1] <= 1024
+    assert prefill_attn_bench.prompt_lens(8192, seed=0) == lens  # seeded
+    assert prefill_attn_bench.prompt_lens(50, seed=1) == [50]
