@@ -38,17 +38,15 @@ class HostStaging:
         self.num_copies = 0  # host-to-device copies issued (tests)
 
     def _buffers(self, slot: int, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._done[slot] is not None:  # the copy that last read this slot (normally long finished)
+            self._done[slot].synchronize()
         host = self._host[slot]
         if host is None or host.numel() < nbytes:
             size = max(self._initial, 1 << (nbytes - 1).bit_length())
-            if self._done[slot] is not None:  # the old host buffer may still be read by its copy
-                self._done[slot].synchronize()
             host = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
             self._host[slot] = host
             self._dev[slot] = torch.empty(size, dtype=torch.uint8, device=self.device) if self.cuda else host
             self._typed[slot] = {}
-        elif self._done[slot] is not None:
-            self._done[slot].synchronize()  # normally long finished
         return host, self._dev[slot]
 
     def stage(self, *arrays: np.ndarray) -> list[torch.Tensor]:
