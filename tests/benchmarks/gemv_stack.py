@@ -34,38 +34,12 @@ def shapes(cfg) -> dict[str, tuple[int, int]]:
     return {"qkv": ((h + 2 * kvh) * d, hid), "o": (hid, h * d), "gate_up": (2 * inter, hid), "down": (hid, inter)}
 
 
-def sweep_configs(m: int) -> list[tuple]:
-    """GEMM tile configs for ``m`` rows: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, SWAP_AB)."""
-    bms = sorted({min(max(16, L._bucket(m)), 128)} | ({64} if m > 64 else set()))
-    out = []
-    for bm in bms:
-        for split in (1, 2, 4, 8):
-            out += [(bm, 64, 128, 4, 4, split, False), (bm, 64, 128, 4, 4, split, True)]
-        for split in (1, 2, 4):
-            out += [(bm, 32, 128, 4, 4, split, False), (bm, 128, 64, 4, 4, split, True)]
-        for split in (1, 4):
-            out += [(bm, 64, 256, 4, 3, split, False), (bm, 64, 256, 4, 3, split, True)]
-    return out
-
-
-def sweep_candidates(m: int) -> dict:
-    counters = L.split_k_counters(torch.device("cuda"))
-    cands = {"cublas": F.linear}
-    for c in sweep_configs(m):
-        name = "gemm %dx%dx%d w%d s%d k%d" % c[:6] + (" t" if c[6] else "")
-        cands[name] = lambda x, w, b=None, c=c: L.triton_matmul(x, w, b, config=c, counters=counters)
-    return cands
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--sweep", action="store_true",
-                   help="at more than 4 rows, time the split-K / swapped GEMM sweep (sweep_configs) instead of "
-                        "the picker's own candidates")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     cfg = resolve_model(args.model, "dummy").hf_config
@@ -76,8 +50,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "gemv_stack", "model": args.model, "layers": args.layers, "device": device_name(), "rows": []}
     for m in args.rows:
         x0 = torch.randn(m, cfg.hidden_size, dtype=dt, device=dev) * 0.1
-        cands = (sweep_candidates(m) if args.sweep and m > L.GEMV_MAX_ROWS
-                 else L.LinearPicker.candidates(m))
+        cands = L.LinearPicker.candidates(m)
 
         def chain(choice: dict) -> None:
             x = x0
@@ -119,10 +92,6 @@ def main(argv=None) -> int:
                   f"({gbs:,.0f} GB/s); best alone {row['best_alone']}, with a read flush {row['best_alone_read_flush']}",
                   flush=True)
             result["rows"].append(row)
-        per_row = [r for r in result["rows"] if r["rows"] == m]
-        cub = sum(r["graph_us"]["cublas"] for r in per_row)
-        best = sum(r["graph_us"][r["best_in_graph"]] for r in per_row)
-        print(f"rows {m}: one layer's four linears {cub:.1f} us with cuBLAS, {best:.1f} us with the best of each", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -49,33 +49,6 @@ def test_matmul(dtype, m, n, k, bias):
     check(L.triton_matmul(x, w, b, config=(16, 32, 32, 4, 2)), x, w, b, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("split,swap", [(1, True), (2, False), (3, True), (4, False)])
-@pytest.mark.parametrize("m,n,k,bias", [(5, 40, 200, True), (33, 70, 130, False)])
-def test_matmul_split_k_and_swapped(dtype, split, swap, m, n, k, bias):
-    """Split-K (the last program of each tile adds the others' partials) and the transposed tile
-    product, on ragged shapes; the same counters serve two launches in a row, so each launch must
-    leave them at zero."""
-    x, w = rand(m, k, dtype=dtype, seed=65), rand(n, k, dtype=dtype, seed=66)
-    b = rand(n, dtype=dtype, seed=67) if bias else None
-    counters = L.split_k_counters(torch.device(DEVICE))
-    for _ in range(2):
-        check(L.triton_matmul(x, w, b, config=(16, 32, 32, 4, 2, split, swap), counters=counters), x, w, b, dtype)
-        assert int(counters.abs().sum()) == 0
-
-
-def test_matmul_split_is_capped_by_the_k_steps():
-    assert L.matmul_split((16, 32, 64, 4, 2, 8), 100) == 2
-    assert L.matmul_split((16, 32, 64, 4, 2), 1000) == 1
-    assert L.matmul_split((16, 32, 64, 4, 2, 4), 1000) == 4
-
-
-def test_matmul_split_k_needs_a_counter_per_tile():
-    x, w = rand(4, 64, dtype=torch.float32, seed=68), rand(64, 64, dtype=torch.float32, seed=69)
-    with pytest.raises(ValueError, match="counters"):
-        L.triton_matmul(x, w, config=(16, 16, 16, 4, 2, 2), counters=torch.zeros(2, dtype=torch.int32, device=DEVICE))
-
-
 def test_matmul_strided_input_and_zero_rows():
     big = rand(9, 80, dtype=torch.float32, seed=63)
     x = big[:, 8:72]  # rows with a stride

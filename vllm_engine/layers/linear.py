@@ -128,77 +128,35 @@ if triton is not None:
 
 
     @triton.jit
-    def _matmul_kernel_impl(X, W, Bias, Y, WS, Counters, M, N, K, K_PER, stride_xm, stride_wn, stride_ym,
+    def _matmul_kernel_impl(X, W, Bias, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                             HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr):
-        """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): y = x @ w.T (+ bias), fp32 accumulation on
-        tensor cores. Column tiles vary fastest, so the programs running together share x tiles in L2.
-
-        ``SWAP_AB`` computes the transposed tile, w_tile @ x_tile.T: the weight's BLOCK_N rows are then
-        the tensor-core instruction's long side and the few input rows its short one.
-
-        ``SPLIT_K`` > 1 (split-K, for shapes with fewer output tiles than the GPU has multiprocessors):
-        program k sums only K range [k * K_PER, (k + 1) * K_PER), stores its float32 partial tile to the
-        workspace WS and counts itself in the tile's slot of Counters; the program that arrives last
-        adds the other partials to its own, writes the output and resets the slot to 0 for the next
-        launch. One launch, no second reduction kernel. Counters must start at 0 (they end at 0)."""
+                            PDL: tl.constexpr):
+        """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y = x @ w.T (+ bias), fp32 accumulation on tensor
+        cores. Column tiles vary fastest, so the programs running together share x tiles in L2."""
         pdl_prologue(PDL)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         mmask = offs_m < M
         nmask = offs_n < N
-        k_lo = pid_k * K_PER
-        k_hi = tl.minimum(K, k_lo + K_PER)
         x_ptr = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        if SWAP_AB:
-            w_ptr = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                kmask = (k0 + offs_k) < k_hi
-                a = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(w_ptr + k0, mask=nmask[:, None] & kmask[None, :], other=0.0)
-                if DOT_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc_t = tl.dot(b, tl.trans(a), acc_t, input_precision=DOT_PREC)
-            acc = tl.trans(acc_t)
-        else:
-            w_ptr = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # a [BLOCK_K, BLOCK_N] view of w.T
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                kmask = (k0 + offs_k) < k_hi
-                a = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(w_ptr + k0, mask=kmask[:, None] & nmask[None, :], other=0.0)
-                if DOT_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        y_ptr = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
-        ymask = mmask[:, None] & nmask[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=ymask)
-        else:
-            tile = pid_m * tl.num_programs(0) + pid_n
-            offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            ws_tile = WS + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-            tl.store(ws_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, acc)
-            tl.debug_barrier()  # every thread's part of the partial is stored before the count
-            arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:  # the last of the tile's programs: the others' partials are in WS
-                for s in tl.static_range(SPLIT_K):
-                    if s != pid_k:
-                        acc += tl.load(ws_tile + s * (BLOCK_M * BLOCK_N) + offs_t, cache_modifier=".cg")
-                if HAS_BIAS:
-                    acc += tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-                tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=ymask)
-                tl.atomic_xchg(Counters + tile, 0)
+        w_ptr = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # a [BLOCK_K, BLOCK_N] view of w.T
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + offs_k) < K
+            a = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_ptr + k0, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
 
 
 
@@ -278,54 +236,21 @@ def triton_add_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
     return y, res_out
 
 
-SPLIT_K_COUNTER_SLOTS = 4096  # output tiles a split-K launch may have (one counter each)
-
-
-def split_k_counters(device: torch.device) -> torch.Tensor:
-    """A zeroed counter array for split-K launches (``triton_matmul``). Launches that share one must
-    not overlap in time: on one stream they do not, and with PDL each waits for its predecessor
-    before it touches a counter. The ``LinearPicker`` keeps one per device for its kernels."""
-    return torch.zeros(SPLIT_K_COUNTER_SLOTS, dtype=torch.int32, device=device)
-
-
-def matmul_split(config: tuple, k: int) -> int:
-    """The split-K factor ``config`` gives for a reduction of length ``k``: its 6th entry (default 1),
-    capped so that every split has at least one ``BLOCK_K`` step."""
-    split = config[5] if len(config) > 5 else 1
-    return max(1, min(split, triton.cdiv(k, config[2]) if triton is not None else split))
-
-
 def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  config: tuple = (64, 64, 64, 4, 4), counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  config: tuple = (64, 64, 64, 4, 4)) -> torch.Tensor:
     """x [M, K], weight [N, K], bias [N] or None -> [M, N] in x.dtype, for M up to a few hundred.
-    ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K[, SWAP_AB]]) (see
-    ``_matmul_kernel_impl``). A split-K launch uses ``counters`` (``split_k_counters``; a fresh zeroed
-    array when None) and a float32 workspace for its partial tiles."""
+    ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     x, y = _checked_out(x, weight)
     (m, k), n = x.shape, y.shape[1]
     if m == 0:
         return y
     dot_f32 = x.dtype == torch.bfloat16 and _interpreted()  # the interpreter's bf16 dot is wrong
-    block_m, block_n, block_k, warps, stages = config[:5]
-    swap = bool(config[6]) if len(config) > 6 else False
-    split = matmul_split(config, k)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    k_per = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
-    if split > 1:
-        tiles = grid[0] * grid[1]
-        if counters is None:
-            counters = split_k_counters(x.device)
-        if tiles > counters.numel():
-            raise ValueError(f"split-K matmul: {tiles} output tiles, more than the {counters.numel()} counters")
-        ws = torch.empty(tiles * split * block_m * block_n, dtype=torch.float32, device=x.device)
-    else:
-        counters = ws = y
-    _matmul_kernel_impl[grid](
-        x, weight, bias if bias is not None else weight, y, ws, counters, m, n, k, k_per,
-        x.stride(0), weight.stride(0), y.stride(0),
+    block_m, block_n, block_k, warps, stages = config
+    _matmul_kernel_impl[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC="ieee" if x.dtype == torch.float32 or dot_f32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SWAP_AB=swap,
-        num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        **pdl.launch_args(x.device))
     return y
 
 
