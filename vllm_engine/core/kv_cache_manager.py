@@ -150,8 +150,13 @@ class KVCacheManager:
             # Fast path (most decode steps): the tokens land in held blocks that no one else shares.
             start = request.num_computed_tokens
             last = (start + num_new_tokens - 1) // bs
-            if last < len(blocks) and all(blocks[i].ref_cnt == 1 for i in range(start // bs, last + 1)):
-                return []
+            if last < len(blocks):
+                first = start // bs
+                if first == last:  # one block (every decode): no generator to build
+                    if blocks[last].ref_cnt == 1:
+                        return []
+                elif all(blocks[i].ref_cnt == 1 for i in range(first, last + 1)):
+                    return []
         first_lookup = computed_blocks is not None and request.num_cached_tokens < 0
         computed_blocks = computed_blocks or []
         if computed_blocks:

@@ -55,6 +55,8 @@ class _RequestState:
 
     @property
     def finished(self) -> bool:
+        if len(self.samples) == 1:  # n = 1, the common case: no generator per request and step
+            return self.samples[0].finish_reason is not None
         return all(s.finished for s in self.samples)
 
 
@@ -137,7 +139,9 @@ class OutputProcessor:
                 state.metrics.last_token_time = now
                 if r.is_finished():
                     sample.finish_reason, sample.stop_reason = r.get_finish_reason(), r.stop_reason
-                touched[state.request_id] = state
+                    touched[state.request_id] = state
+                elif state.stream:  # offline generate builds outputs only for finished requests
+                    touched[state.request_id] = state
                 continue
             new_ids = r.output_token_ids[sample.num_tokens_seen:]
             sample.num_tokens_seen = r.num_output_tokens
