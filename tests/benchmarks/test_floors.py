@@ -60,3 +60,30 @@ def test_gpu_timeline_splits_host_waits_from_gpu_work():
     assert out["inputs_s"] == pytest.approx(1.5 / 1e3) and out["idle_s"] == pytest.approx(2 / 1e3)
     assert out["mixed"]["idle_before_s"] == pytest.approx(2 / 1e3) and out["decode"]["inputs_s"] == pytest.approx(1e-3)
     assert out["decode_by_batch"][0]["batch"] == "1-16" and out["decode_by_batch"][0]["busy_ms_median"] == 4
+
+
+def test_schedule_model_runs_every_request_to_its_length():
+    from schedule_model import Gpu, simulate
+
+    ins, outs = [100, 300, 50, 700], [20, 5, 40, 3]
+    gpu = Gpu()
+    # Budget 256, cap 2: prompts are chunked, requests wait for a slot, each produces exactly its tokens.
+    r = simulate(LLAMA_8B, gpu, ins, outs, max_num_batched_tokens=256, max_num_seqs=2)
+    assert r["produced"] == outs
+    # A big budget and cap: every prompt in step 1 (its first token too), then max(outs) - 1 decode steps.
+    r = simulate(LLAMA_8B, gpu, ins, outs, max_num_batched_tokens=10_000, max_num_seqs=8)
+    assert r["steps"] == max(outs) and r["produced"] == outs
+
+
+def test_schedule_model_step_price():
+    from schedule_model import Gpu, step_seconds
+
+    gpu = Gpu(bandwidth_gbs=1000.0, gemm_tflops=100.0, gemm_bw_eff=0.5, attn_tflops=10.0, step_fixed_s=1e-3)
+    lm = 2 * 128256 * 4096
+    layers = weight_bytes(LLAMA_8B) - lm
+    # One decode row: the weights and the LM head are read, the KV of 1,000 tokens, no FLOP bound.
+    want = layers / 0.5e12 + lm / 1e12 + 1000 * kv_bytes_per_token(LLAMA_8B) / 1e12 + 1e-3
+    assert step_seconds(LLAMA_8B, gpu, 1, 1, 1000, 0.0) == pytest.approx(want)
+    # 8,192 prompt rows: the matmuls' FLOPs bound the GEMMs; prefill attention at its own rate.
+    want = 8192 * linear_flops_per_token(LLAMA_8B) / 1e14 + lm / 1e12 + 5e12 / 1e13 + 1e-3
+    assert step_seconds(LLAMA_8B, gpu, 8192, 1, 0, 5e12) == pytest.approx(want)
