@@ -21,7 +21,6 @@ prefilling everything up front?" for a given GPU (defaults: an H100's measured 2
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,23 +58,25 @@ def simulate(cfg: Any, gpu: Gpu, input_lens: list[int], output_lens: list[int], 
     computed, produced = [0] * n, [0] * n
     waiting, running = list(range(n))[::-1], []
     seconds, steps = 0.0, 0
+    step: dict = {}
+
+    def schedule(i: int) -> None:
+        """Request i's tokens of this step: the next chunk of its prompt, or one decode."""
+        if computed[i] < input_lens[i]:
+            take = min(input_lens[i] - computed[i], step["budget"])
+            step["attn"] += attention_flops(cfg, computed[i], computed[i] + take)
+        else:  # a decode: one token over the context so far
+            take = 1
+            step["context"] += computed[i]
+        computed[i] += take
+        step["budget"] -= take
+        step["rows"] += take
+        if computed[i] >= input_lens[i]:
+            step["sampled"] += 1
+            produced[i] += 1
+
     while waiting or running:
-        step = {"budget": max_num_batched_tokens, "rows": 0, "sampled": 0, "context": 0, "attn": 0.0}
-
-        def schedule(i: int) -> None:
-            if computed[i] < input_lens[i]:  # (a chunk of) the prompt
-                take = min(input_lens[i] - computed[i], step["budget"])
-                step["attn"] += attention_flops(cfg, computed[i], computed[i] + take)
-            else:  # a decode: one token over the context so far
-                take = 1
-                step["context"] += computed[i]
-            computed[i] += take
-            step["budget"] -= take
-            step["rows"] += take
-            if computed[i] >= input_lens[i]:
-                step["sampled"] += 1
-                produced[i] += 1
-
+        step.update(budget=max_num_batched_tokens, rows=0, sampled=0, context=0, attn=0.0)
         for i in running:
             if step["budget"] <= 0:
                 break

@@ -56,7 +56,7 @@ class _RequestState:
     @property
     def finished(self) -> bool:
         if len(self.samples) == 1:  # n = 1, the common case: no generator per request and step
-            return self.samples[0].finish_reason is not None
+            return self.samples[0].finished
         return all(s.finished for s in self.samples)
 
 
