@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import torch
 
+from vllm_engine.sampling_params import MAX_N
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 _DTYPES = {
@@ -85,6 +87,7 @@ class SchedulerConfig:
     policy: str = "fcfs"  # "fcfs" | "priority"
     preemption_mode: str = "recompute"  # "recompute" | "swap"
     max_waiting_requests: Optional[int] = None
+    max_n: int = 128  # the most samples one request may ask for
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,9 @@ class EngineArgs:
     enable_prefix_caching: bool = field(default=True, metadata=_arg("Reuse KV blocks of shared prefixes.", action=argparse.BooleanOptionalAction))
     scheduling_policy: str = field(default="fcfs", metadata=_arg("fcfs or priority (lower priority value runs first).", choices=["fcfs", "priority"]))
     preemption_mode: str = field(default="recompute", metadata=_arg("What preemption does with KV blocks.", choices=["recompute", "swap"]))
-    max_waiting_requests: Optional[int] = field(default=None, metadata=_arg("Reject new requests (503) when this many wait."))
+    max_waiting_requests: Optional[int] = field(default=None, metadata=_arg(
+        "Reject new requests (503) when this many sequences wait (a request with n samples counts n)."))
+    max_n: int = field(default=128, metadata=_arg("The most samples (n) one request may ask for (OpenAI's limit is 128)."))
     seed: int = field(default=0, metadata=_arg("Random seed."))
     load_format: str = field(default="auto", metadata=_arg("auto, safetensors, gguf, or dummy (random weights).", choices=["auto", "safetensors", "gguf", "dummy"]))
     served_model_name: Optional[str] = field(default=None, metadata=_arg("Model name in the API (default: the model argument)."))
@@ -174,6 +179,9 @@ class EngineArgs:
         positive_int("block_size", self.block_size)
         positive_int("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
         positive_int("max_waiting_requests", self.max_waiting_requests, allow_none=True)
+        positive_int("max_n", self.max_n)
+        if self.max_n > MAX_N:
+            raise ValueError(f"max_n must be at most {MAX_N}, got {self.max_n}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.swap_space < 0 or self.cpu_kv_cache_space <= 0:
@@ -254,6 +262,7 @@ class EngineArgs:
             policy=self.scheduling_policy,
             preemption_mode=self.preemption_mode,
             max_waiting_requests=self.max_waiting_requests,
+            max_n=self.max_n,
         )
         dev = DeviceConfig(device=device, enforce_eager=self.enforce_eager or device.type != "cuda",
                            attention_backend=self.attention_backend,

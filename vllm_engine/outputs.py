@@ -25,7 +25,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: Optional[float] = None
     logprobs: Optional[SampleLogprobs] = None
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: Optional[int | str] = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -51,6 +51,9 @@ class RequestOutput:
     prompt_logprobs: Optional[PromptLogprobs] = None
     num_cached_tokens: int = 0
     metrics: Optional[RequestMetrics] = None
+    # Set (with finished=True, every sample's finish_reason "error") when a fault in this request's own
+    # path ended it; the engine and the other requests carry on.
+    error: Optional[str] = None
 
     @property
     def text(self) -> str:

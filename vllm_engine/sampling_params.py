@@ -7,9 +7,49 @@ so the offline API and the HTTP server report the same message.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 _SAMPLING_EPS = 1e-5
+# torch.Generator.manual_seed takes any value that fits in 64 bits, signed or unsigned.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_N = 1024  # a hard ceiling; the engine's ``max_n`` (default 128, as OpenAI) is usually lower
+MAX_LOGPROBS = 20
+# The sampler divides float32 logits by the temperature and the repetition penalty (or multiplies by
+# the penalty): these bounds keep logits of up to ~1e4 finite and a tiny top_p nonzero in float32.
+MAX_TEMPERATURE = 1e6
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
+MIN_TOP_P = 1e-9
+
+
+class SamplingParamsError(ValueError):
+    """A field out of range: ``param`` is the field's name, the message starts with it.
+
+    The server reports ``param`` as the client spelled the field (``renamed``), e.g. chat's
+    ``max_completion_tokens`` for ``max_tokens``.
+    """
+
+    def __init__(self, param: str, detail: str) -> None:
+        super().__init__(f"{param} {detail}")
+        self.param, self.detail = param, detail
+
+    def renamed(self, param: str) -> "SamplingParamsError":
+        return self if param == self.param else SamplingParamsError(param, self.detail)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_int(value: Any, name: str, lo: int, hi: Optional[int], what: str) -> None:
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise SamplingParamsError(name, f"must be {what} {bound}, got {value!r}.")
+
+
+def _check_float(value: Any, name: str, lo: float, hi: float) -> None:
+    """A real number in [lo, hi] (NaN and the infinities fail)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise SamplingParamsError(name, f"must be a number in [{lo:g}, {hi:g}], got {value!r}.")
 
 
 @dataclass
@@ -51,56 +91,53 @@ class SamplingParams:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             except (TypeError, ValueError, AttributeError) as e:
-                raise ValueError(f"logit_bias must map token ids to floats, got {self.logit_bias!r}") from e
+                raise SamplingParamsError("logit_bias", f"must map token ids to numbers, got {self.logit_bias!r}.") from e
         if self.top_k == 0:
             self.top_k = -1
         self._verify()
         self._all_stop_token_ids = set(self.stop_token_ids)
 
     def _verify(self) -> None:
-        def _is_int(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}.")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0.0 or self.temperature != self.temperature:
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}.")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        """Every field in a range the code after it can handle (the sampler computes in float32)."""
+        _check_int(self.n, "n", 1, MAX_N, "an integer")
+        _check_float(self.temperature, "temperature", 0.0, MAX_TEMPERATURE)
+        _check_float(self.top_p, "top_p", MIN_TOP_P, 1.0)
         if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1):
-            raise ValueError(f"top_k must be -1 (disable), or at least 1, got {self.top_k!r}.")
-        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}.")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+            raise SamplingParamsError("top_k", f"must be -1 (disable), or at least 1, got {self.top_k!r}.")
+        _check_float(self.min_p, "min_p", 0.0, 1.0)
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                raise SamplingParamsError("seed", f"must be an integer, got {self.seed!r}.")
+            # Sample i draws from a generator seeded with seed + i: all of them must fit its 64 bits.
+            if not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1):
+                raise SamplingParamsError(
+                    "seed", f"must be in [{SEED_MIN}, {SEED_MAX - (self.n - 1)}] (seed + n - 1 must fit in 64 "
+                            f"bits), got {self.seed}.")
         for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {v!r}.")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}.")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}.")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens!r}.")
+            _check_float(getattr(self, name), name, -2.0, 2.0)
+        _check_float(self.repetition_penalty, "repetition_penalty", MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+        if self.max_tokens is not None:
+            _check_int(self.max_tokens, "max_tokens", 1, None, "an integer")
+        _check_int(self.min_tokens, "min_tokens", 0, None, "an integer")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
-            )
+            raise SamplingParamsError(
+                "min_tokens", f"must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 0 or v > 20):
-                raise ValueError(f"{name} must be an integer in [0, 20], got {v!r}.")
+            if v is not None:
+                _check_int(v, name, 0, MAX_LOGPROBS, "an integer")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.")
+            raise SamplingParamsError("stop", f"must be a non-empty string or a list of non-empty strings, "
+                                              f"got {self.stop!r}.")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
+            raise SamplingParamsError("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids!r}.")
         if self.logit_bias is not None:
             for tok, bias in self.logit_bias.items():
                 if tok < 0:
-                    raise ValueError(f"logit_bias keys must be non-negative token ids, got {tok}.")
-                if not -100.0 <= bias <= 100.0:
-                    raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {tok}.")
+                    raise SamplingParamsError("logit_bias", f"keys must be non-negative token ids, got {tok}.")
+                if not -100.0 <= bias <= 100.0:  # also false for NaN
+                    raise SamplingParamsError("logit_bias", f"values must be in [-100, 100], got {bias} for token "
+                                                            f"{tok}.")
 
     @property
     def greedy(self) -> bool:

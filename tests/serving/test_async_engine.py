@@ -86,12 +86,14 @@ def test_closing_or_cancelling_a_stream_aborts_and_frees_every_block(engine):
             await gen.aclose()  # the client went away
             after_close = await _wait_idle(ae)
 
+            started = asyncio.Event()
+
             async def consume():
                 async for _ in ae.generate(PROMPTS[2], params.clone(), "r-cancel"):
-                    pass
+                    started.set()
 
             task = asyncio.ensure_future(consume())
-            await asyncio.sleep(0.3)
+            await started.wait()  # cancel mid-generation (200 tokens take ~0.1 s on a fast CPU)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

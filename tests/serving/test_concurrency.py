@@ -94,13 +94,19 @@ def test_disconnected_clients_are_aborted_and_every_block_is_freed(server):
             got = [next(lines), next(lines)]
             busy = _metrics(server)
     assert all(g.startswith("data: ") for g in got)
-    # 2) a non-streaming client gives up (timeout) while its request runs
-    try:
-        httpx.post(f"{server}/v1/chat/completions", timeout=0.3,
-                   json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True,
-                         "max_tokens": 220})
-    except httpx.TimeoutException:
-        pass
+    # 2) a non-streaming client gives up while its request runs (220 tokens take ~0.2 s: hang up as
+    # soon as the server reports it running, not after a fixed time)
+    async def give_up() -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            post = asyncio.ensure_future(http.post(
+                f"{server}/v1/chat/completions",
+                json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True,
+                      "max_tokens": 220}))
+            while not post.done() and _metrics(server)["vllm_engine:num_requests_running"] < 1:
+                await asyncio.sleep(0.005)
+            post.cancel()
+
+    asyncio.run(give_up())
     after = _wait_idle(server)
     assert busy["vllm_engine:kv_cache_free_blocks"] < busy["vllm_engine:kv_cache_total_blocks"]
     key = "vllm_engine:request_success_total{finished_reason=abort}"

@@ -62,3 +62,6 @@ class ModelRunnerOutput:
     logprobs: list[Optional[SampledLogprobs]] = field(default_factory=list)
     # request id -> per prompt position computed this step: (token id, logprob, rank, top ids, top logprobs)
     prompt_logprobs: dict[str, list[Optional[SampledLogprobs]]] = field(default_factory=dict)
+    # request id -> what went wrong in that request's own part of the step (e.g. its generator's
+    # seeding); its sampled token is meaningless and the engine ends it with an error.
+    failed: dict[str, str] = field(default_factory=dict)

@@ -41,11 +41,15 @@ except ImportError:  # pragma: no cover - only while the engine module is missin
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "EngineDeadError", "QueueFullError", "StatLogger"]
+__all__ = ["AsyncEngine", "EngineDeadError", "QueueFullError", "RequestFailedError", "StatLogger"]
 
 
 class EngineDeadError(RuntimeError):
     """The engine loop crashed; no request can be served any more (HTTP 503, the server exits)."""
+
+
+class RequestFailedError(RuntimeError):
+    """A fault in this request's own path ended it (``RequestOutput.error``); the engine carries on."""
 
 
 class StatLogger(Protocol):
@@ -276,6 +280,14 @@ class AsyncEngine:
                 if cmd.future is not None:
                     cmd.future.set_exception(e)
                 continue
+            except Exception as e:  # noqa: BLE001
+                if cmd.kind != "add":
+                    raise  # an abort or a stats read that fails means broken shared state
+                # Engine.add_request undoes a request it could not accept: only this caller fails.
+                logger.exception("request %s could not be added", cmd.args[0])
+                if cmd.future is not None:
+                    cmd.future.set_exception(RequestFailedError(f"the request could not be added: {e!r}"))
+                continue
             if cmd.future is not None:
                 cmd.future.set_result(result)
 
@@ -295,7 +307,8 @@ class AsyncEngine:
                 if out.finished:
                     del self._streams[out.request_id]
                     stream.finished = True
-                by_loop.setdefault(stream.loop, []).append((stream, out))
+                item = out if out.error is None else RequestFailedError(f"request failed: {out.error}")
+                by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, items in by_loop.items():
             self._post(loop, items)
 

@@ -17,7 +17,7 @@ from vllm_engine.core.scheduler import Scheduler
 from vllm_engine.engine.output_processor import OutputProcessor
 from vllm_engine.engine.request import Request, RequestStatus
 from vllm_engine.outputs import RequestOutput
-from vllm_engine.sampling_params import SamplingParams
+from vllm_engine.sampling_params import SamplingParams, SamplingParamsError
 from vllm_engine.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -177,13 +177,11 @@ class Engine:
         params.verify_vocab(self.model_config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids).")
-        limit = self.config.scheduler.max_waiting_requests
-        if limit is not None and self.scheduler.num_waiting >= limit:
-            raise QueueFullError(f"{self.scheduler.num_waiting} requests are waiting (max_waiting_requests={limit}).")
-        arrival_time = arrival_time if arrival_time is not None else time.time()
         max_tokens = self.max_model_len - len(ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
+        self._check_admission(params, max_tokens)
+        arrival_time = arrival_time if arrival_time is not None else time.time()
         eos = set() if params.ignore_eos else self.eos_token_ids
         samples: list[Request] = []
         for i in range(params.n):
@@ -196,10 +194,31 @@ class Engine:
             for r in samples:
                 self.scheduler.add_request(r)
                 added.append(r)
-        except ValueError:
+            self.output_processor.add_request(request_id, text, ids, params, samples, arrival_time, stream)
+        except Exception:  # nothing of a request that was not accepted stays behind
             self.scheduler.finish_requests([r.request_id for r in added], RequestStatus.FINISHED_ABORTED)
+            self.output_processor.remove(request_id)
             raise
-        self.output_processor.add_request(request_id, text, ids, params, samples, arrival_time, stream)
+
+    def _check_admission(self, params: SamplingParams, max_tokens: int) -> None:
+        """The limits that depend on the engine: n, min_tokens within the context, the waiting queue
+        (counted in sequences: a request with n samples queues n)."""
+        sched = self.config.scheduler
+        if params.n > sched.max_n:
+            raise SamplingParamsError("n", f"must be at most {sched.max_n} (the server's max_n), got {params.n}.")
+        if params.min_tokens > max_tokens:
+            raise SamplingParamsError(
+                "min_tokens", f"must be at most {max_tokens} (what fits in the context after the prompt), got "
+                              f"{params.min_tokens}.")
+        limit = sched.max_waiting_requests
+        if limit is None:
+            return
+        if params.n > limit:
+            raise SamplingParamsError("n", f"must be at most {limit} (the server's max_waiting_requests), got "
+                                           f"{params.n}.")
+        if self.scheduler.num_waiting + params.n > limit:
+            raise QueueFullError(f"{self.scheduler.num_waiting} sequences are waiting and this request adds "
+                                 f"{params.n} (max_waiting_requests={limit}).")
 
     def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
         """Stops requests (by the id given to add_request) and frees their KV blocks at once."""
@@ -240,9 +259,11 @@ class Engine:
         return outputs
 
     def _process(self, updated: list[Request], runner_out) -> list[RequestOutput]:
-        outputs, stopped = self.output_processor.process(updated, runner_out)
+        outputs, stopped, failed = self.output_processor.process(updated, runner_out)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if failed:  # frees their blocks; the runner drops their state with the next step's finished ids
+            self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
         return outputs
 
     def _step_overlapped(self) -> list[RequestOutput]:

@@ -10,6 +10,7 @@ back (they might be the start of a stop string), so text a client has seen is ne
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -18,6 +19,8 @@ from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs
 from vllm_engine.engine.request import Request, RequestStatus
 from vllm_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from vllm_engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class _RequestState:
     stream: bool = True  # False: build a RequestOutput only when the request finishes (offline generate)
     # True when no per-token text work is needed (no detokenizer, no logprobs, no stop strings).
     tokens_only: bool = False
+    error: Optional[str] = None  # what ended the request with finish_reason "error"
 
     @property
     def finished(self) -> bool:
@@ -110,11 +114,19 @@ class OutputProcessor:
                 self._sample_of.pop(s.request.request_id, None)
 
     # ---- one step ----------------------------------------------------------------------------------
-    def process(self, updated: list[Request], runner_out: ModelRunnerOutput) -> tuple[list[RequestOutput], list[str]]:
-        """Returns (outputs of requests that progressed, scheduler ids of samples a stop string ended)."""
+    def process(self, updated: list[Request], runner_out: ModelRunnerOutput
+                ) -> tuple[list[RequestOutput], list[str], list[str]]:
+        """Returns (outputs of requests that progressed, scheduler ids of samples a stop string ended,
+        scheduler ids of samples to end with an error).
+
+        A fault in one request's own work (the runner's report in ``runner_out.failed``, or an exception
+        here: detokenization, stop strings, logprobs) ends that whole request with finish_reason "error"
+        and ``RequestOutput.error``; every other request is processed as usual.
+        """
         now = time.time()
         touched: dict[str, _RequestState] = {}
         stopped_by_string: list[str] = []
+        failed: list[str] = []
         for req_id, entries in runner_out.prompt_logprobs.items():
             pair = self._sample_of.get(req_id)
             if pair is not None and pair[0].prompt_logprobs is not None:
@@ -122,7 +134,7 @@ class OutputProcessor:
                 start = len(state.prompt_logprobs)
                 ids = state.prompt_token_ids[start: start + len(entries)]
                 state.prompt_logprobs.extend(self._logprob_dict(tok, e) for tok, e in zip(ids, entries))
-        row_of: Optional[dict[str, int]] = None  # built on first use: only requests with logprobs need it
+        row_of: list[Optional[dict[str, int]]] = [None]  # built on first use: only requests with logprobs need it
         for r in updated:
             pair = self._sample_of.get(r.request_id)
             if pair is None:
@@ -130,34 +142,15 @@ class OutputProcessor:
             state, sample = pair
             if sample.finished:
                 continue
-            if state.tokens_only:  # the common benchmark / token-id path: no text work per token
-                n = r.num_output_tokens
-                self.num_generation_tokens_total += n - sample.num_tokens_seen
-                if sample.num_tokens_seen == 0 and n:
-                    self._first_token(state, r, now)
-                sample.num_tokens_seen = n
-                state.metrics.last_token_time = now
-                if r.is_finished():
-                    sample.finish_reason, sample.stop_reason = r.get_finish_reason(), r.stop_reason
-                    touched[state.request_id] = state
-                elif state.stream:  # offline generate builds outputs only for finished requests
-                    touched[state.request_id] = state
-                continue
-            new_ids = r.output_token_ids[sample.num_tokens_seen:]
-            sample.num_tokens_seen = r.num_output_tokens
-            if new_ids:
-                self.num_generation_tokens_total += len(new_ids)
-                self._first_token(state, r, now)
-                state.metrics.last_token_time = now
-                if sample.logprobs is not None:
-                    if row_of is None:
-                        row_of = {rid: i for i, rid in enumerate(runner_out.req_ids)}
-                    self._append_logprobs(sample, new_ids, runner_out, row_of.get(r.request_id))
-            if self._update_text(state, sample, r, new_ids):
-                stopped_by_string.append(r.request_id)
-            elif r.is_finished():
-                sample.finish_reason = r.get_finish_reason()
-                sample.stop_reason = r.stop_reason
+            if runner_out.failed and r.request_id in runner_out.failed:
+                failed += self._fail(state, runner_out.failed[r.request_id])
+            else:
+                try:
+                    if self._process_sample(state, sample, r, runner_out, row_of, now):
+                        stopped_by_string.append(r.request_id)
+                except Exception as e:  # noqa: BLE001 - this request's fault: end it, keep the others
+                    logger.exception("request %s failed while processing its output", state.request_id)
+                    failed += self._fail(state, f"{type(e).__name__}: {e}")
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
@@ -167,7 +160,48 @@ class OutputProcessor:
                 self.remove(state.request_id)
             if finished or state.stream:
                 outputs.append(self._make_output(state, finished))
-        return outputs, stopped_by_string
+        return outputs, stopped_by_string, failed
+
+    @staticmethod
+    def _fail(state: _RequestState, error: str) -> list[str]:
+        """Ends every sample of the request with an error; returns the ids the scheduler must finish."""
+        state.error = error
+        ids = []
+        for s in state.samples:
+            if not s.finished:
+                s.finish_reason, s.stop_reason = "error", None
+                ids.append(s.request.request_id)
+        return ids
+
+    def _process_sample(self, state: _RequestState, sample: _Sample, r: Request, runner_out: ModelRunnerOutput,
+                        row_of: list[Optional[dict[str, int]]], now: float) -> bool:
+        """Takes in one sample's new tokens; True when a stop string ended it."""
+        if state.tokens_only:  # the common benchmark / token-id path: no text work per token
+            n = r.num_output_tokens
+            self.num_generation_tokens_total += n - sample.num_tokens_seen
+            if sample.num_tokens_seen == 0 and n:
+                self._first_token(state, r, now)
+            sample.num_tokens_seen = n
+            state.metrics.last_token_time = now
+            if r.is_finished():
+                sample.finish_reason, sample.stop_reason = r.get_finish_reason(), r.stop_reason
+            return False
+        new_ids = r.output_token_ids[sample.num_tokens_seen:]
+        sample.num_tokens_seen = r.num_output_tokens
+        if new_ids:
+            self.num_generation_tokens_total += len(new_ids)
+            self._first_token(state, r, now)
+            state.metrics.last_token_time = now
+            if sample.logprobs is not None:
+                if row_of[0] is None:
+                    row_of[0] = {rid: i for i, rid in enumerate(runner_out.req_ids)}
+                self._append_logprobs(sample, new_ids, runner_out, row_of[0].get(r.request_id))
+        if self._update_text(state, sample, r, new_ids):
+            return True
+        if r.is_finished():
+            sample.finish_reason = r.get_finish_reason()
+            sample.stop_reason = r.stop_reason
+        return False
 
     def _first_token(self, state: _RequestState, r: Request, now: float) -> None:
         if state.metrics.first_token_time is None:
@@ -245,5 +279,5 @@ class OutputProcessor:
             outputs=completions, finished=finished,
             prompt_logprobs=list(state.prompt_logprobs) if state.prompt_logprobs is not None else None,
             num_cached_tokens=max(0, first.num_cached_tokens),
-            metrics=state.metrics,
+            metrics=state.metrics, error=state.error,
         )

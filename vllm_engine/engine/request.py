@@ -27,6 +27,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH_CAPPED = 11  # max_tokens or max_model_len
     FINISHED_ABORTED = 12  # client gone, user abort
     FINISHED_IGNORED = 13  # rejected (prompt can never fit)
+    FINISHED_ERROR = 14  # a fault in this request's own path (its sampling setup, detokenization, stop check)
 
     @staticmethod
     def is_finished(status: "RequestStatus") -> bool:
@@ -42,6 +43,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_IGNORED: "length",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 

@@ -17,8 +17,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from vllm_engine.outputs import CompletionOutput, Logprob
-from vllm_engine.serving.api_server import ServingContext, run_until_disconnect, to_api_error
-from vllm_engine.serving.completions import Prompt, _token_str, add_requests, collect_finals, streaming_response, usage
+from vllm_engine.serving.api_server import ServingContext, run_until_disconnect
+from vllm_engine.serving.completions import (
+    Prompt, _token_str, add_requests, collect_finals, request_error, streaming_response, usage)
 from vllm_engine.serving.protocol import APIError, ChatCompletionRequest
 
 if TYPE_CHECKING:
@@ -65,12 +66,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     prompt = Prompt(text, await ctx.tokenize(text, add_special_tokens=req.add_special_tokens))
     max_tokens = _max_tokens(ctx, req, len(prompt.token_ids))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    spelling = {"logprobs": "top_logprobs",
+                "max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"}
     try:
         params = req.build_sampling_params(max_tokens, logprobs, ctx.generation_config)
     except ValueError as e:
-        raise to_api_error(e) from e
+        raise request_error(e, spelling) from e
     base_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await add_requests(ctx, [prompt], params, base_id, req.priority)
+    streams = await add_requests(ctx, [prompt], params, base_id, req.priority, spelling)
     head = {"id": base_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name}
     if req.stream:
         return streaming_response(_stream(ctx, req, prompt, streams[0], {**head, "object": "chat.completion.chunk"}))

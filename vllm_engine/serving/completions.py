@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from vllm_engine.outputs import CompletionOutput, Logprob, RequestOutput
-from vllm_engine.sampling_params import SamplingParams
+from vllm_engine.sampling_params import SamplingParams, SamplingParamsError
 from vllm_engine.serving.api_server import (
     ServingContext, merge_streams, run_until_disconnect, sse_stream, to_api_error)
 from vllm_engine.serving.protocol import APIError, CompletionRequest
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from vllm_engine.engine.async_engine import RequestStream
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SPELLING = {"prompt_logprobs": "logprobs"}  # SamplingParams field -> this API's name for it
 
 
 @dataclass
@@ -42,8 +43,17 @@ def usage(prompts: list[Prompt], finals: list[Optional[RequestOutput]]) -> dict:
             "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def request_error(e: BaseException, spelling: Optional[dict[str, str]] = None) -> APIError:
+    """The HTTP error for what building or queueing a request raised; a bad sampling field is named
+    as the client spelled it (``spelling``: our field -> the request's, e.g. chat's max_completion_tokens)."""
+    if isinstance(e, SamplingParamsError):
+        e = e.renamed((spelling or {}).get(e.param, e.param))
+        return APIError(400, str(e), "invalid_request_error", param=e.param)
+    return to_api_error(e)
+
+
 async def add_requests(ctx: ServingContext, prompts: list[Prompt], params: SamplingParams, base_id: str,
-                       priority: int) -> list["RequestStream"]:
+                       priority: int, spelling: Optional[dict[str, str]] = None) -> list["RequestStream"]:
     """Queues one engine request per prompt; on any failure, aborts those already queued and raises APIError."""
     streams: list[RequestStream] = []
     try:
@@ -54,7 +64,7 @@ async def add_requests(ctx: ServingContext, prompts: list[Prompt], params: Sampl
     except BaseException as e:
         for s in streams:
             s.close()
-        raise to_api_error(e) from e
+        raise request_error(e, spelling) from e
     return streams
 
 
@@ -151,13 +161,13 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
         params = req.build_sampling_params(max_tokens, req.logprobs, ctx.generation_config,
                                            prompt_logprobs=req.logprobs if req.echo else None)
     except ValueError as e:
-        raise to_api_error(e) from e
+        raise request_error(e, SPELLING) from e
     if req.echo:
         for p in prompts:
             if p.text is None:
                 p.text = await ctx.detokenize(p.token_ids)
     base_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await add_requests(ctx, prompts, params, base_id, req.priority)
+    streams = await add_requests(ctx, prompts, params, base_id, req.priority, SPELLING)
     head = {"id": base_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name}
     if req.stream:
         return streaming_response(_stream(ctx, req, prompts, streams, head))

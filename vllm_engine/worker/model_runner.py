@@ -219,7 +219,11 @@ class ModelRunner:
         generators = {}
         for row, req in enumerate(reqs):
             if req.sampling_params.seed is not None:
-                generators[row] = self._generator(req)
+                try:
+                    generators[row] = self._generator(req)
+                except Exception as e:  # noqa: BLE001 - this request's fault: the engine ends it, the batch runs
+                    logger.exception("request %s: cannot seed its generator", req.request_id)
+                    handle.output.failed[req.request_id] = f"{type(e).__name__}: {e}"
         meta = SamplingMetadata.from_requests(
             params=[r.sampling_params for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
