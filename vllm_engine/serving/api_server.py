@@ -23,17 +23,22 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar, U
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_engine.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from vllm_engine.serving import openapi as oas
 from vllm_engine.serving.metrics import ServerMetrics
 from vllm_engine.serving.protocol import (
-    APIError, ChatMessage, DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest, error_body)
+    APIError, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatMessage,
+    CompletionRequest, CompletionResponse, CompletionStreamResponse, DetokenizeRequest, DetokenizeResponse,
+    ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, VersionResponse, error_body)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 RETRY_AFTER_S = 1
 
 
@@ -56,9 +61,11 @@ class ServingContext:
 
     The tokenizer is a copy used only on one worker thread: HF fast tokenizers are not safe to use
     from two threads at once, and the engine loop thread detokenizes with the engine's own copy.
+    ``trust_request_chat_template``: accept a request's own ``chat_template`` (see ``render_chat``).
     """
 
-    def __init__(self, async_engine: AsyncEngine, chat_template: Optional[str] = None) -> None:
+    def __init__(self, async_engine: AsyncEngine, chat_template: Optional[str] = None,
+                 trust_request_chat_template: bool = False) -> None:
         engine = async_engine.engine
         self.async_engine = async_engine
         self.engine = engine
@@ -66,6 +73,7 @@ class ServingContext:
         self.max_model_len: int = engine.max_model_len
         self.generation_config: dict = dict(getattr(engine, "generation_config", None) or {})
         self.chat_template = chat_template
+        self.trust_request_chat_template = trust_request_chat_template
         tok = engine.tokenizer
         try:
             self.tokenizer = copy.deepcopy(tok) if tok is not None else None
@@ -89,8 +97,12 @@ class ServingContext:
             raise APIError(400, "This model has no tokenizer: send token ids.", param="prompt")
         return self.tokenizer
 
-    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def tokenize(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         tok = self.require_tokenizer()
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): the tokenizer raises TypeError
+            raise APIError(400, f"The text is not valid Unicode: {e.reason} at position {e.start}.", param=param) from e
         return list(await self.in_tokenizer_thread(tok.encode, text, add_special_tokens=add_special_tokens))
 
     async def detokenize(self, ids: list[int]) -> str:
@@ -99,8 +111,16 @@ class ServingContext:
 
     async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
                           continue_final_message: bool, chat_template: Optional[str] = None) -> str:
-        """The conversation as prompt text, through the request's, the server's or the model's template."""
+        """The conversation as prompt text, through the request's, the server's or the model's template.
+
+        A request's template is refused unless the server trusts them: the tokenizer thread runs it,
+        and a template can loop for minutes (``range`` in a nested loop), stalling every request.
+        """
         tok = self.require_tokenizer()
+        if chat_template is not None and not self.trust_request_chat_template:
+            raise APIError(400, "chat_template in a request is disabled: the server runs only its own or the "
+                                "model's template (start it with --trust-request-chat-template to allow them).",
+                           param="chat_template")
         template = chat_template or self.chat_template
         if template is None and not getattr(tok, "chat_template", None):
             raise APIError(400, "This model has no chat template; start the server with --chat-template FILE.",
@@ -137,7 +157,8 @@ class ServingContext:
 
 
 async def run_until_disconnect(raw_request: Request, work: Awaitable[T]) -> Union[T, Response]:
-    """Awaits ``work``, cancelling it (which aborts its engine requests) if the client goes away."""
+    """Awaits ``work``, cancelling it (which aborts its engine requests) if the client goes away;
+    then answers 499, which nobody reads."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -145,14 +166,21 @@ async def run_until_disconnect(raw_request: Request, work: Awaitable[T]) -> Unio
             pass
 
     watcher = asyncio.ensure_future(disconnected())
+    cancelled = False
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
-        watcher.cancel()
-    if task.cancelled():
-        return Response(status_code=499)  # nobody reads it: the client is gone
+            cancelled = True
+            # A cancelled task is not done until its finally blocks (which abort the engine
+            # requests) have run: wait for that before looking at it.
+            await asyncio.wait({task})
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # whatever it ended with, the client is gone: retrieve it, report nothing
+        return Response(status_code=499)
     return task.result()
 
 
@@ -215,14 +243,23 @@ async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[
 
 
 class APIKeyMiddleware:
-    """Bearer-token check (constant-time) on every route except /health and /metrics (pure ASGI,
-    so streaming responses and disconnect detection pass through untouched)."""
+    """Bearer-token check on every route except /health and /metrics (pure ASGI, so streaming
+    responses and disconnect detection pass through untouched).
 
-    OPEN_PATHS = ("/health", "/metrics")
+    ``Authorization: Bearer KEY``: the scheme is case-insensitive (RFC 7235: ``bearer KEY`` works
+    too); the key is compared in constant time.
+    """
+
+    OPEN_PATHS = oas.OPEN_PATHS
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
+
+    def authorized(self, header: bytes) -> bool:
+        scheme, _, key = header.partition(b" ")
+        key_ok = hmac.compare_digest(key.lstrip(b" "), self.expected)  # 1*SP may separate scheme and key
+        return key_ok and scheme.lower() == b"bearer"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS or scope.get("method") == "OPTIONS":
@@ -231,7 +268,7 @@ class APIKeyMiddleware:
         for name, value in scope.get("headers", []):
             if name == b"authorization":
                 given = value
-        if not hmac.compare_digest(given, self.expected):
+        if not self.authorized(given):
             body = error_body("Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                               "invalid_request_error", None, "invalid_api_key")
             resp = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
@@ -252,19 +289,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
 
 
 def create_app(async_engine: AsyncEngine, chat_template: Optional[str] = None, api_key: Optional[str] = None,
-               metrics: Optional[ServerMetrics] = None, owns_engine: bool = False) -> FastAPI:
-    """The FastAPI app serving ``async_engine``; ``owns_engine``: shut it down with the app."""
+               metrics: Optional[ServerMetrics] = None, owns_engine: bool = False,
+               trust_request_chat_template: bool = False) -> FastAPI:
+    """The FastAPI app serving ``async_engine``; ``owns_engine``: shut it down with the app;
+    ``trust_request_chat_template``: accept a ``chat_template`` field in chat requests."""
     from vllm_engine import __version__
     from vllm_engine.serving.chat import create_chat_completion
     from vllm_engine.serving.completions import create_completion
 
-    ctx = ServingContext(async_engine, chat_template)
+    ctx = ServingContext(async_engine, chat_template, trust_request_chat_template)
     if metrics is None:
         metrics = ServerMetrics(ctx.model_name, lambda: async_engine.last_stats)
         if async_engine.stat_logger is None:
             async_engine.stat_logger = metrics
 
-    app = FastAPI(title="vllm-engine", version=__version__, lifespan=_lifespan(async_engine, owns_engine))
+    app = FastAPI(title="vllm-engine", version=__version__, lifespan=_lifespan(async_engine, owns_engine),
+                  description="An OpenAI-compatible API serving one model (docs/serving.md).")
     app.state.ctx, app.state.async_engine, app.state.metrics = ctx, async_engine, metrics
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
@@ -290,39 +330,54 @@ def create_app(async_engine: AsyncEngine, chat_template: Optional[str] = None, a
             logger.exception("request failed", exc_info=exc)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "The engine is running (empty body).", "content": None},
+        503: oas.error("The engine died (code `engine_dead`)."),
+    })
     async def health() -> Response:
+        """Liveness: 200 while the engine can serve requests."""
         if async_engine.is_healthy:
             return Response(status_code=200)
         return JSONResponse(error_body(f"engine is dead: {async_engine.dead_error}", "engine_dead"), status_code=503)
 
-    @app.get("/version")
+    @app.get("/version", response_model=VersionResponse, responses=oas.UNAUTHORIZED)
     async def version() -> dict:
+        """The server's version."""
         return {"version": __version__}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=oas.UNAUTHORIZED)
     async def models() -> dict:
+        """The one served model."""
         card = {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "vllm-engine",
                 "root": getattr(ctx.engine.model_config, "model", ctx.model_name), "parent": None,
                 "max_model_len": ctx.max_model_len}
         return {"object": "list", "data": [card]}
 
-    @app.get("/metrics")
+    prometheus_text = {"text/plain": {"schema": {"type": "string"}}}
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format.", "content": prometheus_text}})
     async def prometheus_metrics() -> Response:
+        """Prometheus metrics (docs/serving.md lists them)."""
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=TokenizeResponse,
+              responses={**oas.BAD_REQUEST, **oas.UNAUTHORIZED, **oas.MODEL_NOT_FOUND})
     async def tokenize(req: Union[TokenizeCompletionRequest, TokenizeChatRequest]) -> dict:
+        """A prompt, or messages through the chat template, as token ids."""
         ctx.check_model(req.model)
         if isinstance(req, TokenizeChatRequest):
             text = await ctx.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message)
+            param = "messages"
         else:
-            text = req.prompt
-        ids = await ctx.tokenize(text, req.add_special_tokens)
+            text, param = req.prompt, "prompt"
+        ids = await ctx.tokenize(text, req.add_special_tokens, param)
         return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=DetokenizeResponse,
+              responses={**oas.BAD_REQUEST, **oas.UNAUTHORIZED, **oas.MODEL_NOT_FOUND})
     async def detokenize(req: DetokenizeRequest) -> dict:
+        """Token ids as text."""
         ctx.check_model(req.model)
         vocab = ctx.engine.model_config.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
@@ -330,24 +385,27 @@ def create_app(async_engine: AsyncEngine, chat_template: Optional[str] = None, a
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab}).", param="tokens")
         return {"prompt": await ctx.detokenize(req.tokens)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, openapi_extra=oas.json_body(CompletionRequest),
+              responses=oas.generation_responses(CompletionResponse, CompletionStreamResponse))
     async def completions(raw_request: Request) -> Response:
-        return await create_completion(ctx, await _parse(raw_request, "completion"), raw_request)
+        """Completes prompts (text, token ids, or batches of either); streams with `"stream": true`."""
+        return await create_completion(ctx, await _parse(raw_request, CompletionRequest), raw_request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, openapi_extra=oas.json_body(ChatCompletionRequest),
+              responses=oas.generation_responses(ChatCompletionResponse, ChatCompletionStreamResponse))
     async def chat_completions(raw_request: Request) -> Response:
-        return await create_chat_completion(ctx, await _parse(raw_request, "chat"), raw_request)
+        """Answers a conversation through the chat template; streams with `"stream": true`."""
+        return await create_chat_completion(ctx, await _parse(raw_request, ChatCompletionRequest), raw_request)
 
+    oas.install_openapi(app, api_key=bool(api_key))
     return app
 
 
-async def _parse(raw_request: Request, kind: str) -> Any:
-    """Parses the JSON body ourselves (FastAPI would read it again for the disconnect watcher)."""
+async def _parse(raw_request: Request, model: type[M]) -> M:
+    """Parses the JSON body ourselves (FastAPI would read it again for the disconnect watcher); the
+    OpenAPI document declares ``model`` as the body (``openapi.json_body``)."""
     from pydantic import ValidationError
 
-    from vllm_engine.serving.protocol import ChatCompletionRequest, CompletionRequest
-
-    model = CompletionRequest if kind == "completion" else ChatCompletionRequest
     body = await raw_request.body()
     try:
         return model.model_validate_json(body)
@@ -368,11 +426,13 @@ def _lifespan(async_engine: AsyncEngine, owns_engine: bool) -> Callable:
 
 
 def create_api_server(model: Optional[str] = None, *, chat_template: Optional[str] = None,
-                      api_key: Optional[str] = None, **engine_kwargs: Any) -> FastAPI:
+                      api_key: Optional[str] = None, trust_request_chat_template: bool = False,
+                      **engine_kwargs: Any) -> FastAPI:
     """Builds the engine (``EngineArgs`` keywords) and returns the FastAPI app for ``uvicorn.run``.
 
     ``chat_template``: a Jinja template string overriding the model's. ``api_key``: require
     ``Authorization: Bearer <key>`` (default: $VLLM_ENGINE_API_KEY if set).
+    ``trust_request_chat_template``: accept a ``chat_template`` field in chat requests.
     """
     import os
 
@@ -381,4 +441,5 @@ def create_api_server(model: Optional[str] = None, *, chat_template: Optional[st
     engine = Engine(model=model, **engine_kwargs)
     async_engine = AsyncEngine(engine)
     api_key = api_key if api_key is not None else os.environ.get("VLLM_ENGINE_API_KEY") or None
-    return create_app(async_engine, chat_template=chat_template, api_key=api_key, owns_engine=True)
+    return create_app(async_engine, chat_template=chat_template, api_key=api_key, owns_engine=True,
+                      trust_request_chat_template=trust_request_chat_template)

@@ -3,7 +3,7 @@
 ``cli.py`` calls ``add_serve_args(parser)`` and ``run_serve(args)``; ``python -m
 vllm_engine.serving.cli_serve ...`` does the same on its own. Every engine flag comes from
 ``EngineArgs.add_cli_args``; the server adds MODEL (positional, optional), --host, --port,
---api-key, --chat-template and --log-level.
+--api-key, --chat-template, --trust-request-chat-template and --log-level.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "/health and /metrics stay open.")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="Jinja chat template file (or the template itself) replacing the model's.")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="Accept a chat_template field in chat requests (off: a request's template runs "
+                             "on the server and can stall it).")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                         help="Log level of the server and of uvicorn.")
     EngineArgs.add_cli_args(parser)
@@ -91,7 +94,8 @@ def run_serve(args: argparse.Namespace) -> int:
                 engine.model_config.model, engine.served_model_name, engine.max_model_len, num_blocks,
                 cache.block_size, num_blocks * cache.block_size if num_blocks is not None else "?")
     async_engine = AsyncEngine(engine)
-    app = create_app(async_engine, chat_template=chat_template, api_key=args.api_key, owns_engine=True)
+    app = create_app(async_engine, chat_template=chat_template, api_key=args.api_key, owns_engine=True,
+                     trust_request_chat_template=args.trust_request_chat_template)
     # This process keeps this engine for its lifetime: what is alive now need never be scanned again
     # by the garbage collector (a full collection over it stalls a step for 50-200 ms).
     logger.info("garbage collector: %d startup objects frozen", freeze_gc())

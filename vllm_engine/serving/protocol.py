@@ -1,9 +1,11 @@
-"""Pydantic models of the OpenAI-compatible API (requests, and the error shape).
+"""Pydantic models of the OpenAI-compatible API: requests, responses, and the error shape.
 
 Requests accept vLLM's sampling extras (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
 stop_token_ids, include_stop_str_in_output, skip_special_tokens, priority). Unknown fields are
 ignored, as the OpenAI API and vLLM do. Responses are built as plain dicts in completions.py / chat.py
-(they are serialised once per streamed chunk, so avoiding model validation there is worth it).
+(they are serialised once per streamed chunk, so avoiding model validation there is worth it); the
+response models at the end of this module document them (the OpenAPI document) and are what the
+tests validate real responses against.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vllm_engine.sampling_params import SamplingParams
+from vllm_engine.sampling_params import SamplingParams, SamplingParamsError
 
 
 class OpenAIBaseModel(BaseModel):
@@ -77,7 +79,8 @@ class _SamplingFields(OpenAIBaseModel):
             try:
                 logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             except ValueError as e:
-                raise ValueError(f"logit_bias keys must be token ids (integers), got {list(self.logit_bias)!r}.") from e
+                raise SamplingParamsError(
+                    "logit_bias", f"keys must be token ids (integers), got {list(self.logit_bias)!r}.") from e
         return SamplingParams(
             n=self.n, temperature=temperature, top_p=pick(self.top_p, "top_p", 1.0),
             top_k=pick(self.top_k, "top_k", -1), min_p=pick(self.min_p, "min_p", 0.0), seed=self.seed,
@@ -132,7 +135,8 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template: Optional[str] = None
+    chat_template: Optional[str] = Field(None, description="A Jinja template replacing the model's; refused "
+                                                           "unless the server runs with --trust-request-chat-template.")
     add_special_tokens: bool = False
     echo: bool = False
 
@@ -168,3 +172,174 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
+
+
+# ---- responses ---------------------------------------------------------------------------------------
+# The server builds its responses as plain dicts (speed); these models document them in the OpenAPI
+# document, and the tests validate real responses against them. ``extra="forbid"``: a key the server
+# sends but these models lack is a documentation bug the fuzz test catches.
+FinishReason = Literal["stop", "length", "abort", "error"]
+StopReason = Optional[Union[int, str]]  # the stop token id or stop string that ended the sample
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: Optional[str] = Field(description="The request field at fault, as the client spelled it.")
+    code: Optional[Union[str, int]] = Field(description="A machine-readable code (e.g. model_not_found), "
+                                                        "else the HTTP status.")
+
+
+class ErrorResponse(ResponseModel):
+    """Every error: ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape)."""
+
+    error: ErrorInfo
+
+
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int = Field(description="Prompt tokens served from the prefix cache.")
+
+
+class UsageInfo(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int = Field(description="Every sample's generated tokens, including a final EOS.")
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionLogprobs(ResponseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class CompletionChoice(ResponseModel):
+    index: int = Field(description="i * n + j: sample j of prompt i.")
+    text: str
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: FinishReason
+    stop_reason: StopReason
+
+
+class CompletionResponse(ResponseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamChoice(ResponseModel):
+    index: int
+    text: str = Field(description="What is new since this choice's last chunk.")
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: Optional[FinishReason]
+    stop_reason: StopReason
+
+
+class CompletionStreamResponse(ResponseModel):
+    """One ``data:`` event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: Optional[UsageInfo] = Field(None, description="With stream_options.include_usage: null, except in the "
+                                                         "last chunk (which has no choices).")
+
+
+class ChatTopLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprobEntry(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(ResponseModel):
+    content: list[ChatLogprobEntry]
+
+
+class ChatResponseMessage(ResponseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(ResponseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: FinishReason
+    stop_reason: StopReason
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatDelta(ResponseModel):
+    role: Optional[Literal["assistant"]] = Field(None, description="Only in each choice's first chunk.")
+    content: Optional[str] = None
+
+
+class ChatStreamChoice(ResponseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Optional[FinishReason]
+    stop_reason: StopReason = None
+
+
+class ChatCompletionStreamResponse(ResponseModel):
+    """One ``data:`` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Optional[UsageInfo] = Field(None, description="With stream_options.include_usage: null, except in the "
+                                                         "last chunk (which has no choices).")
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: Optional[str]
+    max_model_len: int
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(ResponseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(ResponseModel):
+    prompt: str
+
+
+class VersionResponse(ResponseModel):
+    version: str
