@@ -100,11 +100,32 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How one model is spread over processes: ``tensor_parallel_size`` ranks split each layer,
+    ``pipeline_parallel_size`` stages split the layers; world size = tp * pp.
+
+    ``distributed_executor_backend``: "uni" (this process: one GPU or the CPU), "mp" (one process
+    per rank, started by the engine), "torchrun" (the command itself was started by torchrun on
+    one or several machines; each process is one rank). None picks "uni" for world size 1, else
+    "torchrun" when torchrun's environment is present, else "mp".
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
     device: DeviceConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def _arg(help: str, flag: Optional[str] = None, **kw) -> Any:
@@ -143,6 +164,13 @@ class EngineArgs:
     async_scheduling: Optional[bool] = field(default=None, metadata=_arg(
         "Overlap the CPU work of the next step with the GPU work of this one (default: on with CUDA).",
         action=argparse.BooleanOptionalAction))
+    tensor_parallel_size: int = field(default=1, metadata=_arg(
+        "Ranks that split each layer (tensor parallelism).", flag=("--tensor-parallel-size", "-tp")))
+    pipeline_parallel_size: int = field(default=1, metadata=_arg(
+        "Stages that split the layers (pipeline parallelism).", flag=("--pipeline-parallel-size", "-pp")))
+    distributed_executor_backend: Optional[str] = field(default=None, metadata=_arg(
+        "uni (this process), mp (one process per rank) or torchrun (started by torchrun); default: uni for "
+        "one rank, torchrun under torchrun, else mp.", choices=["uni", "mp", "torchrun"]))
 
     # ---- CLI ----------------------------------------------------------------------------------
     @classmethod
@@ -152,12 +180,13 @@ class EngineArgs:
                 continue
             meta = dict(f.metadata)
             flag = meta.pop("flag", None) or "--" + f.name.replace("_", "-")
+            flags = flag if isinstance(flag, tuple) else (flag,)
             kw: dict[str, Any] = {"default": f.default, "help": meta.pop("help")}
             kw.update(meta)
             if "action" not in kw:
                 base = f.type if isinstance(f.type, type) else str(f.type)
                 kw["type"] = int if "int" in str(base) else float if "float" in str(base) else str
-            parser.add_argument(flag, dest=f.name, **kw)
+            parser.add_argument(*flags, dest=f.name, **kw)
         return parser
 
     @classmethod
@@ -198,6 +227,33 @@ class EngineArgs:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.attention_backend not in (None, "torch", "triton"):
             raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}.")
+        positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        positive_int("pipeline_parallel_size", self.pipeline_parallel_size)
+        if self.distributed_executor_backend not in (None, "uni", "mp", "torchrun"):
+            raise ValueError(f"distributed_executor_backend must be uni, mp or torchrun, got "
+                             f"{self.distributed_executor_backend!r}.")
+
+    def _parallel(self, hf_config: Any) -> ParallelConfig:
+        """The parallel layout, checked against the model (heads and layers must split evenly)."""
+        import os
+
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        heads = getattr(hf_config, "num_attention_heads", 1)
+        if heads % tp:
+            raise ValueError(f"tensor_parallel_size={tp} must divide the model's {heads} attention heads.")
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        if kv_heads % tp and tp % kv_heads:
+            raise ValueError(f"tensor_parallel_size={tp} and the model's {kv_heads} KV heads must divide one another.")
+        layers = getattr(hf_config, "num_hidden_layers", 1)
+        if pp > layers:
+            raise ValueError(f"pipeline_parallel_size={pp} is more than the model's {layers} layers.")
+        backend = self.distributed_executor_backend
+        if backend is None:
+            backend = "uni" if tp * pp == 1 else "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "mp"
+        if backend == "uni" and tp * pp > 1:
+            raise ValueError("distributed_executor_backend='uni' runs one rank: use 'mp' or 'torchrun' for "
+                             f"tensor_parallel_size * pipeline_parallel_size = {tp * pp}.")
+        return ParallelConfig(tp, pp, backend)
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -268,4 +324,5 @@ class EngineArgs:
                            attention_backend=self.attention_backend,
                            async_scheduling=(device.type == "cuda" if self.async_scheduling is None
                                              else bool(self.async_scheduling)))
-        return EngineConfig(model=model, cache=cache, scheduler=scheduler, device=dev)
+        return EngineConfig(model=model, cache=cache, scheduler=scheduler, device=dev,
+                            parallel=self._parallel(hf_config))

@@ -56,7 +56,7 @@ def measure_bandwidth_gbs(size_mib: int = 1024, iters: int = 20) -> Optional[flo
     if not torch.cuda.is_available():
         return None
     n = size_mib * 2**20 // 2
-    from vllm_engine.layers.linear import cuda_time_s  # imports triton: only when measuring on a GPU
+    from vllm_engine.layers.triton_linear import cuda_time_s  # imports triton: only when measuring on a GPU
 
     a = torch.empty(n, dtype=torch.float16, device="cuda")
     b = torch.empty_like(a)
@@ -144,7 +144,7 @@ def measure_gemm_tflops(n: int = 8192, iters: int = 20) -> Optional[float]:
     """Achieved dense bf16 GEMM rate (n x n x n, median), TFLOPS; None on CPU."""
     if not torch.cuda.is_available():
         return None
-    from vllm_engine.layers.linear import cuda_time_s
+    from vllm_engine.layers.triton_linear import cuda_time_s
 
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -152,8 +152,10 @@ def measure_gemm_tflops(n: int = 8192, iters: int = 20) -> Optional[float]:
 
 def linear_choices(engine: Any) -> Optional[dict]:
     """What the engine's LinearPicker chose per shape (None without one: CPU, or VLLM_ENGINE_LINEAR=cublas)."""
-    picker = getattr(getattr(engine.model_runner.model, "ops", None), "linear", None)
-    if not hasattr(picker, "decisions"):
+    from vllm_engine.quantization import linear_picker
+
+    picker = linear_picker(engine.model_runner.model)
+    if picker is None:
         return None
     return {"summary": picker.summary(),
             "decisions": {str(key[:-2]): {"choice": choice, "us": {c: round(t * 1e6, 2) for c, t in times.items()}}
@@ -264,7 +266,7 @@ def hf_generate_batch(model: Any, workload: Workload) -> Optional[tuple[float, i
 def graph_time_s(fn, reps: int) -> float:
     """Median seconds of one replay of a CUDA graph of ``fn`` (timed like the linear picker's
     candidates, without an L2 flush: the graph's layers read distinct weights or caches)."""
-    from vllm_engine.layers.linear import cuda_time_s  # imports triton: only when measuring on a GPU
+    from vllm_engine.layers.triton_linear import cuda_time_s  # imports triton: only when measuring on a GPU
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import device_name, graph_time_s  # noqa: E402
 
-from vllm_engine.layers import linear as L  # noqa: E402
+from vllm_engine.layers import triton_linear as L  # noqa: E402
 from vllm_engine.model_loader.resolve import resolve_model  # noqa: E402
 
 

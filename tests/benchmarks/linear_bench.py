@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 
-from vllm_engine.layers.linear import LinearPicker  # noqa: E402
+from vllm_engine.layers.triton_linear import LinearPicker  # noqa: E402
 
 SHAPES = {  # (name, N, K) per model: qkv, o, gate_up, down, lm_head
     "llama-3.1-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),

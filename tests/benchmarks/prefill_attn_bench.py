@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    from vllm_engine.layers.linear import cuda_time_s
+    from vllm_engine.layers.triton_linear import cuda_time_s
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     lens = prompt_lens(args.tokens, seed=0)

@@ -7,6 +7,7 @@ reads, and therefore the outputs, which are compared with a plain loop that neve
 
 from __future__ import annotations
 
+import pickle
 from typing import Optional
 
 import numpy as np
@@ -18,6 +19,7 @@ from vllm_engine.core.scheduler import Scheduler
 from vllm_engine.engine.request import Request, RequestStatus
 from vllm_engine.sampling_params import SamplingParams
 from vllm_engine.worker.block_tables import HostBlockTables
+from vllm_engine.worker.request_states import RequestStates, append_placeholders, fill_placeholders
 
 BS = 4
 
@@ -40,24 +42,27 @@ def reference(prompt: list[int], max_tokens: int, salt: int = 0) -> list[int]:
 class FakeRunner:
     """Carries out swaps and copies, writes each step's tokens into a simulated KV cache, samples from it.
 
-    Like the model runner, it reads the block tables through ``HostBlockTables`` (rows kept across
-    steps, rewritten where ``SchedulerOutput.changed_block_tables`` or a new list says so), and
-    checks every row against the scheduler's list."""
+    Like the model runner, it sees only the step's ``ExecuteModelRequest`` and keeps its own request
+    states and block-table rows from it (``worker/request_states.RequestStates``), appending the
+    tokens it samples; every step checks them against the scheduler's own tables and tokens."""
 
     def __init__(self, block_size: int = BS) -> None:
         self.bs = block_size
         self.gpu: dict[tuple[int, int], tuple[int, int]] = {}  # (block, slot) -> (position, token)
         self.cpu: dict[tuple[int, int], tuple[int, int]] = {}
         self.tokens_computed = 0
-        self.host_tables = HostBlockTables(rows=2)  # few rows: they are freed, reused and doubled
+        self.states = RequestStates(HostBlockTables(rows=2))  # few rows: they are freed, reused and doubled
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         bs = self.bs
-        self.host_tables.release(so.finished_request_ids)
-        rows, lens = self.host_tables.gather(so.scheduled_requests, so.block_tables, so.changed_block_tables)
+        msg = pickle.loads(pickle.dumps(so.execute_model_request))  # what another process would get
+        states = self.states.update(msg)
+        rows, lens = self.states.host_tables.gather(msg.req_ids)
         tables = [rows[i, :n].tolist() for i, n in enumerate(lens)]
         assert tables == so.block_tables, "a kept block-table row differs from the scheduler's table"
         assert not rows[np.arange(rows.shape[1]) >= lens[:, None]].any(), "ids past a table's end"
+        for st, r in zip(states, so.scheduled_requests):
+            assert st.token_ids == r.all_token_ids and st.num_computed_tokens == r.num_computed_tokens
         for g, c in so.blocks_to_swap_out:
             for s in range(bs):
                 self.cpu.pop((c, s), None)
@@ -94,6 +99,8 @@ class FakeRunner:
                 pos, tok = self.gpu.get((bt[p // bs], p % bs), (-1, -1))
                 seen.append(tok if pos == p else -1)
             sampled.append(next_token(seen, r.sample_index))
+        done = [(st, token) for st, token in zip(states, sampled) if token is not None]
+        fill_placeholders([st for st, _ in done], append_placeholders([st for st, _ in done]), [t for _, t in done])
         return ModelRunnerOutput(req_ids=[r.request_id for r in so.scheduled_requests], sampled_token_ids=sampled)
 
 
@@ -131,6 +138,8 @@ def drain(s: Scheduler, runner: FakeRunner, max_steps: int = 2000) -> list[Sched
         outs.append(step(s, runner)[0])
         assert len(outs) < max_steps, "no progress"
     assert s.kv_cache_manager.num_free_blocks == s.num_gpu_blocks
+    runner.execute(s.schedule())  # an empty step: it tells the worker which requests ended last
+    assert len(runner.states) == 0, "the worker kept state of finished requests"
     return outs
 
 

@@ -11,7 +11,7 @@ Sections (a table is printed as results come, the JSON written at the end):
   * decode_sweep: tile size / warps / split count around the default plan for the two targets.
   * prefill: whole prompts, chunks on a cached prefix, and mixed prefill+decode batches (eager
     timing of the whole backend call, as the engine runs them), TFLOP/s vs torch SDPA.
-  * fused: rms_norm, fused_add_rms_norm, silu_and_mul, rotary vs torch eager vs torch.compile.
+  * fused: rms_norm, fused_add_rms_norm, silu_and_mul vs torch eager vs torch.compile.
 """
 
 from __future__ import annotations
@@ -279,17 +279,12 @@ def run_fused(device: str, budget: Budget, roof: float, log: Callable) -> list[d
     from vllm_engine.layers import fused_ops as F
     from vllm_engine.layers.activation import silu_and_mul as t_silu
     from vllm_engine.layers.layernorm import rms_norm as t_rms
-    from vllm_engine.layers.rotary import RotaryEmbedding, apply_rotary
-
-    def t_rotary(pos, q, k, cs, rd):
-        cos, sin = cs.index_select(0, pos).chunk(2, dim=-1)
-        return apply_rotary(q, cos, sin, rd), apply_rotary(k, cos, sin, rd)
 
     torch_ops = {"rms_norm": lambda x, w: t_rms(x, w, 1e-6), "fused_add_rms_norm": lambda x, r, w: t_rms(x, w, 1e-6, r),
-                 "silu_and_mul": t_silu, "rotary": t_rotary}
+                 "silu_and_mul": t_silu}
     triton_ops = {"rms_norm": lambda x, w: F.triton_rms_norm(x, w, 1e-6),
                   "fused_add_rms_norm": lambda x, r, w: F.triton_fused_add_rms_norm(x, r, w, 1e-6),
-                  "silu_and_mul": F.triton_silu_and_mul, "rotary": F.triton_rotary}
+                  "silu_and_mul": F.triton_silu_and_mul}
     compiled = {}
     rows = []
     log("\n== fused ops (bf16): triton vs torch eager vs torch.compile(dynamic=True) ==")
@@ -297,18 +292,13 @@ def run_fused(device: str, budget: Budget, roof: float, log: Callable) -> list[d
         f"{'compile_us':>10s}")
     dt = torch.bfloat16
     for name, m in MODELS.items():
-        H, KVH, D, hid, inter = m["num_heads"], m["num_kv_heads"], m["head_dim"], m["hidden"], m["inter"]
-        rope = RotaryEmbedding(D, 40960, 1e6).to(device)
+        hid, inter = m["hidden"], m["inter"]
         for T in ((8,) if SMOKE else (256, 4096)):
             x, r = torch.randn(T, hid, device=device, dtype=dt), torch.randn(T, hid, device=device, dtype=dt)
             w = torch.randn(hid, device=device, dtype=dt)
             gu = torch.randn(T, 2 * inter, device=device, dtype=dt)
-            qkv = torch.randn(T, (H + 2 * KVH) * D, device=device, dtype=dt)
-            q, k = qkv[:, : H * D].view(T, H, D), qkv[:, H * D: (H + KVH) * D].view(T, KVH, D)
-            pos = torch.randint(0, 40960, (T,), device=device)
             cases = {"rms_norm": ((x, w), 2 * T * hid * 2), "fused_add_rms_norm": ((x, r, w), 4 * T * hid * 2),
-                     "silu_and_mul": ((gu,), 3 * T * inter * 2),
-                     "rotary": ((pos, q, k, rope.cos_sin_cache, D), 2 * T * (H + KVH) * D * 2)}
+                     "silu_and_mul": ((gu,), 3 * T * inter * 2)}
             for op, (args, nbytes) in cases.items():
                 if not budget.left():
                     rows.append(dict(model=name, op=op, T=T, skipped="time budget"))
@@ -343,7 +333,7 @@ def compile_sm90() -> list[dict]:
     from triton.compiler import ASTSource
 
     from vllm_engine.layers import fused_ops as F
-    from vllm_engine.layers import linear as L
+    from vllm_engine.layers import triton_linear as L
 
     not_div = {"stride_bt", "num_seqs", "sliding_window", "eps", "scale_log2", "M"}
 
@@ -400,10 +390,6 @@ def compile_sm90() -> list[dict]:
     out.append(build(F._rms_norm_kernel, dict(X=bf, R=bf, W=bf, Y=bf, ResOut=bf, stride_x=i32, stride_r=i32, stride_y=i32,
                      stride_ro=i32, eps=f32), dict(N=4096, HAS_RES=True, BLOCK=4096), num_warps=8))
     out.append(build(F._silu_and_mul_kernel, dict(X=bf, Y=bf, stride_x=i32, stride_y=i32), dict(D=3072, BLOCK=2048)))
-    rot = {n: i32 for n in F._rotary_kernel.arg_names if n.startswith("stride")}
-    out.append(build(F._rotary_kernel, dict(rot, Pos="*i64", Q=bf, K=bf, CosSin="*fp32", QO=bf, KO=bf),
-                     dict(NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_HQ=16, BLOCK_HK=8, BLOCK_HALF=64,
-                          BLOCK_D=128, HAS_PASS=False)))
     # The fused q/k-norm + rotary + cache write: Qwen3 (norm, GQA 16/8) and Llama-8B (no norm, 32/8).
     qkv = dict(QKV=bf, Pos="*i64", CosSin="*fp32", QNormW=bf, KNormW=bf, QOut=bf, KCache=bf, VCache=bf, Slots="*i64",
                stride_t=i32, stride_cs=i32, stride_qo=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32, eps=f32)

@@ -73,39 +73,6 @@ def test_silu_and_mul(dtype, d):
     assert_close_f64(y, g * torch.sigmoid(g) * u, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rotary_dim", [None, 32])
-def test_rotary(dtype, rotary_dim):
-    T, H, KVH, D = 7, 4, 2, 64
-    rope = RotaryEmbedding(D, max_position=512, base=10000.0, rotary_dim=rotary_dim).to(DEVICE)
-    qkv = rand(T, (H + 2 * KVH) * D, dtype=dtype, seed=6)
-    q = qkv[:, : H * D].view(T, H, D)  # strided views, as after a fused qkv projection
-    k = qkv[:, H * D: (H + KVH) * D].view(T, KVH, D)
-    g = torch.Generator().manual_seed(7)
-    positions = torch.randint(0, 512, (T,), generator=g).to(DEVICE)
-    qo, ko = fused_ops.triton_rotary(positions, q, k, rope.cos_sin_cache, rotary_dim)
-    assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
-
-    rd = rotary_dim or D
-    # cos/sin from the given fp32 table (the op's input), applied in float64. The table itself is
-    # within fp32 angle rounding of the exact values (~1e-5 at position 500).
-    cos_sin = rope.cos_sin_cache.double().cpu()[positions.cpu()]
-    cos, sin = cos_sin[:, None, : rd // 2], cos_sin[:, None, rd // 2:]
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
-    ang = positions.cpu().double()[:, None, None] * inv_freq
-    assert (cos - ang.cos()).abs().max() < 1e-4 and (sin - ang.sin()).abs().max() < 1e-4
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x = x.double().cpu()
-        x1, x2 = x[..., : rd // 2], x[..., rd // 2: rd]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rd:]), dim=-1)
-
-    assert_close_f64(qo, rotate(q), dtype)
-    assert_close_f64(ko, rotate(k), dtype)
-    if rotary_dim:
-        assert torch.equal(qo[..., rd:], q[..., rd:]) and torch.equal(ko[..., rd:], k[..., rd:])
-
-
 def test_cpu_tensors_dispatch_to_torch():
     """The public ops send CPU tensors to the torch layers (even with the interpreter on), so CPU
     models in the same test session are unaffected; CUDA tensors go to the kernels."""
@@ -116,9 +83,6 @@ def test_cpu_tensors_dispatch_to_torch():
     assert torch.equal(y, want_y) and torch.equal(s, want_s)
     gu = torch.randn(2, 16).bfloat16()
     assert torch.equal(fused_ops.silu_and_mul(gu), torch.nn.functional.silu(gu[:, :8]) * gu[:, 8:])
-    rope = RotaryEmbedding(16, max_position=32)
-    pos, q, k = torch.tensor([0, 5, 31]), torch.randn(3, 2, 16), torch.randn(3, 1, 16)
-    assert all(torch.equal(a, b) for a, b in zip(fused_ops.rotary(pos, q, k, rope.cos_sin_cache), rope(pos, q, k)))
 
 
 def _f64_norm_rope(x: torch.Tensor, w, eps: float, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:

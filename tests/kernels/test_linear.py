@@ -1,4 +1,4 @@
-"""layers/linear.py: the Triton GEMV and GEMM against float64, and LinearPicker's choice logic."""
+"""layers/triton_linear.py: the Triton GEMV and GEMM against float64, and LinearPicker's choice logic."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_engine.layers import linear as L
+from vllm_engine.layers import triton_linear as L
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/kernels/conftest.py)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -277,20 +277,3 @@ def test_silu_mul_linear_on_cuda_matches_the_unfused_pair():
     y = picker.silu_mul_linear(gu, w)
     assert torch.allclose(y.float(), F.linear(fused_ops.silu_and_mul(gu), w).float(), rtol=2e-2, atol=2e-2)
     assert [k[0] for k in picker.decisions if isinstance(k[0], str)] == ["silu_mul"]
-
-
-def test_cuda_ops_fold_through_the_picker_unless_turned_off(monkeypatch):
-    """get_ops on CUDA (built here without a GPU): the picker is the linear, and its add_norm_linear /
-    silu_mul_linear the folded ops; VLLM_ENGINE_FOLD=0 leaves those to the composed pair (A/B runs),
-    VLLM_ENGINE_LINEAR=cublas the whole thing to cuBLAS."""
-    from vllm_engine.models.llama import get_ops
-
-    ops = get_ops(torch.device("cuda"))
-    assert isinstance(ops.linear, L.LinearPicker)
-    assert ops.add_norm_linear.__self__ is ops.linear and ops.silu_mul_linear.__self__ is ops.linear
-    monkeypatch.setenv("VLLM_ENGINE_FOLD", "0")
-    ops = get_ops(torch.device("cuda"))
-    assert isinstance(ops.linear, L.LinearPicker) and ops.add_norm_linear is None and ops.silu_mul_linear is None
-    monkeypatch.setenv("VLLM_ENGINE_LINEAR", "cublas")
-    ops = get_ops(torch.device("cuda"))
-    assert ops.linear is F.linear and ops.add_norm_linear is None

@@ -3,7 +3,6 @@ distribution against softmax, seeded reproducibility, and logprobs against torch
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ GGUFReader/GGUFWriter, and the real SmolLM2 GGUF against HF transformers loading
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

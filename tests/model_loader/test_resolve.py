@@ -10,7 +10,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from vllm_engine.model_loader import resolve as resolve_mod
 from vllm_engine.model_loader.resolve import bundled_configs, cache_dir, resolve_model

@@ -126,4 +126,4 @@ def test_dummy_weights_in_bfloat16():
     model = get_model(cfg, CPU, TorchAttentionBackend())
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.model.rotary_emb.cos_sin_cache.dtype == torch.float32
-    assert model.tie_word_embeddings and model.lm_head_weight is model.model.embed_tokens.weight
+    assert model.tie_word_embeddings and model.lm_head is model.model.embed_tokens

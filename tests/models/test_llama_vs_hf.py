@@ -27,28 +27,42 @@ def test_logits_match_hf(arch, tiny_model_dir, paged_vs_hf):
     ]
     paged_vs_hf(model, cfg, hf, lens, schedule, tol=1e-4)
 
-def test_ops_hook_picks_fused_ops_on_cuda_only():
-    from vllm_engine.models.llama import TORCH_OPS, get_ops
-
-    assert get_ops(torch.device("cpu")) is TORCH_OPS
-    fused_ops = pytest.importorskip("vllm_engine.layers.fused_ops")
-    ops = get_ops(torch.device("cuda"))  # a device name: no GPU needed to pick the functions
-    assert ops.rms_norm is fused_ops.rms_norm and ops.fused_add_rms_norm is fused_ops.fused_add_rms_norm
-    assert ops.silu_and_mul is fused_ops.silu_and_mul and ops.rotary is fused_ops.rotary
-
-
-def test_linear_mode_env(monkeypatch):
+def test_layers_pick_kernels_by_device_and_switches(monkeypatch):
+    """The quant method holds the kernel choice: F.linear off CUDA; on CUDA (a device name is enough
+    to build it) the linear picker and its folded norm / activation, unless VLLM_ENGINE_LINEAR=cublas
+    or VLLM_ENGINE_FOLD=0 (A/B runs); an unknown VLLM_ENGINE_LINEAR is an error."""
     import torch.nn.functional as F
 
-    from vllm_engine.models.llama import get_ops
+    from vllm_engine.quantization import UnquantizedLinearMethod
 
+    cpu = UnquantizedLinearMethod(torch.device("cpu"))
+    assert cpu.linear is F.linear and cpu.picker is None and cpu.add_norm_linear is None
+    pytest.importorskip("triton")
+    from vllm_engine.layers.triton_linear import LinearPicker
+
+    cuda = UnquantizedLinearMethod(torch.device("cuda"))
+    assert isinstance(cuda.linear, LinearPicker) and cuda.picker is cuda.linear
+    assert cuda.add_norm_linear.__self__ is cuda.picker and cuda.silu_mul_linear.__self__ is cuda.picker
+    monkeypatch.setenv("VLLM_ENGINE_FOLD", "0")
+    unfolded = UnquantizedLinearMethod(torch.device("cuda"))
+    assert isinstance(unfolded.linear, LinearPicker) and unfolded.add_norm_linear is None
+    assert unfolded.silu_mul_linear is None
     monkeypatch.setenv("VLLM_ENGINE_LINEAR", "cublas")
-    assert get_ops(torch.device("cuda")).linear is F.linear
+    cublas = UnquantizedLinearMethod(torch.device("cuda"))
+    assert cublas.linear is F.linear and cublas.picker is None and cublas.add_norm_linear is None
     monkeypatch.setenv("VLLM_ENGINE_LINEAR", "fast")
     with pytest.raises(ValueError, match="VLLM_ENGINE_LINEAR"):
-        get_ops(torch.device("cuda"))
-    monkeypatch.setenv("VLLM_ENGINE_LINEAR", "auto")
-    pytest.importorskip("triton")
-    from vllm_engine.layers.linear import LinearPicker
+        UnquantizedLinearMethod(torch.device("cuda"))
 
-    assert isinstance(get_ops(torch.device("cuda")).linear, LinearPicker)
+
+def test_one_linear_method_for_the_whole_model(tiny_model_dir):
+    """get_model gives every layer (and the LM head) one quant method: one picker, each shape timed once."""
+    from vllm_engine.layers.linear import LinearBase
+    from vllm_engine.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    cfg = EngineArgs(model=str(tiny_model_dir("llama")), dtype="float32", device="cpu",
+                     max_model_len=64).create_engine_config().model
+    model = get_model(cfg, torch.device("cpu"), TorchAttentionBackend())
+    methods = {id(m.quant_method) for m in model.modules() if isinstance(m, (LinearBase, VocabParallelEmbedding))}
+    assert len(methods) == 1
+    assert model.quant_config.get_quant_method(model.lm_head, "lm_head") is model.lm_head.quant_method

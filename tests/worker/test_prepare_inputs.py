@@ -5,47 +5,62 @@ from __future__ import annotations
 
 import random
 import types
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
 from vllm_engine.attention.backend import block_table_width
-from vllm_engine.core.sched_output import SchedulerOutput
-from vllm_engine.engine.request import Request
+from vllm_engine.core.sched_output import CachedRequestData, ExecuteModelRequest, NewRequestData
 from vllm_engine.sampling_params import SamplingParams
 from vllm_engine.worker.block_tables import HostBlockTables
 from vllm_engine.worker.model_runner import ModelRunner
+from vllm_engine.worker.request_states import (
+    CachedRequestState, RequestStates, append_placeholders, fill_placeholders)
 from vllm_engine.worker.staging import HostStaging
 
 BS = 16
 
 
-def make_step(counts: list[int], seed: int, partial: set[int] = frozenset()):
-    """Requests with random lengths; request i computes counts[i] tokens ending at its last token
-    (or one token short of it when i is in ``partial``: a prompt chunk that is not sampled)."""
+@dataclass
+class Step:
+    msg: ExecuteModelRequest
+    states: list[CachedRequestState]
+    tables: list[list[int]]
+    runner: types.SimpleNamespace  # the attributes of ModelRunner that _prepare_inputs reads
+
+
+def make_step(counts: list[int], seed: int, partial: set[int] = frozenset()) -> Step:
+    """Requests with random lengths, sent to the worker as new; request i computes counts[i] tokens
+    ending at its last token (or one short of it when i is in ``partial``: a prompt chunk, not sampled)."""
     rng = random.Random(seed)
-    reqs, tables, nb = [], [], 0
+    new, tables, nb = [], [], 0
     for i, c in enumerate(counts):
         length = rng.randint(c + 1, c + 200)
-        r = Request(str(i), [rng.randrange(1000) for _ in range(length)], SamplingParams(max_tokens=4))
         end = length - 1 if i in partial else length
-        r.num_computed_tokens = end - c
-        reqs.append(r)
         n = (length + BS - 1) // BS
         ids = rng.sample(range(nb, nb + 3 * n), n)  # block ids out of order, as after frees
         tables.append(ids)
         nb += 3 * n
-    return SchedulerOutput(scheduled_requests=reqs, num_scheduled_tokens=counts, block_tables=tables,
-                           total_num_scheduled_tokens=sum(counts))
+        new.append(NewRequestData(str(i), [rng.randrange(1000) for _ in range(length)], [],
+                                  SamplingParams(max_tokens=4), 0, frozenset(), ids, end - c))
+    msg = ExecuteModelRequest(req_ids=[d.req_id for d in new], num_scheduled_tokens=counts,
+                              total_num_scheduled_tokens=sum(counts), new_requests=new)
+    requests = RequestStates(HostBlockTables())
+    states = requests.update(msg)
+    runner = types.SimpleNamespace(block_size=BS, device=torch.device("cpu"), _last_sample_row={}, _last_sampled=None,
+                                   _prompt_logprob_rows=ModelRunner._prompt_logprob_rows, staging=HostStaging("cpu"),
+                                   requests=requests)
+    return Step(msg, states, tables, runner)
 
 
-def reference(sched: SchedulerOutput):
+def reference(step: Step):
     tokens, positions, slots, sample_rows = [], [], [], []
     row = 0
-    for r, c, bt in zip(sched.scheduled_requests, sched.num_scheduled_tokens, sched.block_tables):
+    for r, c, bt in zip(step.states, step.msg.num_scheduled_tokens, step.tables):
         for p in range(r.num_computed_tokens, r.num_computed_tokens + c):
-            tokens.append(r.all_token_ids[p])
+            tokens.append(r.token_ids[p])
             positions.append(p)
             slots.append(bt[p // BS] * BS + p % BS)
         row += c
@@ -57,12 +72,9 @@ def reference(sched: SchedulerOutput):
 @pytest.mark.parametrize("counts,partial", [([1] * 37, set()), ([5, 1, 1, 40, 1, 3], {3}), ([1], set()),
                                             ([7, 9], {0, 1})])
 def test_prepare_inputs_matches_a_per_sequence_reference(counts, partial):
-    sched = make_step(counts, seed=len(counts), partial=partial)
-    stub = types.SimpleNamespace(block_size=BS, device=torch.device("cpu"), _last_sample_row={}, _last_sampled=None,
-                                 _prompt_logprob_rows=ModelRunner._prompt_logprob_rows, staging=HostStaging("cpu"),
-                                 host_tables=HostBlockTables())
-    out = ModelRunner._prepare_inputs(stub, sched)
-    tokens, positions, slots, sample_rows = reference(sched)
+    step = make_step(counts, seed=len(counts), partial=partial)
+    out = ModelRunner._prepare_inputs(step.runner, step.msg, step.states)
+    tokens, positions, slots, sample_rows = reference(step)
     assert out.input_ids.dtype == out.positions.dtype == out.attn_metadata.slot_mapping.dtype == torch.int64
     assert out.attn_metadata.block_tables.dtype == out.attn_metadata.seq_lens.dtype == torch.int32
     assert out.sample_rows_dev.tolist() == sample_rows
@@ -73,10 +85,10 @@ def test_prepare_inputs_matches_a_per_sequence_reference(counts, partial):
     assert out.sample_rows == sample_rows
     assert out.sample_req_indices == [i for i in range(len(counts)) if i not in partial]
     bt = meta.block_tables.numpy()
-    assert bt.shape == (len(counts), block_table_width(max(map(len, sched.block_tables))))
-    for i, table in enumerate(sched.block_tables):
+    assert bt.shape == (len(counts), block_table_width(max(map(len, step.tables))))
+    for i, table in enumerate(step.tables):
         assert bt[i, :len(table)].tolist() == table and not bt[i, len(table):].any()
-    assert meta.seq_lens.tolist() == [r.num_computed_tokens + c for r, c in zip(sched.scheduled_requests, counts)]
+    assert meta.seq_lens.tolist() == [r.num_computed_tokens + c for r, c in zip(step.states, counts)]
     assert np.array_equal(meta.query_start_loc.numpy(), np.concatenate([[0], np.cumsum(counts)]))
     if len(counts) > 1:
         lens = meta.seq_lens.numpy()
@@ -85,19 +97,37 @@ def test_prepare_inputs_matches_a_per_sequence_reference(counts, partial):
 
 
 def test_placeholder_tokens_come_from_the_previous_launch_on_the_device():
-    """Async scheduling: a decode whose input token is still a placeholder takes it from the previous
-    step's sampled-token tensor (by that step's sample row), after the one staged copy."""
-    from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
+    """Async scheduling: a decode whose input token is still a placeholder (the worker sampled it, the
+    host has not read it yet) takes it from the previous step's sampled-token tensor, by that step's
+    sample row, after the one staged copy; collect() then writes the value over the placeholder."""
+    step = make_step([1, 1, 1], seed=3)
+    for r in step.states[:2]:  # their last token was sampled by a launch not yet collected
+        r.token_ids.pop()
+    append_placeholders(step.states[:2])
+    step.runner._last_sample_row, step.runner._last_sampled = {"0": 2, "1": 0}, torch.tensor([11, 22, 33])
+    out = ModelRunner._prepare_inputs(step.runner, step.msg, step.states)
+    third = step.states[2]
+    assert out.input_ids.tolist() == [33, 11, third.token_ids[third.num_computed_tokens]]
 
-    sched = make_step([1, 1, 1], seed=3)
-    for r in sched.scheduled_requests[:2]:
-        r.all_token_ids[r.num_computed_tokens] = PLACEHOLDER_TOKEN_ID
-    stub = types.SimpleNamespace(block_size=BS, device=torch.device("cpu"), _prompt_logprob_rows=None,
-                                 _last_sample_row={"0": 2, "1": 0}, _last_sampled=torch.tensor([11, 22, 33]),
-                                 staging=HostStaging("cpu"), host_tables=HostBlockTables())
-    out = ModelRunner._prepare_inputs(stub, sched)
-    third = sched.scheduled_requests[2]
-    assert out.input_ids.tolist() == [33, 11, third.all_token_ids[third.num_computed_tokens]]
+
+def test_worker_states_follow_the_messages():
+    """New requests once, then per-step changes: computed counts and (only when changed) whole tables;
+    finished ones are dropped with their table rows."""
+    step = make_step([3, 1], seed=5)
+    requests = step.runner.requests
+    a, b = step.states
+    fill_placeholders([a], append_placeholders([a]), [77])
+    assert a.output_token_ids == [77] and a.token_ids[-1] == 77
+    cached = CachedRequestData(req_ids=["0", "1"], num_computed_tokens=[a.num_tokens - 1, 0],
+                               block_ids=[None, [9, 8, 7]])
+    msg = ExecuteModelRequest(req_ids=["1", "0"], num_scheduled_tokens=[1, 1], total_num_scheduled_tokens=2,
+                              cached_requests=cached)
+    states = requests.update(msg)
+    assert states == [b, a] and a.num_computed_tokens == a.num_tokens - 1 and b.num_computed_tokens == 0
+    rows, lens = requests.host_tables.gather(["0", "1"])
+    assert rows[0, : lens[0]].tolist() == step.tables[0] and rows[1, : lens[1]].tolist() == [9, 8, 7]
+    requests.update(ExecuteModelRequest(finished_req_ids={"0"}))
+    assert list(requests.states) == ["1"] and "0" not in requests.host_tables._row_of
 
 
 def test_host_staging_packs_arrays_into_one_buffer_and_reuses_its_slots():

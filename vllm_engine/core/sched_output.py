@@ -1,4 +1,11 @@
-"""The messages between the scheduler and the model runner."""
+"""The messages between the scheduler and the model runner.
+
+``SchedulerOutput`` is the scheduler's own record of a step (it holds its live ``Request`` objects).
+What crosses to the workers is ``ExecuteModelRequest``: plain, picklable data. A request's data goes
+once, when the worker first sees it (``NewRequestData``); afterwards a step sends only what changed
+(``CachedRequestData``). Workers keep their own request state (``worker/request_states.py``),
+append the tokens they sample, and drop a request when it is in ``finished_req_ids``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,56 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from vllm_engine.engine.request import Request
+from vllm_engine.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the workers have not seen: everything they need to compute and sample it."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    sample_index: int  # sample i of an n > 1 request draws with seed + i
+    eos_token_ids: frozenset[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """Per-step changes of requests the workers know, one entry per request in ``req_ids`` order.
+
+    ``block_ids[i]``: the request's whole new block table when it changed (a block appended, a
+    copy-on-write replacement, a table rebuilt after preemption or swap-in), else None.
+    ``num_computed_tokens[i]`` drops back to 0 when a preempted request is recomputed.
+    """
+
+    req_ids: list[str] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    block_ids: list[Optional[list[int]]] = field(default_factory=list)
+
+
+@dataclass
+class ExecuteModelRequest:
+    """One step for the workers: run ``req_ids[i]`` over ``num_scheduled_tokens[i]`` tokens from its
+    ``num_computed_tokens``; sample it when that reaches its last token. The block copies and swaps
+    are carried out before the forward pass; ``finished_req_ids`` are forgotten first."""
+
+    req_ids: list[str] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    total_num_scheduled_tokens: int = 0
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: CachedRequestData = field(default_factory=CachedRequestData)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    finished_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
 
 
 @dataclass
@@ -36,6 +93,8 @@ class SchedulerOutput:
     num_swaps: int = 0  # swap-outs this step
     # Filled by Scheduler.advance: (index in scheduled_requests, request) of each request sampled this step.
     sampled_requests: list[tuple[int, Request]] = field(default_factory=list)
+    # What the workers get for this step (built by Scheduler.schedule).
+    execute_model_request: ExecuteModelRequest = field(default_factory=ExecuteModelRequest)
 
     @property
     def is_empty(self) -> bool:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Union
 
 from vllm_engine.core.kv_cache_manager import KVCacheManager, cdiv
-from vllm_engine.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from vllm_engine.core.sched_output import (
+    CachedRequestData, ExecuteModelRequest, ModelRunnerOutput, NewRequestData, SchedulerOutput)
 from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
 from vllm_engine.engine.request import Request, RequestStatus
 
@@ -104,6 +105,9 @@ class Scheduler:
         # Sorted by key: the last one is the first to preempt (latest arrival / worst priority).
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()
+        # The block-table list each request's table was last sent to the workers from (a request
+        # absent here is new to them; a different list object means the table was rebuilt).
+        self._sent_tables: dict[str, list[int]] = {}
         self._capped: list[Request] = []  # finished inside schedule(), reported by the next update
         self.num_preemptions_total = 0
         self.num_swaps_total = 0
@@ -154,6 +158,7 @@ class Scheduler:
         self.kv_cache_manager.free(req)
         del self.requests[req.request_id]
         del self._keys[req.request_id]
+        self._sent_tables.pop(req.request_id, None)
         self._finished_ids.add(req.request_id)
 
     # ---- the step ----------------------------------------------------------------------------
@@ -181,7 +186,42 @@ class Scheduler:
         out.changed_block_tables = kv.take_changed_tables()
         out.blocks_to_copy = kv.take_pending_copies()
         out.blocks_to_swap_in = kv.take_swap_ins()
+        out.execute_model_request = self._execute_model_request(out)
         return out
+
+    def _execute_model_request(self, out: SchedulerOutput) -> ExecuteModelRequest:
+        """The step as the workers see it: new requests in full, the others' changes only.
+
+        Runs for every request of every step on the host's critical path, so the common case (every
+        request known to the workers, few tables changed) is a few list comprehensions."""
+        reqs, tables, sent = out.scheduled_requests, out.block_tables, self._sent_tables
+        req_ids = [r.request_id for r in reqs]
+        new: list[NewRequestData] = []
+        if not sent.keys() >= set(req_ids):
+            for req, ids in zip(reqs, tables):
+                if req.request_id not in sent:
+                    new.append(NewRequestData(
+                        req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                        req.sample_index, frozenset(req.eos_token_ids), list(ids), req.num_computed_tokens))
+                    sent[req.request_id] = ids
+            new_ids = {d.req_id for d in new}
+            known = [i for i, rid in enumerate(req_ids) if rid not in new_ids]
+            reqs, tables = [reqs[i] for i in known], [tables[i] for i in known]
+        cached_ids = [r.request_id for r in reqs] if new else req_ids
+        changed = out.changed_block_tables
+        block_ids = [None if sent[rid] is ids and rid not in changed else self._resend(rid, ids)
+                     for rid, ids in zip(cached_ids, tables)]
+        return ExecuteModelRequest(
+            req_ids=req_ids, num_scheduled_tokens=out.num_scheduled_tokens,
+            total_num_scheduled_tokens=out.total_num_scheduled_tokens, new_requests=new,
+            cached_requests=CachedRequestData(cached_ids, [r.num_computed_tokens for r in reqs], block_ids),
+            blocks_to_copy=out.blocks_to_copy, blocks_to_swap_out=out.blocks_to_swap_out,
+            blocks_to_swap_in=out.blocks_to_swap_in, finished_req_ids=out.finished_request_ids)
+
+    def _resend(self, request_id: str, block_ids: list[int]) -> list[int]:
+        """A table the workers must get again (changed in place, or rebuilt): a copy of it."""
+        self._sent_tables[request_id] = block_ids
+        return list(block_ids)
 
     def _add_scheduled(self, req: Request, num_tokens: int) -> None:
         self._sched_reqs.append(req)
@@ -377,8 +417,6 @@ class Scheduler:
             req.num_computed_tokens = computed
             if caching and computed // bs > num_cached.get(req.request_id, 0):
                 kv.cache_blocks(req, computed)
-            if req.num_prompt_logprobs_done < computed:
-                req.num_prompt_logprobs_done = min(computed, len(req.prompt_token_ids) - 1)
             tokens = req.all_token_ids
             if computed < len(tokens):
                 continue  # a prompt chunk: nothing sampled

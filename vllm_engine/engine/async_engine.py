@@ -89,11 +89,16 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards _streams between the event loop(s) and the loop thread
         self._stopping = False
         self._dead_error: Optional[BaseException] = None
+        self._die_lock = threading.Lock()
         self._dead_callbacks: list[Callable[[BaseException], None]] = []
         self._thread: Optional[threading.Thread] = None
         self._live: set[str] = set()  # ids added to the engine and not finished (loop thread only)
         # Latest engine stats, refreshed on the loop thread (get_stats is not thread-safe either).
         self.last_stats = engine.get_stats()
+        # A worker rank that dies while the loop is idle (no step waiting on it) must still end the engine.
+        add_failure_callback = getattr(engine, "add_failure_callback", None)
+        if add_failure_callback is not None:
+            add_failure_callback(self._on_executor_failure)
         if start:
             self.start()
 
@@ -110,11 +115,14 @@ class AsyncEngine:
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stops the loop thread (in-flight requests are aborted)."""
+        """Stops the loop thread (in-flight requests are aborted), then the engine's worker ranks."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        engine_shutdown = getattr(self.engine, "shutdown", None)
+        if engine_shutdown is not None:
+            engine_shutdown()
 
     @property
     def is_healthy(self) -> bool:
@@ -235,7 +243,7 @@ class AsyncEngine:
     # ---- the loop thread -------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while not self._stopping:
+            while not self._stopping and self._dead_error is None:
                 self._wake.clear()
                 self._apply_commands()
                 if self.engine.has_unfinished_requests():
@@ -347,10 +355,18 @@ class AsyncEngine:
                 except concurrent.futures.InvalidStateError:
                     pass
 
+    def _on_executor_failure(self, error: BaseException) -> None:
+        """From the executor's monitor thread: a worker rank is gone."""
+        self._die(error)
+        self._wake.set()  # an idle loop wakes up and ends
+
     def _die(self, cause: BaseException) -> None:
         err = EngineDeadError(f"the engine loop crashed: {cause!r}")
         err.__cause__ = cause
-        self._dead_error = err
+        with self._die_lock:  # the loop and the executor's monitor may both report one failure
+            if self._dead_error is not None:
+                return
+            self._dead_error = err
         for fn in list(self._dead_callbacks):
             try:
                 fn(err)

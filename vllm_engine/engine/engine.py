@@ -10,12 +10,13 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from vllm_engine.config import EngineArgs, EngineConfig
 from vllm_engine.core.scheduler import Scheduler
 from vllm_engine.engine.output_processor import OutputProcessor
 from vllm_engine.engine.request import Request, RequestStatus
+from vllm_engine.executor import Executor
 from vllm_engine.outputs import RequestOutput
 from vllm_engine.sampling_params import SamplingParams, SamplingParamsError
 from vllm_engine.worker.model_runner import ModelRunner
@@ -74,8 +75,16 @@ class Engine:
         self.tokenizer = get_tokenizer(config.model) if config.model.tokenizer else None
         self.eos_token_ids = set(get_eos_token_ids(self.tokenizer, config.model.hf_config, self.generation_config))
         t0 = time.time()
-        self.model_runner = ModelRunner(config)
-        num_gpu_blocks, num_cpu_blocks = self.model_runner.initialize_kv_cache()
+        # One rank in this process, or one process per rank (under torchrun, Executor.create serves
+        # rank 0 in every other process and never returns there).
+        self.executor = Executor.create(config)
+        try:
+            num_gpu_blocks, num_cpu_blocks = self.executor.initialize()  # the minimum over ranks
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        # The in-process ModelRunner (uni; torchrun's rank 0), for tests and benchmarks; None under mp.
+        self.model_runner: Optional[ModelRunner] = self.executor.model_runner
         self.scheduler = Scheduler(config.scheduler, config.cache, num_gpu_blocks, num_cpu_blocks)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
@@ -87,6 +96,21 @@ class Engine:
                     time.time() - t0, config.model.model, config.model.architecture, config.model.dtype,
                     config.device.device, num_gpu_blocks, config.cache.block_size,
                     num_gpu_blocks * config.cache.block_size)
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stops the executor's ranks (worker processes); the engine cannot step afterwards. Idempotent."""
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.shutdown()
+
+    def add_failure_callback(self, fn: Callable[[BaseException], None]) -> None:
+        """``fn(error)`` runs (on a monitor thread) if a worker rank dies while no step waits on it."""
+        self.executor.add_failure_callback(fn)
+
+    def check_health(self) -> None:
+        """Raises if a worker rank is gone (``WorkerDiedError``)."""
+        self.executor.check_health()
 
     # ---- tokenizer helpers -------------------------------------------------------------------------
     def _require_tokenizer(self, what: str) -> Any:
@@ -249,8 +273,8 @@ class Engine:
         sched_out = self.scheduler.schedule()
         self._log_step(sched_out)
         t1 = time.perf_counter() if prof else 0.0
-        handle = self.model_runner.launch(sched_out)
-        runner_out = self.model_runner.collect(handle)
+        handle = self.executor.launch(sched_out.execute_model_request)
+        runner_out = self.executor.collect(handle)
         t2 = time.perf_counter() if prof else 0.0
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         outputs = self._process(updated, runner_out)
@@ -287,7 +311,7 @@ class Engine:
         sched_out = self.scheduler.schedule()
         self._log_step(sched_out)
         t1 = time.perf_counter() if prof else 0.0
-        handle = self.model_runner.launch(sched_out)
+        handle = self.executor.launch(sched_out.execute_model_request)
         t2 = time.perf_counter() if prof else 0.0
         if pending is not None:
             outputs += self._resolve(pending)
@@ -320,7 +344,7 @@ class Engine:
 
     def _resolve(self, pending) -> list[RequestOutput]:
         sched_out, handle = pending
-        runner_out = self.model_runner.collect(handle)
+        runner_out = self.executor.collect(handle)
         return self._process(self.scheduler.resolve(sched_out, runner_out), runner_out)
 
     def _record(self, sched_out, t0: float, t1: float, t2: float, t3: float, waited: float = 0.0) -> None:
@@ -329,8 +353,14 @@ class Engine:
         self.step_profile.append({
             "num_seqs": len(sched_out.scheduled_requests), "num_tokens": sched_out.total_num_scheduled_tokens,
             "schedule_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3,
-            "prepare_inputs_ms": self.model_runner.last_prepare_s * 1e3, "update_and_output_ms": (t3 - t2) * 1e3,
+            "prepare_inputs_ms": self._last_prepare_ms(), "update_and_output_ms": (t3 - t2) * 1e3,
             "wait_ms": waited * 1e3, "host_ms": (t3 - t0 - waited) * 1e3, "total_ms": (t3 - t0) * 1e3})
+
+    def _last_prepare_ms(self) -> float:
+        """The in-process runner's input preparation of its last step (NaN when the ranks run in
+        other processes: their time is theirs)."""
+        runner = self.model_runner
+        return runner.last_prepare_s * 1e3 if runner is not None else float("nan")
 
     def enable_step_profile(self) -> list[dict]:
         """Start recording per-step phase times; returns the (growing) list of records."""

@@ -135,6 +135,7 @@ class OutputProcessor:
                 ids = state.prompt_token_ids[start: start + len(entries)]
                 state.prompt_logprobs.extend(self._logprob_dict(tok, e) for tok, e in zip(ids, entries))
         row_of: list[Optional[dict[str, int]]] = [None]  # built on first use: only requests with logprobs need it
+        runner_failed = runner_out.failed
         for r in updated:
             pair = self._sample_of.get(r.request_id)
             if pair is None:
@@ -142,15 +143,29 @@ class OutputProcessor:
             state, sample = pair
             if sample.finished:
                 continue
-            if runner_out.failed and r.request_id in runner_out.failed:
-                failed += self._fail(state, runner_out.failed[r.request_id])
-            else:
-                try:
-                    if self._process_sample(state, sample, r, runner_out, row_of, now):
-                        stopped_by_string.append(r.request_id)
-                except Exception as e:  # noqa: BLE001 - this request's fault: end it, keep the others
-                    logger.exception("request %s failed while processing its output", state.request_id)
-                    failed += self._fail(state, f"{type(e).__name__}: {e}")
+            if runner_failed and r.request_id in runner_failed:
+                failed += self._fail(state, runner_failed[r.request_id])
+                touched[state.request_id] = state
+                continue
+            try:
+                if state.tokens_only:
+                    # The common benchmark / token-id path, inline (it runs for every request of every
+                    # step): no text work per token; offline generate builds outputs only when finished.
+                    n = r.num_output_tokens
+                    self.num_generation_tokens_total += n - sample.num_tokens_seen
+                    if sample.num_tokens_seen == 0 and n:
+                        self._first_token(state, r, now)
+                    sample.num_tokens_seen = n
+                    state.metrics.last_token_time = now
+                    if r.is_finished():
+                        sample.finish_reason, sample.stop_reason = r.get_finish_reason(), r.stop_reason
+                    elif not state.stream:
+                        continue
+                elif self._process_sample(state, sample, r, runner_out, row_of, now):
+                    stopped_by_string.append(r.request_id)
+            except Exception as e:  # noqa: BLE001 - this request's fault: end it, keep the others
+                logger.exception("request %s failed while processing its output", state.request_id)
+                failed += self._fail(state, f"{type(e).__name__}: {e}")
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
@@ -175,17 +190,7 @@ class OutputProcessor:
 
     def _process_sample(self, state: _RequestState, sample: _Sample, r: Request, runner_out: ModelRunnerOutput,
                         row_of: list[Optional[dict[str, int]]], now: float) -> bool:
-        """Takes in one sample's new tokens; True when a stop string ended it."""
-        if state.tokens_only:  # the common benchmark / token-id path: no text work per token
-            n = r.num_output_tokens
-            self.num_generation_tokens_total += n - sample.num_tokens_seen
-            if sample.num_tokens_seen == 0 and n:
-                self._first_token(state, r, now)
-            sample.num_tokens_seen = n
-            state.metrics.last_token_time = now
-            if r.is_finished():
-                sample.finish_reason, sample.stop_reason = r.get_finish_reason(), r.stop_reason
-            return False
+        """Takes in one sample's new tokens (text, logprobs, stop strings); True when a stop string ended it."""
         new_ids = r.output_token_ids[sample.num_tokens_seen:]
         sample.num_tokens_seen = r.num_output_tokens
         if new_ids:

@@ -84,8 +84,6 @@ class Request:
         self.stop_reason: Optional[int | str] = None
         # Prefix caching: hashes of this request's full blocks, filled as blocks fill up.
         self.block_hashes: list = []
-        # Prompt logprobs are reported once; this counts the prompt positions already reported.
-        self.num_prompt_logprobs_done = 0
         self.first_scheduled_time: Optional[float] = None
         # Async scheduling: the last output token may be a placeholder (PLACEHOLDER_TOKEN_ID) until the
         # step that samples it is resolved; finish_pending marks a request whose placeholder is its last token

@@ -81,26 +81,6 @@ if triton is not None:
         tl.store(Y + row * stride_y + offs, (s * u).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotary_heads(X, O, t, cos, sin, stride_xt, stride_xh, stride_ot, stride_oh, NUM_HEADS: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                      BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr):
-        """Rotates all heads of token t: [BLOCK_H, half] halves; dims >= 2 * half are copied."""
-        offs_h = tl.arange(0, BLOCK_H)[:, None]
-        offs_r = tl.arange(0, BLOCK_HALF)[None, :]
-        mask = (offs_h < NUM_HEADS) & (offs_r < HALF)
-        src = X + t * stride_xt + offs_h * stride_xh + offs_r
-        dst = O + t * stride_ot + offs_h * stride_oh + offs_r
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst, (x1 * cos - x2 * sin).to(O.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF, (x2 * cos + x1 * sin).to(O.dtype.element_ty), mask=mask)
-        if HAS_PASS:
-            offs_d = tl.arange(0, BLOCK_D)[None, :]
-            pmask = (offs_h < NUM_HEADS) & (offs_d >= 2 * HALF) & (offs_d < HEAD_DIM)
-            xp = tl.load(X + t * stride_xt + offs_h * stride_xh + offs_d, mask=pmask)
-            tl.store(O + t * stride_ot + offs_h * stride_oh + offs_d, xp, mask=pmask)
-
-    @triton.jit
     def _cos_sin(Pos, CosSin, t, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
         """cos and sin [1, BLOCK_HALF] (float32) of token t's position, from the cos | sin cache rows."""
         pos = tl.load(Pos + t).to(tl.int64)
@@ -109,21 +89,6 @@ if triton is not None:
         cos = tl.load(CosSin + pos * stride_cs + offs_r, mask=cmask, other=0.0).to(tl.float32)
         sin = tl.load(CosSin + pos * stride_cs + HALF + offs_r, mask=cmask, other=0.0).to(tl.float32)
         return cos, sin
-
-    @triton.jit
-    def _rotary_kernel(Pos, Q, K, CosSin, QO, KO, stride_cs,
-                       stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-                       NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                       BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr, PDL: tl.constexpr):
-        """One program per token: cos/sin of its position are read once for all q and k heads."""
-        t = tl.program_id(0).to(tl.int64)
-        cos, sin = _cos_sin(Pos, CosSin, t, stride_cs, HALF, BLOCK_HALF)  # metadata, constants: before the wait
-        pdl_prologue(PDL)
-        _rotary_heads(Q, QO, t, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh, NUM_Q_HEADS, HEAD_DIM,
-                      HALF, BLOCK_HQ, BLOCK_HALF, BLOCK_D, HAS_PASS)
-        _rotary_heads(K, KO, t, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh, NUM_KV_HEADS, HEAD_DIM,
-                      HALF, BLOCK_HK, BLOCK_HALF, BLOCK_D, HAS_PASS)
 
     @triton.jit
     def _head_group(Src, t, stride_t, cos, sin, NormW, eps, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -249,21 +214,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return triton_silu_and_mul(x) if _use_triton(x) else _act.silu_and_mul(x)
 
 
-def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-           rotary_dim: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary embedding, as RotaryEmbedding.forward.
-
-    positions: int [T]; q: [T, num_heads, head_dim]; k: [T, num_kv_heads, head_dim] (views with a
-    contiguous last dim are fine); cos_sin_cache: float32 [max_position, rotary_dim] = cos | sin.
-    Returns new contiguous (q_rot, k_rot); dims past ``rotary_dim`` pass through unchanged.
-    """
-    if _use_triton(q):
-        return triton_rotary(positions, q, k, cos_sin_cache, rotary_dim)
-    rotary_dim = rotary_dim or q.shape[-1]
-    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
-    return _rot.apply_rotary(q, cos, sin, rotary_dim), _rot.apply_rotary(k, cos, sin, rotary_dim)
-
-
 def qkv_rope_cache(positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
                    cos_sin_cache: torch.Tensor, rotary_dim: Optional[int], q_norm_weight: Optional[torch.Tensor],
                    k_norm_weight: Optional[torch.Tensor], eps: float, kv_cache: torch.Tensor,
@@ -354,25 +304,3 @@ def triton_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
             x2, y, x2.stride(0), y.stride(0), D=d, BLOCK=block, num_warps=_warps(block), **pdl.launch_args(x.device))
     return y.view(*x.shape[:-1], d)
-
-
-def triton_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-                  rotary_dim: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    head_dim = q.shape[-1]
-    rotary_dim = rotary_dim or head_dim
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
-        raise ValueError("rotary needs a contiguous last dim for q, k and cos_sin_cache")
-    num_tokens, num_q_heads, _ = q.shape
-    num_kv_heads = k.shape[1]
-    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    half = rotary_dim // 2
-    if num_tokens > 0:
-        _rotary_kernel[(num_tokens,)](
-            positions, q, k, cos_sin_cache, qo, ko, cos_sin_cache.stride(0),
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
-            NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
-            BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-            BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
-            HAS_PASS=rotary_dim < head_dim, num_warps=4, **pdl.launch_args(q.device))
-    return qo, ko

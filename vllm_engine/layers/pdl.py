@@ -30,9 +30,10 @@ and with a Triton that lacks the ``gdc`` intrinsics.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from vllm_engine import envs
 
 try:
     import triton
@@ -50,9 +51,7 @@ def _device_supports(index: int) -> bool:
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels launched for ``device`` use PDL (see the module docstring)."""
-    if gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if os.environ.get("VLLM_ENGINE_PDL", "1") == "0":
+    if gdc_wait is None or device.type != "cuda" or envs.triton_interpret() or not envs.pdl_enabled():
         return False
     return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -67,6 +67,11 @@ def apply_rotary(
 
 
 class RotaryEmbedding(nn.Module):
+    """The cos | sin table ``cos_sin_cache`` [max_position, rotary_dim] (float32) of ``rotary_dim``
+    dims per head (the rest pass through). One per model, shared by every layer's ``Attention``,
+    whose fused pass (``fused_ops.qkv_rope_cache``) applies it; ``apply_rotary`` above is the torch
+    computation."""
+
     def __init__(
         self,
         head_dim: int,
@@ -84,14 +89,6 @@ class RotaryEmbedding(nn.Module):
         # [max_position, rotary_dim]: cos | sin; non-persistent so state_dict stays HF-shaped.
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] int64; query: [T, heads, head_dim]; key: [T, kv_heads, head_dim]."""
-        cos_sin = self.cos_sin_cache.index_select(0, positions)
-        cos, sin = cos_sin.chunk(2, dim=-1)
-        return apply_rotary(query, cos, sin, self.rotary_dim), apply_rotary(key, cos, sin, self.rotary_dim)
-
     def _apply(self, fn, recurse=True):
         # Keep the cache in float32 when the model is cast to a 16-bit dtype.
         cache = self.cos_sin_cache
@@ -99,3 +96,24 @@ class RotaryEmbedding(nn.Module):
         if self.cos_sin_cache.dtype != torch.float32:
             self.cos_sin_cache = cache.to(self.cos_sin_cache.device, torch.float32)
         return out
+
+
+def rope_params(config: Any) -> tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling or None) from a transformers 4.x (rope_theta/rope_scaling) or 5.x
+    (rope_parameters) config."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        kind = params.get("rope_type", params.get("type", "default"))
+        return theta, (None if kind in (None, "default") else dict(params))
+    theta = float(getattr(config, "rope_theta", None) or 10000.0)
+    scaling = getattr(config, "rope_scaling", None) or None
+    return theta, scaling
+
+
+def get_rope(config: Any, head_dim: int, max_position: int) -> RotaryEmbedding:
+    """The rotary embedding an HF config describes (theta, scaling, ``partial_rotary_factor``): one
+    cos/sin cache, shared by every layer."""
+    theta, scaling = rope_params(config)
+    rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    return RotaryEmbedding(head_dim, max_position, theta, scaling, rotary_dim)

@@ -1,4 +1,6 @@
-"""Linear layers on the GPU: cuBLAS, or a Triton kernel where that measures faster for the shape.
+"""The unquantized linear kernels on the GPU: cuBLAS, or a Triton kernel where that measures faster.
+
+(The linear *layers* are in layers/linear.py; quantization/unquantized.py calls the picker below.)
 
 A decode step multiplies a few hundred rows at most by each weight matrix. At 1-4 rows the work is a
 GEMV that streams the weights once; at 8-256 rows a small GEMM whose tiles are too few to fill an
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import statistics
 from typing import Callable, Optional
 
@@ -29,6 +30,7 @@ try:
 except ImportError:  # CPU-only installs: F.linear serves every call
     triton = None
 
+from vllm_engine import envs
 from vllm_engine.layers import pdl
 
 logger = logging.getLogger(__name__)
@@ -42,10 +44,6 @@ GEMV_CONFIGS = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 3), 
                 (16, 256, 8, 4), (32, 256, 8, 3), (4, 1024, 4, 2), (8, 1024, 8, 2)]
 GEMM_CONFIGS = [(16, 64, 128, 4, 5), (32, 64, 128, 4, 4), (64, 32, 128, 4, 4), (64, 64, 64, 4, 4), (64, 64, 128, 4, 3),
                 (64, 128, 64, 4, 4), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)]
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
@@ -173,12 +171,10 @@ def _checked_out(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, t
     return x, torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
 
 
-GEMV_PREFETCH = os.environ.get("VLLM_ENGINE_GEMV_PREFETCH", "1") != "0"  # =0: an A/B switch for benchmarks
-
-
 def _gemv_pdl_args(device: torch.device) -> dict:
+    """PDL launch arguments; with PDL the first weight tile is prefetched before the wait."""
     args = pdl.launch_args(device)
-    return dict(args, PREFETCH=args["PDL"] and GEMV_PREFETCH)
+    return dict(args, PREFETCH=args["PDL"])
 
 
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor,
@@ -244,7 +240,7 @@ def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     (m, k), n = x.shape, y.shape[1]
     if m == 0:
         return y
-    dot_f32 = x.dtype == torch.bfloat16 and _interpreted()  # the interpreter's bf16 dot is wrong
+    dot_f32 = x.dtype == torch.bfloat16 and envs.triton_interpret()  # the interpreter's bf16 dot is wrong
     block_m, block_n, block_k, warps, stages = config
     _matmul_kernel_impl[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
@@ -311,10 +307,8 @@ class LinearPicker:
     GEMM_TIMING = ("write", 0.05)
 
     def __init__(self, margin: Optional[float] = None,
-                 timer: Optional[Callable[..., float]] = None, max_rows: int = MAX_ROWS,
-                 gemv_margin: Optional[float] = None) -> None:
+                 timer: Optional[Callable[..., float]] = None, max_rows: int = MAX_ROWS) -> None:
         self.margin = margin  # None: the kind's own (GEMV_TIMING / GEMM_TIMING)
-        self.gemv_margin = gemv_margin  # overrides the margin at <= GEMV_MAX_ROWS rows
         self.timer = timer or cuda_time_s
         self.max_rows = max_rows
         self.decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
@@ -348,8 +342,6 @@ class LinearPicker:
             if torch.cuda.is_current_stream_capturing():  # never time inside a graph capture
                 return F.linear(x, weight, bias)
             flush, margin = self.timing(m)
-            if m <= GEMV_MAX_ROWS and self.gemv_margin is not None:
-                margin = self.gemv_margin
             decided = self.decide(key, self.candidates(m), x, weight, bias, flush=flush, margin=margin)
         return self._fns[key](x, weight, bias)
 

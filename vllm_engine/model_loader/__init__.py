@@ -11,6 +11,7 @@ from torch import nn
 
 from vllm_engine.attention.backend import AttentionBackend
 from vllm_engine.models.registry import get_model_class
+from vllm_engine.quantization import get_quant_config
 
 logger = logging.getLogger(__name__)
 
@@ -19,18 +20,19 @@ def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBa
     """The model of ``model_config`` on ``device`` in ``model_config.dtype``, weights loaded, in eval mode.
 
     Parameters are allocated once, directly on the device (no meta -> CPU -> device round trip), and
-    filled in place: dummy weights are drawn on the device; checkpoint tensors are read one at a time.
+    filled in place, each with this rank's slice (``vllm_engine.distributed``: the tensor-parallel rank
+    and pipeline stage of this process): dummy weights are drawn on the device; checkpoint tensors are
+    read one at a time. Then each layer's quant method processes its weights.
     """
-    from vllm_engine.models.llama import get_ops
-
     device = torch.device(device)
     hf_config = model_config.hf_config
     cls = get_model_class(model_config.architecture)
     max_position = model_config.max_model_len  # no position reaches it: the cos/sin cache stops there
+    quant_config = get_quant_config(hf_config, device)  # one for the whole model: one linear picker
     t0 = time.perf_counter()
     with torch.device(device):
         model = cls(hf_config, attn_backend, max_position=max_position, dtype=model_config.dtype,
-                    ops=get_ops(device))
+                    quant_config=quant_config)
     load_format = model_config.load_format
     if load_format == "dummy":
         from vllm_engine.model_loader.weights import init_dummy_weights
@@ -47,6 +49,7 @@ def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBa
         _load(model, iter_gguf_weights(path, hf_config, device, model_config.dtype), path)
     else:
         raise ValueError(f"Unknown load_format {load_format!r}; expected safetensors, gguf or dummy.")
+    process_weights_after_loading(model)
     logger.info("loaded %s (%s weights, %.0fM parameters) in %.2fs", model_config.architecture, load_format,
                 sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - t0)
     return model.eval()
@@ -58,18 +61,18 @@ def _load(model: nn.Module, weights: Any, source: str) -> None:
         loaded = model.load_weights(weights)
     missing = sorted(model.expected_weights() - loaded)
     if missing:
-        shown = ", ".join(_hf_spelling(m) for m in missing[:8])
+        shown = ", ".join(missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise ValueError(f"Checkpoint {source} lacks {len(missing)} tensor(s) the model needs: {shown}{more}.")
 
 
-def _hf_spelling(name: str) -> str:
-    """``...qkv_proj.weight#k`` -> ``...k_proj.weight`` (the name the checkpoint should have had)."""
-    if "#" not in name:
-        return name
-    base, shard = name.split("#")
-    hf = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj"}[shard]
-    return base.replace("qkv_proj", hf).replace("gate_up_proj", hf)
+@torch.no_grad()
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Each layer's quant method, once, after its weights were loaded (repacking for a kernel...)."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
-__all__ = ["get_model"]
+__all__ = ["get_model", "process_weights_after_loading"]

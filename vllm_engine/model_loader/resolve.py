@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from vllm_engine import envs
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -49,8 +51,8 @@ class ResolvedModel:
 
 def cache_dir() -> Path:
     """$VLLM_ENGINE_CACHE_DIR, else $XDG_CACHE_HOME/vllm-engine, else ~/.cache/vllm-engine."""
-    if os.environ.get("VLLM_ENGINE_CACHE_DIR"):
-        return Path(os.environ["VLLM_ENGINE_CACHE_DIR"])
+    if envs.cache_dir():
+        return Path(envs.cache_dir())
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "vllm-engine"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -85,19 +86,40 @@ def is_norm_param(name: str) -> bool:
     return name.endswith("norm.weight")
 
 
+def _dummy_seed(seed: int, name: str, shard_id: object) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{name}#{shard_id}".encode())) % (1 << 63)
+
+
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
-    """Random normal(0, std) weights (norm gains 1), in place on the parameters' own device and dtype
-    (no host round trip: fast for an 8B model on a GPU), reproducible for a given seed and device."""
-    params = list(model.named_parameters())
-    if not params:
-        return
-    gen = torch.Generator(device=params[0][1].device)
-    gen.manual_seed(seed)
-    for name, p in params:
+    """Random normal(0, std) weights (norm gains 1), drawn in place on the parameters' own device and
+    dtype (no host round trip: fast for an 8B model on a GPU), reproducible for a given seed and device.
+
+    Each checkpoint tensor a parameter is loaded from (``layers.utils.checkpoint_shapes``: a fused
+    q | k | v has three) is drawn whole from a generator seeded by (seed, parameter name, shard), and
+    the parameter's ``weight_loader`` keeps this rank's slice: every tensor-parallel rank and pipeline
+    stage holds its part of the same weights as a single GPU would (the same device type)."""
+    from vllm_engine.layers.utils import checkpoint_shapes, default_weight_loader
+
+    gen: Optional[torch.Generator] = None
+    for name, p in model.named_parameters():
         if is_norm_param(name):
             p.fill_(1.0)
-        elif p.is_floating_point():
-            p.normal_(0.0, std, generator=gen)
-        else:
+            continue
+        if not p.is_floating_point():
             p.zero_()
+            continue
+        if gen is None or gen.device != p.device:
+            gen = torch.Generator(device=p.device)
+        loader = getattr(p, "weight_loader", default_weight_loader)
+        name = getattr(p, "checkpoint_name", name)  # a tied LM head on another stage: the embedding's weights
+        for shard_id, shape in checkpoint_shapes(p).items():
+            gen.manual_seed(_dummy_seed(seed, name, shard_id))
+            if shard_id is None and tuple(shape) == tuple(p.shape):
+                p.normal_(0.0, std, generator=gen)  # the whole tensor: drawn in place
+                continue
+            full = torch.empty(shape, dtype=p.dtype, device=p.device).normal_(0.0, std, generator=gen)
+            if shard_id is None:
+                loader(p, full)
+            else:
+                loader(p, full, shard_id)

@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vllm_engine import envs
 from vllm_engine.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from vllm_engine.serving import openapi as oas
 from vllm_engine.serving.metrics import ServerMetrics
@@ -434,12 +435,10 @@ def create_api_server(model: Optional[str] = None, *, chat_template: Optional[st
     ``Authorization: Bearer <key>`` (default: $VLLM_ENGINE_API_KEY if set).
     ``trust_request_chat_template``: accept a ``chat_template`` field in chat requests.
     """
-    import os
-
     from vllm_engine.engine.engine import Engine
 
     engine = Engine(model=model, **engine_kwargs)
     async_engine = AsyncEngine(engine)
-    api_key = api_key if api_key is not None else os.environ.get("VLLM_ENGINE_API_KEY") or None
+    api_key = api_key if api_key is not None else envs.api_key()
     return create_app(async_engine, chat_template=chat_template, api_key=api_key, owns_engine=True,
                       trust_request_chat_template=trust_request_chat_template)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from vllm_engine import envs
 from vllm_engine.config import EngineArgs
 
 logger = logging.getLogger("vllm_engine.serving")
@@ -26,7 +26,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "SmolLM2-135M-Instruct. Same as --model.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
-    parser.add_argument("--api-key", default=os.environ.get("VLLM_ENGINE_API_KEY") or None,
+    parser.add_argument("--api-key", default=envs.api_key(),
                         help="Require `Authorization: Bearer KEY` (default: $VLLM_ENGINE_API_KEY). "
                              "/health and /metrics stay open.")
     parser.add_argument("--chat-template", default=None, metavar="FILE",

@@ -1,8 +1,13 @@
 """The KV cache tensors: how many blocks, where they live, and the block copies the scheduler asks for.
 
-One tensor per layer, ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (0: keys, 1: values),
-all views into one allocation so a block id means the same slot range in every layer.
-The CPU swap space (for ``--preemption-mode swap``) has the same layout in pinned host memory.
+One tensor per layer of this rank's pipeline stage, ``[2, num_blocks, block_size, num_kv_heads,
+head_dim]`` (0: keys, 1: values; this rank's KV heads), all views into one allocation so a block id
+means the same slot range in every layer. The CPU swap space (for ``--preemption-mode swap``) has the
+same layout in pinned host memory.
+
+Sizing and allocation are two steps (``determine_num_blocks``, ``KVCache.allocate``) because with
+several ranks the scheduler's one block pool must fit on every rank: the executor allocates the
+minimum over ranks.
 """
 
 from __future__ import annotations
@@ -20,11 +25,44 @@ logger = logging.getLogger(__name__)
 GiB = 2**30
 
 
-def kv_bytes_per_block(config: EngineConfig) -> int:
-    """Bytes one block takes across all layers (keys and values)."""
-    m = config.model
-    elem = torch.empty((), dtype=m.dtype).element_size()
-    return 2 * config.cache.block_size * m.num_kv_heads * m.head_dim * elem * m.num_layers
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one rank caches per block: its stage's layers, its share of the KV heads."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes across this rank's layers (keys and values)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * elem * self.num_layers
+
+
+def determine_num_blocks(config: EngineConfig, spec: KVCacheSpec,
+                         profile_free_memory: Callable[[], int]) -> tuple[int, int]:
+    """(num_gpu_blocks, num_cpu_blocks) that fit on this rank: the override, the profiled GPU budget,
+    or the CPU space setting; CPU swap blocks from ``swap_space``. May be < 1 (too little memory:
+    ``KVCache.allocate`` says so once the ranks agreed on a number).
+
+    ``profile_free_memory`` is only called on CUDA: it runs a warm-up forward at the largest batch
+    and returns the bytes left for KV blocks.
+    """
+    c, s = config.cache, config.scheduler
+    per_block = spec.bytes_per_block
+    if c.num_gpu_blocks_override is not None:
+        num_blocks = c.num_gpu_blocks_override
+    elif config.device.device.type == "cuda":
+        num_blocks = profile_free_memory() // per_block
+    else:
+        num_blocks = int(c.cpu_kv_cache_space_gib * GiB) // per_block
+        # On the CPU, never allocate more than every sequence at full length could use.
+        num_blocks = min(num_blocks, -(-config.model.max_model_len // c.block_size) * s.max_num_seqs)
+    num_cpu_blocks = int(c.swap_space_gib * GiB) // per_block if s.preemption_mode == "swap" else 0
+    return num_blocks, num_cpu_blocks
 
 
 def _split_layers(buf: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
@@ -33,31 +71,20 @@ def _split_layers(buf: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
 
 @dataclass
 class KVCache:
-    gpu_caches: list[torch.Tensor]  # per layer [2, num_blocks, block_size, num_kv_heads, head_dim], on the device
+    gpu_caches: list[torch.Tensor]  # per stage layer [2, num_blocks, block_size, num_kv_heads, head_dim]
     cpu_caches: list[torch.Tensor]  # same layout, host (pinned when the device is CUDA); empty without swap space
     num_blocks: int
     num_cpu_blocks: int
     block_size: int
 
     @classmethod
-    def create(cls, config: EngineConfig, profile_free_memory: Callable[[], int]) -> "KVCache":
-        """Sizes the cache (override, profiled GPU budget, or the CPU space setting) and allocates it.
-
-        ``profile_free_memory`` is only called on CUDA: it runs a warm-up forward at the largest batch
-        and returns the bytes left for KV blocks.
-        """
-        m, c, s = config.model, config.cache, config.scheduler
-        device = config.device.device
-        per_block = kv_bytes_per_block(config)
+    def allocate(cls, config: EngineConfig, spec: KVCacheSpec, num_blocks: int, num_cpu_blocks: int,
+                 device: torch.device) -> "KVCache":
+        """``num_blocks`` blocks on ``device`` and ``num_cpu_blocks`` swap blocks on the host (pinned
+        with CUDA); ValueError when fewer than one block fits."""
+        c, m = config.cache, config.model
+        per_block = spec.bytes_per_block
         blocks_per_seq = -(-m.max_model_len // c.block_size)
-        if c.num_gpu_blocks_override is not None:
-            num_blocks = c.num_gpu_blocks_override
-        elif device.type == "cuda":
-            num_blocks = profile_free_memory() // per_block
-        else:
-            num_blocks = int(c.cpu_kv_cache_space_gib * GiB) // per_block
-            # On the CPU, never allocate more than every sequence at full length could use.
-            num_blocks = min(num_blocks, blocks_per_seq * s.max_num_seqs)
         if num_blocks < 1:
             raise ValueError(
                 f"No memory left for the KV cache (one block needs {per_block / 2**20:.1f} MiB): lower "
@@ -66,20 +93,18 @@ class KVCache:
         if num_blocks < blocks_per_seq:
             logger.warning("the KV cache holds %d tokens, less than max_model_len=%d: long requests will be rejected",
                            num_blocks * c.block_size, m.max_model_len)
-        num_cpu_blocks = int(c.swap_space_gib * GiB) // per_block if s.preemption_mode == "swap" else 0
-
-        shape = (m.num_layers, 2, num_blocks, c.block_size, m.num_kv_heads, m.head_dim)
-        gpu = torch.zeros(shape, dtype=m.dtype, device=device)
+        layout = (spec.num_layers, 2)
+        block = (spec.block_size, spec.num_kv_heads, spec.head_dim)
+        gpu = torch.zeros(*layout, num_blocks, *block, dtype=spec.dtype, device=device)
         cpu_list: list[torch.Tensor] = []
         if num_cpu_blocks:
-            cpu_shape = (m.num_layers, 2, num_cpu_blocks, c.block_size, m.num_kv_heads, m.head_dim)
-            cpu = torch.zeros(cpu_shape, dtype=m.dtype, pin_memory=device.type == "cuda")
-            cpu_list = _split_layers(cpu, m.num_layers)
+            cpu = torch.zeros(*layout, num_cpu_blocks, *block, dtype=spec.dtype, pin_memory=device.type == "cuda")
+            cpu_list = _split_layers(cpu, spec.num_layers)
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB), max concurrency at max_model_len=%d: %.1fx; "
             "CPU swap blocks: %d", num_blocks, c.block_size, num_blocks * c.block_size, num_blocks * per_block / GiB,
             m.max_model_len, num_blocks / blocks_per_seq, num_cpu_blocks)
-        return cls(_split_layers(gpu, m.num_layers), cpu_list, num_blocks, num_cpu_blocks, c.block_size)
+        return cls(_split_layers(gpu, spec.num_layers), cpu_list, num_blocks, num_cpu_blocks, c.block_size)
 
     # ---- block moves, done before the step's forward pass ------------------------------------------
     def _index(self, ids: list[int], device: torch.device) -> torch.Tensor:

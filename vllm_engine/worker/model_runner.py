@@ -1,6 +1,7 @@
 """ModelRunner: owns the device state (weights, KV cache, per-request generators) and runs one step.
 
-Turns a ``SchedulerOutput`` (requests and token counts) into flat batch tensors, runs the model,
+Takes an ``ExecuteModelRequest`` (the scheduler's step as plain data), updates its own request
+states from it (``worker/request_states.py``), turns them into flat batch tensors, runs the model,
 samples, and returns a ``ModelRunnerOutput`` (token ids and logprobs: plain Python values).
 """
 
@@ -16,11 +17,16 @@ import torch
 
 from vllm_engine.attention.backend import AttentionMetadata, get_attn_backend
 from vllm_engine.config import EngineConfig
-from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
-from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID, Request
+from vllm_engine.core.sched_output import ExecuteModelRequest, ModelRunnerOutput, SampledLogprobs
+from vllm_engine.distributed import IntermediateTensors, get_pp_group, get_tp_group
+from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
+from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
+from vllm_engine.quantization import linear_picker
 from vllm_engine.worker.block_tables import HostBlockTables
-from vllm_engine.worker.kv_cache import KVCache
+from vllm_engine.worker.kv_cache import KVCache, KVCacheSpec, determine_num_blocks
+from vllm_engine.worker.request_states import (
+    CachedRequestState, RequestStates, append_placeholders, fill_placeholders)
 from vllm_engine.worker.staging import HostStaging
 
 logger = logging.getLogger(__name__)
@@ -43,7 +49,7 @@ class StepInputs:
     attn_metadata: AttentionMetadata
     sample_rows: list[int]  # flat row whose logits are sampled, one per sampled request
     sample_rows_dev: torch.Tensor  # the same rows, int64 on the device
-    sample_req_indices: list[int]  # index into scheduled_requests of each sampled row
+    sample_req_indices: list[int]  # index into the step's req_ids of each sampled row
     prompt_logprob_rows: list[_PromptLogprobRows]
 
 
@@ -59,11 +65,13 @@ class ModelRunner:
         torch.manual_seed(config.model.seed)
         self.attn_backend = get_attn_backend(self.device, config.device.attention_backend)
         self.model = get_model(config.model, self.device, self.attn_backend)
+        # This process's place in the parallel layout, as the model was built for it.
+        self.tp_group, self.pp_group = get_tp_group(), get_pp_group()
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
         self.staging = HostStaging(self.device, slots=8)  # a step's inputs, sampling arrays: a copy each
-        self.host_tables = HostBlockTables(-(-config.model.max_model_len // self.block_size),
-                                           rows=config.scheduler.max_num_seqs)
+        self.requests = RequestStates(HostBlockTables(-(-config.model.max_model_len // self.block_size),
+                                                      rows=config.scheduler.max_num_seqs))
         self.kv_cache: Optional[KVCache] = None
         self.graph_runner = None  # CUDAGraphRunner for decode-only steps (CUDA, unless enforce_eager)
         self.generators: dict[str, torch.Generator] = {}
@@ -78,9 +86,31 @@ class ModelRunner:
 
     # ---- KV cache ------------------------------------------------------------------------------
     def initialize_kv_cache(self) -> tuple[int, int]:
-        """Sizes and allocates the KV cache; returns (num_gpu_blocks, num_cpu_blocks)."""
-        self.kv_cache = KVCache.create(self.config, self._profile_free_memory)
-        if self.device.type == "cuda" and not self.config.device.enforce_eager:
+        """Sizes and allocates the KV cache (one rank: no agreement needed); returns
+        (num_gpu_blocks, num_cpu_blocks)."""
+        num_blocks = self.determine_num_blocks()
+        self.initialize_cache(*num_blocks)
+        return num_blocks
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """This rank's share of the KV cache, read from the model as built: the attention layers of
+        its pipeline stage, with its tensor-parallel share of the KV heads."""
+        attn = [m for m in self.model.modules() if isinstance(m, Attention)]
+        if not attn:
+            raise ValueError(f"{type(self.model).__name__} has no attention layer on this rank")
+        return KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, self.block_size, self.dtype)
+
+    def determine_num_blocks(self) -> tuple[int, int]:
+        """(num_gpu_blocks, num_cpu_blocks) that fit on this rank (on CUDA: after a profiling forward).
+        With several ranks the executor passes the minimum over ranks to ``initialize_cache``."""
+        return determine_num_blocks(self.config, self.kv_cache_spec(), self._profile_free_memory)
+
+    def initialize_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        """Allocates the KV cache, then what depends on it: CUDA graphs and kernel warm-ups."""
+        self.kv_cache = KVCache.allocate(self.config, self.kv_cache_spec(), num_gpu_blocks, num_cpu_blocks,
+                                         self.device)
+        if self.device.type == "cuda" and not self.config.device.enforce_eager and self.pp_group.world_size == 1:
+            # A pipeline stage's graph would need the previous stage's hidden states as inputs: eager for now.
             from vllm_engine.worker.cuda_graphs import CUDAGraphRunner
 
             self.graph_runner = CUDAGraphRunner(
@@ -90,16 +120,15 @@ class ModelRunner:
             self.graph_runner.capture()
         if self.device.type == "cuda" and hasattr(self.attn_backend, "warmup"):
             t0 = time.perf_counter()
-            n = self.attn_backend.warmup(self.kv_cache.gpu_caches[0], self.model_config.num_heads,
-                                         self.model_config.max_model_len)
+            num_heads = self.model_config.num_heads // self.tp_group.world_size  # this rank's query heads
+            n = self.attn_backend.warmup(self.kv_cache.gpu_caches[0], num_heads, self.model_config.max_model_len)
             torch.cuda.synchronize()
             logger.info("attention kernels warmed up for eager steps (%d variants) in %.1fs",
                         n, time.perf_counter() - t0)
-        picker = getattr(getattr(self.model, "ops", None), "linear", None)
-        if hasattr(picker, "summary"):  # layers.linear.LinearPicker: which kernel each shape got
+        picker = linear_picker(self.model)
+        if picker is not None and self.pp_group.is_last_rank:  # layers.triton_linear.LinearPicker
             self._warm_lm_head()
             logger.info("%s", picker.summary())
-        return self.kv_cache.num_blocks, self.kv_cache.num_cpu_blocks
 
     @torch.inference_mode()
     def _warm_lm_head(self) -> None:
@@ -128,12 +157,20 @@ class ModelRunner:
         meta, num_blocks = _dummy_prefill_metadata(n, self.model_config.max_model_len, self.block_size, self.device)
         pos = torch.cat([torch.arange(l, device=self.device) for l in meta.seq_lens_cpu])
         # One layer's worth of cache, shared by every layer: enough to run the warm-up, small next to the budget.
-        cache = torch.zeros(2, num_blocks, self.block_size, self.model_config.num_kv_heads, self.model_config.head_dim,
-                            dtype=self.dtype, device=self.device)
-        caches = [cache] * self.model_config.num_layers
+        spec = self.kv_cache_spec()
+        cache = torch.zeros(2, num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim, dtype=self.dtype,
+                            device=self.device)
+        caches = [cache] * spec.num_layers
+        pp = self.pp_group
         with torch.inference_mode():
-            hidden = self.model(ids, pos, caches, meta)
-            self.model.compute_logits(hidden[: self.config.scheduler.max_num_seqs])
+            # A later pipeline stage starts from hidden states (zeros here: no other stage takes part).
+            hidden_size = self.model_config.hf_config.hidden_size
+            stage_input = None if pp.is_first_rank else IntermediateTensors(
+                torch.zeros(n, hidden_size, dtype=self.dtype, device=self.device),
+                torch.zeros(n, hidden_size, dtype=self.dtype, device=self.device))
+            hidden = self.model(ids, pos, caches, meta, stage_input)
+            if pp.is_last_rank:
+                self.model.compute_logits(hidden[: self.config.scheduler.max_num_seqs])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - cache.numel() * cache.element_size()
         del hidden, caches, cache
@@ -147,50 +184,54 @@ class ModelRunner:
         return int(budget)
 
     # ---- one step ------------------------------------------------------------------------------
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, msg: ExecuteModelRequest) -> ModelRunnerOutput:
         """Runs one step and waits for its sampled tokens."""
-        return self.collect(self.launch(sched))
+        return self.collect(self.launch(msg))
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> "StepHandle":
+    def launch(self, msg: ExecuteModelRequest) -> "StepHandle":
         """Queues one step on the device (forward and sampling) without waiting for it.
 
         Input tokens that are still placeholders (sampled by the previous launch, not yet known on the
         host) are taken from that launch's sampled-token tensor on the device.
         """
         assert self.kv_cache is not None, "initialize_kv_cache() first"
-        for req_id in sched.finished_request_ids:
+        for req_id in msg.finished_req_ids:
             self.generators.pop(req_id, None)
-        self.host_tables.release(sched.finished_request_ids)
-        self.kv_cache.swap_out(sched.blocks_to_swap_out)
-        self.kv_cache.swap_in(sched.blocks_to_swap_in)
-        self.kv_cache.copy_blocks(sched.blocks_to_copy)
-        out = ModelRunnerOutput(req_ids=[r.request_id for r in sched.scheduled_requests])
+        reqs = self.requests.update(msg)
+        self.kv_cache.swap_out(msg.blocks_to_swap_out)
+        self.kv_cache.swap_in(msg.blocks_to_swap_in)
+        self.kv_cache.copy_blocks(msg.blocks_to_copy)
+        out = ModelRunnerOutput(req_ids=msg.req_ids)
         handle = StepHandle(out)
-        if sched.is_empty:
+        if msg.is_empty:
             return handle
         timed = self.gpu_timeline is not None and self.device.type == "cuda"
         if timed:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
-        inputs = self._prepare_inputs(sched)
+        inputs = self._prepare_inputs(msg, reqs)
         self.last_prepare_s = time.perf_counter() - t0
         if timed:  # the GPU reaches this after the input copies; before it, it may wait for the host
             forward = torch.cuda.Event(enable_timing=True)
             forward.record()
-        self.num_tokens_processed += sched.total_num_scheduled_tokens
+        self.num_tokens_processed += msg.total_num_scheduled_tokens
         meta = inputs.attn_metadata
         if self.graph_runner is not None and meta.is_decode_only and self.graph_runner.bucket(meta.num_seqs):
             hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, meta)
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.gpu_caches, meta)
-        out.sampled_token_ids = [None] * len(sched.scheduled_requests)
-        out.logprobs = [None] * len(sched.scheduled_requests)
+            hidden = self._forward(inputs)
+        out.sampled_token_ids = [None] * len(reqs)
+        out.logprobs = [None] * len(reqs)
+        last_stage = self.pp_group.is_last_rank
         if inputs.sample_rows:
-            self._sample(sched, inputs, hidden, handle)
-        if inputs.prompt_logprob_rows:
-            self._prompt_logprobs(sched, inputs, hidden, out)
+            if last_stage:
+                self._sample(reqs, inputs, hidden, handle)
+            if self.pp_group.world_size > 1:
+                self._share_sampled(reqs, inputs, handle)
+        if inputs.prompt_logprob_rows and last_stage:
+            self._prompt_logprobs(reqs, inputs, hidden, out)
         if timed:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -199,7 +240,8 @@ class ModelRunner:
 
     @staticmethod
     def collect(handle: "StepHandle") -> ModelRunnerOutput:
-        """Waits for a launched step: its sampled token ids, as host ints (the one sync per step)."""
+        """Waits for a launched step: its sampled token ids, as host ints (the one sync per step),
+        also written over the placeholders the launch appended to its requests' states."""
         out = handle.output
         if handle.sampled is not None:
             if handle.copied is not None:
@@ -211,19 +253,21 @@ class ModelRunner:
                 tokens = handle.sampled.tolist()
             for req_index, token in zip(handle.sample_req_indices, tokens):
                 out.sampled_token_ids[req_index] = token
+            fill_placeholders(handle.placeholder_states, handle.placeholder_index, tokens)
         return out
 
-    def _sample(self, sched: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor, handle: "StepHandle") -> None:
+    def _sample(self, states: list[CachedRequestState], inputs: StepInputs, hidden: torch.Tensor,
+                handle: "StepHandle") -> None:
         logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows_dev))
-        reqs = [sched.scheduled_requests[i] for i in inputs.sample_req_indices]
+        reqs = [states[i] for i in inputs.sample_req_indices]
         generators = {}
         for row, req in enumerate(reqs):
             if req.sampling_params.seed is not None:
                 try:
                     generators[row] = self._generator(req)
                 except Exception as e:  # noqa: BLE001 - this request's fault: the engine ends it, the batch runs
-                    logger.exception("request %s: cannot seed its generator", req.request_id)
-                    handle.output.failed[req.request_id] = f"{type(e).__name__}: {e}"
+                    logger.exception("request %s: cannot seed its generator", req.req_id)
+                    handle.output.failed[req.req_id] = f"{type(e).__name__}: {e}"
         meta = SamplingMetadata.from_requests(
             params=[r.sampling_params for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
@@ -235,7 +279,18 @@ class ModelRunner:
             staging=self.staging,
         )
         result = self.sampler(logits, meta)
-        handle.sampled = result.sampled_token_ids
+        self._keep_sampled(reqs, inputs, result.sampled_token_ids, handle)
+        out = handle.output
+        if result.logprobs is not None:
+            for row, req_index in enumerate(inputs.sample_req_indices):
+                if reqs[row].sampling_params.logprobs is not None:
+                    out.logprobs[req_index] = _trim(result.logprobs[row], reqs[row].sampling_params.logprobs)
+
+    def _keep_sampled(self, reqs: list[CachedRequestState], inputs: StepInputs, sampled: torch.Tensor,
+                      handle: "StepHandle") -> None:
+        """The step's sampled ids (``sampled``: [num sampled] int64 on the device, in the order of
+        ``reqs``) become the handle's result and the next launch's placeholder source."""
+        handle.sampled = sampled
         handle.sample_req_indices = inputs.sample_req_indices
         if self.device.type == "cuda":
             # Queue the copy to the host now: a later .tolist() would also wait for the next step,
@@ -244,37 +299,65 @@ class ModelRunner:
             handle.sampled_host.copy_(handle.sampled, non_blocking=True)
             handle.copied = torch.cuda.Event()
             handle.copied.record()
-        # The next launch reads placeholder tokens from here.
-        self._last_sampled = result.sampled_token_ids
-        self._last_sample_row = {r.request_id: row for row, r in enumerate(reqs)}
-        out = handle.output
-        if result.logprobs is not None:
-            for row, req_index in enumerate(inputs.sample_req_indices):
-                if reqs[row].sampling_params.logprobs is not None:
-                    out.logprobs[req_index] = _trim(result.logprobs[row], reqs[row].sampling_params.logprobs)
+        # The sampled tokens join their requests as placeholders, filled in by collect(); the next
+        # launch reads any it needs before then from here.
+        handle.placeholder_states, handle.placeholder_index = reqs, append_placeholders(reqs)
+        self._last_sampled = sampled
+        self._last_sample_row = {r.req_id: row for row, r in enumerate(reqs)}
 
-    def _prompt_logprobs(self, sched: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor,
+    # ---- pipeline parallelism ------------------------------------------------------------------
+    def _forward(self, inputs: StepInputs) -> Optional[torch.Tensor]:
+        """This pipeline stage's share of the forward pass: the hidden states after the final norm on
+        the last stage, None on the others. A stage after the first starts from the previous stage's
+        (hidden states, residual), [num tokens, hidden] each; a stage before the last sends its own on."""
+        meta, pp = inputs.attn_metadata, self.pp_group
+        if pp.world_size == 1:
+            return self.model(inputs.input_ids, inputs.positions, self.kv_cache.gpu_caches, meta)
+        stage_input = None
+        if not pp.is_first_rank:
+            shape = (inputs.positions.shape[0], self.model_config.hf_config.hidden_size)
+            stage_input = IntermediateTensors(pp.recv(shape, self.dtype, self.device),
+                                              pp.recv(shape, self.dtype, self.device))
+        out = self.model(inputs.input_ids, inputs.positions, self.kv_cache.gpu_caches, meta, stage_input)
+        if pp.is_last_rank:
+            return out
+        pp.send(out.hidden_states)
+        pp.send(out.residual)
+        return None
+
+    def _share_sampled(self, reqs: list[CachedRequestState], inputs: StepInputs, handle: "StepHandle") -> None:
+        """The last stage's sampled ids, broadcast to the earlier stages: every rank appends the same
+        tokens to its requests (and the first stage feeds them to the next step's embedding)."""
+        pp = self.pp_group
+        if pp.is_last_rank:
+            pp.broadcast(handle.sampled, src=pp.world_size - 1)
+            return
+        sampled = torch.empty(len(inputs.sample_rows), dtype=torch.int64, device=self.device)
+        pp.broadcast(sampled, src=pp.world_size - 1)
+        self._keep_sampled([reqs[i] for i in inputs.sample_req_indices], inputs, sampled, handle)
+
+    def _prompt_logprobs(self, states: list[CachedRequestState], inputs: StepInputs, hidden: torch.Tensor,
                          out: ModelRunnerOutput) -> None:
         for pl in inputs.prompt_logprob_rows:
-            req = sched.scheduled_requests[pl.req_index]
+            req = states[pl.req_index]
             logits = self.model.compute_logits(hidden[pl.first_row: pl.first_row + pl.num_rows])
             ids = torch.tensor(pl.next_token_ids, device=self.device)
             entries = compute_logprobs_topk(logits, ids, req.sampling_params.prompt_logprobs or 0)
-            out.prompt_logprobs[req.request_id] = list(entries)
+            out.prompt_logprobs[req.req_id] = list(entries)
 
-    def _generator(self, req: Request) -> torch.Generator:
-        gen = self.generators.get(req.request_id)
+    def _generator(self, req: CachedRequestState) -> torch.Generator:
+        gen = self.generators.get(req.req_id)
         if gen is None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(req.sampling_params.seed + req.sample_index)
-            self.generators[req.request_id] = gen
+            self.generators[req.req_id] = gen
         return gen
 
     # ---- flat batch ----------------------------------------------------------------------------
-    def _prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
-        reqs = sched.scheduled_requests
+    def _prepare_inputs(self, msg: ExecuteModelRequest, reqs: list[CachedRequestState]) -> StepInputs:
+        """The step's flat batch; ``reqs``: the scheduled requests' states, in ``msg.req_ids`` order."""
         num_seqs = len(reqs)
-        counts = np.asarray(sched.num_scheduled_tokens, dtype=np.int64)
+        counts = np.asarray(msg.num_scheduled_tokens, dtype=np.int64)
         starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=num_seqs)
         seq_lens = starts + counts
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
@@ -285,21 +368,21 @@ class ModelRunner:
         row_seq = np.repeat(np.arange(num_seqs), counts)
         positions = np.arange(total, dtype=np.int64) - np.repeat(query_start_loc[:-1], counts) + starts[row_seq]
         if total == num_seqs:  # decode-only: each sequence's one token is at its num_computed_tokens
-            token_ids = np.fromiter((r.all_token_ids[r.num_computed_tokens] for r in reqs), dtype=np.int64,
+            token_ids = np.fromiter((r.token_ids[r.num_computed_tokens] for r in reqs), dtype=np.int64,
                                     count=num_seqs)
         else:
             token_ids = np.empty(total, dtype=np.int64)
             for i, r in enumerate(reqs):
-                token_ids[query_start_loc[i]: query_start_loc[i + 1]] = r.all_token_ids[starts[i]: seq_lens[i]]
+                token_ids[query_start_loc[i]: query_start_loc[i + 1]] = r.token_ids[starts[i]: seq_lens[i]]
         placeholders = np.flatnonzero(token_ids == PLACEHOLDER_TOKEN_ID)
 
-        # Block tables: the rows kept across steps, rewritten where the scheduler changed them.
-        block_tables, _ = self.host_tables.gather(reqs, sched.block_tables, sched.changed_block_tables)
+        # Block tables: the rows kept across steps (rewritten when the scheduler sends a new table).
+        block_tables, _ = self.requests.host_tables.gather(msg.req_ids)
         bs = self.block_size
         slot_mapping = block_tables[row_seq, positions // bs].astype(np.int64) * bs + positions % bs
 
         # A request is sampled when this step reaches its last token (not for a partial prompt chunk).
-        num_tokens = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=num_seqs)
+        num_tokens = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=num_seqs)
         sampled = np.flatnonzero(seq_lens == num_tokens)
         sample_rows = query_start_loc[sampled + 1] - 1
         sample_req_indices = sampled.tolist()
@@ -313,7 +396,7 @@ class ModelRunner:
         # Everything the device needs, in one host-to-device copy (see worker/staging.py).
         # Longest first: the decode kernel starts their programs first (a shorter tail).
         order = np.argsort(-seq_lens, kind="stable").astype(np.int32)
-        src = np.fromiter((self._last_sample_row[reqs[i].request_id] for i in row_seq[placeholders]),
+        src = np.fromiter((self._last_sample_row[reqs[i].req_id] for i in row_seq[placeholders]),
                           dtype=np.int64, count=placeholders.size)
         (input_ids, positions_d, qsl_d, seq_lens_d, block_tables_d, slot_mapping_d, order_d, rows_d, ph_d,
          src_d) = self.staging.stage(token_ids, positions, query_start_loc.astype(np.int32),
@@ -346,7 +429,8 @@ class ModelRunner:
         )
 
     @staticmethod
-    def _prompt_logprob_rows(r: Request, i: int, start: int, end: int, first_row: int) -> Optional[_PromptLogprobRows]:
+    def _prompt_logprob_rows(r: CachedRequestState, i: int, start: int, end: int,
+                             first_row: int) -> Optional[_PromptLogprobRows]:
         """Rows at positions p in [start, end) with p + 1 < prompt length give logprobs of prompt token p + 1.
 
         Reported once: a request recomputed after preemption skips the positions it already reported.
@@ -355,6 +439,7 @@ class ModelRunner:
         hi = min(end, r.num_prompt_tokens - 1)
         if hi <= lo:
             return None
+        r.num_prompt_logprobs_done = hi
         return _PromptLogprobRows(i, first_row + lo - start, hi - lo, r.prompt_token_ids[lo + 1: hi + 1])
 
 
@@ -365,6 +450,9 @@ class StepHandle:
     output: ModelRunnerOutput
     sampled: Optional[torch.Tensor] = None  # [num sampled] int64 on the device
     sample_req_indices: list[int] = field(default_factory=list)
+    # The sampled requests' states and where each one's placeholder is in its token_ids, in sampled order
+    placeholder_states: list[CachedRequestState] = field(default_factory=list)
+    placeholder_index: list[int] = field(default_factory=list)
     sampled_host: Optional[torch.Tensor] = None  # pinned host copy, valid once `copied` has completed
     copied: Optional[torch.cuda.Event] = None
     wait_s: float = 0.0  # how long collect() waited for the GPU (the step profile's idle host time)

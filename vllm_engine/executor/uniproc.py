@@ -1,0 +1,35 @@
+"""The in-process executor: one rank, in the engine's process (one GPU, or the CPU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_engine.config import EngineConfig
+from vllm_engine.core.sched_output import ModelRunnerOutput
+from vllm_engine.executor.base import Executor
+from vllm_engine.worker.worker import Worker
+
+
+class UniProcExecutor(Executor):
+    """The ModelRunner of one Worker, called directly: a step costs what it cost before executors
+    existed (one more Python call; no copy, no message, no process group)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
+        self.worker = Worker(config)
+        self.model_runner = self.worker.model_runner
+
+    def initialize(self) -> tuple[int, int]:
+        return self.model_runner.initialize_kv_cache()
+
+    def launch(self, request: Any) -> Any:
+        return self.model_runner.launch(request)
+
+    def collect(self, handle: Any) -> ModelRunnerOutput:
+        return self.model_runner.collect(handle)
+
+    def execute_model(self, request: Any) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(request)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
