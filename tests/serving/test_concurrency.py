@@ -32,13 +32,17 @@ def _wait_idle(server: str, timeout: float = 20.0) -> dict[str, float]:
         time.sleep(0.05)
 
 
+NEW_TOKENS = 48
+
+
 def test_64_concurrent_streams_complete_correctly_and_show_in_metrics(server, offline):
+    # Long enough (~0.1 s batched on a fast CPU) that the metrics poller sees the requests in flight.
     prompts = [f"Request {i}: the {WORDS[i % 8]} and the {WORDS[(i * 3) % 8]}" for i in range(64)]
-    refs = offline.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    refs = offline.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
     before = _wait_idle(server)
 
     async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, list]:
-        stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+        stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
                                                   stream=True, stream_options={"include_usage": True},
                                                   extra_body={"ignore_eos": True})
         chunks = [c async for c in stream]
@@ -65,12 +69,12 @@ def test_64_concurrent_streams_complete_correctly_and_show_in_metrics(server, of
     results, seen = asyncio.run(main())
     for (text, chunks), ref in zip(results, refs):
         assert text == ref.text
-        assert chunks[-1].usage.completion_tokens == 16 and chunks[-1].usage.prompt_tokens == len(ref.prompt_token_ids)
+        assert chunks[-1].usage.completion_tokens == NEW_TOKENS and chunks[-1].usage.prompt_tokens == len(ref.prompt_token_ids)
     assert max(seen) >= 8  # many requests were in the engine at once
     after = _wait_idle(server)
     key = "vllm_engine:request_success_total{finished_reason=length}"
     assert after[key] - before.get(key, 0) == 64
-    assert after["vllm_engine:generation_tokens_total"] - before["vllm_engine:generation_tokens_total"] == 64 * 16
+    assert after["vllm_engine:generation_tokens_total"] - before["vllm_engine:generation_tokens_total"] == 64 * NEW_TOKENS
     assert after["vllm_engine:prompt_tokens_total"] - before["vllm_engine:prompt_tokens_total"] == \
         sum(len(r.prompt_token_ids) for r in refs)
     for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
@@ -78,9 +82,9 @@ def test_64_concurrent_streams_complete_correctly_and_show_in_metrics(server, of
         name = f"vllm_engine:{hist}_count"
         assert after[name] - before.get(name, 0) == 64, hist
     itl = "vllm_engine:inter_token_latency_seconds_count"
-    assert after[itl] - before.get(itl, 0) == 64 * 15
+    assert after[itl] - before.get(itl, 0) == 64 * (NEW_TOKENS - 1)
     gen = "vllm_engine:request_generation_tokens_sum"
-    assert after[gen] - before.get(gen, 0) == 64 * 16
+    assert after[gen] - before.get(gen, 0) == 64 * NEW_TOKENS
     assert 0.0 <= after["vllm_engine:kv_cache_usage_perc"] <= 1.0
 
 
