@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 5.0  # a worker gets this long to leave after Shutdown before it is terminated
 PARENT_CHECK_INTERVAL_S = 1.0  # a worker checks this often that its parent is alive
 HEALTH_POLL_S = 1.0  # a wait for a worker's answer checks the monitor's findings this often
+FAILURE_LINGER_S = 3.0  # a failed worker waits this long at most for the engine to read its report
 
 
 @dataclass
@@ -288,6 +289,9 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Any, i
         logging.getLogger(__name__).error("worker rank %d failed:\n%s", rank, tb)
         try:
             conn.send(WorkerFailure(rank, tb, _picklable(e)))
+            # Stay until the engine has read it (it then stops us) or a while has passed: exiting at
+            # once would let the monitor see a bare exit code before the engine sees the reason.
+            conn.poll(FAILURE_LINGER_S)
         except Exception:  # noqa: BLE001 - the engine may be gone too
             pass
         sys.stdout.flush()
