@@ -30,7 +30,7 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self.req_block_ids: dict[str, list[int]] = {}
         # Requests whose req_block_ids list was changed in place since take_changed_tables() (the
-        # runner keeps its copies of the tables across steps; a rebuilt table is a new list).
+        # workers keep their copies of the tables across steps; a rebuilt table is a new list).
         self.changed_tables: set[str] = set()
         # How many leading blocks of each request were already offered to the prefix cache.
         self.num_cached_blocks: dict[str, int] = {}

@@ -84,11 +84,11 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu block, cpu block)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu block, gpu block)
     preempted_requests: list[Request] = field(default_factory=list)
-    # Requests finished (or aborted) since the last step: the runner drops their per-request state.
+    # Requests finished (or aborted) since the last step: the workers drop their per-request state.
     finished_request_ids: set[str] = field(default_factory=set)
     # Requests whose block-table lists changed in place (a block appended, or replaced by its copy)
-    # since the last step; a rebuilt table is a new list. None: not tracked (the runner rereads all).
-    changed_block_tables: Optional[set[str]] = None
+    # since the last step (a rebuilt table is a new list): the workers get these tables again.
+    changed_block_tables: set[str] = field(default_factory=set)
     num_preemptions: int = 0  # this step
     num_swaps: int = 0  # swap-outs this step
     # Filled by Scheduler.advance: (index in scheduled_requests, request) of each request sampled this step.

@@ -56,8 +56,13 @@ class LinearBase(nn.Module):
         self.quant_method: LinearMethodBase = (quant_config.get_quant_method(self, prefix) if quant_config is not None
                                                else UnquantizedLinearMethod())
 
-    def _make_bias(self, size: int, output_dim: Optional[int], shapes: dict[ShardId, tuple[int, ...]]) -> None:
-        """``bias`` [size] (this rank's part), loaded from checkpoint tensors of ``shapes``."""
+    def _make_bias(self, present: bool, size: int, output_dim: Optional[int],
+                   shapes: dict[ShardId, tuple[int, ...]]) -> None:
+        """``bias`` [size] (this rank's part), loaded from checkpoint tensors of ``shapes``; None
+        when the layer has none (``present`` false)."""
+        if not present:
+            self.register_parameter("bias", None)
+            return
         bias = nn.Parameter(torch.empty(size, dtype=self.params_dtype), requires_grad=False)
         set_weight_attrs(bias, {"output_dim": output_dim, "weight_loader": self.weight_loader,
                                 "checkpoint_shapes": shapes})
@@ -79,10 +84,7 @@ class ReplicatedLinear(LinearBase):
         self.quant_method.create_weights(self, input_size, [output_size], input_size, output_size, self.params_dtype,
                                          weight_loader=self.weight_loader,
                                          checkpoint_shapes={None: (output_size, input_size)})
-        if bias:
-            self._make_bias(output_size, None, {None: (output_size,)})
-        else:
-            self.register_parameter("bias", None)
+        self._make_bias(bias, output_size, None, {None: (output_size,)})
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: ShardId = None) -> None:
         check_shape(param, loaded_weight)
@@ -109,10 +111,7 @@ class ColumnParallelLinear(LinearBase):
         self.quant_method.create_weights(self, input_size, self.output_partition_sizes, input_size, output_size,
                                          self.params_dtype, weight_loader=self.weight_loader,
                                          checkpoint_shapes=self._checkpoint_shapes((input_size,)))
-        if bias:
-            self._make_bias(self.output_size_per_partition, 0, self._checkpoint_shapes(()))
-        else:
-            self.register_parameter("bias", None)
+        self._make_bias(bias, self.output_size_per_partition, 0, self._checkpoint_shapes(()))
 
     def _partition_sizes(self) -> list[int]:
         return [divide(size, self.tp_size, f"output size of {self.prefix or type(self).__name__}")
@@ -227,10 +226,7 @@ class RowParallelLinear(LinearBase):
         self.quant_method.create_weights(self, self.input_size_per_partition, [output_size], input_size, output_size,
                                          self.params_dtype, weight_loader=self.weight_loader,
                                          checkpoint_shapes={None: (output_size, input_size)})
-        if bias:
-            self._make_bias(output_size, None, {None: (output_size,)})
-        else:
-            self.register_parameter("bias", None)
+        self._make_bias(bias, output_size, None, {None: (output_size,)})
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: ShardId = None) -> None:
         check_shape(param, loaded_weight, shard_id)
