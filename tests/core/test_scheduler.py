@@ -101,7 +101,8 @@ class FakeRunner:
             sampled.append(next_token(seen, r.sample_index))
         done = [(st, token) for st, token in zip(states, sampled) if token is not None]
         fill_placeholders([st for st, _ in done], append_placeholders([st for st, _ in done]), [t for _, t in done])
-        return ModelRunnerOutput(req_ids=[r.request_id for r in so.scheduled_requests], sampled_token_ids=sampled)
+        return ModelRunnerOutput(req_ids=[r.request_id for r in so.scheduled_requests],
+                                 sampled_token_ids=[[t] if t is not None else [] for t in sampled])
 
 
 def make(num_blocks: int = 64, budget: int = 64, max_seqs: int = 16, policy: str = "fcfs", mode: str = "recompute",
@@ -401,7 +402,8 @@ class ScriptedRunner:
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         toks = [self.script[r.request_id][r.num_output_tokens] if r.num_computed_tokens + n == r.num_tokens else None
                 for r, n in zip(so.scheduled_requests, so.num_scheduled_tokens)]
-        return ModelRunnerOutput(req_ids=[r.request_id for r in so.scheduled_requests], sampled_token_ids=toks)
+        return ModelRunnerOutput(req_ids=[r.request_id for r in so.scheduled_requests],
+                                 sampled_token_ids=[[t] if t is not None else [] for t in toks])
 
 
 def test_stop_conditions():
@@ -425,6 +427,39 @@ def test_stop_conditions():
         s.check_integrity()
     for name, (r, _, expected, reason, stop_reason) in cases.items():
         assert (r.output_token_ids, r.get_finish_reason(), r.stop_reason) == (expected, reason, stop_reason), name
+    assert s.kv_cache_manager.num_free_blocks == s.num_gpu_blocks
+
+
+def test_several_tokens_per_step_stop_at_the_first_that_ends_the_request():
+    """A step may give a request several tokens (verified proposals): they are taken in order, the
+    stop checks run after each, tokens after a stop are dropped, and the tokens not yet computed are
+    scheduled by the next step like any token past num_computed_tokens."""
+    s = make(max_model_len=64)
+    eos = {2}
+    cases = {  # prompt, max_tokens, the 3 tokens each step gives, expected output, finish reason
+        "eos": (req("eos", [5, 5], max_tokens=20), [7, 8, 9, 4, 2, 9, 9, 9, 9], [7, 8, 9, 4, 2], "stop"),
+        "max": (req("max", [5, 5, 5], max_tokens=4), [3, 4, 5, 6, 7, 8], [3, 4, 5, 6], "length"),
+        "ids": (req("ids", [5], max_tokens=20, stop_token_ids=[6]), [1, 6, 1], [1, 6], "stop"),
+    }
+    for r, *_ in cases.values():
+        r.eos_token_ids = eos
+        s.add_request(r)
+    scheduled_tokens = []
+    while s.has_unfinished_requests():
+        so = s.schedule()
+        toks = []
+        for r, n in zip(so.scheduled_requests, so.num_scheduled_tokens):
+            scheduled_tokens.append((r.request_id, n))
+            done = r.num_computed_tokens + n == r.num_tokens
+            script = cases[r.request_id][1]
+            toks.append(script[r.num_output_tokens: r.num_output_tokens + 3] if done else [])
+        s.update_from_output(so, ModelRunnerOutput(req_ids=[r.request_id for r in so.scheduled_requests],
+                                                   sampled_token_ids=toks))
+        s.check_integrity()
+    for name, (r, _, expected, reason) in cases.items():
+        assert (r.output_token_ids, r.get_finish_reason()) == (expected, reason), name
+    # After the prompt, each step computes the 3 tokens the previous step gave.
+    assert [n for rid, n in scheduled_tokens if rid == "eos"] == [2, 3]
     assert s.kv_cache_manager.num_free_blocks == s.num_gpu_blocks
 
 

@@ -20,17 +20,17 @@ class SlowEvent:
 
 
 def test_collect_measures_its_wait_for_the_copy():
-    out = ModelRunnerOutput(req_ids=["a", "b", "c"], sampled_token_ids=[None, None, None])
+    out = ModelRunnerOutput(req_ids=["a", "b", "c"], sampled_token_ids=[[], [], []])
     handle = StepHandle(output=out, sampled=torch.tensor([7, 9]), sample_req_indices=[0, 2],
                         sampled_host=torch.tensor([7, 9]), copied=SlowEvent())
-    assert ModelRunner.collect(handle).sampled_token_ids == [7, None, 9]
+    assert ModelRunner.collect(handle).sampled_token_ids == [[7], [], [9]]
     assert 0.03 <= handle.wait_s < 1.0
 
 
 def test_collect_without_a_copy_does_not_wait():
-    out = ModelRunnerOutput(req_ids=["a"], sampled_token_ids=[None])
+    out = ModelRunnerOutput(req_ids=["a"], sampled_token_ids=[[]])
     handle = StepHandle(output=out, sampled=torch.tensor([5]), sample_req_indices=[0])
-    assert ModelRunner.collect(handle).sampled_token_ids == [5] and handle.wait_s == 0.0
+    assert ModelRunner.collect(handle).sampled_token_ids == [[5]] and handle.wait_s == 0.0
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

@@ -113,12 +113,18 @@ class SampledLogprobs:
 
 @dataclass
 class ModelRunnerOutput:
-    """What one step produced, in the order of ``SchedulerOutput.scheduled_requests``."""
+    """What one step produced, in the order of ``SchedulerOutput.scheduled_requests``.
+
+    ``sampled_token_ids[i]`` and ``logprobs[i]`` are lists so that one step can give a request
+    several tokens; the scheduler takes them in order and stops at the first that ends the request.
+    """
 
     req_ids: list[str] = field(default_factory=list)
-    # The sampled token for each request, or None where this step computed a partial prefill chunk.
-    sampled_token_ids: list[Optional[int]] = field(default_factory=list)
-    logprobs: list[Optional[SampledLogprobs]] = field(default_factory=list)
+    # The tokens each request got this step, oldest first: one for a plain step, several when a
+    # step verifies proposed tokens (speculative decoding), none for a partial prompt chunk.
+    sampled_token_ids: list[list[int]] = field(default_factory=list)
+    # Their logprobs, one entry per sampled token; empty where the request asked for none.
+    logprobs: list[list[SampledLogprobs]] = field(default_factory=list)
     # request id -> per prompt position computed this step: (token id, logprob, rank, top ids, top logprobs)
     prompt_logprobs: dict[str, list[Optional[SampledLogprobs]]] = field(default_factory=dict)
     # request id -> what went wrong in that request's own part of the step (e.g. its generator's

@@ -435,9 +435,11 @@ class Scheduler:
         for i, req in sched_out.sampled_requests:
             if req.is_finished():
                 continue  # aborted or stopped meanwhile: its tokens went with it
-            token = sampled[i]
-            req.set_last_output_token(token)
-            status = self._check_stop(req, token)
+            tokens = sampled[i]
+            req.set_last_output_token(tokens[0])
+            status = self._check_stop(req, tokens[0])
+            if len(tokens) > 1 and status is None:
+                status = self._append_tokens(req, tokens)
             if status is not None:
                 if req.status == _RUNNING:
                     self._finish(req, status)
@@ -450,6 +452,17 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if r.status == _RUNNING]
         return updated
+
+    def _append_tokens(self, req: Request, tokens: list[int]) -> Optional[RequestStatus]:
+        """The tokens after the first of a step that gave several (verified proposals): appended in
+        order until one ends the request; the ones after it are dropped. They are computed (their
+        K/V written) by a later step, like any token past ``num_computed_tokens``."""
+        for token in tokens[1:]:
+            req.append_output_token_ids(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                return status
+        return None
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         params = req.sampling_params

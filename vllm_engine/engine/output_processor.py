@@ -244,12 +244,15 @@ class OutputProcessor:
 
     def _append_logprobs(self, sample: _Sample, new_ids: list[int], runner_out: ModelRunnerOutput,
                          row: Optional[int]) -> None:
-        entry = runner_out.logprobs[row] if row is not None and row < len(runner_out.logprobs) else None
-        if entry is None:
+        """The step's logprob entries, one per token it sampled, paired with the sample's newest tokens
+        (the scheduler may have kept fewer tokens than the step sampled: those up to a stop)."""
+        entries = runner_out.logprobs[row] if row is not None and row < len(runner_out.logprobs) else None
+        if not entries:
             return
-        token = new_ids[-1]
-        sample.logprobs.append(self._logprob_dict(token, entry, sample.detokenizer))
-        sample.cumulative_logprob += entry.sampled_logprob
+        n = min(len(new_ids), len(entries))
+        for token, entry in zip(new_ids[len(new_ids) - n:], entries[:n]):
+            sample.logprobs.append(self._logprob_dict(token, entry, sample.detokenizer))
+            sample.cumulative_logprob += entry.sampled_logprob
 
     def _logprob_dict(self, token: int, e: Optional[SampledLogprobs], detok: Any = None) -> Optional[dict[int, Logprob]]:
         if e is None:

@@ -222,8 +222,8 @@ class ModelRunner:
             hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, meta)
         else:
             hidden = self._forward(inputs)
-        out.sampled_token_ids = [None] * len(reqs)
-        out.logprobs = [None] * len(reqs)
+        out.sampled_token_ids = [[] for _ in reqs]
+        out.logprobs = [[] for _ in reqs]
         last_stage = self.pp_group.is_last_rank
         if inputs.sample_rows:
             if last_stage:
@@ -251,8 +251,9 @@ class ModelRunner:
                 tokens = handle.sampled_host.tolist()
             else:
                 tokens = handle.sampled.tolist()
+            sampled = out.sampled_token_ids
             for req_index, token in zip(handle.sample_req_indices, tokens):
-                out.sampled_token_ids[req_index] = token
+                sampled[req_index] = [token]
             fill_placeholders(handle.placeholder_states, handle.placeholder_index, tokens)
         return out
 
@@ -284,7 +285,7 @@ class ModelRunner:
         if result.logprobs is not None:
             for row, req_index in enumerate(inputs.sample_req_indices):
                 if reqs[row].sampling_params.logprobs is not None:
-                    out.logprobs[req_index] = _trim(result.logprobs[row], reqs[row].sampling_params.logprobs)
+                    out.logprobs[req_index] = [_trim(result.logprobs[row], reqs[row].sampling_params.logprobs)]
 
     def _keep_sampled(self, reqs: list[CachedRequestState], inputs: StepInputs, sampled: torch.Tensor,
                       handle: "StepHandle") -> None:
