@@ -373,7 +373,8 @@ def compile_sm90() -> list[dict]:
     bf, i32, i64, f32 = "*bf16", "i32", "i64", "fp32"
     attn = dict(Q=bf, KCache=bf, VCache=bf, BlockTables="*i32", SeqLens="*i32", QueryStartLoc="*i32", Out=bf,
                 scale_log2=f32, stride_qt=i32, stride_qh=i32, stride_bt=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32,
-                stride_ot=i32, stride_oh=i32, sliding_window=i32, num_seqs=i32, MidO="*fp32", MidLse="*fp32",
+                stride_ot=i32, stride_oh=i32, sliding_window=i32, cap_log2=f32, scale_over_cap=f32, num_seqs=i32,
+                MidO="*fp32", MidLse="*fp32",
                 stride_mo_s=i32, stride_mo_h=i32, stride_mo_p=i32, stride_ml_s=i32, stride_ml_h=i32, SeqOrder="*i32")
     dot = dict(DOT_PREC="tf32", DOT_F32=False)
     out = [build(K._reshape_and_cache_kernel, dict(K=bf, V=bf, KCache=bf, VCache=bf, Slots="*i64", stride_kt=i32,

@@ -13,6 +13,10 @@ A step's batch is flat ("varlen"): the new tokens of all sequences are concatena
 of its context: query row ``j`` of a sequence with ``seq_lens[i] = L`` and query length ``q`` is
 at position ``L - q + j`` and attends (causally) to keys ``0 .. L - q + j``. A decode has q == 1,
 a prefill chunk q > 1 on top of ``L - q`` cached tokens; both mix freely in one batch.
+
+Two per-layer options change which keys a query sees and how it weighs them:
+``sliding_window`` W (Mistral, Gemma 2/3 local layers): query at position p sees keys p - W + 1 .. p;
+``logits_soft_cap`` c (Gemma 2): each score s = scale * q.k becomes c * tanh(s / c) before the softmax.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class AttentionBackend(ABC):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: Optional[int] = None,
+        logits_soft_cap: Optional[float] = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
         ...
 

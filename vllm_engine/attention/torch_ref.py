@@ -49,6 +49,7 @@ class TorchAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: Optional[int] = None,
+        logits_soft_cap: Optional[float] = None,
     ) -> torch.Tensor:
         if key is not None:
             write_kv_to_cache(key, value, kv_cache, metadata.slot_mapping)
@@ -74,8 +75,11 @@ class TorchAttentionBackend(AttentionBackend):
             mask = k_pos <= q_pos
             if sliding_window is not None:
                 mask &= k_pos > q_pos - sliding_window
-            o = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), attn_mask=mask, scale=scale
-            )
+            if logits_soft_cap:
+                scores = (q.float() @ k.float().transpose(1, 2)) * scale
+                scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+                o = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v.float()
+            else:
+                o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale)
             out[qs:qe] = o.transpose(0, 1).to(out.dtype)
         return out

@@ -100,11 +100,13 @@ class TritonAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: Optional[int] = None,
+        logits_soft_cap: Optional[float] = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
         if not triton_usable(query.device):
             from vllm_engine.attention.torch_ref import TorchAttentionBackend
 
-            return TorchAttentionBackend().forward(query, key, value, kv_cache, metadata, scale, sliding_window)
+            return TorchAttentionBackend().forward(query, key, value, kv_cache, metadata, scale, sliding_window,
+                                                   logits_soft_cap)
         from vllm_engine.attention import triton_kernels as K
 
         if key is not None:
@@ -132,10 +134,10 @@ class TritonAttentionBackend(AttentionBackend):
             num_decodes = num_prefills = num_seqs
         if num_prefills:
             K.paged_attention_prefill(*common, skip_decodes=num_decodes > 0, block_m=self.prefill_block_m,
-                                      tile_n=self.tile_n)
+                                      tile_n=self.tile_n, logits_soft_cap=logits_soft_cap)
         if num_decodes:
             splits = self.decode_splits(num_decodes, num_kv_heads, metadata.max_seq_len, query.device)
             # mixed=True: sequences with q_len != 1 (prefills, or empty padding entries) are skipped.
             K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n,
-                                     seq_order=metadata.decode_order)
+                                     seq_order=metadata.decode_order, logits_soft_cap=logits_soft_cap)
         return out

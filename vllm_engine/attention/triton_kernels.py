@@ -88,12 +88,24 @@ def _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _log2_scores(qk, scale_log2, cap_log2, scale_over_cap):
+    """q.k products -> log2-scaled scores: ``qk * scale * log2(e)``, or with a soft cap c > 0 (Gemma 2;
+    ``cap_log2`` = c log2(e), ``scale_over_cap`` = scale / c) ``c tanh(scale qk / c) log2(e)``. tanh as
+    1 - 2 / (e^2x + 1): exact at both ends (e^2x overflowing to inf gives 1), no tanh in triton.language."""
+    s = qk * scale_log2
+    if cap_log2 > 0:
+        e2x = tl.math.exp2((2.0 * 1.4426950408889634) * (qk * scale_over_cap))
+        s = cap_log2 * (1.0 - 2.0 / (e2x + 1.0))
+    return s
+
+
+@triton.jit
 def _decode_kernel(
     Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out, MidO, MidLse, SeqOrder,
     scale_log2,
     stride_qt, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch, stride_ot, stride_oh,
     stride_mo_s, stride_mo_h, stride_mo_p, stride_ml_s, stride_ml_h,
-    sliding_window,
+    sliding_window, cap_log2, scale_over_cap,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr, HAS_ORDER: tl.constexpr, EARLY_V: tl.constexpr, PDL: tl.constexpr,
@@ -155,7 +167,7 @@ def _decode_kernel(
         if EARLY_V:  # V's load issued before the q.k dot waits on K: less latency, more registers
             v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
                               stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        qk = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), scale_log2, cap_log2, scale_over_cap)
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         if not EARLY_V:
             v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
@@ -226,7 +238,7 @@ def _prefill_kernel(
     Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out,
     scale_log2, num_seqs,
     stride_qt, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch, stride_ot, stride_oh,
-    sliding_window,
+    sliding_window, cap_log2, scale_over_cap,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, SKIP_DECODES: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     PDL: tl.constexpr,
@@ -283,7 +295,7 @@ def _prefill_kernel(
         nmask = toks < full_hi
         k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
                           stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        qk = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), scale_log2, cap_log2, scale_over_cap)
         v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
                           stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
@@ -292,7 +304,7 @@ def _prefill_kernel(
         nmask = toks < kv_hi
         k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
                           stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        qk = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), scale_log2, cap_log2, scale_over_cap)
         visible = (toks[None, :] <= q_pos[:, None]) & nmask[None, :]
         if sliding_window > 0:
             visible = visible & (toks[None, :] > q_pos[:, None] - sliding_window)
@@ -319,6 +331,16 @@ def _dot_args(dtype: torch.dtype) -> dict:
     triton 3.x's interpreter), so interpreted bf16 runs upcast the operands to fp32 first."""
     dot_f32 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     return dict(DOT_PREC="ieee" if dtype == torch.float32 or dot_f32 else "tf32", DOT_F32=dot_f32)
+
+
+def _soft_cap_args(scale: float, logits_soft_cap: Optional[float]) -> tuple[float, float]:
+    """(cap_log2, scale_over_cap) for ``_log2_scores``; (0, 0) without a cap. Runtime floats, not
+    constexprs: a soft-capped model compiles no extra kernel variants (warmup stays as it is)."""
+    if not logits_soft_cap:
+        return 0.0, 0.0
+    if logits_soft_cap < 0:
+        raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+    return logits_soft_cap * LOG2E, scale / logits_soft_cap
 
 
 def _check_last_dim(*tensors: torch.Tensor) -> None:
@@ -370,7 +392,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            num_seqs: int, scale: float, sliding_window: Optional[int], num_splits: int,
                            mixed: bool, tile_n: Optional[int] = None, num_warps: Optional[int] = None,
                            seq_order: Optional[torch.Tensor] = None, num_stages: int = 3,
-                           early_v: bool = False) -> None:
+                           early_v: bool = False, logits_soft_cap: Optional[float] = None) -> None:
     """Attention for the sequences with q_len == 1 (every sequence unless ``mixed``), into ``out``.
 
     ``num_splits`` (a power of 2): partitions of each context, merged by a reduce kernel when > 1.
@@ -396,7 +418,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         out.stride(0), out.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        sliding_window or 0,
+        sliding_window or 0, *_soft_cap_args(scale, logits_soft_cap),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size,
         TILE_N=tile_n, NUM_SPLITS=num_splits, MIXED=mixed, **_dot_args(kv_cache.dtype),
@@ -417,7 +439,8 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_t
                             seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor,
                             num_seqs: int, scale: float, sliding_window: Optional[int], skip_decodes: bool,
                             block_m: Optional[int] = None, tile_n: Optional[int] = None,
-                            num_warps: Optional[int] = None, num_stages: int = 2) -> None:
+                            num_warps: Optional[int] = None, num_stages: int = 2,
+                            logits_soft_cap: Optional[float] = None) -> None:
     """Causal attention for every query row of every sequence (those with q_len == 1 too unless
     ``skip_decodes``), reading K/V (cached prefix and this step's tokens) from the paged cache."""
     _check_last_dim(query, kv_cache, out)
@@ -437,7 +460,7 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_t
         query, kc, vc, block_tables, seq_lens, query_start_loc, out,
         scale * LOG2E, num_seqs,
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
-        out.stride(0), out.stride(1), sliding_window or 0,
+        out.stride(0), out.stride(1), sliding_window or 0, *_soft_cap_args(scale, logits_soft_cap),
         GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         TILE_N=tile_n, SKIP_DECODES=skip_decodes, **_dot_args(kv_cache.dtype),
         num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages, **pdl.launch_args(query.device),

@@ -4,6 +4,8 @@ to the attention output, over the paged KV cache.
 One pass (``fused_ops.qkv_rope_cache``: the Triton kernel on CUDA, composed torch ops elsewhere) does
 the optional per-head q/k RMSNorm (Qwen3), the rotary embedding and the K/V cache write; the
 backend (attention/backend.py) then attends over the cache with key/value None (already written).
+A model without rotary embeddings (GPT-2: learned positions) passes ``rotary_emb=None``: q/k/v go to
+the backend as they are, and the backend writes K/V.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from vllm_engine.layers.rotary import RotaryEmbedding
 class Attention(nn.Module):
     """``attn(positions [T], qkv [T, (num_heads + 2 num_kv_heads) * head_dim], kv_cache, attn_metadata)
     -> [T, num_heads * head_dim]``; ``kv_cache``: this layer's ``[2, blocks, block_size, num_kv_heads,
-    head_dim]``. Head counts are this rank's. ``rotary_emb`` (shared by every layer) and ``q_norm`` /
-    ``k_norm`` (owned, and named, by the model's attention module) are referenced, not registered."""
+    head_dim]``. Head counts are this rank's. ``rotary_emb`` (shared by every layer; None: no rotary)
+    and ``q_norm`` / ``k_norm`` (owned, and named, by the model's attention module) are referenced, not
+    registered. ``scale``: the score scale (default head_dim^-0.5); ``sliding_window`` and
+    ``logits_soft_cap``: see attention/backend.py."""
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, rotary_emb: RotaryEmbedding,
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, rotary_emb: Optional[RotaryEmbedding],
                  attn_backend: AttentionBackend, sliding_window: Optional[int] = None,
                  q_norm: Optional[RMSNorm] = None, k_norm: Optional[RMSNorm] = None,
-                 scale: Optional[float] = None) -> None:
+                 scale: Optional[float] = None, logits_soft_cap: Optional[float] = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -36,9 +40,12 @@ class Attention(nn.Module):
         self.q_size = num_heads * head_dim
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap or None
         self.attn_backend = attn_backend
         if (q_norm is None) != (k_norm is None):
             raise ValueError("q_norm and k_norm go together")
+        if rotary_emb is None and q_norm is not None:
+            raise ValueError("q/k norms are applied in the rotary pass: they need a rotary embedding")
         self.eps = q_norm.variance_epsilon if q_norm is not None else 0.0
         # Plain attributes (object.__setattr__): not submodules, so not registered or saved here.
         object.__setattr__(self, "rotary_emb", rotary_emb)
@@ -48,13 +55,22 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         q_norm, k_norm = self.q_norm, self.k_norm
-        q = fused_ops.qkv_rope_cache(
-            positions, qkv, self.num_heads, self.num_kv_heads, self.rotary_emb.cos_sin_cache,
-            self.rotary_emb.rotary_dim, q_norm.weight if q_norm is not None else None,
-            k_norm.weight if k_norm is not None else None, self.eps, kv_cache, attn_metadata.slot_mapping)
-        out = self.attn_backend.forward(q, None, None, kv_cache, attn_metadata, self.scale, self.sliding_window)
+        if self.rotary_emb is None:
+            t, kv_size = qkv.shape[0], self.num_kv_heads * self.head_dim
+            q, k, v = qkv.split([self.q_size, kv_size, kv_size], dim=-1)
+            q = q.reshape(t, self.num_heads, self.head_dim).contiguous()
+            k, v = k.reshape(t, self.num_kv_heads, self.head_dim), v.reshape(t, self.num_kv_heads, self.head_dim)
+        else:
+            q = fused_ops.qkv_rope_cache(
+                positions, qkv, self.num_heads, self.num_kv_heads, self.rotary_emb.cos_sin_cache,
+                self.rotary_emb.rotary_dim, q_norm.weight if q_norm is not None else None,
+                k_norm.weight if k_norm is not None else None, self.eps, kv_cache, attn_metadata.slot_mapping)
+            k = v = None  # written into the cache by the fused pass
+        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.sliding_window,
+                                        self.logits_soft_cap)
         return out.reshape(qkv.shape[0], self.q_size)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"sliding_window={self.sliding_window}, qk_norm={self.q_norm is not None}")
+                f"sliding_window={self.sliding_window}, qk_norm={self.q_norm is not None}, "
+                f"soft_cap={self.logits_soft_cap}, rotary={self.rotary_emb is not None}")

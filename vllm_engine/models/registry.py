@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from vllm_engine.models.gemma import GemmaForCausalLM
 from vllm_engine.models.llama import LlamaForCausalLM
 
 # Every Llama-family decoder shares one implementation; the differences (qkv bias, q/k norm,
@@ -14,6 +15,11 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "YiForCausalLM": LlamaForCausalLM,
+    # Gemma 1/2/3 text: one implementation, the differences (sandwich norms, soft caps, q/k norm,
+    # local/global rope) read from the config (models/gemma.py).
+    "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
 }
 
 # GGUF ``general.architecture`` -> HF architecture name (the ones our GGUF loader maps).

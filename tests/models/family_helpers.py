@@ -1,0 +1,110 @@
+"""What the model-family tests share: a tiny random HF checkpoint built with transformers' own config
+class and ``save_pretrained``, and two checks against HF transformers on it.
+
+* ``paged_logits_match_hf``: our model, run through the paged KV cache in a ragged batch of prefill
+  chunks on cached prefixes and decodes (conftest's ``check_paged_logits_against_hf``), gives HF's
+  logits at every position.
+* ``engine_greedy_matches_hf``: the whole engine (scheduler, block manager, model runner, sampler)
+  with small blocks, a small token budget (chunked prefill), prefix caching and a KV cache too small
+  for every request at once (preemption) gives HF's greedy tokens token for token, and prompt
+  logprobs within tolerance.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.e2e.test_engine_vs_hf import hf_greedy
+
+PROMPTS = ["Hello, my name is", "The capital of France is a city that", "In the beginning",
+           "One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"]
+MAX_TOKENS = 10
+
+
+def tiny_checkpoint(config: Any, out_dir: Path, tokenizer_dir: Path, seed: int = 0, norm_center: float = 1.0,
+                    std: float = 0.1) -> Path:
+    """Saves a random model of ``config`` (an HF config object) to ``out_dir`` with the tokenizer files
+    of ``tokenizer_dir``. Weights normal(0, std); norm gains ``norm_center`` + normal(0, std) (Gemma
+    stores w of a 1 + w gain: center 0); biases normal(0, std)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * std
+            is_norm = ("norm" in name or ".ln_" in name or name.startswith("ln_")) and name.endswith("weight")
+            p.copy_(norm_center + noise if is_norm else noise)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    for f in tokenizer_dir.iterdir():
+        if "token" in f.name or f.name == "generation_config.json":
+            shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def tokenizer_ids(tiny_dir: Path) -> dict:
+    """vocab_size, bos/eos/pad ids of the shared tiny tokenizer, for a config's constructor."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    return dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=0)
+
+
+def load_ours_and_hf(path: Path, max_model_len: int = 256) -> tuple[Any, Any, Any]:
+    """(our model on the CPU in float32 with the torch attention backend, its ModelConfig, HF's model)."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_engine.attention.torch_ref import TorchAttentionBackend
+    from vllm_engine.config import EngineArgs
+    from vllm_engine.model_loader import get_model
+
+    cfg = EngineArgs(model=str(path), dtype="float32", device="cpu",
+                     max_model_len=max_model_len).create_engine_config().model
+    model = get_model(cfg, torch.device("cpu"), TorchAttentionBackend())
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model, cfg, hf
+
+
+# Three sequences: chunks on cached prefixes, whole prompts and decodes mixed in each step.
+LENS = [39, 21, 7]
+SCHEDULE = [[20, 0, 5], [12, 18, 1], [1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0], [3, 0, 0]]
+
+
+def paged_logits_match_hf(path: Path, paged_vs_hf: Any, tol: float = 1e-4) -> None:
+    model, cfg, hf = load_ours_and_hf(path)
+    paged_vs_hf(model, cfg, hf, LENS, SCHEDULE, tol=tol)
+
+
+def engine_greedy_matches_hf(path: Path, tol: float = 1e-4) -> Any:
+    """Greedy tokens and prompt logprobs of the whole engine (block size 4, an 8-token budget so
+    prompts are chunked, 14 blocks for 4 requests so some are preempted) against HF; then prompts
+    again, one at a time (the repeated one finds its prefix in the cache). Returns the scheduler's stats."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_engine import Engine, SamplingParams
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    engine = Engine(model=str(path), dtype="float32", max_model_len=128, seed=0, block_size=4,
+                    max_num_batched_tokens=8, max_num_seqs=4, num_gpu_blocks_override=14,
+                    enable_prefix_caching=True)
+    ids = [engine.tokenize(p) for p in PROMPTS]
+    want = [hf_greedy(hf, prompt_ids, MAX_TOKENS) for prompt_ids in ids]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, prompt_logprobs=1)
+    outs = engine.generate(PROMPTS, params, use_tqdm=False)
+    for out, prompt_ids, (tokens, _, prompt_lps) in zip(outs, ids, want):
+        assert out.token_ids == tokens
+        got = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], prompt_ids[1:])]
+        assert got == pytest.approx(prompt_lps, abs=tol)
+    # Prompt logprobs need every prompt position computed: without them the prefix cache serves.
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    for i in (3, 1, 1):  # the second PROMPTS[1] finds the first one's blocks
+        assert engine.generate([PROMPTS[i]], params, use_tqdm=False)[0].token_ids == want[i][0]
+    engine.scheduler.check_integrity()
+    return engine.scheduler.get_stats()
