@@ -11,7 +11,7 @@ from typing import Optional
 import pytest
 import torch
 
-from tests.kernels.test_triton_attention import DEVICE, MIXED, TOL, Case, make_case
+from tests.kernels.test_triton_attention import MIXED, TOL, Case, make_case
 from vllm_engine.attention import triton_kernels as K
 from vllm_engine.attention.torch_ref import TorchAttentionBackend
 from vllm_engine.attention.triton_attn import TritonAttentionBackend

@@ -1,7 +1,8 @@
 """Rotary position embedding (neox style, as HF Llama: rotate the two halves of each head).
 
 The cos/sin cache is built once for ``max_position`` positions in float32; ``rope_scaling``
-supports the ``llama3`` frequency scaling (Llama 3.1+) and ``linear`` position interpolation;
+supports the ``llama3`` frequency scaling (Llama 3.1+), ``linear`` position interpolation and
+``longrope`` (Phi-3/3.5: per-frequency short/long factors and an attention factor on cos and sin);
 ``default``/None leaves the frequencies alone.
 """
 
@@ -36,7 +37,7 @@ def compute_inv_freq(rotary_dim: int, base: float, rope_scaling: Optional[dict[s
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return torch.where(is_medium, smoothed, scaled)
     raise ValueError(
-        f"Unsupported rope_scaling type {kind!r}; supported: default, linear, llama3."
+        f"Unsupported rope_scaling type {kind!r}; supported: default, linear, llama3, longrope."
     )
 
 
@@ -83,11 +84,13 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim or head_dim
-        inv_freq = compute_inv_freq(self.rotary_dim, base, rope_scaling)
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [max_position, rotary_dim // 2]
         # [max_position, rotary_dim]: cos | sin; non-persistent so state_dict stays HF-shaped.
-        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+        self.register_buffer("cos_sin_cache", self._cos_sin(max_position, base, rope_scaling), persistent=False)
+
+    def _cos_sin(self, max_position: int, base: float, rope_scaling: Optional[dict[str, Any]]) -> torch.Tensor:
+        inv_freq = compute_inv_freq(self.rotary_dim, base, rope_scaling)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)  # [max_position, rotary_dim // 2]
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
     def _apply(self, fn, recurse=True):
         # Keep the cache in float32 when the model is cast to a 16-bit dtype.
@@ -96,6 +99,50 @@ class RotaryEmbedding(nn.Module):
         if self.cos_sin_cache.dtype != torch.float32:
             self.cos_sin_cache = cache.to(self.cos_sin_cache.device, torch.float32)
         return out
+
+
+class LongRoPERotaryEmbedding(RotaryEmbedding):
+    """LongRoPE (Phi-3 / Phi-3.5): inverse frequencies ``1 / (ext_factor_i * base^(2i / d))`` with
+    ``short_factor`` for positions below ``original_max_position_embeddings`` and ``long_factor`` from
+    there on, cos and sin multiplied by the attention factor (``attention_factor``, else
+    sqrt(1 + ln(factor) / ln(original_max)) for factor = ``factor`` or max_position_embeddings /
+    original_max, 1 when factor <= 1).
+
+    HF picks one factor set per forward, long when the longest position in it reaches the original
+    context; the table here picks per position, so a token's rotation never depends on what else is in
+    the batch. Both agree on every sequence shorter than ``original_max_position_embeddings``; a longer
+    prompt gets short factors on its first ``original_max`` positions where HF's prefill uses long ones
+    (HF's own decode past that point then mixes the two sets in its cache the same way).
+    """
+
+    def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any],
+                 rotary_dim: Optional[int], max_position_embeddings: int,
+                 original_max_position_embeddings: int) -> None:
+        self.original_max = int(original_max_position_embeddings)
+        self.max_position_embeddings = int(max_position_embeddings)
+        super().__init__(head_dim, max_position, base, rope_scaling, rotary_dim)
+
+    def _cos_sin(self, max_position: int, base: float, rope_scaling: Optional[dict[str, Any]]) -> torch.Tensor:
+        half = self.rotary_dim // 2
+        factors = {}
+        for key in ("short_factor", "long_factor"):
+            f = torch.tensor(rope_scaling[key], dtype=torch.float32)
+            if f.shape != (half,):
+                raise ValueError(f"rope_scaling {key} has {f.numel()} entries, expected rotary_dim / 2 = {half}")
+            factors[key] = f
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim
+        t = torch.arange(max_position, dtype=torch.float32)
+        short = torch.outer(t, 1.0 / (factors["short_factor"] * base ** exponents))
+        long = torch.outer(t, 1.0 / (factors["long_factor"] * base ** exponents))
+        freqs = torch.where((t >= self.original_max)[:, None], long, short)
+        scale = self._attention_factor(rope_scaling)
+        return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+
+    def _attention_factor(self, rope_scaling: dict[str, Any]) -> float:
+        if rope_scaling.get("attention_factor") is not None:
+            return float(rope_scaling["attention_factor"])
+        factor = rope_scaling.get("factor") or self.max_position_embeddings / self.original_max
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(self.original_max))
 
 
 def rope_params(config: Any) -> tuple[float, Optional[dict]]:
@@ -111,9 +158,26 @@ def rope_params(config: Any) -> tuple[float, Optional[dict]]:
     return theta, scaling
 
 
+def partial_rotary_factor(config: Any) -> float:
+    """The fraction of each head that is rotated: ``partial_rotary_factor`` on the config (4.x) or in
+    ``rope_parameters`` (5.x), else 1."""
+    factor = getattr(config, "partial_rotary_factor", None)
+    params = getattr(config, "rope_parameters", None)
+    if factor is None and isinstance(params, dict):
+        factor = params.get("partial_rotary_factor")
+    return float(factor) if factor is not None else 1.0
+
+
 def get_rope(config: Any, head_dim: int, max_position: int) -> RotaryEmbedding:
     """The rotary embedding an HF config describes (theta, scaling, ``partial_rotary_factor``): one
     cos/sin cache, shared by every layer."""
     theta, scaling = rope_params(config)
-    rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * partial_rotary_factor(config))
+    if _rope_type(scaling) == "longrope":
+        original = scaling.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", None)
+        if not original:
+            raise ValueError("rope_scaling longrope needs original_max_position_embeddings.")
+        return LongRoPERotaryEmbedding(head_dim, max_position, theta, scaling, rotary_dim,
+                                       config.max_position_embeddings, original)
     return RotaryEmbedding(head_dim, max_position, theta, scaling, rotary_dim)

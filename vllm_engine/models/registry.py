@@ -6,6 +6,7 @@ from torch import nn
 
 from vllm_engine.models.gemma import GemmaForCausalLM
 from vllm_engine.models.llama import LlamaForCausalLM
+from vllm_engine.models.phi3 import Phi3ForCausalLM
 
 # Every Llama-family decoder shares one implementation; the differences (qkv bias, q/k norm,
 # sliding window, head_dim, rope scaling, tied embeddings) are read from the HF config.
@@ -20,6 +21,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 # GGUF ``general.architecture`` -> HF architecture name (the ones our GGUF loader maps).
