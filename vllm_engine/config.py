@@ -40,6 +40,7 @@ class ModelConfig:
     served_model_name: str
     tokenizer: Optional[str] = None  # tokenizer source (directory / GGUF file / hub id); None: no tokenizer
     gguf_file: Optional[str] = None
+    quantization: Optional[str] = None  # the quant method the weights are loaded with (None: unquantized)
     # Sampling defaults from the checkpoint's generation_config.json (temperature, top_p, eos_token_id, ...).
     generation_config: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -156,6 +157,9 @@ class EngineArgs:
         "Reject new requests (503) when this many sequences wait (a request with n samples counts n)."))
     max_n: int = field(default=128, metadata=_arg("The most samples (n) one request may ask for (OpenAI's limit is 128)."))
     seed: int = field(default=0, metadata=_arg("Random seed."))
+    quantization: Optional[str] = field(default=None, metadata=_arg(
+        "Quantization method of the weights: gptq, compressed-tensors (default: the checkpoint's "
+        "quantization_config, if any). docs/quantization.md.", flag=("--quantization", "-q")))
     load_format: str = field(default="auto", metadata=_arg("auto, safetensors, gguf, or dummy (random weights).", choices=["auto", "safetensors", "gguf", "dummy"]))
     served_model_name: Optional[str] = field(default=None, metadata=_arg("Model name in the API (default: the model argument)."))
     device: str = field(default="auto", metadata=_arg("auto, cpu or cuda.", choices=["auto", "cpu", "cuda"]))
@@ -272,6 +276,16 @@ class EngineArgs:
             cfg = _DTYPES.get(cfg)
         return cfg if cfg in (torch.float16, torch.bfloat16) else torch.bfloat16
 
+    def _quantization(self, hf_config: Any, load_format: str, device: torch.device) -> Optional[str]:
+        """The quant method (checked against the checkpoint), its settings checked now: an unsupported
+        combination is a ValueError at start, never at the first forward."""
+        from vllm_engine.quantization import get_quant_config, resolve_quantization
+
+        name = resolve_quantization(self.quantization, hf_config, load_format)
+        if name is not None:
+            get_quant_config(hf_config, device, name)
+        return name
+
     def create_engine_config(self) -> EngineConfig:
         from vllm_engine.model_loader.resolve import resolve_model
 
@@ -285,6 +299,7 @@ class EngineArgs:
             raise ValueError(
                 f"max_model_len={max_model_len} is larger than the model's max_position_embeddings={model_max}."
             )
+        quantization = self._quantization(hf_config, resolved.load_format, device)
         max_batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
         if max_batched < self.max_num_seqs:
             raise ValueError(
@@ -301,6 +316,7 @@ class EngineArgs:
             served_model_name=self.served_model_name or self.model or DEFAULT_MODEL,
             tokenizer=resolved.tokenizer,
             gguf_file=resolved.gguf_file,
+            quantization=quantization,
             generation_config=dict(resolved.generation_config or {}),
         )
         cache = CacheConfig(

@@ -131,6 +131,8 @@ class ColumnParallelLinear(LinearBase):
             param.data.copy_(loaded_weight)
             return
         offset, size, src_rank = self._shard(shard_id)
+        if getattr(param, "packed_dim", None) == output_dim:  # int32 words holding pack_factor rows each
+            offset, size = offset // param.pack_factor, size // param.pack_factor
         param.data.narrow(output_dim, offset, size).copy_(loaded_weight.narrow(output_dim, src_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

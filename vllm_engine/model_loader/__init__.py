@@ -28,7 +28,8 @@ def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBa
     hf_config = model_config.hf_config
     cls = get_model_class(model_config.architecture)
     max_position = model_config.max_model_len  # no position reaches it: the cos/sin cache stops there
-    quant_config = get_quant_config(hf_config, device)  # one for the whole model: one linear picker
+    # One for the whole model: one linear picker.
+    quant_config = get_quant_config(hf_config, device, getattr(model_config, "quantization", None))
     t0 = time.perf_counter()
     with torch.device(device):
         model = cls(hf_config, attn_backend, max_position=max_position, dtype=model_config.dtype,

@@ -1,5 +1,10 @@
 """Quantization methods: one config class per format (``base.QuantizationConfig``), each giving the
-layers a ``LinearMethodBase`` (weights, loading, kernel). Only unquantized weights so far."""
+layers a ``LinearMethodBase`` (weights, loading, kernel). docs/quantization.md lists the formats.
+
+The method comes from the checkpoint's ``config.json`` ``quantization_config.quant_method``, or from
+``quantization=`` / ``--quantization``, which must then agree with the checkpoint (or name a method
+that quantizes an unquantized checkpoint while loading).
+"""
 
 from __future__ import annotations
 
@@ -8,27 +13,71 @@ from typing import Any, Optional
 import torch
 
 from vllm_engine.quantization.base import LinearMethodBase, QuantizationConfig
+from vllm_engine.quantization.compressed_tensors import CompressedTensorsConfig
+from vllm_engine.quantization.gptq import GPTQConfig
 from vllm_engine.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod, linear_picker
 
 # HF ``quantization_config.quant_method`` -> config class.
-QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {}
+QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
+    cls.get_name(): cls for cls in (GPTQConfig, CompressedTensorsConfig)
+}
+_ALIASES = {"compressed_tensors": "compressed-tensors"}
 
 
-def get_quant_config(hf_config: Any, device: Optional[torch.device] = None) -> QuantizationConfig:
-    """The quantization of a checkpoint (its HF ``quantization_config``), for a model on ``device``;
-    ``UnquantizedConfig`` when it has none. ValueError for a method not implemented here."""
+def _normalize(name: Any) -> str:
+    name = str(name).lower()
+    return _ALIASES.get(name, name)
+
+
+def checkpoint_quantization(hf_config: Any) -> Optional[dict[str, Any]]:
+    """The checkpoint's ``quantization_config`` as a dict, or None."""
     qc = getattr(hf_config, "quantization_config", None)
     if not qc:
+        return None
+    return dict(qc) if isinstance(qc, dict) else qc.to_dict()
+
+
+def resolve_quantization(quantization: Optional[str], hf_config: Any, load_format: str = "safetensors") -> Optional[str]:
+    """The method the model is loaded with (None: unquantized), from the user's ``quantization`` and
+    the checkpoint's ``quantization_config``. ValueError naming the setting when they disagree, when
+    the method is unknown, or when a GGUF file is given another method (GGUF weights carry their own)."""
+    supported = ", ".join(sorted(QUANTIZATION_METHODS))
+    qc = checkpoint_quantization(hf_config)
+    if load_format == "gguf":
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r} cannot be applied to a GGUF file: its tensors carry "
+                             "their own quantization (leave quantization unset).")
+        return None
+    ckpt = _normalize(qc.get("quant_method", "")) if qc else None
+    if ckpt is not None and ckpt not in QUANTIZATION_METHODS:
+        raise ValueError(f"The checkpoint's quantization_config.quant_method={ckpt!r} is not supported "
+                         f"(supported: {supported}).")
+    if quantization is None:
+        return ckpt
+    name = _normalize(quantization)
+    if name not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization={quantization!r} is not supported (supported: {supported}).")
+    if ckpt is None and not QUANTIZATION_METHODS[name].quantizes_at_load():
+        raise ValueError(f"quantization={quantization!r} needs a {name} checkpoint, but the model's config.json "
+                         "has no quantization_config.")
+    if ckpt is not None and ckpt != name:
+        raise ValueError(f"quantization={quantization!r} does not match the checkpoint's "
+                         f"quantization_config.quant_method={ckpt!r}.")
+    return name
+
+
+def get_quant_config(hf_config: Any, device: Optional[torch.device] = None,
+                     quantization: Optional[str] = None) -> QuantizationConfig:
+    """The ``QuantizationConfig`` for a model on ``device``: ``quantization`` (a name from
+    ``resolve_quantization``; None: the checkpoint's own, if any), built from the checkpoint's
+    ``quantization_config`` (empty for a method that quantizes at load). ValueError naming the
+    field for settings the method cannot serve."""
+    name = resolve_quantization(quantization, hf_config)
+    if name is None:
         return UnquantizedConfig(device)
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    name = str(qc.get("quant_method", "")).lower()
-    cls = QUANTIZATION_METHODS.get(name)
-    if cls is None:
-        supported = ", ".join(sorted(QUANTIZATION_METHODS)) or "none yet"
-        raise ValueError(f"Quantization method {name!r} is not supported (supported: {supported}); "
-                         "use an unquantized checkpoint or a GGUF file.")
-    return cls.from_config(qc, device)
+    return QUANTIZATION_METHODS[name].from_config(checkpoint_quantization(hf_config) or {}, device)
 
 
 __all__ = ["LinearMethodBase", "QUANTIZATION_METHODS", "QuantizationConfig", "UnquantizedConfig",
-           "UnquantizedLinearMethod", "get_quant_config", "linear_picker"]
+           "UnquantizedLinearMethod", "checkpoint_quantization", "get_quant_config", "linear_picker",
+           "resolve_quantization"]

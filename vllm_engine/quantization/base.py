@@ -67,6 +67,12 @@ class QuantizationConfig(ABC):
     def from_config(cls, config: dict[str, Any], device: Optional[torch.device] = None) -> "QuantizationConfig":
         """Built from the HF ``quantization_config`` dict, for a model on ``device``."""
 
+    @classmethod
+    def quantizes_at_load(cls) -> bool:
+        """Whether ``quantization=<name>`` may be asked for an unquantized checkpoint (the weights are
+        quantized while loading, as fp8 does); False: the checkpoint must be of this format."""
+        return False
+
     @abstractmethod
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase:
         """The method for ``layer`` (named ``prefix`` in the model, e.g. ``model.layers.0.mlp.down_proj``;

@@ -1,0 +1,304 @@
+"""W4A16 / W8A16 linear: x [M, K] in 16-bit (or float32) times integer weights, dequantized inside the
+kernel's tile (the bf16 weight is never written out).
+
+The layout every integer format repacks to at load (GPTQ, compressed-tensors pack-quantized, AWQ):
+
+* ``qweight`` int32 [K // pf, N], pf = 32 // bits: packed along K (GPTQ's layout): weight row k of
+  column n sits in word ``k // pf``, bits ``(k % pf) * bits``.
+* ``scales`` [G, N] in the activation dtype; the group of input row k is ``k // group_size``, or
+  ``g_idx[k]`` when a ``g_idx`` [K] int32 is given (act-order checkpoints whose groups are not runs).
+* ``zeros`` [G, N] (unsigned zero points, as floats) or None: the symmetric 2**(bits - 1).
+* ``perm`` [K] or None: the input's columns are ``x[:, perm]`` first (act-order weights whose rows
+  were sorted by group at load so that groups are runs again).
+
+``w[k, n] = (q[k, n] - zero[g(k), n]) * scale[g(k), n]``;  ``y = x[:, perm] @ w (+ bias)``.
+
+Kernels: ``wna16_gemv`` (a few rows: each program streams BLOCK_N columns of the packed weight once)
+and ``wna16_gemm`` (tl.dot on tiles dequantized in registers). ``dequantize`` is the torch fallback
+(the CPU path, and the bf16 weight handed to cuBLAS for prefill-sized inputs). On CUDA the
+``WNA16Picker`` times the tile configs per shape, as ``layers.triton_linear.LinearPicker`` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    from vllm_engine.layers.pdl import pdl_prologue
+except ImportError:  # CPU-only installs: the torch fallback serves every call
+    triton = None
+
+from vllm_engine import envs
+from vllm_engine.layers import pdl
+
+logger = logging.getLogger(__name__)
+
+GEMV_MAX_ROWS = 4  # up to here the GEMV, above the tl.dot GEMM
+MAX_KERNEL_ROWS = 256  # above: dequantize once and let cuBLAS multiply (prefill)
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMV, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for the GEMM.
+GEMV_CONFIGS = [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 256, 4, 2)]
+GEMM_CONFIGS = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 3), (32, 64, 64, 4, 4), (32, 128, 64, 4, 3),
+                (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3)]
+
+
+@dataclass
+class WNA16Weight:
+    """One layer's packed weight in the layout above (tensors on the layer's device)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    g_idx: Optional[torch.Tensor]
+    perm: Optional[torch.Tensor]
+    bits: int
+    group_size: int  # == in_features for per-channel scales
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0] * (32 // self.bits)
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def groups(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """The group of each input row [K] (after ``perm``), int64."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.in_features, device=device or self.qweight.device) // self.group_size
+
+
+def dequantize(w: WNA16Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [K, N] weight (rows in ``perm`` order, as the kernels see them) in ``dtype``, computed in float32."""
+    shifts = torch.arange(0, 32, w.bits, dtype=torch.int32, device=w.qweight.device)
+    q = ((w.qweight.unsqueeze(1) >> shifts[None, :, None]) & ((1 << w.bits) - 1)).flatten(0, 1).float()
+    g = w.groups()
+    zero = w.zeros.float()[g] if w.zeros is not None else float(1 << (w.bits - 1))
+    return ((q - zero) * w.scales.float()[g]).to(dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS: tl.constexpr,
+                    HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Rows [k0, k0 + BLOCK_K) x columns offs_n of the dequantized weight, float32 [BLOCK_K, BLOCK_N].
+        Each packed word is loaded once and split in registers. Without g_idx the tile lies in one
+        group (the launcher makes BLOCK_K divide group_size), so one row of scales serves it."""
+        PF: tl.constexpr = 32 // BITS
+        offs_kp = k0 // PF + tl.arange(0, BLOCK_K // PF)
+        m2 = (offs_kp < K // PF)[:, None] & nmask[None, :]
+        packed = tl.load(QW + offs_kp[:, None].to(tl.int64) * N + offs_n[None, :], mask=m2, other=0)
+        shifts = tl.arange(0, PF) * BITS
+        q = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        if HAS_GIDX:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kmask = offs_k < K
+            g = tl.load(GI + offs_k, mask=kmask, other=0)
+            gm = kmask[:, None] & nmask[None, :]
+            s = tl.load(S + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=gm, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=gm, other=0.0).to(tl.float32)
+                w = (q - z) * s
+            else:
+                w = (q - (1 << (BITS - 1))) * s
+        else:
+            g = k0 // group_size
+            s = tl.load(S + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(Z + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                w = (q - z[None, :]) * s[None, :]
+            else:
+                w = (q - (1 << (BITS - 1))) * s[None, :]
+        return w
+
+    @triton.jit
+    def _wna16_gemv_kernel(X, QW, S, Z, GI, Bias, Y, M, N, K, group_size, stride_xm, stride_ym,
+                           BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """y[m, n] = sum_k x[m, k] * w[k, n] (+ bias[n]) for M <= BLOCK_M rows: program p streams the
+        packed columns [p * BLOCK_N, (p + 1) * BLOCK_N) once, float32 accumulation."""
+        pdl_prologue(PDL)
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mmask = offs_m < M
+        nmask = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS, HAS_ZEROS, HAS_GIDX,
+                            BLOCK_K, BLOCK_N)
+            kmask = (k0 + offs_k) < K
+            x = tl.load(X + offs_m[:, None] * stride_xm + k0 + offs_k[None, :], mask=mmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _wna16_gemm_kernel(X, QW, S, Z, GI, Bias, Y, M, N, K, group_size, stride_xm, stride_ym,
+                           BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y = x @ w (+ bias), each weight tile dequantized in
+        registers to x's dtype and multiplied on tensor cores, float32 accumulation."""
+        pdl_prologue(PDL)
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mmask = offs_m < M
+        nmask = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + offs_k) < K
+            a = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + k0 + offs_k[None, :],
+                        mask=mmask[:, None] & kmask[None, :], other=0.0)
+            w = _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS, HAS_ZEROS, HAS_GIDX,
+                            BLOCK_K, BLOCK_N)
+            if DOT_F32:
+                a = a.to(tl.float32)
+            else:
+                w = w.to(X.dtype.element_ty)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+
+def _block_k(w: WNA16Weight, block_k: int) -> int:
+    """The K tile: at most the group (so that a tile has one row of scales) unless g_idx is read per row."""
+    if w.g_idx is None and w.group_size < w.in_features:
+        block_k = min(block_k, w.group_size)
+    return max(block_k, 32 // w.bits, 16)
+
+
+def _prepare(x: torch.Tensor, w: WNA16Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x with its columns in ``perm`` order and unit stride, the empty [M, N] output)."""
+    if x.dim() != 2 or x.shape[1] != w.in_features:
+        raise ValueError(f"wna16: x {tuple(x.shape)} does not match a weight of {w.in_features} inputs")
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
+    elif x.stride(-1) != 1:
+        x = x.contiguous()
+    return x, torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
+
+
+def _common_args(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor], y: torch.Tensor) -> tuple:
+    z = w.zeros if w.zeros is not None else w.scales
+    gi = w.g_idx if w.g_idx is not None else w.qweight
+    return (x, w.qweight, w.scales, z, gi, bias if bias is not None else w.scales, y, x.shape[0], w.out_features,
+            w.in_features, w.group_size, x.stride(0), y.stride(0))
+
+
+def wna16_gemv(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None,
+               config: tuple = (64, 128, 4, 3)) -> torch.Tensor:
+    """x [M, K] (M <= 16) -> [M, N] in x.dtype. ``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    x, y = _prepare(x, w)
+    if x.shape[0] == 0:
+        return y
+    block_n, block_k, warps, stages = config
+    _wna16_gemv_kernel[(triton.cdiv(w.out_features, block_n),)](
+        *_common_args(x, w, bias, y), BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
+        HAS_BIAS=bias is not None, BLOCK_M=max(triton.next_power_of_2(x.shape[0]), 1), BLOCK_N=block_n,
+        BLOCK_K=_block_k(w, block_k), num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
+    return y
+
+
+def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None,
+               config: tuple = (32, 64, 64, 4, 4)) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x.dtype. ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    x, y = _prepare(x, w)
+    if x.shape[0] == 0:
+        return y
+    block_m, block_n, block_k, warps, stages = config
+    # The interpreter's 16-bit dot is wrong: multiply in float32 there (as layers/triton_linear.py does).
+    dot_f32 = x.dtype == torch.float32 or envs.triton_interpret()
+    _wna16_gemm_kernel[(triton.cdiv(w.out_features, block_n), triton.cdiv(x.shape[0], block_m))](
+        *_common_args(x, w, bias, y), BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
+        HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC="ieee" if dot_f32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(w, block_k), num_warps=warps, num_stages=stages,
+        **pdl.launch_args(x.device))
+    return y
+
+
+def dequant_linear(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The torch path: the whole weight dequantized to x's dtype, then one matmul (CPU; prefill on CUDA)."""
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    return F.linear(x, dequantize(w, x.dtype).t(), bias)
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(m - 1, 0).bit_length()
+
+
+class WNA16Picker:
+    """``picker(x, w, bias)``: the product by the kernel config measured fastest for the shape (rows
+    rounded up to a power of 2, N, K, bits, group size, zeros, g_idx, dtype), timed on first use
+    (never inside a CUDA graph capture) as ``LinearPicker`` does; inputs of more than
+    ``MAX_KERNEL_ROWS`` rows take ``dequant_linear``. ``timer(fn, flush=...) -> seconds`` is injectable."""
+
+    def __init__(self, timer: Optional[Callable[..., float]] = None) -> None:
+        if timer is None:
+            from vllm_engine.layers.triton_linear import cuda_time_s
+
+            timer = cuda_time_s
+        self.timer = timer
+        self.decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
+        self._fns: dict[tuple, Callable] = {}
+
+    @staticmethod
+    def candidates(m: int) -> dict[str, Callable]:
+        if m <= GEMV_MAX_ROWS:
+            return {"gemv %dx%d w%d s%d" % c: functools.partial(wna16_gemv, config=c) for c in GEMV_CONFIGS}
+        out = {"gemm %dx%dx%d w%d s%d" % c: functools.partial(wna16_gemm, config=c)
+               for c in GEMM_CONFIGS if c[0] <= max(16, _bucket(m))}
+        out["dequant+cublas"] = dequant_linear
+        return out
+
+    def __call__(self, x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        m = x.shape[0]
+        if triton is None or not x.is_cuda or m == 0 or m > MAX_KERNEL_ROWS:
+            return dequant_linear(x, w, bias)
+        key = (_bucket(m), w.out_features, w.in_features, w.bits, w.group_size, w.zeros is not None,
+               w.g_idx is not None, x.dtype, bias is not None)
+        fn = self._fns.get(key)
+        if fn is None:
+            if torch.cuda.is_current_stream_capturing():
+                return (wna16_gemv if m <= GEMV_MAX_ROWS else wna16_gemm)(x, w, bias)
+            fn = self._decide(key, x, w, bias)
+        return fn(x, w, bias)
+
+    def _decide(self, key: tuple, x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor]) -> Callable:
+        candidates = self.candidates(x.shape[0])
+        times = {name: self.timer(lambda fn=fn: fn(x, w, bias), flush="read") for name, fn in candidates.items()}
+        choice = min(times, key=times.get)
+        self.decisions[key] = (choice, times)
+        self._fns[key] = candidates[choice]
+        logger.debug("wna16 %s: %s (%s)", key, choice, {k: f"{v * 1e6:.1f}us" for k, v in times.items()})
+        return self._fns[key]
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for choice, _ in self.decisions.values():
+            counts[choice.split()[0]] = counts.get(choice.split()[0], 0) + 1
+        return "wna16 kernels over %d shapes: %s" % (len(self.decisions),
+                                                     ", ".join(f"{c} for {n}" for c, n in sorted(counts.items())))
