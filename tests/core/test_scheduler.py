@@ -106,10 +106,12 @@ class FakeRunner:
 
 
 def make(num_blocks: int = 64, budget: int = 64, max_seqs: int = 16, policy: str = "fcfs", mode: str = "recompute",
-         caching: bool = True, num_cpu_blocks: int = 0, max_model_len: int = 1024) -> Scheduler:
+         caching: bool = True, num_cpu_blocks: int = 0, max_model_len: int = 1024,
+         pipeline_depth: int = 1) -> Scheduler:
     sc = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
                          policy=policy, preemption_mode=mode)
-    return Scheduler(sc, CacheConfig(block_size=BS, enable_prefix_caching=caching), num_blocks, num_cpu_blocks)
+    return Scheduler(sc, CacheConfig(block_size=BS, enable_prefix_caching=caching), num_blocks, num_cpu_blocks,
+                     pipeline_depth=pipeline_depth)
 
 
 def req(rid: str, prompt: list[int], max_tokens: int = 8, priority: int = 0, arrival: Optional[float] = None,
@@ -461,6 +463,50 @@ def test_several_tokens_per_step_stop_at_the_first_that_ends_the_request():
     # After the prompt, each step computes the 3 tokens the previous step gave.
     assert [n for rid, n in scheduled_tokens if rid == "eos"] == [2, 3]
     assert s.kv_cache_manager.num_free_blocks == s.num_gpu_blocks
+
+
+@pytest.mark.parametrize("num_blocks, mode", [(64, "recompute"), (14, "recompute"), (14, "swap")])
+def test_pipeline_keeps_two_disjoint_balanced_steps_in_flight(num_blocks, mode):
+    """pipeline_depth=2: a step is launched while the previous one is in flight. The two never share a
+    request (a request waits until its token is known), each takes about half of the active
+    requests, and a stage that never samples (the first) learns every token from the messages'
+    new_token_ids. With few blocks, requests are preempted while their step is in flight."""
+    from collections import deque
+
+    s = make(num_blocks=num_blocks, budget=32, max_seqs=8, mode=mode, num_cpu_blocks=64, pipeline_depth=2)
+    runner, first_stage = FakeRunner(), RequestStates(HostBlockTables(rows=2))
+    rs = [req(str(i), p, max_tokens=7) for i, p in enumerate(prompts(6, 9))]
+    for r in rs:
+        s.add_request(r)
+    in_flight: deque = deque()
+    depths, sizes = [], []
+    while s.has_unfinished_requests() or in_flight:
+        if len(in_flight) < 2:
+            active = s.num_running + s.num_waiting + s.num_swapped
+            so = s.schedule()
+            if not so.is_empty:
+                ids = {r.request_id for r in so.scheduled_requests}
+                assert all(ids.isdisjoint(r.request_id for r in o.scheduled_requests) for o, _ in in_flight)
+                assert len(ids) <= -(-min(8, active) // 2)
+                states = first_stage.update(pickle.loads(pickle.dumps(so.execute_model_request)))
+                for st, r, n in zip(states, so.scheduled_requests, so.num_scheduled_tokens):
+                    assert st.token_ids[: r.num_computed_tokens + n] == r.all_token_ids[: r.num_computed_tokens + n]
+                out = runner.execute(so)
+                s.advance(so)
+                in_flight.append((so, out))
+                depths.append(len(in_flight))
+                sizes.append(len(ids))
+                if len(in_flight) < 2:
+                    continue
+        so, out = in_flight.popleft()
+        s.resolve(so, out)
+        s.check_integrity()
+    for r in rs:
+        assert r.output_token_ids == reference(r.prompt_token_ids, 7), r.request_id
+    assert max(depths) == 2 and max(sizes) == 3
+    assert s.kv_cache_manager.num_free_blocks == s.num_gpu_blocks
+    if num_blocks == 14:
+        assert s.num_preemptions_total > 0
 
 
 # ---- aborts, rejection, bookkeeping ---------------------------------------------------------------

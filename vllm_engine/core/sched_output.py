@@ -37,11 +37,15 @@ class CachedRequestData:
     ``block_ids[i]``: the request's whole new block table when it changed (a block appended, a
     copy-on-write replacement, a table rebuilt after preemption or swap-in), else None.
     ``num_computed_tokens[i]`` drops back to 0 when a preempted request is recomputed.
+    ``new_token_ids[i]`` (pipeline parallelism only, else empty): the ids of the tokens this step
+    computes for the request, from ``num_computed_tokens[i]`` on; the ranks that do not sample (the
+    earlier stages) learn the sampled tokens from it.
     """
 
     req_ids: list[str] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)
     block_ids: list[Optional[list[int]]] = field(default_factory=list)
+    new_token_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

@@ -87,10 +87,23 @@ class RequestQueue:
         return (e[1] for e in self._heap) if self._priority else iter(self._deque)
 
 
+_NO_CAP = 1 << 62  # a step's sequence cap when only max_num_seqs applies
+
+
 class Scheduler:
+    """Decides each step's requests and token counts under the budget (see docs/architecture.md).
+
+    ``pipeline_depth`` > 1 (pipeline parallelism, one step in flight per stage): a request whose
+    sampled token is still in flight is not scheduled again until ``resolve`` knows it, so the steps
+    in flight are disjoint micro-batches; each step takes about 1/depth of the active requests, so
+    the micro-batches stay balanced; and the step message carries the ids of the tokens each request
+    computes (``CachedRequestData.new_token_ids``: the earlier stages never see the sampled ids).
+    """
+
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 num_gpu_blocks: int, num_cpu_blocks: int = 0) -> None:
+                 num_gpu_blocks: int, num_cpu_blocks: int = 0, pipeline_depth: int = 1) -> None:
         self.config = scheduler_config
+        self.pipeline_depth = pipeline_depth
         self.block_size = cache_config.block_size
         self.num_gpu_blocks = num_gpu_blocks
         self.kv_cache_manager = KVCacheManager(num_gpu_blocks, cache_config.block_size,
@@ -113,6 +126,7 @@ class Scheduler:
         self.num_swaps_total = 0
         # Per-step state of schedule().
         self._budget = 0
+        self._seq_cap = _NO_CAP  # sequences in this step (a micro-batch, with a pipeline)
         self._sched_reqs: list[Request] = []
         self._sched_tokens: dict[str, int] = {}
         self._preempted_now: set[str] = set()
@@ -168,6 +182,7 @@ class Scheduler:
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = set()
         self._budget = self.config.max_num_batched_tokens
+        self._seq_cap = self._micro_batch_seqs()
         self._sched_reqs, self._sched_tokens, self._preempted_now = [], {}, set()
 
         self._schedule_running(out)
@@ -188,6 +203,20 @@ class Scheduler:
         out.blocks_to_swap_in = kv.take_swap_ins()
         out.execute_model_request = self._execute_model_request(out)
         return out
+
+    def _micro_batch_seqs(self) -> int:
+        """The most sequences one step takes. Without a pipeline no cap of its own (max_num_seqs bounds
+        the running requests, and a priority admission may preempt to make room); with one, a 1/depth
+        share of the active requests, so that depth steps in flight split them evenly."""
+        max_seqs = self.config.max_num_seqs
+        if self.pipeline_depth == 1:
+            return _NO_CAP
+        active = min(max_seqs, len(self.running) + len(self.waiting) + len(self.swapped))
+        return max(1, -(-active // self.pipeline_depth))
+
+    def _in_flight(self, req: Request) -> bool:
+        """With a pipeline: the request's last sampled token is not known yet (its step is in flight)."""
+        return self.pipeline_depth > 1 and bool(req.output_token_ids) and req.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID
 
     def _execute_model_request(self, out: SchedulerOutput) -> ExecuteModelRequest:
         """The step as the workers see it: new requests in full, the others' changes only.
@@ -211,10 +240,14 @@ class Scheduler:
         changed = out.changed_block_tables
         block_ids = [None if sent[rid] is ids and rid not in changed else self._resend(rid, ids)
                      for rid, ids in zip(cached_ids, tables)]
+        cached = CachedRequestData(cached_ids, [r.num_computed_tokens for r in reqs], block_ids)
+        if self.pipeline_depth > 1:
+            n = self._sched_tokens
+            cached.new_token_ids = [r.all_token_ids[r.num_computed_tokens: r.num_computed_tokens + n[r.request_id]]
+                                    for r in reqs]
         return ExecuteModelRequest(
             req_ids=req_ids, num_scheduled_tokens=out.num_scheduled_tokens,
-            total_num_scheduled_tokens=out.total_num_scheduled_tokens, new_requests=new,
-            cached_requests=CachedRequestData(cached_ids, [r.num_computed_tokens for r in reqs], block_ids),
+            total_num_scheduled_tokens=out.total_num_scheduled_tokens, new_requests=new, cached_requests=cached,
             blocks_to_copy=out.blocks_to_copy, blocks_to_swap_out=out.blocks_to_swap_out,
             blocks_to_swap_in=out.blocks_to_swap_in, finished_req_ids=out.finished_request_ids)
 
@@ -231,9 +264,9 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput) -> None:
         kv = self.kv_cache_manager
         i = 0
-        while i < len(self.running) and self._budget > 0:
+        while i < len(self.running) and self._budget > 0 and len(self._sched_reqs) < self._seq_cap:
             req = self.running[i]
-            if req.finish_pending:  # its last token is in flight and ends it: nothing more to compute
+            if req.finish_pending or self._in_flight(req):  # finish_pending: its last token is in flight and ends it
                 i += 1
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, self._budget)
@@ -251,8 +284,11 @@ class Scheduler:
 
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
         kv = self.kv_cache_manager
-        while len(self.swapped) and self._budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (len(self.swapped) and self._budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(self._sched_reqs) < self._seq_cap):
             req = self.swapped.peek()
+            if self._in_flight(req):
+                break
             num_new = min(req.num_tokens - req.num_computed_tokens, self._budget)
             if not kv.can_swap_in(req, num_new):
                 break
@@ -266,10 +302,13 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
         skipped: list[Request] = []  # n > 1 samples waiting for their sibling's prompt: they block nobody
-        while len(self.waiting) and self._budget > 0:
+        while len(self.waiting) and self._budget > 0 and len(self._sched_reqs) < self._seq_cap:
             req = self.waiting.peek()
             if req.request_id in self._preempted_now:
                 break  # do not bring back a request preempted for a better one in this very step
+            if self._in_flight(req):  # preempted while its step is in flight (pipeline): after it
+                skipped.append(self.waiting.pop())
+                continue
             parent = req.fork_from
             if parent is not None:
                 ready = parent.status == _RUNNING and parent.num_computed_tokens >= parent.num_prompt_tokens
@@ -433,9 +472,13 @@ class Scheduler:
         sampled = runner_out.sampled_token_ids
         any_finished = False
         for i, req in sched_out.sampled_requests:
-            if req.is_finished():
-                continue  # aborted or stopped meanwhile: its tokens went with it
             tokens = sampled[i]
+            if req.is_finished():
+                # Ended while this step was in flight (aborted, stopped, or capped by the next step's
+                # schedule): it keeps the token the step sampled for it, and nothing more.
+                if req.output_token_ids and req.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID and tokens:
+                    req.set_last_output_token(tokens[0])
+                continue
             req.set_last_output_token(tokens[0])
             status = self._check_stop(req, tokens[0])
             if len(tokens) > 1 and status is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -30,6 +31,12 @@ def _needs_host_tokens(params: SamplingParams) -> bool:
     """Sampling that reads the previous tokens' values on the host (penalties)."""
     return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
             or params.presence_penalty != 0.0)
+
+
+def _nothing_to_do(sched_out) -> bool:
+    """An empty step that carries no bookkeeping for the workers either (finished ids, block moves)."""
+    return (sched_out.is_empty and not sched_out.finished_request_ids and not sched_out.blocks_to_swap_out
+            and not sched_out.blocks_to_swap_in and not sched_out.blocks_to_copy)
 
 
 class QueueFullError(RuntimeError):
@@ -85,13 +92,17 @@ class Engine:
             raise
         # The in-process ModelRunner (uni; torchrun's rank 0), for tests and benchmarks; None under mp.
         self.model_runner: Optional[ModelRunner] = self.executor.model_runner
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_gpu_blocks, num_cpu_blocks)
+        # Pipeline parallelism keeps one step in flight per stage (disjoint micro-batches).
+        self.pipeline_depth = config.parallel.pipeline_parallel_size
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_gpu_blocks, num_cpu_blocks,
+                                   pipeline_depth=self.pipeline_depth)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
         self._ids = itertools.count()
         self.step_profile: Optional[list[dict]] = None
         self._last_log = time.monotonic()
         self._pending = None  # async scheduling: (SchedulerOutput, StepHandle) launched, tokens not yet read
+        self._in_flight: deque = deque()  # pipeline: the (SchedulerOutput, handle)s launched, oldest first
         logger.info("engine ready in %.1fs: model %s (%s, %s) on %s, KV cache %d blocks x %d tokens = %d tokens",
                     time.time() - t0, config.model.model, config.model.architecture, config.model.dtype,
                     config.device.device, num_gpu_blocks, config.cache.block_size,
@@ -253,7 +264,7 @@ class Engine:
             self.output_processor.remove(rid)
 
     def has_unfinished_requests(self) -> bool:
-        return self._pending is not None or self.scheduler.has_unfinished_requests()
+        return self._pending is not None or bool(self._in_flight) or self.scheduler.has_unfinished_requests()
 
     @property
     def num_waiting(self) -> int:
@@ -266,6 +277,8 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns outputs of the requests that made progress (cumulative)."""
+        if self.pipeline_depth > 1:
+            return self._step_pipelined()
         if self.config.device.async_scheduling:
             return self._step_overlapped()
         prof = self.step_profile is not None
@@ -326,6 +339,40 @@ class Engine:
             self._record(sched_out, t0, t1, t2, time.perf_counter(), waited)
         return outputs
 
+    def _step_pipelined(self) -> list[RequestOutput]:
+        """Pipeline parallelism: up to ``pipeline_depth`` steps in flight, so that while the last stage
+        runs step N the first runs step N+1.
+
+        The scheduler keeps the steps in flight disjoint (a request whose token is not known yet waits
+        for it) and about equal in size. A step() launches a new step while there is room, and
+        collects the oldest once the pipeline is full or there is nothing new to launch; a step's
+        request states are those of the sync path, so penalties and seeds need nothing special.
+        """
+        prof = self.step_profile is not None
+        t0 = time.perf_counter() if prof else 0.0
+        in_flight = self._in_flight
+        t1 = t2 = t0
+        launched = None
+        if len(in_flight) < self.pipeline_depth:
+            sched_out = self.scheduler.schedule()
+            self._log_step(sched_out)
+            t1 = time.perf_counter() if prof else 0.0
+            if not in_flight or not _nothing_to_do(sched_out):  # an idle pipeline steps as the sync path does
+                handle = self.executor.launch(sched_out.execute_model_request)
+                self.scheduler.advance(sched_out)
+                in_flight.append((sched_out, handle))
+                launched = sched_out
+            t2 = time.perf_counter() if prof else 0.0
+        outputs: list[RequestOutput] = []
+        waited = 0.0
+        if in_flight and (launched is None or launched.is_empty or len(in_flight) == self.pipeline_depth):
+            pending = in_flight.popleft()
+            outputs = self._resolve(pending)
+            waited = pending[1].wait_s
+        if prof and launched is not None:
+            self._record(launched, t0, t1, t2, time.perf_counter(), waited, len(in_flight))
+        return outputs
+
     def _log_step(self, sched_out) -> None:
         """The step log: preemptions and swaps when they happen, and engine state every 10 s of activity."""
         now = time.monotonic()
@@ -347,10 +394,13 @@ class Engine:
         runner_out = self.executor.collect(handle)
         return self._process(self.scheduler.resolve(sched_out, runner_out), runner_out)
 
-    def _record(self, sched_out, t0: float, t1: float, t2: float, t3: float, waited: float = 0.0) -> None:
+    def _record(self, sched_out, t0: float, t1: float, t2: float, t3: float, waited: float = 0.0,
+                in_flight: int = 0) -> None:
         """One step's phases. ``wait_ms`` (inside update_and_output with async scheduling) is the host
-        waiting for the GPU; ``host_ms`` = total - wait is the host's own work for the step."""
+        waiting for the GPU; ``host_ms`` = total - wait is the host's own work for the step;
+        ``in_flight``: steps launched and not collected when it ended (pipeline parallelism)."""
         self.step_profile.append({
+            "in_flight": in_flight,
             "num_seqs": len(sched_out.scheduled_requests), "num_tokens": sched_out.total_num_scheduled_tokens,
             "schedule_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3,
             "prepare_inputs_ms": self._last_prepare_ms(), "update_and_output_ms": (t3 - t2) * 1e3,

@@ -224,12 +224,10 @@ class ModelRunner:
             hidden = self._forward(inputs)
         out.sampled_token_ids = [[] for _ in reqs]
         out.logprobs = [[] for _ in reqs]
+        # Only the last pipeline stage samples; the others get the tokens in a later step's message.
         last_stage = self.pp_group.is_last_rank
-        if inputs.sample_rows:
-            if last_stage:
-                self._sample(reqs, inputs, hidden, handle)
-            if self.pp_group.world_size > 1:
-                self._share_sampled(reqs, inputs, handle)
+        if inputs.sample_rows and last_stage:
+            self._sample(reqs, inputs, hidden, handle)
         if inputs.prompt_logprob_rows and last_stage:
             self._prompt_logprobs(reqs, inputs, hidden, out)
         if timed:
@@ -325,17 +323,6 @@ class ModelRunner:
         pp.send(out.hidden_states)
         pp.send(out.residual)
         return None
-
-    def _share_sampled(self, reqs: list[CachedRequestState], inputs: StepInputs, handle: "StepHandle") -> None:
-        """The last stage's sampled ids, broadcast to the earlier stages: every rank appends the same
-        tokens to its requests (and the first stage feeds them to the next step's embedding)."""
-        pp = self.pp_group
-        if pp.is_last_rank:
-            pp.broadcast(handle.sampled, src=pp.world_size - 1)
-            return
-        sampled = torch.empty(len(inputs.sample_rows), dtype=torch.int64, device=self.device)
-        pp.broadcast(sampled, src=pp.world_size - 1)
-        self._keep_sampled([reqs[i] for i in inputs.sample_req_indices], inputs, sampled, handle)
 
     def _prompt_logprobs(self, states: list[CachedRequestState], inputs: StepInputs, hidden: torch.Tensor,
                          out: ModelRunnerOutput) -> None:

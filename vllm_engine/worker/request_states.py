@@ -2,7 +2,8 @@
 
 The scheduler sends a request's data once (``NewRequestData``) and afterwards only what changed
 (``CachedRequestData``: computed-token count, a new block table); the worker appends the tokens it
-samples itself. A sampled token is a placeholder until the step's result reaches the host
+samples itself (with pipeline parallelism the other stages get them in ``new_token_ids``). A
+sampled token is a placeholder until the step's result reaches the host
 (``collect``); the next step, if launched before that (async scheduling), reads its value on the
 device. Nothing here refers to the scheduler's objects, so the same code runs in another process.
 """
@@ -91,4 +92,16 @@ class RequestStates:
             states[rid].num_computed_tokens = num_computed
             if block_ids is not None:
                 tables.write(rid, block_ids)
+        for rid, num_computed, token_ids in zip(cached.req_ids, cached.num_computed_tokens, cached.new_token_ids):
+            _append_new_tokens(states[rid], num_computed, token_ids)
         return [states[rid] for rid in msg.req_ids]
+
+
+def _append_new_tokens(state: CachedRequestState, start: int, token_ids: list[int]) -> None:
+    """Pipeline parallelism: the step computes ``token_ids`` from index ``start``; those past the end
+    of this rank's ``token_ids`` were sampled by the last stage and are new here (on the sampling
+    rank itself they are already in place)."""
+    new = token_ids[len(state.token_ids) - start:]
+    if new:
+        state.token_ids.extend(new)
+        state.output_token_ids.extend(new)
