@@ -148,6 +148,48 @@ def write_gptq(float_dir: Path, out_dir: Path, bits: int, group_size: int, desc_
     return deq
 
 
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def awq_pack(values: np.ndarray) -> np.ndarray:
+    """AutoAWQ's GEMM packing of [rows, N] 4-bit values along N: word j's i-th nibble is column
+    ``8j + AWQ_ORDER[i]``. Returns int32 [rows, N // 8]."""
+    v = np.asarray(values, dtype=np.uint32)
+    out = np.zeros((v.shape[0], v.shape[1] // 8), dtype=np.uint32)
+    for j in range(out.shape[1]):
+        for i, col in enumerate(AWQ_ORDER):
+            out[:, j] |= (v[:, 8 * j + col] & 0xF) << np.uint32(4 * i)
+    return out.view(np.int32)
+
+
+def write_awq(float_dir: Path, out_dir: Path, group_size: int, modules_to_not_convert: Optional[list] = None
+              ) -> dict[str, torch.Tensor]:
+    """An AutoAWQ GEMM checkpoint (4 bits, zero points) of ``float_dir``'s model; returns the dequantized
+    weights (the original ones for ``modules_to_not_convert``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in float_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out_dir / f.name)
+    skip = modules_to_not_convert or []
+    out, deq = {}, {}
+    for name, t in load_file(str(float_dir / "model.safetensors")).items():
+        module = name[: -len(".weight")]
+        if module.split(".", 3)[-1] not in LINEARS or any(m in module for m in skip):
+            out[name] = t
+            continue
+        q, scales, zeros, g_idx = quantize_rtn(t.double(), 4, group_size, False, None)
+        deq[name] = dequant(q, scales, zeros, g_idx)
+        out[f"{module}.qweight"] = torch.from_numpy(awq_pack(q.t().numpy()))
+        out[f"{module}.qzeros"] = torch.from_numpy(awq_pack(zeros.long().numpy()))
+        out[f"{module}.scales"] = scales.half()
+    save_file(out, str(out_dir / "model.safetensors"))
+    cfg = json.loads((float_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                                  "version": "gemm", "modules_to_not_convert": modules_to_not_convert}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return deq
+
+
 def write_compressed_tensors(float_dir: Path, out_dir: Path, bits: int, group_size: int,
                              symmetric: bool) -> dict[str, torch.Tensor]:
     """A pack-quantized checkpoint written by the compressed-tensors library (min-max scales by its

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from vllm_engine.quantization.awq import AWQConfig
 from vllm_engine.quantization.base import LinearMethodBase, QuantizationConfig
 from vllm_engine.quantization.compressed_tensors import CompressedTensorsConfig
 from vllm_engine.quantization.gptq import GPTQConfig
@@ -19,7 +20,7 @@ from vllm_engine.quantization.unquantized import UnquantizedConfig, UnquantizedL
 
 # HF ``quantization_config.quant_method`` -> config class.
 QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
-    cls.get_name(): cls for cls in (GPTQConfig, CompressedTensorsConfig)
+    cls.get_name(): cls for cls in (GPTQConfig, AWQConfig, CompressedTensorsConfig)
 }
 _ALIASES = {"compressed_tensors": "compressed-tensors"}
 
