@@ -361,7 +361,7 @@ class Engine:
                 handle = self.executor.launch(sched_out.execute_model_request)
                 self.scheduler.advance(sched_out)
                 in_flight.append((sched_out, handle))
-                launched = sched_out
+                launched, depth = sched_out, len(in_flight)
             t2 = time.perf_counter() if prof else 0.0
         outputs: list[RequestOutput] = []
         waited = 0.0
@@ -370,7 +370,7 @@ class Engine:
             outputs = self._resolve(pending)
             waited = pending[1].wait_s
         if prof and launched is not None:
-            self._record(launched, t0, t1, t2, time.perf_counter(), waited, len(in_flight))
+            self._record(launched, t0, t1, t2, time.perf_counter(), waited, depth)
         return outputs
 
     def _log_step(self, sched_out) -> None:
@@ -398,7 +398,7 @@ class Engine:
                 in_flight: int = 0) -> None:
         """One step's phases. ``wait_ms`` (inside update_and_output with async scheduling) is the host
         waiting for the GPU; ``host_ms`` = total - wait is the host's own work for the step;
-        ``in_flight``: steps launched and not collected when it ended (pipeline parallelism)."""
+        ``in_flight``: steps in flight once it was launched, itself included (pipeline parallelism)."""
         self.step_profile.append({
             "in_flight": in_flight,
             "num_seqs": len(sched_out.scheduled_requests), "num_tokens": sched_out.total_num_scheduled_tokens,

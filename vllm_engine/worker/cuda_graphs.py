@@ -9,18 +9,24 @@ block 0 (a harmless read).
 
 The attention backend sees the same metadata on every replay of a graph: the kernels' launch plan
 may depend only on the batch size and ``max_seq_len``, which is fixed to ``max_model_len`` here.
+
+A pipeline stage captures its own layers: a stage after the first reads the previous stage's
+(hidden states, residual) from persistent buffers, and a stage before the last returns its own pair
+(``IntermediateTensors``) from the graph's output memory; the stages' send and receive stay outside
+the graphs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from vllm_engine.attention.backend import AttentionMetadata, block_table_width
+from vllm_engine.distributed import IntermediateTensors
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +37,12 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class CUDAGraphRunner:
+    """Decode graphs of ``model``; ``stage_input``: the model is a pipeline stage after the first,
+    which starts from the previous stage's hidden states and residual."""
+
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], max_num_seqs: int, max_model_len: int,
-                 block_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+                 block_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
+                 stage_input: bool = False) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.max_model_len = max_model_len
@@ -48,8 +58,11 @@ class CUDAGraphRunner:
         # The decode kernel's program order (longest sequence first); padding rows last, in index order.
         self.decode_order = torch.arange(max_bs, dtype=torch.int32, device=device)
         self.arange = torch.arange(max_bs, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Union[torch.Tensor, IntermediateTensors]]] = {}
         self.hidden_size, self.dtype = hidden_size, dtype
+        self.stage_input = (IntermediateTensors(torch.zeros(max_bs, hidden_size, dtype=dtype, device=device),
+                                                torch.zeros(max_bs, hidden_size, dtype=dtype, device=device))
+                            if stage_input else None)
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -68,7 +81,7 @@ class CUDAGraphRunner:
         stream = torch.cuda.Stream()
         for bs in reversed(self.batch_sizes):
             meta = self._metadata(bs)
-            args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, meta)
+            args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, meta, self._stage_input(bs))
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: compiles / autotunes kernels outside the capture
@@ -91,11 +104,22 @@ class CUDAGraphRunner:
                 return bs
         return None
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Decode step for ``meta.num_seqs`` sequences (one token each) by graph replay; returns hidden [n, H]."""
+    def _stage_input(self, bs: int) -> Optional[IntermediateTensors]:
+        if self.stage_input is None:
+            return None
+        return IntermediateTensors(self.stage_input.hidden_states[:bs], self.stage_input.residual[:bs])
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            stage_input: Optional[IntermediateTensors] = None) -> Union[torch.Tensor, IntermediateTensors]:
+        """Decode step for ``meta.num_seqs`` sequences (one token each) by graph replay: the model's
+        output for those rows (hidden states [n, H], or a stage's ``IntermediateTensors``). A stage
+        after the first passes the previous stage's output as ``stage_input``."""
         n = meta.num_seqs
         bs = self.bucket(n)
         graph, out = self.graphs[bs]
+        if self.stage_input is not None:
+            self.stage_input.hidden_states[:n].copy_(stage_input.hidden_states)
+            self.stage_input.residual[:n].copy_(stage_input.residual)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
@@ -112,4 +136,6 @@ class CUDAGraphRunner:
             self.seq_lens[n:bs].fill_(1)
             self.block_tables[n:bs, 0].zero_()
         graph.replay()
+        if isinstance(out, IntermediateTensors):
+            return IntermediateTensors(out.hidden_states[:n], out.residual[:n])
         return out[:n]

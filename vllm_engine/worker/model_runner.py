@@ -109,14 +109,13 @@ class ModelRunner:
         """Allocates the KV cache, then what depends on it: CUDA graphs and kernel warm-ups."""
         self.kv_cache = KVCache.allocate(self.config, self.kv_cache_spec(), num_gpu_blocks, num_cpu_blocks,
                                          self.device)
-        if self.device.type == "cuda" and not self.config.device.enforce_eager and self.pp_group.world_size == 1:
-            # A pipeline stage's graph would need the previous stage's hidden states as inputs: eager for now.
+        if self.device.type == "cuda" and not self.config.device.enforce_eager:
             from vllm_engine.worker.cuda_graphs import CUDAGraphRunner
 
             self.graph_runner = CUDAGraphRunner(
                 self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs,
                 self.model_config.max_model_len, self.block_size, self.model_config.hf_config.hidden_size,
-                self.dtype, self.device)
+                self.dtype, self.device, stage_input=not self.pp_group.is_first_rank)
             self.graph_runner.capture()
         if self.device.type == "cuda" and hasattr(self.attn_backend, "warmup"):
             t0 = time.perf_counter()
@@ -217,11 +216,7 @@ class ModelRunner:
             forward = torch.cuda.Event(enable_timing=True)
             forward.record()
         self.num_tokens_processed += msg.total_num_scheduled_tokens
-        meta = inputs.attn_metadata
-        if self.graph_runner is not None and meta.is_decode_only and self.graph_runner.bucket(meta.num_seqs):
-            hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, meta)
-        else:
-            hidden = self._forward(inputs)
+        hidden = self._forward(inputs)
         out.sampled_token_ids = [[] for _ in reqs]
         out.logprobs = [[] for _ in reqs]
         # Only the last pipeline stage samples; the others get the tokens in a later step's message.
@@ -306,18 +301,21 @@ class ModelRunner:
 
     # ---- pipeline parallelism ------------------------------------------------------------------
     def _forward(self, inputs: StepInputs) -> Optional[torch.Tensor]:
-        """This pipeline stage's share of the forward pass: the hidden states after the final norm on
-        the last stage, None on the others. A stage after the first starts from the previous stage's
-        (hidden states, residual), [num tokens, hidden] each; a stage before the last sends its own on."""
+        """This pipeline stage's share of the forward pass (a CUDA graph replay for a decode-only step
+        that fits a captured batch size): the hidden states after the final norm on the last stage,
+        None on the others. A stage after the first starts from the previous stage's (hidden states,
+        residual), [num tokens, hidden] each; a stage before the last sends its own on."""
         meta, pp = inputs.attn_metadata, self.pp_group
-        if pp.world_size == 1:
-            return self.model(inputs.input_ids, inputs.positions, self.kv_cache.gpu_caches, meta)
         stage_input = None
         if not pp.is_first_rank:
             shape = (inputs.positions.shape[0], self.model_config.hf_config.hidden_size)
             stage_input = IntermediateTensors(pp.recv(shape, self.dtype, self.device),
                                               pp.recv(shape, self.dtype, self.device))
-        out = self.model(inputs.input_ids, inputs.positions, self.kv_cache.gpu_caches, meta, stage_input)
+        graphs = self.graph_runner
+        if graphs is not None and meta.is_decode_only and graphs.bucket(meta.num_seqs):
+            out = graphs.run(inputs.input_ids, inputs.positions, meta, stage_input)
+        else:
+            out = self.model(inputs.input_ids, inputs.positions, self.kv_cache.gpu_caches, meta, stage_input)
         if pp.is_last_rank:
             return out
         pp.send(out.hidden_states)
