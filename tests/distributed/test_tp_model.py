@@ -71,10 +71,12 @@ def run_model(path: str, load_format: str = "auto") -> dict:
 
     cfg = EngineArgs(model=path, dtype="float32", device="cpu", max_model_len=64,
                      load_format=load_format).create_engine_config().model
+    from vllm_engine.layers.attention import Attention
+
     model = get_model(cfg, torch.device("cpu"), TorchAttentionBackend())
-    attn = model.model.stage_layers[0].self_attn.attn
-    caches = [torch.zeros(2, 1 + 16 * len(PROMPTS), BLOCK_SIZE, attn.num_kv_heads, attn.head_dim)
-              for _ in model.model.stage_layers]
+    layers = [m for m in model.modules() if isinstance(m, Attention)]  # this stage's, any model family
+    attn = layers[0]
+    caches = [torch.zeros(2, 1 + 16 * len(PROMPTS), BLOCK_SIZE, attn.num_kv_heads, attn.head_dim) for _ in layers]
     pp = get_pp_group()
     seqs = [list(p) for p in PROMPTS]
     done = [0] * len(seqs)
@@ -111,7 +113,7 @@ def run_model(path: str, load_format: str = "auto") -> dict:
 
     return {"logits": [torch.stack(lg) for lg in logits], "tokens": tokens, "logprobs": logprobs,
             "layout": (get_tp_group().world_size, pp.world_size, attn.num_heads, attn.num_kv_heads,
-                       len(model.model.stage_layers))}
+                       len(layers))}
 
 
 def _worker(rank: int, world_size: int, tp: int, pp: int, init_file: str, jobs: list, out_dir: str) -> None:

@@ -180,11 +180,11 @@ def test_missing_path():
 
 
 def test_unsupported_architecture_names_supported_ones(tiny_model_dir, tmp_path):
-    d = copy_dir(tiny_model_dir("llama"), tmp_path / "gpt")
+    d = copy_dir(tiny_model_dir("llama"), tmp_path / "bloom")
     cfg = json.loads((d / "config.json").read_text())
-    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    cfg.update(architectures=["BloomForCausalLM"], model_type="bloom")
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported:.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+    with pytest.raises(ValueError, match="BloomForCausalLM.*supported:.*LlamaForCausalLM.*Qwen3ForCausalLM"):
         resolve_model(str(d))
 
 

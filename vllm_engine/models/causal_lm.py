@@ -1,11 +1,13 @@
-"""The causal-LM shell the families after Llama share: HF's ``model.`` decoder + ``lm_head`` layout, the
-LM head on the last pipeline stage (the embedding itself when tied), and weight loading by HF name.
+"""The causal-LM shell the families after Llama share: the decoder under HF's name for it (``model``,
+``transformer``, ``gpt_neox``), the LM head on the last pipeline stage (the embedding itself when
+tied), and weight loading by HF name.
 
 A family subclasses ``CausalLM`` with its decoder class (``model_class``: built as
-``model_class(config, attn_backend, max_position, dtype, quant_config)``, exposing ``embed_tokens``,
-``is_first_stage`` / ``is_last_stage`` and ``start_layer`` / ``end_layer``), and overrides
-``checkpoint_weights`` to rename or split checkpoint tensors (fused q/k/v of Phi-3, experts...) and
-``compute_logits`` for what follows the LM head (Gemma 2's soft cap).
+``model_class(config, attn_backend, max_position, dtype, quant_config, prefix)``, exposing its
+embedding as attribute ``embed_name``, ``is_first_stage`` / ``is_last_stage`` and ``start_layer`` /
+``end_layer``), the checkpoint's names (``base_model_prefix``, ``lm_head_name``), and overrides
+``checkpoint_weights`` to rename, transpose or split checkpoint tensors (GPT-2's Conv1D, GPT-NeoX's
+interleaved q/k/v, experts...) and ``compute_logits`` for what follows the LM head (Gemma 2's cap).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class CausalLM(nn.Module):
     model_class: ClassVar[type[nn.Module]]
     stacked_params_mapping: ClassVar[utils.StackedParamsMapping] = LLAMA_STYLE_MAPPING
     default_tie_word_embeddings: ClassVar[bool] = False
+    base_model_prefix: ClassVar[str] = "model"
+    lm_head_name: ClassVar[str] = "lm_head"
+    embed_name: ClassVar[str] = "embed_tokens"
 
     def __init__(self, config: Any, attn_backend: AttentionBackend, max_position: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, quant_config: Optional[QuantizationConfig] = None) -> None:
@@ -47,34 +52,46 @@ class CausalLM(nn.Module):
         self.config = config
         self.quant_config = quant_config
         max_position = max_position or getattr(config, "max_position_embeddings", None) or 2048
-        self.model = self.model_class(config, attn_backend, max_position, dtype, quant_config)
+        base = self.model_class(config, attn_backend, max_position, dtype, quant_config, self.base_model_prefix)
+        self.add_module(self.base_model_prefix, base)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", self.default_tie_word_embeddings))
-        if not self.model.is_last_stage:
-            self.lm_head = PPMissingLayer()
-        elif self.tie_word_embeddings and self.model.is_first_stage:
-            self.lm_head = self.model.embed_tokens
+        self.embed_checkpoint_name = f"{self.base_model_prefix}.{self.embed_name}.weight"
+        if not base.is_last_stage:
+            lm_head: nn.Module = PPMissingLayer()
+        elif self.tie_word_embeddings and base.is_first_stage:
+            lm_head = getattr(base, self.embed_name)
         else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, quant_config=quant_config,
-                                          prefix="lm_head")
+            lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, quant_config=quant_config,
+                                     prefix=self.lm_head_name)
             if self.tie_word_embeddings:  # a last stage's copy of the first stage's embedding
-                self.lm_head.weight.checkpoint_name = "model.embed_tokens.weight"
+                lm_head.weight.checkpoint_name = self.embed_checkpoint_name
+        self.add_module(self.lm_head_name, lm_head)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix)
+
+    @property
+    def head(self) -> nn.Module:
+        """The LM head (``lm_head_name``): a ``ParallelLMHead``, the tied embedding, or a placeholder."""
+        return getattr(self, self.lm_head_name)
+
+    @property
     def start_layer(self) -> int:
-        return self.model.start_layer
+        return self.base_model.start_layer
 
     @property
     def end_layer(self) -> int:
-        return self.model.end_layer
+        return self.base_model.end_layer
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata, intermediate_tensors: Optional[IntermediateTensors] = None,
                 ) -> Union[torch.Tensor, IntermediateTensors]:
-        return self.model(input_ids, positions, kv_caches, attn_metadata, intermediate_tensors)
+        return self.base_model(input_ids, positions, kv_caches, attn_metadata, intermediate_tensors)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.logits_processor(self.lm_head, hidden)
+        return self.logits_processor(self.head, hidden)
 
     def checkpoint_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
         """The checkpoint's (name, tensor) pairs as ``load_weights`` matches them to parameters (a family
@@ -85,14 +102,15 @@ class CausalLM(nn.Module):
         """Copies HF-named tensors into this rank's parameters (each its slice); returns the names
         loaded. Unknown names and wrong shapes raise ValueError; rotary tables, a tied
         ``lm_head.weight`` and other stages' tensors are skipped."""
-        tied_head = self.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead)  # a last stage's own copy
+        tied_head = self.tie_word_embeddings and isinstance(self.head, ParallelLMHead)  # a last stage's own copy
+        head_weight = f"{self.lm_head_name}.weight"
 
         def renamed() -> Iterable[tuple[str, torch.Tensor]]:
             for name, tensor in self.checkpoint_weights(weights):
-                if self.tie_word_embeddings and name == "lm_head.weight":
+                if self.tie_word_embeddings and name == head_weight:
                     continue
-                if tied_head and name == "model.embed_tokens.weight":
-                    yield "lm_head.weight", tensor
+                if tied_head and name == self.embed_checkpoint_name:
+                    yield head_weight, tensor
                 yield name, tensor
 
         return utils.load_weights(self, renamed(), self.stacked_params_mapping, skip=("rotary_emb.",))

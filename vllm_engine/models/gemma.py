@@ -208,5 +208,5 @@ class GemmaForCausalLM(CausalLM):
     default_tie_word_embeddings = True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return soft_cap(self.logits_processor(self.lm_head, hidden),
+        return soft_cap(self.logits_processor(self.head, hidden),
                         getattr(self.config, "final_logit_softcapping", None))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from vllm_engine.models.gemma import GemmaForCausalLM
+from vllm_engine.models.gpt2 import GPT2LMHeadModel
+from vllm_engine.models.gpt_neox import GPTNeoXForCausalLM
 from vllm_engine.models.llama import LlamaForCausalLM
 from vllm_engine.models.phi3 import Phi3ForCausalLM
 
@@ -22,6 +24,8 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+    "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
 }
 
 # GGUF ``general.architecture`` -> HF architecture name (the ones our GGUF loader maps).
