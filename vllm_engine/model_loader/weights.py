@@ -60,10 +60,16 @@ def _safe_open_device(device: torch.device) -> str:
     return device.type
 
 
+def _keeps_dtype(name: str, t: torch.Tensor) -> bool:
+    return t.element_size() == 1 or name.endswith(("_scale", "_scale_inv"))
+
+
 def iter_safetensors(model_dir: str | os.PathLike, device: torch.device,
                      dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF name, tensor) lazily, one tensor at a time, read straight onto ``device`` and cast to
-    ``dtype`` (floating tensors only), so a checkpoint never sits whole in host memory."""
+    ``dtype`` (floating tensors only), so a checkpoint never sits whole in host memory. Quantized
+    checkpoints' float8 weights and their scales (``..._scale``, ``..._scale_inv``) keep their own
+    dtype: the quant method holds them at the checkpoint's precision."""
     from safetensors import safe_open
 
     for path in safetensors_files(model_dir):
@@ -72,7 +78,7 @@ def iter_safetensors(model_dir: str | os.PathLike, device: torch.device,
             with safe_open(str(path), framework="pt", device=_safe_open_device(device)) as f:
                 for name in f.keys():
                     t = f.get_tensor(name)
-                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                    if dtype is not None and t.is_floating_point() and t.dtype != dtype and not _keeps_dtype(name, t):
                         t = t.to(dtype)
                     yield name, t
         except ValueError:

@@ -1,0 +1,188 @@
+"""FP8 W8A8: e4m3 weights with float32 scales, activations quantized to e4m3 per token (dynamic) or
+with the checkpoint's per-tensor scale (static); products on FP8 tensor cores.
+
+Two sources of weights:
+
+* an HF ``fp8`` checkpoint (``quantization_config``: ``quant_method: "fp8"``, ``activation_scheme``
+  ``"dynamic"`` or ``"static"``, ``ignored_layers``): per module ``weight`` float8_e4m3fn [N, K],
+  ``weight_scale`` (one float32: per tensor) and, when static, ``input_scale`` (one float32);
+* ``quantization="fp8"`` on an unquantized checkpoint: each weight quantized at load with one scale
+  per output channel (``amax / 448``), activations dynamic per token.
+
+``y = (x_q * x_scale) @ (w_q * w_scale).T + bias``. Fused q/k/v (gate/up) modules keep each part's
+weight scale (spread per output channel); a static input scale is the largest of the parts' (so
+that no part's activations overflow). On CUDA GPUs with FP8 tensor cores (compute capability 8.9+)
+the product is ``torch._scaled_mm`` with row-wise scales; elsewhere the same arithmetic in float32
+(the quantized values dequantized: the CPU path and the tests' reference).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from vllm_engine.quantization.base import LinearMethodBase, QuantizationConfig
+from vllm_engine.quantization.unquantized import UnquantizedLinearMethod
+from vllm_engine.quantization.utils import add_param, hf_module_names, layer_name, replace_parameter
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # keeps an all-zero row's scale from dividing by zero
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` saturated to e4m3 (``scale`` broadcasts: a scalar, [M, 1] or [N, 1])."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def per_token_scales(x: torch.Tensor) -> torch.Tensor:
+    """[M, 1] float32: each row's absolute maximum over 448 (the dynamic activation scales)."""
+    return (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (e4m3 [N, K], float32 scales [N]): one scale per output channel."""
+    scale = per_token_scales(weight)
+    return quantize_fp8(weight, scale), scale.squeeze(1)
+
+
+def scaled_mm_supported(device: torch.device) -> bool:
+    """FP8 tensor cores: CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+               use_scaled_mm: bool = False) -> torch.Tensor:
+    """x [M, K] (16-bit or float32) times the e4m3 ``weight`` [N, K] with ``weight_scale`` [N] float32;
+    x quantized per token, or with the scalar ``input_scale`` (static). -> [M, N] in x.dtype.
+    ``use_scaled_mm``: ``torch._scaled_mm`` (bf16 x, K and N multiples of 16), else float32 arithmetic."""
+    if input_scale is None:
+        x_scale = per_token_scales(x)
+    else:
+        x_scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    x_q = quantize_fp8(x, x_scale)
+    n, k = weight.shape
+    if use_scaled_mm and x.dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0 and x.shape[0] > 0:
+        return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale.contiguous(), scale_b=weight_scale.view(1, n),
+                                bias=bias, out_dtype=x.dtype)
+    y = (x_q.float() * x_scale) @ (weight.float() * weight_scale[:, None]).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+class Fp8Config(QuantizationConfig):
+    """``is_checkpoint_fp8``: the weights are e4m3 in the checkpoint (else quantized at load);
+    ``activation_scheme``: ``"dynamic"`` (per token) or ``"static"`` (the checkpoint's input scales);
+    ``ignored_layers``: HF module names (or suffixes) left unquantized."""
+
+    def __init__(self, is_checkpoint_fp8: bool, activation_scheme: str = "dynamic",
+                 ignored_layers: Optional[list[str]] = None, device: Optional[torch.device] = None) -> None:
+        self.is_checkpoint_fp8 = is_checkpoint_fp8
+        self.activation_scheme = activation_scheme
+        self.ignored_layers = list(ignored_layers or [])
+        self.device = device
+        self._linear: Optional[Fp8LinearMethod] = None
+        self._unquantized: Optional[UnquantizedLinearMethod] = None
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "fp8"
+
+    @classmethod
+    def quantizes_at_load(cls) -> bool:
+        return True
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], device: Optional[torch.device] = None) -> "Fp8Config":
+        is_checkpoint = str(config.get("quant_method", "")).lower() == "fp8"
+        scheme = config.get("activation_scheme", "dynamic")
+        if scheme not in ("dynamic", "static"):
+            raise ValueError(f"quantization_config.activation_scheme={scheme!r} is not supported (dynamic or static).")
+        if config.get("weight_block_size"):
+            raise ValueError(f"quantization_config.weight_block_size={config['weight_block_size']} (block-wise FP8 "
+                             "scales) is not supported yet: per-tensor or per-channel weight scales only.")
+        if scheme == "static" and not is_checkpoint:
+            raise ValueError("activation_scheme='static' needs the input scales of an fp8 checkpoint.")
+        return cls(is_checkpoint, scheme, config.get("ignored_layers") or config.get("modules_to_not_convert"), device)
+
+    def is_quantized(self, prefix: str) -> bool:
+        names = hf_module_names(prefix)
+        ignored = {any(n == m or n.endswith("." + m) for m in self.ignored_layers) for n in names}
+        if len(ignored) > 1:
+            raise ValueError(f"{prefix}: ignored_layers leaves some of {', '.join(names)} unquantized but not all; "
+                             "fused modules must be quantized alike.")
+        return not ignored.pop()
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase:
+        from vllm_engine.layers.linear import LinearBase
+
+        if isinstance(layer, LinearBase) and self.is_quantized(prefix):
+            if self._linear is None:
+                self._linear = Fp8LinearMethod(self)
+            return self._linear
+        if self._unquantized is None:
+            self._unquantized = UnquantizedLinearMethod(self.device)
+        return self._unquantized
+
+
+class Fp8LinearMethod(LinearMethodBase):
+    """After loading every layer holds ``weight`` e4m3 [N, K], ``weight_scale`` float32 [N] and
+    ``input_scale`` (a float32 scalar, static activations) or None."""
+
+    def __init__(self, config: Fp8Config) -> None:
+        self.config = config
+        device = torch.device(config.device) if config.device is not None else torch.get_default_device()
+        self.use_scaled_mm = scaled_mm_supported(device)
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs: Any) -> None:
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        weight_dtype = FP8_DTYPE if self.config.is_checkpoint_fp8 else params_dtype
+        add_param(layer, "weight", (n, k), weight_dtype, {"input_dim": 1, "output_dim": 0}, extra_weight_attrs)
+        layer.fp8_partition_sizes = list(output_partition_sizes)
+        if not self.config.is_checkpoint_fp8:
+            return
+        shards = list(extra_weight_attrs["checkpoint_shapes"])
+        names = ["weight_scale"] + (["input_scale"] if self.config.activation_scheme == "static" else [])
+        for name in names:
+            add_param(layer, name, (len(shards),), torch.float32,
+                      {"checkpoint_shapes": {s: (1,) for s in shards}, "weight_loader": _per_shard_scalar(shards)},
+                      extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if self.config.is_checkpoint_fp8:
+            sizes = torch.tensor(layer.fp8_partition_sizes, device=layer.weight.device)
+            if not bool((layer.weight_scale.data > 0).all()):
+                raise ValueError(f"{layer_name(layer)}: weight_scale must be positive, got {layer.weight_scale.data}.")
+            weight, scale = layer.weight.data, layer.weight_scale.data.repeat_interleave(sizes)
+            input_scale = layer.input_scale.data.max() if self.config.activation_scheme == "static" else None
+        else:
+            weight, scale = quantize_weight_per_channel(layer.weight.data)
+            input_scale = None
+        replace_parameter(layer, "weight", weight.contiguous())
+        replace_parameter(layer, "weight_scale", scale.float().contiguous())
+        replace_parameter(layer, "input_scale", input_scale)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
+                          self.use_scaled_mm and x.is_cuda)
+
+
+def _per_shard_scalar(shards: list) -> Any:
+    """Loader of a one-number-per-checkpoint-tensor parameter [len(shards)]: shard s's scalar at its index."""
+
+    def load(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        if loaded_weight.numel() != 1:
+            raise ValueError(f"has shape {tuple(loaded_weight.shape)}, expected one number (a per-tensor scale)")
+        param.data[shards.index(shard_id)] = loaded_weight.reshape(())
+
+    return load
+
+
+__all__ = ["FP8_DTYPE", "Fp8Config", "Fp8LinearMethod", "fp8_linear", "per_token_scales", "quantize_fp8",
+           "quantize_weight_per_channel"]
