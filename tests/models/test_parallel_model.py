@@ -173,8 +173,8 @@ def test_dummy_weights_of_a_tied_head_on_the_last_stage_are_the_embedding(tiny_m
 
 def test_a_quantized_checkpoint_is_refused_with_its_method_named(tiny_model_dir):
     cfg = model_config(tiny_model_dir("llama"))
-    hf = cfg.hf_config.__class__.from_dict({**cfg.hf_config.to_dict(), "quantization_config": {"quant_method": "gptq"}})
-    with pytest.raises(ValueError, match="'gptq' is not supported"):
+    hf = cfg.hf_config.__class__.from_dict({**cfg.hf_config.to_dict(), "quantization_config": {"quant_method": "bitsandbytes"}})
+    with pytest.raises(ValueError, match="'bitsandbytes' is not supported"):
         get_model(dataclasses.replace(cfg, hf_config=hf), CPU, TorchAttentionBackend())
 
 

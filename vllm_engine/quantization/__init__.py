@@ -42,7 +42,8 @@ def checkpoint_quantization(hf_config: Any) -> Optional[dict[str, Any]]:
 def resolve_quantization(quantization: Optional[str], hf_config: Any, load_format: str = "safetensors") -> Optional[str]:
     """The method the model is loaded with (None: unquantized), from the user's ``quantization`` and
     the checkpoint's ``quantization_config``. ValueError naming the setting when they disagree, when
-    the method is unknown, or when a GGUF file is given another method (GGUF weights carry their own)."""
+    the method is unknown, or when a GGUF file is given another method (GGUF weights carry their own).
+    With ``load_format="dummy"`` any method may be asked for: random weights in its ``dummy_config``."""
     supported = ", ".join(sorted(QUANTIZATION_METHODS))
     qc = checkpoint_quantization(hf_config)
     if load_format == "gguf":
@@ -59,7 +60,7 @@ def resolve_quantization(quantization: Optional[str], hf_config: Any, load_forma
     name = _normalize(quantization)
     if name not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization={quantization!r} is not supported (supported: {supported}).")
-    if ckpt is None and not QUANTIZATION_METHODS[name].quantizes_at_load():
+    if ckpt is None and not QUANTIZATION_METHODS[name].quantizes_at_load() and load_format != "dummy":
         raise ValueError(f"quantization={quantization!r} needs a {name} checkpoint, but the model's config.json "
                          "has no quantization_config.")
     if ckpt is not None and ckpt != name:
@@ -70,14 +71,18 @@ def resolve_quantization(quantization: Optional[str], hf_config: Any, load_forma
 
 def get_quant_config(hf_config: Any, device: Optional[torch.device] = None,
                      quantization: Optional[str] = None) -> QuantizationConfig:
-    """The ``QuantizationConfig`` for a model on ``device``: ``quantization`` (a name from
-    ``resolve_quantization``; None: the checkpoint's own, if any), built from the checkpoint's
-    ``quantization_config`` (empty for a method that quantizes at load). ValueError naming the
-    field for settings the method cannot serve."""
-    name = resolve_quantization(quantization, hf_config)
+    """The ``QuantizationConfig`` for a model on ``device``: ``quantization`` (a name checked by
+    ``resolve_quantization`` at engine start; None: the checkpoint's own, if any), built from the
+    checkpoint's ``quantization_config`` (empty for a method that quantizes at load; the method's
+    ``dummy_config`` for dummy weights). ValueError naming the field for settings it cannot serve."""
+    name = resolve_quantization(quantization, hf_config, "dummy")
     if name is None:
         return UnquantizedConfig(device)
-    return QUANTIZATION_METHODS[name].from_config(checkpoint_quantization(hf_config) or {}, device)
+    cls = QUANTIZATION_METHODS[name]
+    qc = checkpoint_quantization(hf_config)
+    if qc is None and not cls.quantizes_at_load():  # dummy weights (resolve_quantization checked)
+        qc = cls.dummy_config()
+    return cls.from_config(qc or {}, device)
 
 
 __all__ = ["LinearMethodBase", "QUANTIZATION_METHODS", "QuantizationConfig", "UnquantizedConfig",

@@ -71,6 +71,10 @@ class AWQConfig(QuantizationConfig):
                              "layout).")
         return cls(group_size, config.get("modules_to_not_convert"), device)
 
+    @classmethod
+    def dummy_config(cls) -> dict[str, Any]:
+        return {"bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+
     def is_quantized(self, prefix: str) -> bool:
         names = hf_module_names(prefix)
         skipped = {any(m in n for m in self.modules_to_not_convert) for n in names}  # AutoAWQ: substrings

@@ -68,6 +68,12 @@ class QuantizationConfig(ABC):
         """Built from the HF ``quantization_config`` dict, for a model on ``device``."""
 
     @classmethod
+    def dummy_config(cls) -> dict[str, Any]:
+        """The ``quantization_config`` used with ``load_format="dummy"`` on a config without one
+        (benchmarks: random weights in this format at a real model's shapes)."""
+        return {}
+
+    @classmethod
     def quantizes_at_load(cls) -> bool:
         """Whether ``quantization=<name>`` may be asked for an unquantized checkpoint (the weights are
         quantized while loading, as fp8 does); False: the checkpoint must be of this format."""

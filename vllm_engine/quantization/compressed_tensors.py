@@ -106,6 +106,13 @@ class CompressedTensorsConfig(QuantizationConfig):
         schemes = [WeightScheme(name, g, config.get("format")) for name, g in groups.items()]
         return cls(schemes, list(config.get("ignore") or []), device)
 
+    @classmethod
+    def dummy_config(cls) -> dict[str, Any]:
+        """W4A16, groups of 128, symmetric (llm-compressor's W4A16 preset)."""
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
+        return {"format": PACK_QUANTIZED, "ignore": ["lm_head"],
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+
     def scheme_for(self, prefix: str, is_linear: bool) -> Optional[WeightScheme]:
         """The scheme of the module(s) behind ``prefix`` (None: unquantized); fused modules must agree."""
         found = set()

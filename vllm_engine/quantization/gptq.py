@@ -82,6 +82,10 @@ class GPTQConfig(QuantizationConfig):
         return cls(bits, group_size, bool(config.get("desc_act", False)), bool(config.get("sym", True)), fmt,
                    flat, device)
 
+    @classmethod
+    def dummy_config(cls) -> dict[str, Any]:
+        return {"bits": 4, "group_size": 128, "desc_act": False, "sym": True}
+
     def is_quantized(self, prefix: str) -> bool:
         """Whether the module(s) behind ``prefix`` are quantized; ValueError when only some of a fused
         layer's modules are."""
