@@ -6,11 +6,12 @@
 """
 
 from vllm_engine.outputs import CompletionOutput, RequestOutput
-from vllm_engine.sampling_params import SamplingParams
+from vllm_engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["Engine", "LLM", "EngineArgs", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
+           "__version__"]
 
 
 def __getattr__(name: str):

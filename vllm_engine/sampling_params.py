@@ -53,6 +53,69 @@ def _check_float(value: Any, name: str, lo: float, hi: float) -> None:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text (set exactly one field), as vLLM's ``StructuredOutputsParams``.
+
+    json: a JSON Schema (dict or JSON text); regex: a regular expression the whole output matches;
+    choice: the output is one of these strings; grammar: an EBNF grammar (xgrammar's dialect, rule
+    ``root``); json_object: any JSON object. Checked here for shape; the grammar library checks the
+    content when the engine compiles it (an error there names ``structured_outputs.<field>`` too).
+    """
+
+    json: Optional[Union[str, dict]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        import json as _json
+
+        set_fields = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False)]
+        if len(set_fields) != 1:
+            raise SamplingParamsError("structured_outputs", f"must set exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}"
+                                                            f", got {set_fields or 'none'}.")
+        if isinstance(self.json, str):
+            try:
+                self.json = _json.loads(self.json)
+            except ValueError as e:
+                raise SamplingParamsError("structured_outputs.json", f"is not valid JSON: {e}.") from e
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise SamplingParamsError("structured_outputs.json", f"must be a JSON Schema object, got {self.json!r}.")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise SamplingParamsError(f"structured_outputs.{name}", f"must be a non-empty string, got {value!r}.")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise SamplingParamsError("structured_outputs.choice", f"must be a non-empty list of non-empty "
+                                                                       f"strings, got {self.choice!r}.")
+            self.choice = list(self.choice)
+        if self.json_object not in (None, True):
+            raise SamplingParamsError("structured_outputs.json_object", f"must be true, got {self.json_object!r}.")
+
+    @property
+    def kind(self) -> str:
+        """The one field set: json, regex, choice, grammar or json_object."""
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, text): what compiled grammars are cached by. JSON keys keep their order (it is the
+        order the grammar emits properties in)."""
+        import json as _json
+
+        kind = self.kind
+        value = getattr(self, kind)
+        text = value if isinstance(value, str) else _json.dumps(value, ensure_ascii=False)
+        return kind, text
+
+
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -75,6 +138,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     # Filled by the engine (not the user): the model's EOS ids, used unless ignore_eos.
     _all_stop_token_ids: set = field(default_factory=set, repr=False, compare=False)
@@ -94,6 +158,14 @@ class SamplingParams:
                 raise SamplingParamsError("logit_bias", f"must map token ids to numbers, got {self.logit_bias!r}.") from e
         if self.top_k == 0:
             self.top_k = -1
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:  # an unknown key
+                raise SamplingParamsError("structured_outputs", f"has an unknown field: {e}.") from e
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise SamplingParamsError("structured_outputs", f"must be StructuredOutputsParams, got "
+                                                            f"{type(self.structured_outputs).__name__}.")
         self._verify()
         self._all_stop_token_ids = set(self.stop_token_ids)
 

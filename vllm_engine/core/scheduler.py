@@ -301,11 +301,15 @@ class Scheduler:
             self._add_scheduled(req, num_new)
 
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
-        skipped: list[Request] = []  # n > 1 samples waiting for their sibling's prompt: they block nobody
+        # n > 1 samples waiting for their sibling's prompt, requests whose grammar is compiling: they block nobody
+        skipped: list[Request] = []
         while len(self.waiting) and self._budget > 0 and len(self._sched_reqs) < self._seq_cap:
             req = self.waiting.peek()
             if req.request_id in self._preempted_now:
                 break  # do not bring back a request preempted for a better one in this very step
+            if req.grammar_future is not None and not req.grammar_future.done():
+                skipped.append(self.waiting.pop())  # its grammar is compiling: the others go ahead
+                continue
             if self._in_flight(req):  # preempted while its step is in flight (pipeline): after it
                 skipped.append(self.waiting.pop())
                 continue

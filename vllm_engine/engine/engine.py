@@ -97,6 +97,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_gpu_blocks, num_cpu_blocks,
                                    pipeline_depth=self.pipeline_depth)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._structured_output = None  # StructuredOutputManager, made by the first constrained request
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
         self._ids = itertools.count()
         self.step_profile: Optional[list[dict]] = None
@@ -216,6 +217,7 @@ class Engine:
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         self._check_admission(params, max_tokens)
+        grammar = self._compile_grammar(params)
         arrival_time = arrival_time if arrival_time is not None else time.time()
         eos = set() if params.ignore_eos else self.eos_token_ids
         samples: list[Request] = []
@@ -224,6 +226,8 @@ class Engine:
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}", prompt_token_ids=ids,
                 sampling_params=params, eos_token_ids=eos, arrival_time=arrival_time, priority=priority,
                 parent_id=request_id, sample_index=i, fork_from=samples[0] if i else None, max_tokens=max_tokens))
+        for r in samples:
+            r.grammar_future = grammar
         added: list[Request] = []
         try:
             for r in samples:
@@ -234,6 +238,25 @@ class Engine:
             self.scheduler.finish_requests([r.request_id for r in added], RequestStatus.FINISHED_ABORTED)
             self.output_processor.remove(request_id)
             raise
+
+    def structured_output_manager(self) -> Any:
+        """The StructuredOutputManager (grammar compiles, cached by text), shared with an in-process runner."""
+        if self._structured_output is None:
+            from vllm_engine.structured_output import StructuredOutputManager
+
+            tok = self._require_tokenizer("structured_outputs")
+            self._structured_output = StructuredOutputManager(tok, self.model_config.vocab_size, self.eos_token_ids)
+            if self.model_runner is not None:
+                self.model_runner.grammars.manager = self._structured_output
+        return self._structured_output
+
+    def _compile_grammar(self, params: SamplingParams) -> Any:
+        """Starts compiling the request's constraint in the background (None without one): the scheduler
+        holds the request back until it is done; a constraint that does not compile ends the request
+        with an error when it runs (the server compiles first and answers 400 instead)."""
+        if params.structured_outputs is None:
+            return None
+        return self.structured_output_manager().submit(params.structured_outputs)
 
     def _check_admission(self, params: SamplingParams, max_tokens: int) -> None:
         """The limits that depend on the engine: n, min_tokens within the context, the waiting queue

@@ -89,6 +89,9 @@ class Request:
         # step that samples it is resolved; finish_pending marks a request whose placeholder is its last token
         # (max_tokens / max_model_len reached), so it is not scheduled again.
         self.finish_pending = False
+        # Structured outputs: the compile of this request's grammar (a Future); the scheduler leaves the
+        # request waiting until it is done.
+        self.grammar_future = None
 
     # ---- token bookkeeping -------------------------------------------------------------------
     @property

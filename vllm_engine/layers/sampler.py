@@ -10,6 +10,9 @@ Order of the logit transforms, per row (as vLLM):
 5. greedy rows (temperature < 1e-5): argmax. Other rows: / temperature -> top_k -> top_p -> min_p
    -> sample by the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``.
 
+Before all of them, a structured-output request's row keeps only the tokens its grammar allows
+(``grammar_bitmask``: the other tokens become -inf; the other rows are untouched).
+
 Logprobs are computed from the RAW logits (``log_softmax`` of the model output, before any of the
 transforms above), as vLLM does by default: they describe the model, not the sampling rule.
 
@@ -31,6 +34,7 @@ from torch import nn
 
 from vllm_engine.core.sched_output import SampledLogprobs
 from vllm_engine.sampling_params import SamplingParams
+from vllm_engine.structured_output.bitmask import apply_token_bitmask
 from vllm_engine.utils import host_to_device
 
 if TYPE_CHECKING:
@@ -80,6 +84,10 @@ class SamplingMetadata:
     prompt_token_ids: Optional[torch.Tensor] = None  # [B, Lp] int64, padded with V (only for repetition)
     output_token_ids: Optional[torch.Tensor] = None  # [B, Lo] int64, padded with V (only for penalties)
     max_num_logprobs: Optional[int] = None  # max over rows of params.logprobs; None: no row asked
+    # Structured outputs (set by the model runner): rows grammar_rows may only sample the tokens whose
+    # bits are set in grammar_bitmask (structured_output/bitmask.py); None when no row is constrained.
+    grammar_bitmask: Optional[torch.Tensor] = None  # [R, ceil(V / 32)] int32
+    grammar_rows: Optional[torch.Tensor] = None  # [R] int64
 
     @property
     def no_penalties(self) -> bool:
@@ -196,6 +204,8 @@ class Sampler(nn.Module):
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
 
+        if meta.grammar_bitmask is not None:  # before every path below, after the raw logprobs
+            logits = apply_token_bitmask(logits, meta.grammar_bitmask, meta.grammar_rows)
         needs_transform = (meta.bias_index is not None or meta.min_tokens_index is not None
                            or not meta.no_penalties)
         if meta.all_greedy and not needs_transform:

@@ -23,6 +23,7 @@ from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
 from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
 from vllm_engine.quantization import linear_picker
+from vllm_engine.structured_output.worker import WorkerGrammars
 from vllm_engine.worker.block_tables import HostBlockTables
 from vllm_engine.worker.kv_cache import KVCache, KVCacheSpec, determine_num_blocks
 from vllm_engine.worker.request_states import (
@@ -75,6 +76,9 @@ class ModelRunner:
         self.kv_cache: Optional[KVCache] = None
         self.graph_runner = None  # CUDAGraphRunner for decode-only steps (CUDA, unless enforce_eager)
         self.generators: dict[str, torch.Generator] = {}
+        # Structured outputs; the engine hands over its StructuredOutputManager when in the same process.
+        self.grammars = WorkerGrammars(config.model)
+        self._last_handle: Optional[StepHandle] = None  # the latest launch that sampled
         self._last_sampled: Optional[torch.Tensor] = None  # the previous launch's sampled ids (device)
         self._last_sample_row: dict[str, int] = {}
         self.last_prepare_s = 0.0  # CPU time of the last step's input preparation
@@ -197,11 +201,15 @@ class ModelRunner:
         assert self.kv_cache is not None, "initialize_kv_cache() first"
         for req_id in msg.finished_req_ids:
             self.generators.pop(req_id, None)
+        if self.grammars:
+            self.grammars.finish(msg.finished_req_ids)
         reqs = self.requests.update(msg)
         self.kv_cache.swap_out(msg.blocks_to_swap_out)
         self.kv_cache.swap_in(msg.blocks_to_swap_in)
         self.kv_cache.copy_blocks(msg.blocks_to_copy)
         out = ModelRunnerOutput(req_ids=msg.req_ids)
+        if msg.new_requests and self.pp_group.is_last_rank:
+            self.grammars.add(msg.new_requests, out.failed)
         handle = StepHandle(out)
         if msg.is_empty:
             return handle
@@ -237,17 +245,10 @@ class ModelRunner:
         also written over the placeholders the launch appended to its requests' states."""
         out = handle.output
         if handle.sampled is not None:
-            if handle.copied is not None:
-                t0 = time.perf_counter()
-                handle.copied.synchronize()  # waits for this step only, not for steps queued after it
-                handle.wait_s = time.perf_counter() - t0
-                tokens = handle.sampled_host.tolist()
-            else:
-                tokens = handle.sampled.tolist()
+            tokens = handle.host_tokens()
             sampled = out.sampled_token_ids
             for req_index, token in zip(handle.sample_req_indices, tokens):
                 sampled[req_index] = [token]
-            fill_placeholders(handle.placeholder_states, handle.placeholder_index, tokens)
         return out
 
     def _sample(self, states: list[CachedRequestState], inputs: StepInputs, hidden: torch.Tensor,
@@ -272,6 +273,8 @@ class ModelRunner:
             device=self.device,
             staging=self.staging,
         )
+        if self.grammars:  # after the forward is queued: the GPU runs it while the host fills the masks
+            self.grammars.fill(reqs, meta, self.staging, self._read_last_tokens)
         result = self.sampler(logits, meta)
         self._keep_sampled(reqs, inputs, result.sampled_token_ids, handle)
         out = handle.output
@@ -279,6 +282,11 @@ class ModelRunner:
             for row, req_index in enumerate(inputs.sample_req_indices):
                 if reqs[row].sampling_params.logprobs is not None:
                     out.logprobs[req_index] = [_trim(result.logprobs[row], reqs[row].sampling_params.logprobs)]
+
+    def _read_last_tokens(self) -> None:
+        """The latest launch's sampled ids to the host now, ahead of its collect (structured outputs)."""
+        if self._last_handle is not None:
+            self._last_handle.host_tokens()
 
     def _keep_sampled(self, reqs: list[CachedRequestState], inputs: StepInputs, sampled: torch.Tensor,
                       handle: "StepHandle") -> None:
@@ -296,6 +304,7 @@ class ModelRunner:
         # The sampled tokens join their requests as placeholders, filled in by collect(); the next
         # launch reads any it needs before then from here.
         handle.placeholder_states, handle.placeholder_index = reqs, append_placeholders(reqs)
+        self._last_handle = handle
         self._last_sampled = sampled
         self._last_sample_row = {r.req_id: row for row, r in enumerate(reqs)}
 
@@ -442,6 +451,21 @@ class StepHandle:
     sampled_host: Optional[torch.Tensor] = None  # pinned host copy, valid once `copied` has completed
     copied: Optional[torch.cuda.Event] = None
     wait_s: float = 0.0  # how long collect() waited for the GPU (the step profile's idle host time)
+    tokens: Optional[list[int]] = None  # the sampled ids on the host, once read
+
+    def host_tokens(self) -> list[int]:
+        """The sampled ids as host ints, also written over the placeholders the launch appended to its
+        requests' states. Waits for this step's copy the first time (not for steps queued after it)."""
+        if self.tokens is None:
+            if self.copied is not None:
+                t0 = time.perf_counter()
+                self.copied.synchronize()
+                self.wait_s = time.perf_counter() - t0
+                self.tokens = self.sampled_host.tolist()
+            else:
+                self.tokens = self.sampled.tolist()
+            fill_placeholders(self.placeholder_states, self.placeholder_index, self.tokens)
+        return self.tokens
 
 
 def _trim(lp: SampledLogprobs, n: int) -> SampledLogprobs:

@@ -1,0 +1,211 @@
+"""Pieces without a model: StructuredOutputsParams checks, the bitmask against a Python reference,
+a grammar walked over a real tokenizer's tokens, the scheduler holding back a compiling request,
+and the tool-call parsers (whole and streamed) on hand-written replies."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from vllm_engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
+from vllm_engine.serving.tool_parsers import ToolCallParser
+from vllm_engine.structured_output.bitmask import apply_token_bitmask, bitmask_width
+
+
+# ---- params ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, param", [
+    ({}, "structured_outputs"),
+    ({"json": {"type": "object"}, "regex": "a+"}, "structured_outputs"),
+    ({"json": "{not json"}, "structured_outputs.json"),
+    ({"json": 3}, "structured_outputs.json"),
+    ({"regex": ""}, "structured_outputs.regex"),
+    ({"choice": []}, "structured_outputs.choice"),
+    ({"choice": ["a", 1]}, "structured_outputs.choice"),
+    ({"grammar": 5}, "structured_outputs.grammar"),
+    ({"json_object": "yes"}, "structured_outputs.json_object"),
+])
+def test_bad_structured_outputs_name_the_field(kwargs, param):
+    with pytest.raises(SamplingParamsError) as e:
+        StructuredOutputsParams(**kwargs)
+    assert e.value.param == param and str(e.value).startswith(param)
+
+
+def test_structured_outputs_key_keeps_property_order_and_dicts_convert():
+    a = StructuredOutputsParams(json='{"b": 1, "a": 2}')
+    assert a.json == {"b": 1, "a": 2} and a.key == ("json", '{"b": 1, "a": 2}')
+    assert StructuredOutputsParams(json={"a": 2, "b": 1}).key != a.key
+    p = SamplingParams(structured_outputs={"choice": ["x", "y"]})
+    assert p.structured_outputs.kind == "choice" and p.clone().structured_outputs.key == ("choice", '["x", "y"]')
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(structured_outputs={"jsonn": {}})
+    assert e.value.param == "structured_outputs"
+
+
+# ---- bitmask -----------------------------------------------------------------------------------------------
+def test_apply_token_bitmask_matches_a_reference_and_leaves_other_rows():
+    gen = torch.Generator().manual_seed(0)
+    vocab, width = 70, bitmask_width(70)
+    assert width == 3
+    logits = torch.randn(4, vocab, generator=gen)
+    allowed = torch.rand(2, vocab, generator=gen) < 0.3
+    allowed[:, 69] = True  # the last id: bit 5 of the third word
+    allowed[0, 31] = True  # bit 31: the sign bit of a word
+    bitmask = torch.zeros(2, width, dtype=torch.int64)
+    for r in range(2):
+        for t in allowed[r].nonzero().flatten().tolist():
+            bitmask[r, t // 32] |= 1 << (t % 32)
+    bitmask = torch.where(bitmask >= 2**31, bitmask - 2**32, bitmask).to(torch.int32)
+    rows = torch.tensor([3, 1])
+    before = logits.clone()
+    out = apply_token_bitmask(logits, bitmask, rows)
+    assert torch.equal(logits, before)  # out of place
+    for r, row in enumerate(rows.tolist()):
+        ref = torch.where(allowed[r], before[row], torch.tensor(float("-inf")))
+        assert torch.equal(out[row], ref)
+    assert torch.equal(out[0], before[0]) and torch.equal(out[2], before[2])
+
+
+def test_grammar_allows_exactly_the_walk_of_a_valid_instance(smollm2_gguf):
+    """Walking a valid instance's tokens, each next token is allowed by the mask; a token that breaks
+    the schema is not; after the last token only EOS is, and once EOS is taken only EOS stays."""
+    pytest.importorskip("xgrammar")
+    import numpy as np
+
+    from vllm_engine.model_loader.tokenizer import get_tokenizer
+    from vllm_engine.structured_output import StructuredOutputManager
+
+    tok = get_tokenizer(str(smollm2_gguf))
+    eos = tok.eos_token_id
+    manager = StructuredOutputManager(tok, len(tok), [eos])
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"n": {"type": "integer", "minimum": 1,
+                                                                                "maximum": 9}},
+                                         "required": ["n"], "additionalProperties": False})
+    grammar = manager.new_grammar(spec)
+    ids = tok.encode('{"n": 7}', add_special_tokens=False)
+    mask = np.zeros((1, manager.bitmask_width), dtype=np.int32)
+
+    def allowed(t: int) -> bool:
+        return bool((int(mask[0, t // 32]) >> (t % 32)) & 1)
+
+    out: list[int] = []
+    for t in ids:
+        grammar.advance(out)
+        grammar.fill_bitmask(mask, 0)
+        assert allowed(t) and not allowed(eos)
+        out.append(t)
+    grammar.advance(out)
+    grammar.fill_bitmask(mask, 0)
+    assert allowed(eos) and int(np.count_nonzero(mask)) == 1 and bin(int(mask[0, eos // 32]) & 0xFFFFFFFF).count("1") == 1
+    grammar.advance(out + [eos])
+    assert grammar.is_terminated and grammar.rejected is None
+    grammar.fill_bitmask(mask, 0)
+    assert allowed(eos) and int(np.count_nonzero(mask)) == 1
+    bad = manager.new_grammar(spec)
+    bad.advance(tok.encode('{"m"', add_special_tokens=False))
+    assert bad.rejected is not None
+
+
+def test_compile_errors_name_the_field(smollm2_gguf):
+    pytest.importorskip("xgrammar")
+    from vllm_engine.model_loader.tokenizer import get_tokenizer
+    from vllm_engine.structured_output import StructuredOutputManager
+
+    tok = get_tokenizer(str(smollm2_gguf))
+    manager = StructuredOutputManager(tok, len(tok), [tok.eos_token_id])
+    for spec, param in ((StructuredOutputsParams(regex="[a-"), "structured_outputs.regex"),
+                        (StructuredOutputsParams(json={"type": "nonsense"}), "structured_outputs.json"),
+                        (StructuredOutputsParams(grammar="root ::= "), "structured_outputs.grammar")):
+        with pytest.raises(SamplingParamsError) as e:
+            manager.compile(spec)
+        assert e.value.param == param and "/project/" not in str(e.value)
+    a = manager.submit(StructuredOutputsParams(regex="[0-9]+"))
+    assert manager.submit(StructuredOutputsParams(regex="[0-9]+")) is a  # cached by its text
+
+
+# ---- the scheduler holds back a request whose grammar compiles ---------------------------------------------
+def test_scheduler_runs_others_while_a_grammar_compiles():
+    from vllm_engine.config import CacheConfig, SchedulerConfig
+    from vllm_engine.core.scheduler import Scheduler
+    from vllm_engine.engine.request import Request
+
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=64),
+                      CacheConfig(block_size=4), num_gpu_blocks=64)
+    compiling: Future = Future()
+    first = Request("constrained", [1, 2, 3], SamplingParams(max_tokens=4))
+    first.grammar_future = compiling
+    sched.add_request(first)
+    sched.add_request(Request("plain", [4, 5, 6], SamplingParams(max_tokens=4)))
+    out = sched.schedule()
+    assert [r.request_id for r in out.scheduled_requests] == ["plain"]
+    sched.advance(out)
+    compiling.set_result(object())
+    out = sched.schedule()
+    assert [r.request_id for r in out.scheduled_requests] == ["plain", "constrained"]
+
+
+# ---- tool-call parsers ---------------------------------------------------------------------------------------
+def _stream(parser: ToolCallParser, text: str, step: int = 3) -> tuple[str, list[dict]]:
+    """Feeds ``text`` in pieces of ``step`` characters; returns the content and the calls the deltas build."""
+    content, calls = "", []
+    for end in list(range(step, len(text), step)) + [len(text)]:
+        c, deltas = parser.delta(text[:end], final=end == len(text))
+        content += c
+        for d in deltas:
+            if "id" in d:
+                assert d["index"] == len(calls) and d["function"]["arguments"] == ""
+                calls.append({"id": d["id"], "name": d["function"]["name"], "arguments": ""})
+            else:
+                calls[d["index"]]["arguments"] += d["function"]["arguments"]
+    return content, calls
+
+
+HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n'
+          '</tool_call>\n<tool_call>\n{"arguments": {"q": "a \\"}\\" b"}, "name": "search"}\n</tool_call>')
+
+
+@pytest.mark.parametrize("step", [1, 4, 1000])
+def test_hermes_calls_whole_and_streamed_agree(step):
+    content, calls = ToolCallParser("hermes").parse(HERMES)
+    assert content == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris", "days": [1, 2]}), ("search", {"q": 'a "}" b'})]
+    s_content, s_calls = _stream(ToolCallParser("hermes"), HERMES, step)
+    assert s_content.strip() == "Let me check."
+    assert [(c["name"], c["arguments"]) for c in s_calls] == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+
+def test_hermes_without_calls_is_content_and_a_held_back_tag_start_comes_out_at_the_end():
+    parser = ToolCallParser("hermes")
+    assert parser.parse("Just text <tool") == ("Just text <tool", [])
+    content, calls = _stream(ToolCallParser("hermes"), "Just text <tool", 1)
+    assert content == "Just text <tool" and calls == []
+    # a malformed call: the reply stays text
+    assert ToolCallParser("hermes").parse('<tool_call>\n{"name": "f", "arguments": {"a": }\n</tool_call>')[1] == []
+
+
+def test_llama3_json_form():
+    text = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "time", "parameters": {}}'
+    content, calls = ToolCallParser("llama3_json").parse(text)
+    assert content is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}), ("time", {})]
+    assert _stream(ToolCallParser("llama3_json"), text, 2)[1][0]["arguments"] == '{"city": "Oslo"}'
+    assert ToolCallParser("llama3_json").parse("The weather is fine.") == ("The weather is fine.", [])
+
+
+def test_required_array_and_named_arguments():
+    text = '[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {"y": [2]}}]'
+    content, calls = ToolCallParser("required").parse(text)
+    assert content is None and [c["function"]["arguments"] for c in calls] == ['{"x": 1}', '{"y": [2]}']
+    assert [(c["name"], c["arguments"]) for c in _stream(ToolCallParser("required"), text, 5)[1]] == [
+        ("a", '{"x": 1}'), ("b", '{"y": [2]}')]
+    content, calls = ToolCallParser("named", "f").parse('{"city": "Rome"}')
+    assert content is None and calls[0]["function"] == {"name": "f", "arguments": '{"city": "Rome"}'}
+    streamed = _stream(ToolCallParser("named", "f"), '{"city": "Rome"}', 3)[1]
+    assert [(c["name"], c["arguments"]) for c in streamed] == [("f", '{"city": "Rome"}')]
+    # a reply cut short (max_tokens) has no calls: it stays text
+    assert ToolCallParser("required").parse('[{"name": "a", "parameters": {"x"')[1] == []

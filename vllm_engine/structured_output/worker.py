@@ -1,0 +1,84 @@
+"""The model runner's side of structured outputs: a grammar per constrained request, and each
+step's token bitmask for the sampler.
+
+The bitmask of step N+1 needs the token sampled at step N. With async scheduling that token is
+still on the device when N+1 is launched, so ``fill`` runs after N+1's forward pass is queued: it
+waits for N's token copy (queued before N+1's forward, so it does not wait for that forward),
+advances the grammars, and fills the mask while the GPU runs N+1's forward; only N+1's sampling
+waits for the mask. Steps without a constrained request do none of this.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+
+import numpy as np
+
+from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
+from vllm_engine.structured_output.manager import RequestGrammar, StructuredOutputManager
+
+if TYPE_CHECKING:
+    from vllm_engine.core.sched_output import NewRequestData
+    from vllm_engine.layers.sampler import SamplingMetadata
+    from vllm_engine.worker.request_states import CachedRequestState
+    from vllm_engine.worker.staging import HostStaging
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerGrammars:
+    """Grammars by request id. ``manager``: the engine's (same process) or None (built on first use
+    from ``model_config``, e.g. in a worker process: its first compile of a grammar then waits)."""
+
+    def __init__(self, model_config: Any, manager: Optional[StructuredOutputManager] = None) -> None:
+        self.model_config = model_config
+        self.manager = manager
+        self.grammars: dict[str, RequestGrammar] = {}
+        self._bitmask: Optional[np.ndarray] = None  # [rows, words] int32, grown as needed
+
+    def __bool__(self) -> bool:
+        return bool(self.grammars)
+
+    def add(self, new_requests: Iterable["NewRequestData"], failed: dict[str, str]) -> None:
+        """A grammar for each new request with ``structured_outputs``; a constraint that does not compile
+        is that request's fault (``failed``: the engine ends it with an error)."""
+        for data in new_requests:
+            spec = data.sampling_params.structured_outputs
+            if spec is None:
+                continue
+            try:
+                if self.manager is None:
+                    self.manager = StructuredOutputManager.from_model_config(self.model_config)
+                self.grammars[data.req_id] = self.manager.new_grammar(spec)
+            except Exception as e:  # noqa: BLE001 - this request's fault: the engine ends it, the batch runs
+                failed[data.req_id] = f"{type(e).__name__}: {e}"
+
+    def finish(self, req_ids: Iterable[str]) -> None:
+        for rid in req_ids:
+            self.grammars.pop(rid, None)
+
+    def fill(self, reqs: list["CachedRequestState"], meta: "SamplingMetadata", staging: "HostStaging",
+             read_pending_tokens: Callable[[], None]) -> None:
+        """Sets ``meta.grammar_bitmask`` / ``grammar_rows`` for the constrained rows of ``reqs`` (the
+        step's sampled requests, in row order). ``read_pending_tokens``: brings the previous launch's
+        sampled ids to the host (written over the placeholders), called only when a grammar needs one."""
+        grammars = self.grammars
+        rows = [i for i, r in enumerate(reqs) if r.req_id in grammars]
+        if not rows:
+            return
+        # A request's last token may be the previous launch's, still on the device (async scheduling).
+        if any(reqs[i].output_token_ids[-1:] == [PLACEHOLDER_TOKEN_ID] for i in rows):
+            read_pending_tokens()
+        bitmask = self._rows(len(rows), self.manager.bitmask_width)
+        for j, i in enumerate(rows):
+            grammar = grammars[reqs[i].req_id]
+            grammar.advance(reqs[i].output_token_ids)
+            grammar.fill_bitmask(bitmask, j)
+        meta.grammar_bitmask, meta.grammar_rows = staging.stage(bitmask, np.asarray(rows, dtype=np.int64))
+
+    def _rows(self, n: int, width: int) -> np.ndarray:
+        if self._bitmask is None or self._bitmask.shape[0] < n:
+            self._bitmask = np.zeros((max(n, 2 * (0 if self._bitmask is None else self._bitmask.shape[0])), width),
+                                     dtype=np.int32)
+        return self._bitmask[:n]
