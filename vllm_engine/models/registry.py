@@ -8,6 +8,7 @@ from vllm_engine.models.gemma import GemmaForCausalLM
 from vllm_engine.models.gpt2 import GPT2LMHeadModel
 from vllm_engine.models.gpt_neox import GPTNeoXForCausalLM
 from vllm_engine.models.llama import LlamaForCausalLM
+from vllm_engine.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from vllm_engine.models.phi3 import Phi3ForCausalLM
 
 # Every Llama-family decoder shares one implementation; the differences (qkv bias, q/k norm,
@@ -26,6 +27,10 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
+    # Mixtures of experts (models/moe.py, layers/fused_moe.py).
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 # GGUF ``general.architecture`` -> HF architecture name (the ones our GGUF loader maps).
