@@ -144,3 +144,16 @@ def test_the_kernel_compiles_for_sm90():
     proc = subprocess.run([sys.executable, "-c", COMPILE_SM90], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["16", "False", "True", "64", "True", "True"], proc.stdout
+
+
+def test_the_gpu_benchmark_script_runs_on_the_cpu():
+    """tests/benchmarks/moe_bench.py (the H200 comparison against a cuBLAS loop) in its CPU smoke mode:
+    both paths agree at reduced Mixtral and Qwen3-MoE shapes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import moe_bench
+
+    for model in ("mixtral-8x7b", "qwen3-30b-a3b"):
+        assert moe_bench.main(["--smoke", "--model", model, "--batch-sizes", "1", "6"]) == 0

@@ -65,7 +65,9 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     E * (block_m - 1) rounded up to ``block_m``: enough for any routing, known without a sync."""
     flat = topk_ids.flatten().to(torch.int64)
     num_pairs, device = flat.numel(), flat.device
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount sizes its output from the largest id (a device sync, and no
+    # CUDA-graph capture).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)  # pair ids, by expert
