@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vllm_engine import envs
 from vllm_engine.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from vllm_engine.serving import openapi as oas
+from vllm_engine.sampling_params import SamplingParamsError, StructuredOutputsParams
 from vllm_engine.serving.metrics import ServerMetrics
 from vllm_engine.serving.protocol import (
     APIError, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatMessage,
@@ -81,6 +82,8 @@ class ServingContext:
         except Exception:  # noqa: BLE001 - an uncopyable tokenizer: share it (tokenize on our one thread)
             self.tokenizer = tok
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine-tokenizer")
+        if tok is not None and hasattr(engine, "structured_output_manager"):
+            engine.structured_output_manager()  # made here, before two threads could race to make it
         self.created = int(time.time())
 
     async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -110,13 +113,22 @@ class ServingContext:
         tok = self.require_tokenizer()
         return await self.in_tokenizer_thread(tok.decode, ids)
 
+    def effective_chat_template(self, chat_template: Optional[str] = None) -> Optional[str]:
+        """The template a chat renders with: the request's, else the server's, else the model's."""
+        return chat_template or self.chat_template or getattr(self.tokenizer, "chat_template", None)
+
     async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                          continue_final_message: bool, chat_template: Optional[str] = None) -> str:
-        """The conversation as prompt text, through the request's, the server's or the model's template.
+                          continue_final_message: bool, chat_template: Optional[str] = None,
+                          tools: Optional[list[dict]] = None) -> str:
+        """The conversation as prompt text, through the request's, the server's or the model's template;
+        ``tools`` (OpenAI definitions) go to the template, or into a system prompt when it has no tool
+        support (serving/chat_tools.py).
 
         A request's template is refused unless the server trusts them: the tokenizer thread runs it,
         and a template can loop for minutes (``range`` in a nested loop), stalling every request.
         """
+        from vllm_engine.serving.chat_tools import conversation, template_supports_tools
+
         tok = self.require_tokenizer()
         if chat_template is not None and not self.trust_request_chat_template:
             raise APIError(400, "chat_template in a request is disabled: the server runs only its own or the "
@@ -132,15 +144,29 @@ class ServingContext:
         if continue_final_message and messages[-1].role != "assistant":
             raise APIError(400, "continue_final_message needs the last message to be from the assistant.",
                            param="continue_final_message")
-        convo = [{"role": m.role, "content": m.text()} for m in messages]
+        native_tools = template_supports_tools(self.effective_chat_template(chat_template))
+        convo = conversation(messages, tools, native_tools)
         try:
             return await self.in_tokenizer_thread(
                 tok.apply_chat_template, convo, chat_template=template, tokenize=False,
-                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                tools=tools if native_tools else None)
         except APIError:
             raise
         except Exception as e:  # template errors (e.g. "roles must alternate") are the request's fault
             raise APIError(400, f"chat template error: {e}", param="messages") from e
+
+    async def compile_grammar(self, params: StructuredOutputsParams, param: str) -> None:
+        """Compiles a request's constraint before it is queued (the engine's cache keeps the result), so
+        a bad schema, regex or grammar is a 400 naming the request's ``param``; the compile runs on the
+        grammar thread, never on the event loop or the engine loop."""
+        try:
+            manager = self.engine.structured_output_manager()
+            await asyncio.wrap_future(manager.submit(params))
+        except SamplingParamsError as e:
+            raise APIError(400, str(e.renamed(param)), param=param) from e
+        except ValueError as e:  # no tokenizer, xgrammar not installed
+            raise APIError(400, str(e), param=param) from e
 
     def check_lengths(self, num_prompt_tokens: int, max_tokens: Optional[int], param: str = "max_tokens") -> None:
         """400 when the prompt (plus an explicitly requested max_tokens) cannot fit in the context."""

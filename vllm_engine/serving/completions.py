@@ -158,8 +158,12 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     prompts = await _prompts(ctx, req)
     max_tokens = _max_tokens(ctx, req, prompts)
     try:
+        constraint, constraint_param = req.structured_outputs_params()
+        if constraint is not None:
+            await ctx.compile_grammar(constraint, constraint_param)
         params = req.build_sampling_params(max_tokens, req.logprobs, ctx.generation_config,
-                                           prompt_logprobs=req.logprobs if req.echo else None)
+                                           prompt_logprobs=req.logprobs if req.echo else None,
+                                           structured_outputs=constraint)
     except ValueError as e:
         raise request_error(e, SPELLING) from e
     if req.echo:

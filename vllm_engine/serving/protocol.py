@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vllm_engine.sampling_params import SamplingParams, SamplingParamsError
+from vllm_engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 
 
 class OpenAIBaseModel(BaseModel):
@@ -29,6 +29,30 @@ def error_body(message: str, type_: str = "invalid_request_error", param: Option
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str = "response"
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    """OpenAI's ``response_format``: text (no constraint), json_object, or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputsField(OpenAIBaseModel):
+    """vLLM's ``structured_outputs`` request field (one of these)."""
+
+    json_: Optional[Union[str, dict[str, Any]]] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
 
 
 class _SamplingFields(OpenAIBaseModel):
@@ -57,9 +81,48 @@ class _SamplingFields(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     priority: int = 0
+    # Structured outputs: OpenAI's response_format, or vLLM's fields (at most one of them)
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = Field(None, description="An EBNF grammar (xgrammar's dialect, rule `root`).")
+    structured_outputs: Optional[StructuredOutputsField] = None
+
+    def structured_outputs_params(self) -> tuple[Optional[StructuredOutputsParams], Optional[str]]:
+        """The constraint this request asks for, and the request field that asked (for errors).
+
+        Raises SamplingParamsError naming the field when two fields ask at once or one is malformed.
+        """
+        asked: list[tuple[str, dict]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise SamplingParamsError("response_format", "of type json_schema needs json_schema.schema.")
+            asked.append(("response_format", {"json": rf.json_schema.json_schema}))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                asked.append((name, {kind: getattr(self, name)}))
+        if self.structured_outputs is not None:
+            fields = self.structured_outputs.model_dump(exclude_none=True)  # "json_" -> "json"
+            asked.append(("structured_outputs", {k.rstrip("_"): v for k, v in fields.items()}))
+        if not asked:
+            return None, None
+        if len(asked) > 1:
+            raise SamplingParamsError(asked[1][0], f"cannot be combined with {asked[0][0]}: ask for one "
+                                                   f"structured output.")
+        field_name, kwargs = asked[0]
+        try:
+            return StructuredOutputsParams(**kwargs), field_name
+        except SamplingParamsError as e:
+            raise SamplingParamsError(field_name, e.detail if e.param == "structured_outputs" else str(e)) from e
 
     def build_sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
-                              generation_config: dict, prompt_logprobs: Optional[int] = None) -> SamplingParams:
+                              generation_config: dict, prompt_logprobs: Optional[int] = None,
+                              structured_outputs: Optional[StructuredOutputsParams] = None) -> SamplingParams:
         """SamplingParams for this request; unset fields take the model's generation_config defaults.
 
         Raises ValueError (naming the field) for an invalid value.
@@ -91,6 +154,7 @@ class _SamplingFields(OpenAIBaseModel):
             ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            structured_outputs=structured_outputs,
         )
 
     @property
@@ -113,10 +177,44 @@ class TextPart(OpenAIBaseModel):
     text: str
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text.")
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # a tool message: the call it answers
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM does)."""
@@ -139,6 +237,11 @@ class ChatCompletionRequest(_SamplingFields):
                                                            "unless the server runs with --trust-request-chat-template.")
     add_special_tokens: bool = False
     echo: bool = False
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(
+        None, description="Default: auto with tools, none without. required and a named function are enforced by "
+                          "a grammar.")
+    parallel_tool_calls: bool = True
 
 
 class TokenizeCompletionRequest(OpenAIBaseModel):
@@ -178,7 +281,7 @@ class APIError(Exception):
 # The server builds its responses as plain dicts (speed); these models document them in the OpenAPI
 # document, and the tests validate real responses against them. ``extra="forbid"``: a key the server
 # sends but these models lack is a documentation bug the fuzz test catches.
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 StopReason = Optional[Union[int, str]]  # the stop token id or stop string that ended the sample
 
 
@@ -269,9 +372,21 @@ class ChatLogprobs(ResponseModel):
     content: list[ChatLogprobEntry]
 
 
+class ResponseFunctionCall(ResponseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text, exactly as generated.")
+
+
+class ResponseToolCall(ResponseModel):
+    id: str
+    type: Literal["function"]
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(ResponseModel):
     role: Literal["assistant"]
-    content: str
+    content: Optional[str] = Field(description="null when the reply is only tool calls.")
+    tool_calls: list[ResponseToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(ResponseModel):
@@ -291,9 +406,22 @@ class ChatCompletionResponse(ResponseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(ResponseModel):
+    name: Optional[str] = Field(None, description="In the call's first delta only.")
+    arguments: str = Field(description="What is new of the arguments' JSON text.")
+
+
+class DeltaToolCall(ResponseModel):
+    index: int
+    id: Optional[str] = Field(None, description="In the call's first delta only.")
+    type: Optional[Literal["function"]] = None
+    function: DeltaFunctionCall
+
+
 class ChatDelta(ResponseModel):
     role: Optional[Literal["assistant"]] = Field(None, description="Only in each choice's first chunk.")
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatStreamChoice(ResponseModel):

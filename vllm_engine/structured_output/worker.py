@@ -11,6 +11,7 @@ waits for the mask. Steps without a constrained request do none of this.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -36,6 +37,9 @@ class WorkerGrammars:
         self.manager = manager
         self.grammars: dict[str, RequestGrammar] = {}
         self._bitmask: Optional[np.ndarray] = None  # [rows, words] int32, grown as needed
+        # When a list (benchmarks): one (constrained rows, seconds) per step: advancing the grammars,
+        # filling and staging the mask (not the wait for the previous step's tokens).
+        self.fill_seconds: Optional[list[tuple[int, float]]] = None
 
     def __bool__(self) -> bool:
         return bool(self.grammars)
@@ -70,12 +74,15 @@ class WorkerGrammars:
         # A request's last token may be the previous launch's, still on the device (async scheduling).
         if any(reqs[i].output_token_ids[-1:] == [PLACEHOLDER_TOKEN_ID] for i in rows):
             read_pending_tokens()
+        t0 = time.perf_counter() if self.fill_seconds is not None else 0.0
         bitmask = self._rows(len(rows), self.manager.bitmask_width)
         for j, i in enumerate(rows):
             grammar = grammars[reqs[i].req_id]
             grammar.advance(reqs[i].output_token_ids)
             grammar.fill_bitmask(bitmask, j)
         meta.grammar_bitmask, meta.grammar_rows = staging.stage(bitmask, np.asarray(rows, dtype=np.int64))
+        if self.fill_seconds is not None:
+            self.fill_seconds.append((len(rows), time.perf_counter() - t0))
 
     def _rows(self, n: int, width: int) -> np.ndarray:
         if self._bitmask is None or self._bitmask.shape[0] < n:
