@@ -158,8 +158,9 @@ class EngineArgs:
     max_n: int = field(default=128, metadata=_arg("The most samples (n) one request may ask for (OpenAI's limit is 128)."))
     seed: int = field(default=0, metadata=_arg("Random seed."))
     quantization: Optional[str] = field(default=None, metadata=_arg(
-        "Quantization method of the weights: gptq, awq, compressed-tensors, fp8 (default: the checkpoint's "
-        "quantization_config, if any; fp8 also quantizes an unquantized checkpoint at load). docs/quantization.md.", flag=("--quantization", "-q")))
+        "Quantization method of the weights: gptq, awq, compressed-tensors, fp8, gguf (default: the checkpoint's "
+        "quantization_config, if any; fp8 also quantizes an unquantized checkpoint at load; gguf keeps a GGUF "
+        "file's blocks quantized instead of dequantizing them at load). docs/quantization.md.", flag=("--quantization", "-q")))
     load_format: str = field(default="auto", metadata=_arg("auto, safetensors, gguf, or dummy (random weights).", choices=["auto", "safetensors", "gguf", "dummy"]))
     served_model_name: Optional[str] = field(default=None, metadata=_arg("Model name in the API (default: the model argument)."))
     device: str = field(default="auto", metadata=_arg("auto, cpu or cuda.", choices=["auto", "cpu", "cuda"]))
@@ -282,7 +283,7 @@ class EngineArgs:
         from vllm_engine.quantization import get_quant_config, resolve_quantization
 
         name = resolve_quantization(self.quantization, hf_config, load_format)
-        if name is not None:
+        if name is not None and name != "gguf":  # gguf: the file's tensor types, read when loading
             get_quant_config(hf_config, device, name)
         return name
 

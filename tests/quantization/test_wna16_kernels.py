@@ -62,6 +62,23 @@ def test_kernels_match_float64(bits, group_size, zeros, layout, rows):
         torch.testing.assert_close(y.double().cpu(), want, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 16)])
+def test_scale_and_min_groups(bits, group_size):
+    """GGUF's blocks: w = q * scale + min (float32 scales and mins, one per group)."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 1 << bits, (128, 48), generator=gen)
+    scales = torch.rand(128 // group_size, 48, generator=gen, dtype=torch.float64) * 0.02
+    mins = torch.randn(128 // group_size, 48, generator=gen, dtype=torch.float64) * 0.1
+    g = torch.arange(128) // group_size
+    ref = q.double() * scales[g] + mins[g]
+    w = k.WNA16Weight(pack_int32(q, bits, 0).to(DEVICE), scales.float().to(DEVICE), None, None, None, bits,
+                      group_size, mins.float().to(DEVICE))
+    x = torch.randn(6, 128, generator=gen, dtype=torch.float64)
+    for y in (k.wna16_gemv(x[:3].float().to(DEVICE), w, config=(16, 64, 4, 2)),
+              k.wna16_gemm(x.float().to(DEVICE), w, config=(16, 16, 32, 4, 2)), k.dequant_linear(x.float().to(DEVICE), w)):
+        torch.testing.assert_close(y.double().cpu(), (x @ ref)[: y.shape[0]], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16bit_activations(dtype):
     """16-bit x and scales: the product of the dequantized weight as rounded to x's dtype, within

@@ -29,7 +29,13 @@ def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBa
     cls = get_model_class(model_config.architecture)
     max_position = model_config.max_model_len  # no position reaches it: the cos/sin cache stops there
     # One for the whole model: one linear picker.
-    quant_config = get_quant_config(hf_config, device, getattr(model_config, "quantization", None))
+    quantization = getattr(model_config, "quantization", None)
+    if quantization == "gguf":  # the blocks kept quantized: the file's tensor types
+        from vllm_engine.quantization.gguf import GGUFConfig
+
+        quant_config = GGUFConfig.from_gguf_file(model_config.gguf_file or model_config.model_path, device)
+    else:
+        quant_config = get_quant_config(hf_config, device, quantization)
     t0 = time.perf_counter()
     with torch.device(device):
         model = cls(hf_config, attn_backend, max_position=max_position, dtype=model_config.dtype,
@@ -47,7 +53,8 @@ def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBa
         from vllm_engine.model_loader.gguf_loader import iter_gguf_weights
 
         path = model_config.gguf_file or model_config.model_path
-        _load(model, iter_gguf_weights(path, hf_config, device, model_config.dtype), path)
+        keep = frozenset(getattr(quant_config, "tensor_types", ()))
+        _load(model, iter_gguf_weights(path, hf_config, device, model_config.dtype, keep_quantized=keep), path)
     else:
         raise ValueError(f"Unknown load_format {load_format!r}; expected safetensors, gguf or dummy.")
     process_weights_after_loading(model)

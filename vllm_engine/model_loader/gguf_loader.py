@@ -320,9 +320,11 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(path: str | os.PathLike, hf_config: Any, device: torch.device,
-                      dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (HF name, dequantized tensor in ``dtype`` on ``device``) for every tensor of the file."""
+def iter_gguf_weights(path: str | os.PathLike, hf_config: Any, device: torch.device, dtype: torch.dtype,
+                      keep_quantized: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (HF name, dequantized tensor in ``dtype`` on ``device``) for every tensor of the file;
+    the tensors named in ``keep_quantized`` come as their raw bytes instead, [rows, bytes per row]
+    uint8 with ``gguf_type`` and ``gguf_shape`` attributes (quantization/gguf.py decodes them)."""
     reader = open_gguf(path)
     permute = reader.metadata.get("general.architecture") in ("llama", "mistral")
     for t in reader.tensors:
@@ -331,9 +333,16 @@ def iter_gguf_weights(path: str | os.PathLike, hf_config: Any, device: torch.dev
             if t.name.startswith("rope_freqs"):  # llama3 rope factors: we compute them from the config
                 continue
             raise ValueError(f"GGUF tensor {t.name!r} has no counterpart in the model.")
-        w = dequantize(t.data, t.type_name, t.shape, device, torch.float32)
+        if name in keep_quantized:
+            w = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True)).to(device).reshape(t.shape[0], -1)
+        else:
+            w = dequantize(t.data, t.type_name, t.shape, device, torch.float32)
         if permute and ".self_attn.q_proj." in name:
             w = unpermute_qk(w, hf_config.num_attention_heads)
         elif permute and ".self_attn.k_proj." in name:
             w = unpermute_qk(w, hf_config.num_key_value_heads)
-        yield name, w.to(dtype)
+        if name in keep_quantized:
+            w.gguf_type, w.gguf_shape = t.type_name, t.shape  # rows permuted whole: the blocks run along them
+            yield name, w
+        else:
+            yield name, w.to(dtype)

@@ -16,12 +16,13 @@ from vllm_engine.quantization.awq import AWQConfig
 from vllm_engine.quantization.base import LinearMethodBase, QuantizationConfig
 from vllm_engine.quantization.compressed_tensors import CompressedTensorsConfig
 from vllm_engine.quantization.fp8 import Fp8Config
+from vllm_engine.quantization.gguf import GGUFConfig
 from vllm_engine.quantization.gptq import GPTQConfig
 from vllm_engine.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod, linear_picker
 
 # HF ``quantization_config.quant_method`` -> config class.
 QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
-    cls.get_name(): cls for cls in (GPTQConfig, AWQConfig, CompressedTensorsConfig, Fp8Config)
+    cls.get_name(): cls for cls in (GPTQConfig, AWQConfig, CompressedTensorsConfig, Fp8Config, GGUFConfig)
 }
 _ALIASES = {"compressed_tensors": "compressed-tensors"}
 
@@ -46,11 +47,13 @@ def resolve_quantization(quantization: Optional[str], hf_config: Any, load_forma
     With ``load_format="dummy"`` any method may be asked for: random weights in its ``dummy_config``."""
     supported = ", ".join(sorted(QUANTIZATION_METHODS))
     qc = checkpoint_quantization(hf_config)
-    if load_format == "gguf":
-        if quantization is not None:
+    if load_format == "gguf" or quantization == "gguf":
+        if load_format != "gguf":
+            raise ValueError("quantization='gguf' needs a GGUF file.")
+        if quantization not in (None, "gguf"):
             raise ValueError(f"quantization={quantization!r} cannot be applied to a GGUF file: its tensors carry "
-                             "their own quantization (leave quantization unset).")
-        return None
+                             "their own quantization (unset: dequantized at load; 'gguf': kept quantized).")
+        return quantization
     ckpt = _normalize(qc.get("quant_method", "")) if qc else None
     if ckpt is not None and ckpt not in QUANTIZATION_METHODS:
         raise ValueError(f"The checkpoint's quantization_config.quant_method={ckpt!r} is not supported "
