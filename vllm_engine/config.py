@@ -158,7 +158,7 @@ class EngineArgs:
     max_n: int = field(default=128, metadata=_arg("The most samples (n) one request may ask for (OpenAI's limit is 128)."))
     seed: int = field(default=0, metadata=_arg("Random seed."))
     quantization: Optional[str] = field(default=None, metadata=_arg(
-        "Quantization method of the weights: gptq, awq, compressed-tensors, fp8, gguf (default: the checkpoint's "
+        "Quantization method of the weights: gptq, awq, compressed-tensors, fp8, gguf, squeezellm (default: the checkpoint's "
         "quantization_config, if any; fp8 also quantizes an unquantized checkpoint at load; gguf keeps a GGUF "
         "file's blocks quantized instead of dequantizing them at load). docs/quantization.md.", flag=("--quantization", "-q")))
     load_format: str = field(default="auto", metadata=_arg("auto, safetensors, gguf, or dummy (random weights).", choices=["auto", "safetensors", "gguf", "dummy"]))

@@ -190,6 +190,31 @@ def write_awq(float_dir: Path, out_dir: Path, group_size: int, modules_to_not_co
     return deq
 
 
+def write_squeezellm(float_dir: Path, out_dir: Path) -> dict[str, torch.Tensor]:
+    """A SqueezeLLM checkpoint: per output channel a table of 16 values (the row's quantiles, as float16),
+    each weight the index of its nearest value, packed as GPTQ packs along the inputs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in float_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out_dir / f.name)
+    out, deq = {}, {}
+    for name, t in load_file(str(float_dir / "model.safetensors")).items():
+        module = name[: -len(".weight")]
+        if module.split(".", 3)[-1] not in LINEARS:
+            out[name] = t
+            continue
+        lut = torch.quantile(t.double(), torch.linspace(0, 1, 16, dtype=torch.float64), dim=1).t().half()  # [out, 16]
+        q = (t.double()[:, :, None] - lut.double()[:, None, :]).abs().argmin(-1)  # [out, in]
+        deq[name] = torch.gather(lut.double(), 1, q)
+        out[f"{module}.qweight"] = torch.from_numpy(gptq_pack(q.t().numpy(), 4, 0))
+        out[f"{module}.lookup_table"] = lut
+    save_file(out, str(out_dir / "model.safetensors"))
+    cfg = json.loads((float_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "squeezellm", "wbits": 4}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return deq
+
+
 def write_compressed_tensors(float_dir: Path, out_dir: Path, bits: int, group_size: int,
                              symmetric: bool) -> dict[str, torch.Tensor]:
     """A pack-quantized checkpoint written by the compressed-tensors library (min-max scales by its

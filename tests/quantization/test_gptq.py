@@ -160,7 +160,7 @@ def _copy(path, tmp_path):
     return dst
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors", "fp8"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors", "fp8", "squeezellm"])
 def test_dummy_weights_in_each_format(method, float_checkpoint):
     """Benchmarks: a config without quantization_config, random weights in each format's default
     settings (load_format="dummy"); the model runs and every linear layer holds that format's tensors."""
@@ -169,6 +169,9 @@ def test_dummy_weights_in_each_format(method, float_checkpoint):
     cfg = model_config(float_checkpoint, load_format="dummy", quantization=method)
     model = get_model(cfg, CPU, TorchAttentionBackend())
     for layer in (m for m in model.modules() if isinstance(m, LinearBase)):
-        assert (layer.weight.dtype == torch.float8_e4m3fn) if method == "fp8" else layer.wna16.group_size == 128
+        if method == "fp8":
+            assert layer.weight.dtype == torch.float8_e4m3fn
+        else:
+            assert layer.wna16.lut is not None if method == "squeezellm" else layer.wna16.group_size == 128
     logits = run_paged_steps(model, cfg, [[1, 2, 3]], [[3]])[0]
     assert torch.isfinite(torch.stack(logits)).all()

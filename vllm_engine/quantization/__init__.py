@@ -18,11 +18,13 @@ from vllm_engine.quantization.compressed_tensors import CompressedTensorsConfig
 from vllm_engine.quantization.fp8 import Fp8Config
 from vllm_engine.quantization.gguf import GGUFConfig
 from vllm_engine.quantization.gptq import GPTQConfig
+from vllm_engine.quantization.squeezellm import SqueezeLLMConfig
 from vllm_engine.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod, linear_picker
 
 # HF ``quantization_config.quant_method`` -> config class.
 QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
-    cls.get_name(): cls for cls in (GPTQConfig, AWQConfig, CompressedTensorsConfig, Fp8Config, GGUFConfig)
+    cls.get_name(): cls for cls in (GPTQConfig, AWQConfig, CompressedTensorsConfig, Fp8Config, GGUFConfig,
+                                     SqueezeLLMConfig)
 }
 _ALIASES = {"compressed_tensors": "compressed-tensors"}
 

@@ -39,7 +39,7 @@ class WNA16LinearMethodBase(LinearMethodBase):
     @staticmethod
     def finish(layer: nn.Module, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                bits: int, group_size: int, g_idx: Optional[torch.Tensor], drop: tuple[str, ...],
-               mins: Optional[torch.Tensor] = None) -> None:
+               mins: Optional[torch.Tensor] = None, lut: Optional[torch.Tensor] = None) -> None:
         """Sets ``layer.wna16`` from this rank's unpacked weight.
 
         ``q`` [K, N] integers in [0, 2**bits); ``scales`` [G, N]; ``zeros`` [G, N] unsigned integer zero
@@ -48,7 +48,8 @@ class WNA16LinearMethodBase(LinearMethodBase):
         Rows of an act-order weight are sorted by group when that makes groups runs of
         ``group_size`` (the input is permuted to match); else the kernels read ``g_idx``.
         ``drop``: the checkpoint parameters to remove from the layer. ``mins`` [G, N] (with ``zeros``
-        None): ``w = q * scale + min`` instead (GGUF)."""
+        None): ``w = q * scale + min`` instead (GGUF). ``lut`` [N, 2**bits] (scales None, one group):
+        ``w = lut[n, q]`` (SqueezeLLM)."""
         k = q.shape[0]
         half = 1 << (bits - 1)
         if zeros is not None and bool((zeros == half).all()):
@@ -65,13 +66,14 @@ class WNA16LinearMethodBase(LinearMethodBase):
                 g_idx = None
         for name in drop:
             replace_parameter(layer, name, None)
-        dtype = scales.dtype
         replace_parameter(layer, "qweight", pack_int32(q, bits, 0))
-        replace_parameter(layer, "scales", scales.contiguous())
-        replace_parameter(layer, "zeros", zeros.to(dtype).contiguous() if zeros is not None else None)
+        replace_parameter(layer, "scales", scales.contiguous() if scales is not None else None)
+        replace_parameter(layer, "zeros", zeros.to(scales.dtype).contiguous() if zeros is not None else None)
         replace_parameter(layer, "mins", mins.contiguous() if mins is not None else None)
         replace_parameter(layer, "g_idx", g_idx.to(torch.int32) if g_idx is not None else None)
         if perm is not None:
             layer.register_buffer("input_perm", perm, persistent=False)
+        if lut is not None:
+            replace_parameter(layer, "lookup_table", lut.contiguous())
         layer.wna16 = WNA16Weight(layer.qweight, layer.scales, layer.zeros, layer.g_idx, perm, bits, group_size,
-                                  layer.mins)
+                                  layer.mins, layer.lookup_table if lut is not None else None)

@@ -8,7 +8,8 @@ The layout every integer format repacks to at load (GPTQ, compressed-tensors pac
 * ``scales`` [G, N] in the activation dtype; the group of input row k is ``k // group_size``, or
   ``g_idx[k]`` when a ``g_idx`` [K] int32 is given (act-order checkpoints whose groups are not runs).
 * ``zeros`` [G, N] (unsigned zero points, as floats) or None: the symmetric 2**(bits - 1);
-  or ``mins`` [G, N] instead (GGUF's ``q * scale + min`` blocks).
+  or ``mins`` [G, N] instead (GGUF's ``q * scale + min`` blocks);
+* or, for non-uniform formats (SqueezeLLM), ``lut`` [N, 2**bits] instead of scales: ``w[k, n] = lut[n, q[k, n]]``.
 * ``perm`` [K] or None: the input's columns are ``x[:, perm]`` first (act-order weights whose rows
   were sorted by group at load so that groups are runs again).
 
@@ -57,13 +58,14 @@ class WNA16Weight:
     """One layer's packed weight in the layout above (tensors on the layer's device)."""
 
     qweight: torch.Tensor
-    scales: torch.Tensor
+    scales: Optional[torch.Tensor]  # None with a lookup table
     zeros: Optional[torch.Tensor]
     g_idx: Optional[torch.Tensor]
     perm: Optional[torch.Tensor]
     bits: int
     group_size: int  # == in_features for per-channel scales
     mins: Optional[torch.Tensor] = None  # w = q * scale + min (zeros then None)
+    lut: Optional[torch.Tensor] = None  # [N, 2**bits]: w = lut[n, q] (scales, zeros, mins then None)
 
     @property
     def in_features(self) -> int:
@@ -83,7 +85,11 @@ class WNA16Weight:
 def dequantize(w: WNA16Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The [K, N] weight (rows in ``perm`` order, as the kernels see them) in ``dtype``, computed in float32."""
     shifts = torch.arange(0, 32, w.bits, dtype=torch.int32, device=w.qweight.device)
-    q = ((w.qweight.unsqueeze(1) >> shifts[None, :, None]) & ((1 << w.bits) - 1)).flatten(0, 1).float()
+    q = ((w.qweight.unsqueeze(1) >> shifts[None, :, None]) & ((1 << w.bits) - 1)).flatten(0, 1)
+    if w.lut is not None:
+        cols = torch.arange(w.out_features, device=q.device)
+        return w.lut.float()[cols[None, :], q.long()].to(dtype)
+    q = q.float()
     g = w.groups()
     if w.mins is not None:
         return (q * w.scales.float()[g] + w.mins.float()[g]).to(dtype)
@@ -96,7 +102,7 @@ if triton is not None:
     @triton.jit
     def _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS: tl.constexpr,
                     HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_MINS: tl.constexpr):
+                    HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr):
         """Rows [k0, k0 + BLOCK_K) x columns offs_n of the dequantized weight, float32 [BLOCK_K, BLOCK_N].
         Each packed word is loaded once and split in registers. Without g_idx the tile lies in one
         group (the launcher makes BLOCK_K divide group_size), so one row of scales serves it."""
@@ -106,7 +112,11 @@ if triton is not None:
         packed = tl.load(QW + offs_kp[:, None].to(tl.int64) * N + offs_n[None, :], mask=m2, other=0)
         shifts = tl.arange(0, PF) * BITS
         q = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-        q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+        if HAS_LUT:  # S is the [N, 2**BITS] table
+            w = tl.load(S + offs_n[None, :].to(tl.int64) * (1 << BITS) + q, mask=nmask[None, :], other=0.0)
+            return w.to(tl.float32)
+        q = q.to(tl.float32)
         if HAS_GIDX:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < K
@@ -137,7 +147,7 @@ if triton is not None:
     @triton.jit
     def _wna16_gemv_kernel(X, QW, S, Z, GI, Bias, Y, M, N, K, group_size, stride_xm, stride_ym,
                            BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr,
-                           HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """y[m, n] = sum_k x[m, k] * w[k, n] (+ bias[n]) for M <= BLOCK_M rows: program p streams the
         packed columns [p * BLOCK_N, (p + 1) * BLOCK_N) once, float32 accumulation."""
@@ -151,7 +161,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             w = _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS, HAS_ZEROS, HAS_GIDX,
-                            BLOCK_K, BLOCK_N, HAS_MINS)
+                            BLOCK_K, BLOCK_N, HAS_MINS, HAS_LUT)
             kmask = (k0 + offs_k) < K
             x = tl.load(X + offs_m[:, None] * stride_xm + k0 + offs_k[None, :], mask=mmask[:, None] & kmask[None, :],
                         other=0.0).to(tl.float32)
@@ -164,7 +174,7 @@ if triton is not None:
     @triton.jit
     def _wna16_gemm_kernel(X, QW, S, Z, GI, Bias, Y, M, N, K, group_size, stride_xm, stride_ym,
                            BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr,
-                           HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+                           HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y = x @ w (+ bias), each weight tile dequantized in
         registers to x's dtype and multiplied on tensor cores, float32 accumulation."""
@@ -182,7 +192,7 @@ if triton is not None:
             a = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + k0 + offs_k[None, :],
                         mask=mmask[:, None] & kmask[None, :], other=0.0)
             w = _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS, HAS_ZEROS, HAS_GIDX,
-                            BLOCK_K, BLOCK_N, HAS_MINS)
+                            BLOCK_K, BLOCK_N, HAS_MINS, HAS_LUT)
             if DOT_F32:
                 a = a.to(tl.float32)
             else:
@@ -213,9 +223,10 @@ def _prepare(x: torch.Tensor, w: WNA16Weight) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _common_args(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor], y: torch.Tensor) -> tuple:
-    z = w.mins if w.mins is not None else w.zeros if w.zeros is not None else w.scales
+    s = w.lut if w.lut is not None else w.scales
+    z = w.mins if w.mins is not None else w.zeros if w.zeros is not None else s
     gi = w.g_idx if w.g_idx is not None else w.qweight
-    return (x, w.qweight, w.scales, z, gi, bias if bias is not None else w.scales, y, x.shape[0], w.out_features,
+    return (x, w.qweight, s, z, gi, bias if bias is not None else s, y, x.shape[0], w.out_features,
             w.in_features, w.group_size, x.stride(0), y.stride(0))
 
 
@@ -228,7 +239,7 @@ def wna16_gemv(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = N
     block_n, block_k, warps, stages = config
     _wna16_gemv_kernel[(triton.cdiv(w.out_features, block_n),)](
         *_common_args(x, w, bias, y), BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
-        HAS_MINS=w.mins is not None, HAS_BIAS=bias is not None, BLOCK_M=max(triton.next_power_of_2(x.shape[0]), 1), BLOCK_N=block_n,
+        HAS_MINS=w.mins is not None, HAS_LUT=w.lut is not None, HAS_BIAS=bias is not None, BLOCK_M=max(triton.next_power_of_2(x.shape[0]), 1), BLOCK_N=block_n,
         BLOCK_K=_block_k(w, block_k), num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
     return y
 
@@ -244,7 +255,7 @@ def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = N
     dot_f32 = x.dtype == torch.float32 or envs.triton_interpret()
     _wna16_gemm_kernel[(triton.cdiv(w.out_features, block_n), triton.cdiv(x.shape[0], block_m))](
         *_common_args(x, w, bias, y), BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
-        HAS_MINS=w.mins is not None, HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC="ieee" if dot_f32 else "tf32",
+        HAS_MINS=w.mins is not None, HAS_LUT=w.lut is not None, HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC="ieee" if dot_f32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(w, block_k), num_warps=warps, num_stages=stages,
         **pdl.launch_args(x.device))
     return y
@@ -290,7 +301,7 @@ class WNA16Picker:
         if triton is None or not x.is_cuda or m == 0 or m > MAX_KERNEL_ROWS:
             return dequant_linear(x, w, bias)
         key = (_bucket(m), w.out_features, w.in_features, w.bits, w.group_size, w.zeros is not None,
-               w.g_idx is not None, w.mins is not None, w.scales.dtype, x.dtype, bias is not None)
+               w.g_idx is not None, w.mins is not None, w.lut is not None, x.dtype, bias is not None)
         fn = self._fns.get(key)
         if fn is None:
             if torch.cuda.is_current_stream_capturing():
