@@ -5,8 +5,9 @@ schema against a cached one (issue 22's targets: constrained >= 90% of unconstra
     PYTHONPATH=. python tests/benchmarks/structured_throughput.py --num-prompts 64 --max-num-seqs 64 \
         --out results/structured_throughput.json
 
-The model needs a real tokenizer (the grammar is over its vocabulary): by default the SmolLM2 GGUF
-(real weights). Requests ignore EOS and run to their workload length; the schema's free-text field
+The grammar needs a tokenizer: by default the model is the SmolLM2 GGUF (real weights); with dummy
+weights of a bundled config (``--model qwen3-0.6b --load-format dummy``, the nano rows of
+docs/benchmarks.md) the SmolLM2 vocabulary is borrowed. Requests ignore EOS and run to their workload length; the schema's free-text field
 keeps a grammar open for the whole reply, so every step of every request is masked. On a CPU the
 same script runs with tiny settings (tests/benchmarks/test_scripts_cpu.py does not run it: it is a
 GPU measurement; pass small --num-prompts/--output-len to try it).
@@ -93,6 +94,10 @@ def compile_times(engine: Engine) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the SmolLM2-135M-Instruct GGUF")
+    p.add_argument("--load-format", default="auto", help="dummy: random weights (e.g. --model qwen3-0.6b)")
+    p.add_argument("--tokenizer", default=None, help="the grammar's vocabulary (default: the model's, else the "
+                                                     "SmolLM2 GGUF's; a smaller vocabulary than the model's "
+                                                     "leaves the ids above it masked)")
     p.add_argument("--dataset", choices=["nano", "random"], default="nano")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=256)
@@ -103,14 +108,19 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=2, help="timed runs of each mode after a warm-up (median kept)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if args.model is None:
-        from vllm_engine.model_loader.resolve import ensure_default_gguf
+    from vllm_engine.model_loader.resolve import ensure_default_gguf
 
+    if args.model is None:
         args.model = str(ensure_default_gguf())
-    engine = Engine(model=args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    engine = Engine(model=args.model, load_format=args.load_format, tokenizer=args.tokenizer,
+                    max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    if engine.tokenizer is None:  # dummy weights of a bundled config: borrow SmolLM2's vocabulary
+        engine.shutdown()
+        engine = Engine(model=args.model, load_format=args.load_format, tokenizer=str(ensure_default_gguf()),
+                        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     workload = make_workload(args.dataset, engine.model_config.vocab_size, args.num_prompts, args.input_len,
                              args.output_len)
-    result = {"device": device_name(), "model": args.model, "num_prompts": args.num_prompts,
+    result = {"device": device_name(), "model": args.model, "load_format": args.load_format, "num_prompts": args.num_prompts,
               "max_num_seqs": args.max_num_seqs, "dataset": args.dataset, "schema": OPEN_SCHEMA, "rows": []}
     run(engine, workload, None, args.temperature)  # warm-up (both paths compile their kernels)
     run(engine, workload, OPEN_SCHEMA, args.temperature)
