@@ -191,6 +191,10 @@ class SamplingParams:
         if self.max_tokens is not None:
             _check_int(self.max_tokens, "max_tokens", 1, None, "an integer")
         _check_int(self.min_tokens, "min_tokens", 0, None, "an integer")
+        if self.min_tokens and self.structured_outputs is not None:
+            # The grammar alone decides where the output ends: banning EOS could leave no token allowed.
+            raise SamplingParamsError("min_tokens", "cannot be combined with structured_outputs (the constraint "
+                                                    "decides where the output ends).")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise SamplingParamsError(
                 "min_tokens", f"must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")

@@ -44,6 +44,12 @@ def test_structured_outputs_key_keeps_property_order_and_dicts_convert():
     assert e.value.param == "structured_outputs"
 
 
+def test_min_tokens_cannot_hold_a_constraint_open():
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(min_tokens=2, structured_outputs=StructuredOutputsParams(regex="a"))
+    assert e.value.param == "min_tokens"
+
+
 # ---- bitmask -----------------------------------------------------------------------------------------------
 def test_apply_token_bitmask_matches_a_reference_and_leaves_other_rows():
     gen = torch.Generator().manual_seed(0)
@@ -195,6 +201,15 @@ def test_llama3_json_form():
         ("get_weather", {"city": "Oslo"}), ("time", {})]
     assert _stream(ToolCallParser("llama3_json"), text, 2)[1][0]["arguments"] == '{"city": "Oslo"}'
     assert ToolCallParser("llama3_json").parse("The weather is fine.") == ("The weather is fine.", [])
+
+
+def test_auto_format_follows_the_chat_template():
+    from vllm_engine.serving.tool_parsers import parser_for_template
+
+    llama31 = "{%- if message.role == 'ipython' %}<|python_tag|>{{ x }}{%- endif %}"
+    assert parser_for_template(llama31) == "llama3_json"
+    assert parser_for_template("{% for tool in tools %}<tool_call>{% endfor %}") == "hermes"
+    assert parser_for_template(None) == "hermes"  # no tool support: this server's Hermes prompt
 
 
 def test_required_array_and_named_arguments():
