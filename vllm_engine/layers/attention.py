@@ -66,9 +66,15 @@ class Attention(nn.Module):
                 self.rotary_emb.rotary_dim, q_norm.weight if q_norm is not None else None,
                 k_norm.weight if k_norm is not None else None, self.eps, kv_cache, attn_metadata.slot_mapping)
             k = v = None  # written into the cache by the fused pass
-        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.sliding_window,
-                                        self.logits_soft_cap)
-        return out.reshape(qkv.shape[0], self.q_size)
+        return self.attend(q, k, v, kv_cache, attn_metadata).reshape(qkv.shape[0], self.q_size)
+
+    def attend(self, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], kv_cache: torch.Tensor,
+               attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """The backend on q [T, num_heads, head_dim] and this step's k / v [T, num_kv_heads, head_dim]
+        (None: already in the cache) with this layer's scale, window and cap -> [T, num_heads, head_dim].
+        For a model that prepares q/k/v itself (DeepSeek's latent attention)."""
+        return self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.sliding_window,
+                                         self.logits_soft_cap)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

@@ -54,6 +54,24 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
     return weights, ids
 
 
+def grouped_top_k(router_logits: torch.Tensor, top_k: int, num_groups: int, top_groups: int, scoring: str,
+                  correction_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's group-limited routing on float32 scores (softmax, or sigmoid for V3): the experts
+    are ``num_groups`` equal groups; a group scores its best expert (softmax) or the sum of its two
+    best (sigmoid, after adding ``correction_bias``); only the ``top_groups`` best groups compete for
+    the token's ``top_k`` experts. The weights are the scores themselves (without the bias).
+    Returns (weights float32 [T, k], ids int64 [T, k])."""
+    logits = router_logits.float()
+    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    grouped = choice.view(choice.shape[0], num_groups, -1)
+    group_score = grouped.max(dim=-1).values if scoring == "softmax" else grouped.topk(2, dim=-1).values.sum(-1)
+    keep = torch.zeros_like(group_score).scatter_(1, torch.topk(group_score, top_groups, dim=-1).indices, 1.0)
+    masked = grouped.masked_fill(keep.unsqueeze(-1) == 0, float("-inf")).view_as(choice)
+    ids = torch.topk(masked, top_k, dim=-1).indices
+    return scores.gather(1, ids), ids
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (token, slot) pairs ``p = token * k + slot`` grouped by expert, each expert's run padded to
@@ -235,8 +253,11 @@ class FusedMoE(nn.Module):
             param.data[expert, offset: offset + i_r].copy_(loaded_weight[start: start + i_r])
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
-        out = fused_moe(x, self.w13_weight, self.w2_weight, weights, ids)
+        return self.forward_routed(x, *select_experts(router_logits, self.top_k, self.renormalize))
+
+    def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The experts for a routing chosen by the caller (DeepSeek's grouped top-k): [T, H]."""
+        out = fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         if self.reduce_results and self.tp_size > 1:
             out = self.tp_group.all_reduce(out)
         return out

@@ -1,9 +1,10 @@
 """Rotary position embedding (neox style, as HF Llama: rotate the two halves of each head).
 
 The cos/sin cache is built once for ``max_position`` positions in float32; ``rope_scaling``
-supports the ``llama3`` frequency scaling (Llama 3.1+), ``linear`` position interpolation and
-``longrope`` (Phi-3/3.5: per-frequency short/long factors and an attention factor on cos and sin);
-``default``/None leaves the frequencies alone.
+supports the ``llama3`` frequency scaling (Llama 3.1+), ``linear`` position interpolation,
+``yarn`` (DeepSeek-V2/V3, Qwen long context: interpolated low frequencies, extrapolated high ones,
+a ramp between, an attention factor on cos and sin) and ``longrope`` (Phi-3/3.5: per-frequency
+short/long factors and an attention factor); ``default``/None leaves the frequencies alone.
 """
 
 from __future__ import annotations
@@ -36,9 +37,54 @@ def compute_inv_freq(rotary_dim: int, base: float, rope_scaling: Optional[dict[s
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return torch.where(is_medium, smoothed, scaled)
+    if kind == "yarn":
+        return _yarn_inv_freq(inv_freq, rotary_dim, base, rope_scaling)
     raise ValueError(
-        f"Unsupported rope_scaling type {kind!r}; supported: default, linear, llama3, longrope."
+        f"Unsupported rope_scaling type {kind!r}; supported: default, linear, llama3, yarn, longrope."
     )
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, rotary_dim: int, base: float, rope_scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN: frequency i is ``inv_freq_i / factor`` (interpolated) below the dimension that turns
+    ``beta_slow`` times over the original context, ``inv_freq_i`` (extrapolated) above the one that
+    turns ``beta_fast`` times, linearly blended between (bounds floored / ceiled unless ``truncate``
+    is false)."""
+    factor = float(rope_scaling["factor"])
+    original = float(rope_scaling["original_max_position_embeddings"])
+    beta_fast = float(rope_scaling.get("beta_fast") or 32)
+    beta_slow = float(rope_scaling.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:  # the dimension whose frequency turns ``rotations`` times
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if rope_scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp
+    return inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 mscale ln(scale) + 1 (1 when scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_factor(rope_scaling: Optional[dict[str, Any]]) -> float:
+    """What cos and sin are multiplied by: YaRN's ``attention_factor``, else mscale(factor, mscale) /
+    mscale(factor, mscale_all_dim) when both are given (DeepSeek), else mscale(factor); 1 otherwise."""
+    if _rope_type(rope_scaling) != "yarn":
+        return 1.0
+    if rope_scaling.get("attention_factor") is not None:
+        return float(rope_scaling["attention_factor"])
+    factor = float(rope_scaling["factor"])
+    mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
 
 
 def _rope_type(rope_scaling: Optional[dict[str, Any]]) -> Optional[str]:
@@ -90,7 +136,8 @@ class RotaryEmbedding(nn.Module):
     def _cos_sin(self, max_position: int, base: float, rope_scaling: Optional[dict[str, Any]]) -> torch.Tensor:
         inv_freq = compute_inv_freq(self.rotary_dim, base, rope_scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)  # [max_position, rotary_dim // 2]
-        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        scale = rope_attention_factor(rope_scaling)
+        return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
 
     def _apply(self, fn, recurse=True):
         # Keep the cache in float32 when the model is cast to a 16-bit dtype.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from vllm_engine.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from vllm_engine.models.gemma import GemmaForCausalLM
 from vllm_engine.models.gpt2 import GPT2LMHeadModel
 from vllm_engine.models.gpt_neox import GPTNeoXForCausalLM
@@ -31,6 +32,9 @@ _MODELS: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    # Multi-head latent attention + DeepSeek's experts (models/deepseek.py).
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 # GGUF ``general.architecture`` -> HF architecture name (the ones our GGUF loader maps).

@@ -1,0 +1,125 @@
+"""DeepSeek-V2 and V3 against HF transformers on tiny random checkpoints (float32, CPU).
+
+V2 (V2-Lite's layout): no q LoRA, YaRN rope with mscale_all_dim (in the score scale), softmax routing
+limited to the best groups, a shared expert, one dense first layer. V3: q LoRA, sigmoid routing with
+the correction bias over groups, normalized top-k weights times routed_scaling_factor. Both: latent
+attention absorbed into one [latent | rope] head per token in the paged cache.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.models.family_helpers import LENS, SCHEDULE, engine_greedy_matches_hf, load_ours_and_hf, tiny_checkpoint, \
+    tokenizer_ids
+
+LATENT, ROPE = 32, 8
+
+
+def deepseek_config(version: str, tiny_dir):
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    common = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+                  num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=LATENT, qk_nope_head_dim=16,
+                  qk_rope_head_dim=ROPE, v_head_dim=12, n_group=4, topk_group=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, **tokenizer_ids(tiny_dir))
+    if version == "v2":
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+        return DeepseekV2Config(**common, q_lora_rank=None, topk_method="group_limited_greedy",
+                                routed_scaling_factor=1.0, rope_parameters=rope, architectures=["DeepseekV2ForCausalLM"])
+    return DeepseekV3Config(**common, q_lora_rank=24, norm_topk_prob=True, routed_scaling_factor=2.5,
+                            architectures=["DeepseekV3ForCausalLM"])
+
+
+@pytest.fixture(scope="module")
+def deepseek_dir(tiny_model_dir, tmp_path_factory):
+    built = {}
+
+    def make(version: str):
+        if version not in built:
+            tiny = tiny_model_dir("llama")
+            path = tiny_checkpoint(deepseek_config(version, tiny), tmp_path_factory.mktemp(version), tiny)
+            _spread_the_router(path)
+            built[version] = path
+        return built[version]
+
+    return make
+
+
+def _spread_the_router(path):
+    """Router weights x 10 and a visible correction bias: clearly separated expert choices."""
+    from safetensors.torch import load_file, save_file
+
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    g = torch.Generator().manual_seed(3)
+    for name in list(tensors):
+        if name.endswith(".mlp.gate.weight"):
+            tensors[name] = tensors[name] * 10
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = torch.randn(tensors[name].shape, generator=g) * 0.5
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_paged_logits_match_hf(version, deepseek_dir, paged_vs_hf):
+    model, cfg, hf = load_ours_and_hf(deepseek_dir(version))
+    # The cache holds one [latent | rope] vector per token and layer (not the config's per-head K/V).
+    cache_cfg = SimpleNamespace(num_kv_heads=1, head_dim=LATENT + ROPE, num_layers=cfg.num_layers,
+                                vocab_size=cfg.vocab_size)
+    paged_vs_hf(model, cache_cfg, hf, LENS, SCHEDULE, tol=1e-4)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_engine_greedy_matches_hf(version, deepseek_dir):
+    stats = engine_greedy_matches_hf(deepseek_dir(version))
+    assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0
+
+
+def test_tp2_matches_one_rank_and_hf(deepseek_dir, tmp_path):
+    """Heads (q, kv_b, o) split over two gloo ranks, the latent replicated; experts split like Mixtral's."""
+    from tests.distributed.test_tp_model import check_against_one_rank_and_hf, run_parallel
+
+    jobs = [(v, str(deepseek_dir(v)), "auto") for v in ("v2", "v3")]
+    got = run_parallel(tmp_path, tp=2, pp=1, jobs=jobs)
+    for name, path, fmt in jobs:
+        check_against_one_rank_and_hf(got[name], path, fmt)
+
+
+def test_grouped_routing_matches_hf_routers(deepseek_dir):
+    """Our routing (float32 router, grouped top-k, bias, scaling) picks HF's experts with HF's weights."""
+    from transformers import AutoModelForCausalLM
+
+    for version in ("v2", "v3"):
+        path = deepseek_dir(version)
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        ours, _, _ = load_ours_and_hf(path)
+        x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            _, hf_w, hf_ids = hf.model.layers[1].mlp.gate(x)
+            w, ids = ours.model.layers[1].mlp.route(x)
+        order, hf_order = ids.sort(-1), hf_ids.sort(-1)
+        assert torch.equal(order.values, hf_order.values)
+        torch.testing.assert_close(w.gather(1, order.indices), hf_w.gather(1, hf_order.indices))
+
+
+def test_yarn_table_matches_hf():
+    """YaRN inverse frequencies and attention factor (with DeepSeek's mscale pair, and without)."""
+    from transformers import Qwen2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from vllm_engine.layers.rotary import get_rope
+
+    for extra in ({}, {"mscale": 1.0, "mscale_all_dim": 0.5}, {"beta_fast": 16, "truncate": False}):
+        rope = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0,
+                **extra}
+        config = Qwen2Config(hidden_size=64, num_attention_heads=2, max_position_embeddings=512, rope_parameters=rope)
+        inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+        freqs = torch.arange(100, dtype=torch.float32)[:, None] * inv_freq
+        want = torch.cat((freqs.cos() * factor, freqs.sin() * factor), dim=-1)
+        torch.testing.assert_close(get_rope(config, 32, 100).cos_sin_cache, want, atol=1e-6, rtol=1e-6)
