@@ -254,6 +254,49 @@ def write_compressed_tensors(float_dir: Path, out_dir: Path, bits: int, group_si
             if name.split(".", 3)[-1] in LINEARS}
 
 
+def write_compressed_tensors_fp8(float_dir: Path, out_dir: Path, per_channel: bool, static: bool,
+                                input_scale: float = 0.02) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A float-quantized FP8 W8A8 checkpoint written by the compressed-tensors library: weight scales
+    amax / 448 (its ``calculate_qparams``) per channel or per tensor; activations per token (dynamic)
+    or with ``input_scale`` (static). Returns (the library's dequantized weights, {module: input scale})."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(float_dir), dtype=torch.float32)
+    weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel" if per_channel else "tensor")
+    acts = (QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) if static
+            else QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True))
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]),
+                              show_progress=False)
+    in_scales = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if getattr(m, "quantization_scheme", None) is None:
+                continue
+            w = m.weight.data
+            lo, hi = (w.amin(1, keepdim=True), w.amax(1, keepdim=True)) if per_channel else (w.min(), w.max())
+            scale, _ = calculate_qparams(lo, hi, weights)
+            m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
+            if static:
+                m.input_scale.data.fill_(input_scale)
+                in_scales[name] = input_scale
+    compressor = ModelCompressor.from_pretrained_model(model, "float-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(str(out_dir))
+    compressor.update_config(str(out_dir))
+    for f in float_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out_dir / f.name)
+    compressor.decompress_model(model)
+    deq = {f"{name}.weight": m.weight.data.double().clone() for name, m in model.named_modules()
+           if name.split(".", 3)[-1] in LINEARS}
+    return deq, in_scales
+
+
 def hf_reference(float_dir: Path, weights: dict[str, torch.Tensor]):
     """HF transformers' model of ``float_dir`` (float32) with ``weights`` replacing its linear weights."""
     from transformers import AutoModelForCausalLM

@@ -65,8 +65,10 @@ def test_each_rank_holds_its_slice(case, ct_checkpoint):
      "config_groups.group_0.input_activations"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=2), "group_0.weights.num_bits=2"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="tensor"), "weights.strategy='tensor'"),
+    (lambda q: q.update(format="marlin-24") or q["config_groups"]["group_0"].pop("format"),
+     "format 'marlin-24' is not supported"),
     (lambda q: q.update(format="float-quantized") or q["config_groups"]["group_0"].pop("format"),
-     "format 'float-quantized' is not supported"),
+     "weights: type='int' num_bits=4 is not supported with float-quantized"),
     (lambda q: q.update(ignore=["re:.*q_proj$"]), "self_attn.qkv_proj: the modules fused in it"),
 ])
 def test_unsupported_schemes_refused_at_start(edit, match, ct_checkpoint, tmp_path):
@@ -78,3 +80,18 @@ def test_unsupported_schemes_refused_at_start(edit, match, ct_checkpoint, tmp_pa
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=match):
         get_model(model_config(bad), CPU, TorchAttentionBackend())
+
+
+@pytest.mark.parametrize("per_channel,static", [(True, False), (False, True)])
+def test_fp8_w8a8(per_channel, static, float_checkpoint, tmp_path):
+    """float-quantized FP8 written by the library: per-channel weight scales with dynamic per-token
+    activations, or per-tensor scales with static input scales (checked as tests/quantization/test_fp8.py
+    checks FP8: every layer exactly, the model within FP8 noise of HF with e4m3 activation hooks)."""
+    from tests.quantization.conftest import write_compressed_tensors_fp8
+    from tests.quantization.test_fp8 import check_model
+
+    weights, in_scales = write_compressed_tensors_fp8(float_checkpoint, tmp_path / "ct", per_channel, static)
+    cfg = model_config(tmp_path / "ct")
+    model = get_model(cfg, CPU, TorchAttentionBackend())
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    check_model(model, cfg, float_checkpoint, weights, in_scales)

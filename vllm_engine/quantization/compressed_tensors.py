@@ -1,10 +1,12 @@
-"""compressed-tensors checkpoints (what llm-compressor writes): pack-quantized W4A16 / W8A16.
+"""compressed-tensors checkpoints (what llm-compressor writes): pack-quantized W4A16 / W8A16, and
+float-quantized FP8 W8A8 (fp8.py's method: ``weight`` e4m3, ``weight_scale`` per channel [N, 1] or per
+tensor, activations dynamic per token or static with ``input_scale``).
 
 ``quantization_config``: ``config_groups`` (each: ``targets`` — ``"Linear"``, module names or
 ``"re:<regex>"`` — and a ``weights`` scheme), ``ignore`` (names / regexes left unquantized), ``format``
-(here ``"pack-quantized"``, or per group). A weight scheme here: ``type: int``, ``num_bits`` 4 or 8,
-``strategy`` ``"group"`` (``group_size``) or ``"channel"``, ``symmetric`` or not, no activation
-quantization.
+(``"pack-quantized"`` or ``"float-quantized"``, or per group). A pack-quantized scheme: ``type: int``,
+``num_bits`` 4 or 8, ``strategy`` ``"group"`` (``group_size``) or ``"channel"``, ``symmetric`` or not,
+no activation quantization.
 
 Per linear module (K inputs, N outputs, pf = 32 // bits; the torch [N, K] weight orientation):
 
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from vllm_engine.quantization.base import LinearMethodBase, QuantizationConfig
+from vllm_engine.quantization.fp8 import Fp8LinearMethod
 from vllm_engine.quantization.gptq import check_group_size
 from vllm_engine.quantization.unquantized import UnquantizedLinearMethod
 from vllm_engine.quantization.utils import (add_param, check_divisible, derive_shapes, hf_module_names,
@@ -34,6 +37,7 @@ from vllm_engine.quantization.utils import (add_param, check_divisible, derive_s
 from vllm_engine.quantization.wna16 import WNA16LinearMethodBase
 
 PACK_QUANTIZED = "pack-quantized"
+FLOAT_QUANTIZED = "float-quantized"
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -45,18 +49,30 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 class WeightScheme:
-    """One config group's weight scheme, checked: ``bits``, ``group_size`` (-1 per channel), ``symmetric``."""
+    """One config group's scheme, checked. ``kind`` ``"wna16"``: pack-quantized integer weights
+    (``bits``, ``group_size`` -1 per channel, ``symmetric``); ``"fp8"``: float-quantized FP8 W8A8
+    (``per_channel`` weight scales, ``static_activations``)."""
 
     def __init__(self, group_name: str, group: dict[str, Any], default_format: Optional[str]) -> None:
         where = f"quantization_config.config_groups.{group_name}"
         fmt = group.get("format") or default_format
-        if fmt != PACK_QUANTIZED:
-            raise ValueError(f"{where}: format {fmt!r} is not supported (supported: {PACK_QUANTIZED!r}, "
-                             "integer weight-only W4A16 / W8A16).")
+        self.targets = list(group.get("targets") or [])
+        weights = group.get("weights") or {}
+        if weights.get("dynamic"):
+            raise ValueError(f"{where}.weights.dynamic=true is not supported for weights.")
+        if fmt == PACK_QUANTIZED:
+            self._check_wna16(where, group, weights)
+        elif fmt == FLOAT_QUANTIZED:
+            self._check_fp8(where, group, weights)
+        else:
+            raise ValueError(f"{where}: format {fmt!r} is not supported (supported: {PACK_QUANTIZED!r}, integer "
+                             f"weight-only W4A16 / W8A16; {FLOAT_QUANTIZED!r}, FP8 W8A8).")
+
+    def _check_wna16(self, where: str, group: dict[str, Any], weights: dict[str, Any]) -> None:
+        self.kind = "wna16"
         if group.get("input_activations") or group.get("output_activations"):
             raise ValueError(f"{where}.input_activations: activation quantization is not supported with "
                              f"{PACK_QUANTIZED} (weight-only schemes only).")
-        weights = group.get("weights") or {}
         if weights.get("type", "int") != "int":
             raise ValueError(f"{where}.weights.type={weights.get('type')!r} is not supported (int).")
         self.bits = weights.get("num_bits")
@@ -72,10 +88,29 @@ class WeightScheme:
         if weights.get("actorder") not in (None, "weight", False):
             raise ValueError(f"{where}.weights.actorder={weights.get('actorder')!r} is not supported "
                              "(none or 'weight': no g_idx in the checkpoint).")
-        if weights.get("dynamic"):
-            raise ValueError(f"{where}.weights.dynamic=true is not supported for weights.")
         self.symmetric = bool(weights.get("symmetric", True))
-        self.targets = list(group.get("targets") or [])
+
+    def _check_fp8(self, where: str, group: dict[str, Any], weights: dict[str, Any]) -> None:
+        self.kind = "fp8"
+        if (weights.get("type"), weights.get("num_bits")) != ("float", 8):
+            raise ValueError(f"{where}.weights: type={weights.get('type')!r} num_bits={weights.get('num_bits')!r} "
+                             f"is not supported with {FLOAT_QUANTIZED} (float, 8: FP8 e4m3).")
+        if weights.get("strategy") not in ("channel", "tensor"):
+            raise ValueError(f"{where}.weights.strategy={weights.get('strategy')!r} is not supported with FP8 "
+                             "(channel or tensor).")
+        if not weights.get("symmetric", True):
+            raise ValueError(f"{where}.weights.symmetric=false is not supported with FP8.")
+        self.per_channel = weights["strategy"] == "channel"
+        acts = group.get("input_activations") or {}
+        if (acts.get("type"), acts.get("num_bits")) != ("float", 8):
+            raise ValueError(f"{where}.input_activations must be FP8 (type float, num_bits 8) with FP8 weights.")
+        if acts.get("dynamic") and acts.get("strategy") == "token":
+            self.static_activations = False
+        elif not acts.get("dynamic") and acts.get("strategy") == "tensor":
+            self.static_activations = True
+        else:
+            raise ValueError(f"{where}.input_activations: strategy={acts.get('strategy')!r} dynamic="
+                             f"{acts.get('dynamic')!r} is not supported (token and dynamic, or tensor and static).")
 
 
 class CompressedTensorsConfig(QuantizationConfig):
@@ -140,7 +175,9 @@ class CompressedTensorsConfig(QuantizationConfig):
                 self._unquantized = UnquantizedLinearMethod(self.device)
             return self._unquantized
         if id(scheme) not in self._methods:
-            self._methods[id(scheme)] = CompressedTensorsWNA16Method(scheme, self.device)
+            self._methods[id(scheme)] = (
+                Fp8LinearMethod(True, scheme.static_activations, scheme.per_channel, self.device)
+                if scheme.kind == "fp8" else CompressedTensorsWNA16Method(scheme, self.device))
         return self._methods[id(scheme)]
 
 

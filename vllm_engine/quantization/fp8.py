@@ -122,7 +122,8 @@ class Fp8Config(QuantizationConfig):
 
         if isinstance(layer, LinearBase) and self.is_quantized(prefix):
             if self._linear is None:
-                self._linear = Fp8LinearMethod(self)
+                self._linear = Fp8LinearMethod(self.is_checkpoint_fp8, self.activation_scheme == "static",
+                                               device=self.device)
             return self._linear
         if self._unquantized is None:
             self._unquantized = UnquantizedLinearMethod(self.device)
@@ -131,36 +132,50 @@ class Fp8Config(QuantizationConfig):
 
 class Fp8LinearMethod(LinearMethodBase):
     """After loading every layer holds ``weight`` e4m3 [N, K], ``weight_scale`` float32 [N] and
-    ``input_scale`` (a float32 scalar, static activations) or None."""
+    ``input_scale`` (a float32 scalar, static activations) or None.
 
-    def __init__(self, config: Fp8Config) -> None:
-        self.config = config
-        device = torch.device(config.device) if config.device is not None else torch.get_default_device()
+    ``is_checkpoint_fp8``: the checkpoint holds e4m3 ``weight`` and ``weight_scale`` (one per tensor, or
+    with ``per_channel_scales`` [N, 1]), and with ``static_activations`` one ``input_scale`` per
+    tensor; else the weight is quantized at load, per output channel."""
+
+    def __init__(self, is_checkpoint_fp8: bool, static_activations: bool = False, per_channel_scales: bool = False,
+                 device: Optional[torch.device] = None) -> None:
+        self.is_checkpoint_fp8 = is_checkpoint_fp8
+        self.static_activations = static_activations
+        self.per_channel_scales = per_channel_scales
+        device = torch.device(device) if device is not None else torch.get_default_device()
         self.use_scaled_mm = scaled_mm_supported(device)
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype,
                        **extra_weight_attrs: Any) -> None:
         n, k = sum(output_partition_sizes), input_size_per_partition
-        weight_dtype = FP8_DTYPE if self.config.is_checkpoint_fp8 else params_dtype
+        weight_dtype = FP8_DTYPE if self.is_checkpoint_fp8 else params_dtype
         add_param(layer, "weight", (n, k), weight_dtype, {"input_dim": 1, "output_dim": 0}, extra_weight_attrs)
         layer.fp8_partition_sizes = list(output_partition_sizes)
-        if not self.config.is_checkpoint_fp8:
+        if not self.is_checkpoint_fp8:
             return
-        shards = list(extra_weight_attrs["checkpoint_shapes"])
-        names = ["weight_scale"] + (["input_scale"] if self.config.activation_scheme == "static" else [])
-        for name in names:
-            add_param(layer, name, (len(shards),), torch.float32,
-                      {"checkpoint_shapes": {s: (1,) for s in shards}, "weight_loader": _per_shard_scalar(shards)},
+        shapes = extra_weight_attrs["checkpoint_shapes"]
+        per_shard = {"checkpoint_shapes": {s: (1,) for s in shapes}, "weight_loader": _per_shard_scalar(list(shapes))}
+        if self.per_channel_scales:
+            add_param(layer, "weight_scale", (n, 1), torch.float32,
+                      {"output_dim": 0, "checkpoint_shapes": {s: (o, 1) for s, (o, _) in shapes.items()}},
                       extra_weight_attrs)
+        else:
+            add_param(layer, "weight_scale", (len(shapes),), torch.float32, per_shard, extra_weight_attrs)
+        if self.static_activations:
+            add_param(layer, "input_scale", (len(shapes),), torch.float32, per_shard, extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if self.config.is_checkpoint_fp8:
-            sizes = torch.tensor(layer.fp8_partition_sizes, device=layer.weight.device)
+        if self.is_checkpoint_fp8:
             if not bool((layer.weight_scale.data > 0).all()):
                 raise ValueError(f"{layer_name(layer)}: weight_scale must be positive, got {layer.weight_scale.data}.")
-            weight, scale = layer.weight.data, layer.weight_scale.data.repeat_interleave(sizes)
-            input_scale = layer.input_scale.data.max() if self.config.activation_scheme == "static" else None
+            weight, scale = layer.weight.data, layer.weight_scale.data
+            if self.per_channel_scales:
+                scale = scale.squeeze(1)
+            else:  # each fused part's scale over its rows
+                scale = scale.repeat_interleave(torch.tensor(layer.fp8_partition_sizes, device=scale.device))
+            input_scale = layer.input_scale.data.max() if self.static_activations else None
         else:
             weight, scale = quantize_weight_per_channel(layer.weight.data)
             input_scale = None
