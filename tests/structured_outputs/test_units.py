@@ -114,6 +114,45 @@ def test_grammar_allows_exactly_the_walk_of_a_valid_instance(smollm2_gguf):
     assert bad.rejected is not None
 
 
+def test_batch_filler_gives_each_grammars_own_rows(smollm2_gguf):
+    """The batched step path (one accept call, threaded masks) against advance + fill_bitmask per
+    grammar, over grammars at different points: fresh, one token behind, several behind, terminated."""
+    pytest.importorskip("xgrammar")
+    import numpy as np
+
+    from vllm_engine.model_loader.tokenizer import get_tokenizer
+    from vllm_engine.structured_output import StructuredOutputManager
+    from vllm_engine.structured_output.manager import BatchFiller
+
+    tok = get_tokenizer(str(smollm2_gguf))
+    eos = tok.eos_token_id
+    manager = StructuredOutputManager(tok, len(tok), [eos])
+    spec = StructuredOutputsParams(regex="(abc|abd)[0-9]{2}")
+    ids = tok.encode("abd42", add_special_tokens=False) + [eos]
+    filler = BatchFiller()
+    for outputs in ([[], ids[:1], ids[:2], ids[:1]], [ids[:1], ids[:2], ids[:3], ids]):
+        a = [manager.new_grammar(spec) for _ in outputs]
+        b = [manager.new_grammar(spec) for _ in outputs]
+        for g_a, g_b, out in zip(a, b, outputs):  # both sets one token behind their outputs
+            g_a.advance(out[:-1])
+            g_b.advance(out[:-1])
+        got = np.zeros((len(outputs), manager.bitmask_width), dtype=np.int32)
+        want = np.zeros_like(got)
+        filler.fill(a, outputs, got)
+        for k, (g, out) in enumerate(zip(b, outputs)):
+            g.advance(out)
+            g.fill_bitmask(want, k)
+        assert np.array_equal(got, want)
+        assert [g.num_accepted for g in a] == [len(o) for o in outputs]
+    assert a[-1].is_terminated and int(np.count_nonzero(got[-1])) == 1
+    multi = [manager.new_grammar(spec)]
+    filler.fill(multi, [ids[:3]], got[:1])  # several new tokens at once (a prompt of outputs after preemption)
+    single = manager.new_grammar(spec)
+    single.advance(ids[:3])
+    single.fill_bitmask(want, 0)
+    assert np.array_equal(got[0], want[0])
+
+
 def test_compile_errors_name_the_field(smollm2_gguf):
     pytest.importorskip("xgrammar")
     from vllm_engine.model_loader.tokenizer import get_tokenizer

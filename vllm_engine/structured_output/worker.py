@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import numpy as np
 
 from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
-from vllm_engine.structured_output.manager import RequestGrammar, StructuredOutputManager
+from vllm_engine.structured_output.manager import BatchFiller, RequestGrammar, StructuredOutputManager
 
 if TYPE_CHECKING:
     from vllm_engine.core.sched_output import NewRequestData
@@ -37,6 +37,7 @@ class WorkerGrammars:
         self.manager = manager
         self.grammars: dict[str, RequestGrammar] = {}
         self._bitmask: Optional[np.ndarray] = None  # [rows, words] int32, grown as needed
+        self._filler: Optional[BatchFiller] = None
         # When a list (benchmarks): one (constrained rows, seconds) per step: advancing the grammars,
         # filling and staging the mask (not the wait for the previous step's tokens).
         self.fill_seconds: Optional[list[tuple[int, float]]] = None
@@ -76,10 +77,9 @@ class WorkerGrammars:
             read_pending_tokens()
         t0 = time.perf_counter() if self.fill_seconds is not None else 0.0
         bitmask = self._rows(len(rows), self.manager.bitmask_width)
-        for j, i in enumerate(rows):
-            grammar = grammars[reqs[i].req_id]
-            grammar.advance(reqs[i].output_token_ids)
-            grammar.fill_bitmask(bitmask, j)
+        if self._filler is None:
+            self._filler = BatchFiller()
+        self._filler.fill([grammars[reqs[i].req_id] for i in rows], [reqs[i].output_token_ids for i in rows], bitmask)
         meta.grammar_bitmask, meta.grammar_rows = staging.stage(bitmask, np.asarray(rows, dtype=np.int64))
         if self.fill_seconds is not None:
             self.fill_seconds.append((len(rows), time.perf_counter() - t0))
