@@ -37,15 +37,24 @@ def e4m3_round(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-448, 448).to(E4M3).double() * scale.double()
 
 
-def add_activation_hooks(model, scales: dict[str, float], skip: tuple[str, ...] = ()) -> None:
+def round_activations(x: torch.Tensor, static_scale: float | None = None, group: int | None = None) -> torch.Tensor:
+    """x rounded to e4m3 (float64): with a static scale, per token (amax / 448), or per token and
+    group of ``group`` inputs."""
+    if static_scale is not None:
+        return e4m3_round(x, torch.tensor(static_scale))
+    if group is not None:
+        xg = x.unflatten(-1, (-1, group))
+        return e4m3_round(xg, xg.float().abs().amax(-1, keepdim=True) / 448).flatten(-2)
+    return e4m3_round(x, x.float().abs().amax(-1, keepdim=True) / 448)
+
+
+def add_activation_hooks(model, scales: dict[str, float], skip: tuple[str, ...] = (), group: int | None = None) -> None:
     """Each quantized linear of the HF model (not those ending in ``skip``) sees its input rounded to
-    e4m3: per token (amax / 448), or with the module's static scale from ``scales``."""
+    e4m3 (``round_activations``: the module's static scale from ``scales``, else dynamic)."""
 
     def hook(name):
         def pre(_module, args):
-            x = args[0]
-            s = (torch.tensor(scales[name]) if name in scales else x.float().abs().amax(-1, keepdim=True) / 448)
-            return (e4m3_round(x, s).to(x.dtype),)
+            return (round_activations(args[0], scales.get(name), group).to(args[0].dtype),)
         return pre
 
     for name, m in model.named_modules():
@@ -53,21 +62,23 @@ def add_activation_hooks(model, scales: dict[str, float], skip: tuple[str, ...] 
             m.register_forward_pre_hook(hook(name))
 
 
-def check_model(model, cfg, float_checkpoint, weights, in_scales, skip=()) -> None:
+def check_model(model, cfg, float_checkpoint, weights, in_scales, skip=(), group=None) -> None:
     """Every quantized layer exactly (float64 reference on random inputs); the whole model loosely
-    (module docstring) against HF with the FP8 arithmetic."""
+    (module docstring) against HF with the FP8 arithmetic (activations per token, per token and
+    ``group``, or static ``in_scales``)."""
     gen = torch.Generator().manual_seed(3)
-    quantized = [(p, m) for p, m in model.named_modules() if isinstance(m, LinearBase) and hasattr(m, "weight_scale")]
+    quantized = [(p, m) for p, m in model.named_modules()
+                 if isinstance(m, LinearBase) and getattr(m, "weight", None) is not None and m.weight.dtype == E4M3]
     assert len(quantized) == 8 - 2 * len(skip)
     for prefix, m in quantized:
         names = [prefix.replace(m.prefix.rsplit(".", 1)[1], p) for p in hf_parts(prefix)]
         w = torch.cat([weights[f"{n}.weight"] for n in names])
         x = torch.randn(4, w.shape[1], generator=gen)
         static = [in_scales[n] for n in names if n in in_scales]
-        xs = torch.tensor(max(static)) if static else x.abs().amax(-1, keepdim=True) / 448
-        torch.testing.assert_close(m(x).double(), e4m3_round(x, xs) @ w.t(), rtol=1e-5, atol=1e-5, msg=prefix)
+        want = round_activations(x, max(static) if static else None, group) @ w.t()
+        torch.testing.assert_close(m(x).double(), want, rtol=1e-5, atol=1e-5, msg=prefix)
     hf = hf_reference(float_checkpoint, weights)
-    add_activation_hooks(hf, in_scales, skip)
+    add_activation_hooks(hf, in_scales, skip, group)
     unquantized = hf_reference(float_checkpoint, {})
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in LENS]
@@ -161,7 +172,7 @@ def test_fp8_checkpoint(static, float_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [
-    ({"weight_block_size": [128, 128]}, "weight_block_size"),
+    ({"weight_block_size": [128, 100]}, "weight_block_size"),
     ({"activation_scheme": "per-head"}, "activation_scheme='per-head'"),
 ])
 def test_unsupported_settings_refused_at_start(edit, match, float_checkpoint, tmp_path):
@@ -180,3 +191,59 @@ def test_bad_scale_named(float_checkpoint, tmp_path):
     save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight_scale has shape \(4,\), expected one"):
         get_model(model_config(tmp_path / "fp8"), CPU, TorchAttentionBackend())
+
+
+def write_block_fp8_checkpoint(float_dir, out_dir, block=(128, 128)):
+    """A block-scaled fp8 checkpoint (``weight_block_size``: DeepSeek / Qwen3 FP8 layout): one scale per
+    block, k/v projections of 64 rows being half a block; returns the dequantized weights."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in float_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out_dir / f.name)
+    bn, bk = block
+    out, weights = {}, {}
+    for name, w in load_file(str(float_dir / "model.safetensors")).items():
+        module = name[: -len(".weight")]
+        if module.split(".", 3)[-1] not in LINEARS:
+            out[name] = w
+            continue
+        n, k = w.shape
+        rows = -(-n // bn)
+        scale = torch.stack([torch.stack([w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk].abs().max() / 448
+                                          for j in range(k // bk)]) for i in range(rows)]).float()
+        per_row = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)
+        out[name] = (w / per_row).clamp(-448, 448).to(E4M3)
+        out[f"{module}.weight_scale_inv"] = scale
+        weights[name] = out[name].double() * per_row.double()
+    save_file(out, str(out_dir / "model.safetensors"))
+    cfg = json.loads((float_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                  "weight_block_size": list(block)}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return weights
+
+
+@pytest.mark.parametrize("block", [(128, 128), (32, 64)])
+def test_block_fp8_checkpoint(block, float_checkpoint, tmp_path):
+    weights = write_block_fp8_checkpoint(float_checkpoint, tmp_path / "fp8", block)
+    cfg = model_config(tmp_path / "fp8")
+    model = get_model(cfg, CPU, TorchAttentionBackend())
+    check_model(model, cfg, float_checkpoint, weights, {}, group=block[1])
+
+
+@pytest.mark.parametrize("rows", [1, 19])
+def test_block_fp8_kernel_matches_float64(rows):
+    """The Triton kernel (interpreted on the CPU) and the torch path against float64."""
+    from vllm_engine.quantization.kernels.fp8_block import fp8_block_linear
+
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(80, 256, generator=gen, dtype=torch.float64) * 0.05
+    w_scale = torch.rand(80, 4, generator=gen, dtype=torch.float64) * 1e-3 + 1e-4
+    w_q = (w / w_scale.repeat_interleave(64, 1)).clamp(-448, 448).to(E4M3)
+    x = torch.randn(rows, 256, generator=gen, dtype=torch.float64)
+    bias = torch.randn(80, generator=gen, dtype=torch.float64)
+    want = round_activations(x, group=64) @ (w_q.double() * w_scale.repeat_interleave(64, 1)).t() + bias
+    for use_triton in (True, False):
+        got = fp8_block_linear(x.float().to(DEVICE), w_q.to(DEVICE), w_scale.float().to(DEVICE), 64,
+                               bias.float().to(DEVICE), use_triton=use_triton)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)

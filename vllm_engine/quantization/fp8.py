@@ -5,7 +5,9 @@ Two sources of weights:
 
 * an HF ``fp8`` checkpoint (``quantization_config``: ``quant_method: "fp8"``, ``activation_scheme``
   ``"dynamic"`` or ``"static"``, ``ignored_layers``): per module ``weight`` float8_e4m3fn [N, K],
-  ``weight_scale`` (one float32: per tensor) and, when static, ``input_scale`` (one float32);
+  ``weight_scale`` (one float32: per tensor) and, when static, ``input_scale`` (one float32); or with
+  ``weight_block_size`` [block_n, block_k] (DeepSeek / Qwen3 FP8): ``weight_scale_inv`` per block,
+  activations per token and group of block_k (``Fp8BlockLinearMethod``, kernels/fp8_block.py);
 * ``quantization="fp8"`` on an unquantized checkpoint: each weight quantized at load with one scale
   per output channel (``amax / 448``), activations dynamic per token.
 
@@ -66,8 +68,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     x_q = quantize_fp8(x, x_scale)
     n, k = weight.shape
     if use_scaled_mm and x.dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0 and x.shape[0] > 0:
-        return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale.contiguous(), scale_b=weight_scale.view(1, n),
-                                bias=bias, out_dtype=x.dtype)
+        # Row-wise scales; the bias is added after (not every torch version takes one with row-wise scales).
+        y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale.contiguous(), scale_b=weight_scale.view(1, n),
+                             out_dtype=x.dtype)
+        return y if bias is None else y + bias
     y = (x_q.float() * x_scale) @ (weight.float() * weight_scale[:, None]).t()
     if bias is not None:
         y = y + bias.float()
@@ -80,8 +84,10 @@ class Fp8Config(QuantizationConfig):
     ``ignored_layers``: HF module names (or suffixes) left unquantized."""
 
     def __init__(self, is_checkpoint_fp8: bool, activation_scheme: str = "dynamic",
-                 ignored_layers: Optional[list[str]] = None, device: Optional[torch.device] = None) -> None:
+                 ignored_layers: Optional[list[str]] = None, device: Optional[torch.device] = None,
+                 weight_block_size: Optional[tuple[int, int]] = None) -> None:
         self.is_checkpoint_fp8 = is_checkpoint_fp8
+        self.weight_block_size = weight_block_size
         self.activation_scheme = activation_scheme
         self.ignored_layers = list(ignored_layers or [])
         self.device = device
@@ -102,12 +108,19 @@ class Fp8Config(QuantizationConfig):
         scheme = config.get("activation_scheme", "dynamic")
         if scheme not in ("dynamic", "static"):
             raise ValueError(f"quantization_config.activation_scheme={scheme!r} is not supported (dynamic or static).")
-        if config.get("weight_block_size"):
-            raise ValueError(f"quantization_config.weight_block_size={config['weight_block_size']} (block-wise FP8 "
-                             "scales) is not supported yet: per-tensor or per-channel weight scales only.")
+        block = config.get("weight_block_size")
+        if block is not None:
+            if (not isinstance(block, (list, tuple)) or len(block) != 2 or not all(isinstance(b, int) for b in block)
+                    or block[0] < 1 or block[1] < 16 or block[1] & (block[1] - 1)):
+                raise ValueError(f"quantization_config.weight_block_size={block!r} is not supported ([block_n, "
+                                 "block_k], block_k a power of two >= 16).")
+            if scheme != "dynamic" or not is_checkpoint:
+                raise ValueError("quantization_config.weight_block_size needs an fp8 checkpoint with "
+                                 "activation_scheme='dynamic'.")
         if scheme == "static" and not is_checkpoint:
             raise ValueError("activation_scheme='static' needs the input scales of an fp8 checkpoint.")
-        return cls(is_checkpoint, scheme, config.get("ignored_layers") or config.get("modules_to_not_convert"), device)
+        return cls(is_checkpoint, scheme, config.get("ignored_layers") or config.get("modules_to_not_convert"), device,
+                   tuple(block) if block else None)
 
     def is_quantized(self, prefix: str) -> bool:
         names = hf_module_names(prefix)
@@ -122,8 +135,9 @@ class Fp8Config(QuantizationConfig):
 
         if isinstance(layer, LinearBase) and self.is_quantized(prefix):
             if self._linear is None:
-                self._linear = Fp8LinearMethod(self.is_checkpoint_fp8, self.activation_scheme == "static",
-                                               device=self.device)
+                self._linear = (Fp8BlockLinearMethod(self.weight_block_size) if self.weight_block_size else
+                                Fp8LinearMethod(self.is_checkpoint_fp8, self.activation_scheme == "static",
+                                                device=self.device))
             return self._linear
         if self._unquantized is None:
             self._unquantized = UnquantizedLinearMethod(self.device)
@@ -188,6 +202,58 @@ class Fp8LinearMethod(LinearMethodBase):
                           self.use_scaled_mm and x.is_cuda)
 
 
+class Fp8BlockLinearMethod(LinearMethodBase):
+    """Block-scaled FP8 checkpoints (``weight_block_size`` [block_n, block_k]): ``weight`` e4m3 [N, K] and
+    ``weight_scale_inv`` float32 [ceil(N / block_n), K / block_k] (despite its name, the factor that
+    dequantizes: ``w = weight * weight_scale_inv[n // block_n, k // block_k]``); activations dynamic per
+    token and group of block_k (kernels/fp8_block.py). After loading ``weight_scale_inv`` holds one
+    row per output row [N, K / block_k]."""
+
+    def __init__(self, block_size: tuple[int, int]) -> None:
+        self.block_n, self.block_k = block_size
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs: Any) -> None:
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        for size, what in ((k, "input features per rank"), (input_size, "input features")):
+            if size % self.block_k:
+                raise ValueError(f"{layer_name(layer)}: {what} ({size}) must be a multiple of the FP8 weight block's "
+                                 f"{self.block_k} columns.")
+        add_param(layer, "weight", (n, k), FP8_DTYPE, {"input_dim": 1, "output_dim": 0}, extra_weight_attrs)
+        shapes = extra_weight_attrs["checkpoint_shapes"]
+        add_param(layer, "weight_scale_inv", (n, k // self.block_k), torch.float32,
+                  {"input_dim": 1, "output_dim": 0,
+                   "checkpoint_shapes": {s: (o, i // self.block_k) for s, (o, i) in shapes.items()},
+                   "weight_loader": self._row_scales_loader(extra_weight_attrs["weight_loader"], shapes)},
+                  extra_weight_attrs)
+
+    def _row_scales_loader(self, layer_loader: Any, shapes: dict) -> Any:
+        """Checks a block-scale tensor's shape, repeats each block's scale over its rows, then slices."""
+
+        def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+            out, inp = shapes[shard_id]
+            want = (-(-out // self.block_n), inp // self.block_k)
+            if tuple(loaded.shape) != want:
+                raise ValueError(f"has shape {tuple(loaded.shape)}, expected {want} (one scale per "
+                                 f"{self.block_n}x{self.block_k} block)")
+            rows = loaded.repeat_interleave(self.block_n, dim=0)[:out]
+            layer_loader(param, rows, *(() if shard_id is None else (shard_id,)))
+
+        return load
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if not bool((layer.weight_scale_inv.data > 0).all()):
+            raise ValueError(f"{layer_name(layer)}: weight_scale_inv must be positive.")
+        replace_parameter(layer, "weight", layer.weight.data)
+        replace_parameter(layer, "weight_scale_inv", layer.weight_scale_inv.data.contiguous())
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from vllm_engine.quantization.kernels.fp8_block import fp8_block_linear
+
+        return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block_k, bias)
+
+
 def _per_shard_scalar(shards: list) -> Any:
     """Loader of a one-number-per-checkpoint-tensor parameter [len(shards)]: shard s's scalar at its index."""
 
@@ -199,5 +265,5 @@ def _per_shard_scalar(shards: list) -> Any:
     return load
 
 
-__all__ = ["FP8_DTYPE", "Fp8Config", "Fp8LinearMethod", "fp8_linear", "per_token_scales", "quantize_fp8",
+__all__ = ["FP8_DTYPE", "Fp8BlockLinearMethod", "Fp8Config", "Fp8LinearMethod", "fp8_linear", "per_token_scales", "quantize_fp8",
            "quantize_weight_per_channel"]
