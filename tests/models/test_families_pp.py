@@ -1,0 +1,23 @@
+"""Two pipeline stages (gloo processes, hidden states and residuals sent stage to stage) for one family
+of each new layer kind: the logits and greedy tokens of one process and of HF transformers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.models.family_helpers import tiny_checkpoint
+from tests.models.test_families_gpu import _config
+
+
+@pytest.mark.parametrize("families", [("gemma", "gpt2", "phi3"), ("neox", "deepseek_v2", "qwen2_moe")])  # 2 layers each
+def test_pp2_matches_one_stage_and_hf(families, tiny_model_dir, tmp_path):
+    from tests.distributed.test_tp_model import check_against_one_rank_and_hf, run_parallel
+
+    tiny = tiny_model_dir("llama")
+    jobs = []
+    for family in families:
+        config, center = _config(family, tiny)
+        jobs.append((family, str(tiny_checkpoint(config, tmp_path / family, tiny, norm_center=center)), "auto"))
+    got = run_parallel(tmp_path, tp=1, pp=2, jobs=jobs)
+    for name, path, fmt in jobs:
+        check_against_one_rank_and_hf(got[name], path, fmt)
