@@ -156,10 +156,12 @@ def test_auto_parses_hermes_calls_and_round_trips(smol_client):
     r2 = smol_client.chat.completions.create(model="smol", messages=follow, tools=TOOLS, max_tokens=8,
                                              temperature=0)
     assert r2.choices[0].message.content and r2.choices[0].message.tool_calls is None
-    # without tools, plain text is never parsed for calls
-    r3 = smol_client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=60, temperature=0,
-                                             extra_body={"guided_regex": AUTO_CALL})
-    assert r3.choices[0].message.content.startswith("<tool_call>") and r3.choices[0].message.tool_calls is None
+    # without tools, or with tool_choice "none", the text is never parsed for calls
+    for extra in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+        r3 = smol_client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=60, temperature=0,
+                                                 extra_body={"guided_regex": AUTO_CALL}, **extra)
+        assert r3.choices[0].message.content.startswith("<tool_call>") and r3.choices[0].message.tool_calls is None
+        assert r3.choices[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("body, param", [
