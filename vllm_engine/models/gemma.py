@@ -24,7 +24,7 @@ Bidirectional attention (``use_bidirectional_attention``, EmbeddingGemma) is ref
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -210,3 +210,22 @@ class GemmaForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return soft_cap(self.logits_processor(self.head, hidden),
                         getattr(self.config, "final_logit_softcapping", None))
+
+
+class Gemma3ForConditionalGeneration(GemmaForCausalLM):
+    """A multimodal Gemma 3 checkpoint (4B and up) served text-only: its language model, from
+    ``language_model.model.*`` (``model.language_model.*`` in transformers 5 files) and
+    ``language_model.lm_head`` / ``lm_head``; the vision tower and projector are not loaded (no
+    image input yet). The config is the checkpoint's ``text_config`` (model_loader/resolve.py)."""
+
+    def checkpoint_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            for old, new in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                             ("language_model.lm_head.", "lm_head.")):
+                if name.startswith(old):
+                    yield new + name[len(old):], tensor
+                    break
+            else:
+                if not name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                                        "model.multi_modal_projector.")):
+                    yield name, tensor

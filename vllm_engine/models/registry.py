@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from vllm_engine.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
-from vllm_engine.models.gemma import GemmaForCausalLM
+from vllm_engine.models.gemma import Gemma3ForConditionalGeneration, GemmaForCausalLM
 from vllm_engine.models.gpt2 import GPT2LMHeadModel
 from vllm_engine.models.gpt_neox import GPTNeoXForCausalLM
 from vllm_engine.models.llama import LlamaForCausalLM
@@ -25,6 +25,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # text-only: the language model
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
