@@ -266,7 +266,8 @@ def write_compressed_tensors_fp8(float_dir: Path, out_dir: Path, per_channel: bo
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(float_dir), dtype=torch.float32)
-    weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel" if per_channel else "tensor")
+    weights = QuantizationArgs(num_bits=8, type="float", symmetric=True,
+                               strategy="channel" if per_channel else "tensor")
     acts = (QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) if static
             else QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True))
     scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)

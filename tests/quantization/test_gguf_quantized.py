@@ -23,7 +23,8 @@ def random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(rows * cols // block_values, block_bytes), dtype=np.uint8)
     for off in F16_FIELDS[type_name]:
-        raw[:, off: off + 2] = rng.uniform(-0.02, 0.02, size=raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        d = rng.uniform(-0.02, 0.02, size=raw.shape[0]).astype(np.float16)
+        raw[:, off: off + 2] = d.view(np.uint8).reshape(-1, 2)
     return raw.reshape(rows, -1)
 
 

@@ -58,6 +58,7 @@ def test_kernels_match_float64(bits, group_size, zeros, layout, rows):
     got = {"dequant": k.dequant_linear(xd, w, bd), "gemm": k.wna16_gemm(xd, w, bd, config=(16, 32, 64, 4, 2))}
     if rows <= 16:
         got["gemv"] = k.wna16_gemv(xd, w, bd, config=(32, 64, 4, 2))
+        got["gemv split-k 3"] = k.wna16_gemv(xd, w, bd, config=(32, 32, 4, 2, 3))  # 256 inputs: uneven splits
     for name, y in got.items():
         torch.testing.assert_close(y.double().cpu(), want, rtol=1e-4, atol=1e-4, msg=name)
 
@@ -74,8 +75,9 @@ def test_scale_and_min_groups(bits, group_size):
     w = k.WNA16Weight(pack_int32(q, bits, 0).to(DEVICE), scales.float().to(DEVICE), None, None, None, bits,
                       group_size, mins.float().to(DEVICE))
     x = torch.randn(6, 128, generator=gen, dtype=torch.float64)
-    for y in (k.wna16_gemv(x[:3].float().to(DEVICE), w, config=(16, 64, 4, 2)),
-              k.wna16_gemm(x.float().to(DEVICE), w, config=(16, 16, 32, 4, 2)), k.dequant_linear(x.float().to(DEVICE), w)):
+    xd = x.float().to(DEVICE)
+    for y in (k.wna16_gemv(xd[:3], w, config=(16, 64, 4, 2)), k.wna16_gemm(xd, w, config=(16, 16, 32, 4, 2)),
+              k.dequant_linear(xd, w)):
         torch.testing.assert_close(y.double().cpu(), (x @ ref)[: y.shape[0]], rtol=1e-4, atol=1e-4)
 
 

@@ -42,7 +42,8 @@ def checkpoint_quantization(hf_config: Any) -> Optional[dict[str, Any]]:
     return dict(qc) if isinstance(qc, dict) else qc.to_dict()
 
 
-def resolve_quantization(quantization: Optional[str], hf_config: Any, load_format: str = "safetensors") -> Optional[str]:
+def resolve_quantization(quantization: Optional[str], hf_config: Any,
+                         load_format: str = "safetensors") -> Optional[str]:
     """The method the model is loaded with (None: unquantized), from the user's ``quantization`` and
     the checkpoint's ``quantization_config``. ValueError naming the setting when they disagree, when
     the method is unknown, or when a GGUF file is given another method (GGUF weights carry their own).

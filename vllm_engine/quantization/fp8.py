@@ -265,5 +265,6 @@ def _per_shard_scalar(shards: list) -> Any:
     return load
 
 
-__all__ = ["FP8_DTYPE", "Fp8BlockLinearMethod", "Fp8Config", "Fp8LinearMethod", "fp8_linear", "per_token_scales", "quantize_fp8",
+__all__ = ["FP8_DTYPE", "Fp8BlockLinearMethod", "Fp8Config", "Fp8LinearMethod", "fp8_linear", "per_token_scales",
+           "quantize_fp8",
            "quantize_weight_per_channel"]

@@ -149,7 +149,8 @@ class GGUFConfig(QuantizationConfig):
         types = {}
         for t in open_gguf(path).tensors:
             name = hf_name(t.name)
-            if name and name.startswith("model.layers.") and name.endswith("_proj.weight") and t.type_name in GGUF_BLOCKS:
+            linear = name is not None and name.startswith("model.layers.") and name.endswith("_proj.weight")
+            if linear and t.type_name in GGUF_BLOCKS:
                 types[name] = t.type_name
         return cls(types, device)
 

@@ -47,8 +47,11 @@ logger = logging.getLogger(__name__)
 GEMV_MAX_ROWS = 4  # up to here the GEMV, above the tl.dot GEMM
 MAX_KERNEL_ROWS = 256  # above: dequantize once and let cuBLAS multiply (prefill)
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMV, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for the GEMM.
-GEMV_CONFIGS = [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 256, 4, 2)]
+# (BLOCK_N, BLOCK_K, num_warps, num_stages[, split_k]) for the GEMV, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+# for the GEMM. Split-K gives a batch-1 step more programs than column tiles (an 8B model's projections
+# have 64-200 tiles of 32-64 columns for 132 SMs).
+GEMV_CONFIGS = [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 256, 4, 2),
+                (32, 128, 4, 3, 4), (64, 128, 4, 3, 4), (16, 256, 4, 3, 4), (32, 256, 4, 2, 8)]
 GEMM_CONFIGS = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 3), (32, 64, 64, 4, 4), (32, 128, 64, 4, 3),
                 (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3)]
 
@@ -145,21 +148,25 @@ if triton is not None:
         return w
 
     @triton.jit
-    def _wna16_gemv_kernel(X, QW, S, Z, GI, Bias, Y, M, N, K, group_size, stride_xm, stride_ym,
+    def _wna16_gemv_kernel(X, QW, S, Z, GI, Bias, Y, M, N, K, group_size, stride_xm, stride_ym, k_per_split,
                            BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr,
-                           HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """y[m, n] = sum_k x[m, k] * w[k, n] (+ bias[n]) for M <= BLOCK_M rows: program p streams the
-        packed columns [p * BLOCK_N, (p + 1) * BLOCK_N) once, float32 accumulation."""
+                           HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+        """Grid (cdiv(N, BLOCK_N), SPLIT_K): y[m, n] = sum_k x[m, k] * w[k, n] (+ bias[n]) for M <= BLOCK_M
+        rows. Program (p, s) streams the packed columns [p * BLOCK_N, (p + 1) * BLOCK_N) of the inputs
+        [s * k_per_split, (s + 1) * k_per_split) once, float32 accumulation; with SPLIT_K > 1 the
+        partial sums are added atomically into Y (float32, zeroed by the caller)."""
         pdl_prologue(PDL)
         pid = tl.program_id(0)
+        k_start = tl.program_id(1) * k_per_split
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         mmask = offs_m < M
         nmask = offs_n < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
             w = _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS, HAS_ZEROS, HAS_GIDX,
                             BLOCK_K, BLOCK_N, HAS_MINS, HAS_LUT)
             kmask = (k0 + offs_k) < K
@@ -167,15 +174,20 @@ if triton is not None:
                         other=0.0).to(tl.float32)
             acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
         if HAS_BIAS:
-            acc += tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
+            bias = tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            acc += tl.where(k_start == 0, bias, 0.0)[None, :]
+        out = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        else:
+            tl.atomic_add(out, acc, mask=mmask[:, None] & nmask[None, :])
 
     @triton.jit
     def _wna16_gemm_kernel(X, QW, S, Z, GI, Bias, Y, M, N, K, group_size, stride_xm, stride_ym,
                            BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr,
-                           HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                           HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y = x @ w (+ bias), each weight tile dequantized in
         registers to x's dtype and multiplied on tensor cores, float32 accumulation."""
         pdl_prologue(PDL)
@@ -232,16 +244,24 @@ def _common_args(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor], 
 
 def wna16_gemv(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None,
                config: tuple = (64, 128, 4, 3)) -> torch.Tensor:
-    """x [M, K] (M <= 16) -> [M, N] in x.dtype. ``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    """x [M, K] (M <= 16) -> [M, N] in x.dtype. ``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages[,
+    split_k]): with split_k > 1 the inputs are split over that many programs per column tile (more
+    programs for a batch-1 step), their partial sums added into a float32 buffer."""
     x, y = _prepare(x, w)
     if x.shape[0] == 0:
         return y
-    block_n, block_k, warps, stages = config
-    _wna16_gemv_kernel[(triton.cdiv(w.out_features, block_n),)](
-        *_common_args(x, w, bias, y), BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
-        HAS_MINS=w.mins is not None, HAS_LUT=w.lut is not None, HAS_BIAS=bias is not None, BLOCK_M=max(triton.next_power_of_2(x.shape[0]), 1), BLOCK_N=block_n,
-        BLOCK_K=_block_k(w, block_k), num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
-    return y
+    block_n, block_k, warps, stages = config[:4]
+    split_k = config[4] if len(config) > 4 else 1
+    block_k = _block_k(w, block_k)
+    k_per_split = triton.cdiv(triton.cdiv(w.in_features, split_k), block_k) * block_k
+    out = y if split_k == 1 else torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    args = _common_args(x, w, bias, out)
+    _wna16_gemv_kernel[(triton.cdiv(w.out_features, block_n), split_k)](
+        *args, k_per_split, BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
+        HAS_MINS=w.mins is not None, HAS_LUT=w.lut is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=max(triton.next_power_of_2(x.shape[0]), 1), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
+    return y if split_k == 1 else out.to(x.dtype)
 
 
 def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None,
@@ -255,9 +275,9 @@ def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = N
     dot_f32 = x.dtype == torch.float32 or envs.triton_interpret()
     _wna16_gemm_kernel[(triton.cdiv(w.out_features, block_n), triton.cdiv(x.shape[0], block_m))](
         *_common_args(x, w, bias, y), BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
-        HAS_MINS=w.mins is not None, HAS_LUT=w.lut is not None, HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC="ieee" if dot_f32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(w, block_k), num_warps=warps, num_stages=stages,
-        **pdl.launch_args(x.device))
+        HAS_MINS=w.mins is not None, HAS_LUT=w.lut is not None, HAS_BIAS=bias is not None, DOT_F32=dot_f32,
+        DOT_PREC="ieee" if dot_f32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(w, block_k),
+        num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
     return y
 
 
@@ -290,7 +310,8 @@ class WNA16Picker:
     @staticmethod
     def candidates(m: int) -> dict[str, Callable]:
         if m <= GEMV_MAX_ROWS:
-            return {"gemv %dx%d w%d s%d" % c: functools.partial(wna16_gemv, config=c) for c in GEMV_CONFIGS}
+            return {"gemv %dx%d w%d s%d" % c[:4] + (" k%d" % c[4] if len(c) > 4 else ""):
+                    functools.partial(wna16_gemv, config=c) for c in GEMV_CONFIGS}
         out = {"gemm %dx%dx%d w%d s%d" % c: functools.partial(wna16_gemm, config=c)
                for c in GEMM_CONFIGS if c[0] <= max(16, _bucket(m))}
         out["dequant+cublas"] = dequant_linear
