@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from concurrent.futures import Future
 
 import jsonschema
 import pytest
@@ -118,3 +120,27 @@ def test_preemption_and_prefix_caching_keep_outputs_valid(smollm2_gguf):
         assert o.outputs[0].finish_reason == "stop", (name, o.outputs[0].text)
         jsonschema.validate(json.loads(o.outputs[0].text), schema)
     assert outs[0].outputs[0].text == outs[5].outputs[0].text  # same prompt and schema, greedy
+
+
+def test_a_compiling_grammar_is_waited_for_without_spinning(smol_engine, monkeypatch):
+    """A compile that takes 0.3 s: the engine loop waits on it instead of stepping idly hundreds of
+    times, and the request then runs normally."""
+    manager = smol_engine.structured_output_manager()
+    real_submit = manager.submit
+
+    def slow_submit(params):
+        fut: Future = Future()
+        threading.Timer(0.3, lambda: fut.set_result(real_submit(params).result())).start()
+        return fut
+
+    monkeypatch.setattr(manager, "submit", slow_submit)
+    params = SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(
+        choice=["alpha", "beta"]))
+    smol_engine.add_request("slow-grammar", chat_prompt(smol_engine, "Pick one."), params)
+    steps, final = 0, None
+    while smol_engine.has_unfinished_requests():
+        for out in smol_engine.step():
+            final = out
+        steps += 1
+    assert final.outputs[0].text in ("alpha", "beta") and final.outputs[0].finish_reason == "stop"
+    assert steps < 80, steps  # 0.3 s in waits of up to 10 ms, plus the request's own steps

@@ -6,6 +6,7 @@ One step is ``schedule() -> execute_model() -> update_from_output() -> process o
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -258,6 +259,17 @@ class Engine:
             return None
         return self.structured_output_manager().submit(params.structured_outputs)
 
+    def _wait_for_grammars(self) -> None:
+        """When every request is waiting for its grammar to compile, waits (up to 10 ms) for one compile
+        rather than spinning the loop (the compile thread needs the CPU)."""
+        sched = self.scheduler
+        if (sched.num_running or sched.num_swapped or not sched.num_waiting or self._pending is not None
+                or self._in_flight):
+            return
+        futures = [r.grammar_future for r in sched.waiting]
+        if all(f is not None and not f.done() for f in futures):
+            concurrent.futures.wait(futures, timeout=0.01, return_when=concurrent.futures.FIRST_COMPLETED)
+
     def _check_admission(self, params: SamplingParams, max_tokens: int) -> None:
         """The limits that depend on the engine: n, min_tokens within the context, the waiting queue
         (counted in sequences: a request with n samples queues n)."""
@@ -300,6 +312,8 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns outputs of the requests that made progress (cumulative)."""
+        if self._structured_output is not None:
+            self._wait_for_grammars()
         if self.pipeline_depth > 1:
             return self._step_pipelined()
         if self.config.device.async_scheduling:
