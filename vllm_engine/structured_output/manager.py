@@ -1,7 +1,7 @@
 """Compiling constraints (cached by their text, on a background thread) and matching them per request.
 
 The engine submits a request's constraint when the request arrives (``StructuredOutputManager.submit``):
-the compile runs on the manager's thread, and the scheduler leaves the request waiting until its
+the compile runs on one of the manager's two threads, and the scheduler leaves the request waiting until its
 future is done, so nothing on the engine loop waits for a compile. The model runner then builds a
 ``RequestGrammar`` (a matcher) per request from the cached result, advances it with the tokens the
 request samples, and fills its row of the step's token bitmask.
@@ -58,8 +58,11 @@ class StructuredOutputManager:
         self.bitmask_width = bitmask_width(vocab_size)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine-grammar")
+        self._lock = threading.Lock()  # the cache
+        self._compiler_lock = threading.Lock()
+        # Two threads: one slow compile (a schema of thousands of properties takes seconds) does not hold
+        # up every other new grammar. xgrammar's compiler is safe to share between threads.
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="vllm-engine-grammar")
         self._compiler: Any = None  # xgrammar.GrammarCompiler, built on the pool's thread at first use
 
     @classmethod
@@ -110,6 +113,10 @@ class StructuredOutputManager:
             raise SamplingParamsError(f"structured_outputs.{kind}", f"cannot be compiled: {message}") from None
 
     def _get_compiler(self) -> Any:
+        with self._compiler_lock:  # two compile threads may start at once
+            return self._make_compiler()
+
+    def _make_compiler(self) -> Any:
         if self._compiler is None:
             xgr = _import_xgrammar()
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
