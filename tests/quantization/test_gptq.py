@@ -175,3 +175,20 @@ def test_dummy_weights_in_each_format(method, float_checkpoint):
             assert layer.wna16.lut is not None if method == "squeezellm" else layer.wna16.group_size == 128
     logits = run_paged_steps(model, cfg, [[1, 2, 3]], [[3]])[0]
     assert torch.isfinite(torch.stack(logits)).all()
+
+
+def test_quant_bench_latency_part_runs(float_checkpoint):
+    """tests/benchmarks/quant_bench.py's engine loop (GPU-only as a script) on the tiny model: each
+    method's engine builds, decodes, and its 4-bit weights take less memory than float32's."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quant_bench
+
+    args = argparse.Namespace(model=str(float_checkpoint), methods=["none", "gptq", "fp8"], input_len=12,
+                              output_len=3, runs=1, max_model_len=64, dtype="float32")
+    rows = {r["method"]: r for r in quant_bench.latency(args)}
+    assert all(r["tpot_ms_p50"] > 0 and r["kv_blocks"] > 0 for r in rows.values())
+    assert rows["gptq"]["weight_bytes"] < rows["fp8"]["weight_bytes"] < rows["none"]["weight_bytes"]

@@ -1,0 +1,74 @@
+"""On a CUDA GPU (skipped elsewhere): the quantized kernels at a real model's shapes (Llama-3.1-8B's
+projections) against float64, through the pickers as the engine calls them, and tiny quantized
+checkpoints through the whole engine (CUDA graphs) against HF on the dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.e2e.test_engine_vs_hf import hf_greedy
+from tests.quantization.conftest import hf_reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+@pytest.mark.parametrize("layer", sorted(LLAMA_8B))
+@pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, False)])
+def test_wna16_at_llama_8b_shapes(layer, bits, act_order):
+    from vllm_engine.quantization.kernels.wna16 import WNA16Picker, WNA16Weight
+    from vllm_engine.quantization.utils import pack_int32
+
+    n, k = LLAMA_8B[layer]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randint(0, 1 << bits, (k, n), device="cuda", generator=gen)
+    scales = (torch.rand(k // 128, n, device="cuda", generator=gen) * 0.01).bfloat16()
+    zeros = torch.randint(0, 1 << bits, (k // 128, n), device="cuda", generator=gen).bfloat16()
+    perm = torch.randperm(k, device="cuda", generator=gen) if act_order else None
+    w = WNA16Weight(pack_int32(q, bits, 0), scales, zeros, None, perm, bits, 128)
+    ref = (q.double() - zeros.double()[torch.arange(k, device="cuda") // 128]) * scales.double()[
+        torch.arange(k, device="cuda") // 128]
+    picker = WNA16Picker()
+    for rows in (1, 16, 64, 300):
+        x = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
+        xs = x[:, perm] if perm is not None else x
+        want = xs.double() @ ref
+        got = picker(x, w).double()
+        err = (got - want).abs().max() / want.abs().max()
+        assert err < 2e-2, (rows, float(err), picker.decisions)
+
+
+@pytest.mark.parametrize("layer", sorted(LLAMA_8B))
+def test_fp8_at_llama_8b_shapes(layer):
+    from vllm_engine.quantization.fp8 import fp8_linear, quantize_weight_per_channel, scaled_mm_supported
+    from vllm_engine.quantization.kernels.fp8_block import fp8_block_linear
+
+    n, k = LLAMA_8B[layer]
+    w = torch.randn(n, k, device="cuda").bfloat16() * 0.02
+    wq, ws = quantize_weight_per_channel(w)
+    x = torch.randn(16, k, device="cuda").bfloat16()
+    want = fp8_linear(x.float(), wq, ws).double()  # the float32 path: the same arithmetic
+    got = fp8_linear(x, wq, ws, use_scaled_mm=scaled_mm_supported(x.device)).double()
+    assert ((got - want).abs().max() / want.abs().max()) < 2e-2
+    block_scales = torch.rand(n, k // 128, device="cuda") * 1e-3 + 1e-4
+    want = fp8_block_linear(x.float(), wq, block_scales, 128, use_triton=False).double()
+    got = fp8_block_linear(x, wq, block_scales, 128).double()
+    assert ((got - want).abs().max() / want.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_gptq_engine_on_gpu_matches_hf(enforce_eager, gptq_checkpoint, float_checkpoint):
+    """float32 on the GPU (the Triton GEMV/GEMM through the picker, CUDA graphs when not eager): greedy
+    tokens equal HF's on the dequantized weights."""
+    from vllm_engine import Engine, SamplingParams
+
+    path, weights = gptq_checkpoint(4, 32, True, False, "gptq")
+    hf = hf_reference(float_checkpoint, weights)
+    engine = Engine(model=str(path), dtype="float32", device="cuda", max_model_len=128, enforce_eager=enforce_eager)
+    ids = [engine.tokenize(p) for p in ("Hello, my name is", "The capital of France is", "One two three")]
+    outs = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    for prompt_ids, out in zip(ids, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt_ids, 10)[0]
+    engine.shutdown()
