@@ -27,13 +27,17 @@ def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
     flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of positions 0..seq_len-1 of one sequence: two [seq_len, num_kv_heads, head_dim]."""
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+              first_block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of positions first_block * block_size .. seq_len-1 of one sequence: two
+    [seq_len - first_block * block_size, num_kv_heads, head_dim]. Blocks before ``first_block`` (out
+    of every query's sliding window: the block manager may have freed them) are not read."""
     block_size = kv_cache.shape[2]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = block_table[:num_blocks].long()
-    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
-    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    blocks = block_table[first_block:num_blocks].long()
+    n = seq_len - first_block * block_size
+    k = kv_cache[0, blocks].flatten(0, 1)[:n]
+    v = kv_cache[1, blocks].flatten(0, 1)[:n]
     return k, v
 
 
@@ -63,15 +67,19 @@ class TorchAttentionBackend(AttentionBackend):
             q_len = qe - qs
             if q_len == 0:
                 continue
+            first = 0  # the first key position read
             if q_len == seq_len and key is not None:  # a whole prompt in one chunk: the new K/V are the context
                 k, v = key[qs:qe], value[qs:qe]
             else:
-                k, v = gather_kv(kv_cache, metadata.block_tables[i], seq_len)
+                block_size = kv_cache.shape[2]
+                if sliding_window is not None:  # the first query sees nothing before this block
+                    first = max(seq_len - q_len - sliding_window + 1, 0) // block_size * block_size
+                k, v = gather_kv(kv_cache, metadata.block_tables[i], seq_len, first // block_size)
             q = query[qs:qe].transpose(0, 1)  # [H, q_len, D]
-            k = k.transpose(0, 1).to(q.dtype).repeat_interleave(group, dim=0)  # [H, seq_len, D]
+            k = k.transpose(0, 1).to(q.dtype).repeat_interleave(group, dim=0)  # [H, keys, D]
             v = v.transpose(0, 1).to(q.dtype).repeat_interleave(group, dim=0)
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-            k_pos = torch.arange(seq_len, device=q.device)[None, :]
+            k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
             mask = k_pos <= q_pos
             if sliding_window is not None:
                 mask &= k_pos > q_pos - sliding_window

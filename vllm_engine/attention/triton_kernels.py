@@ -302,6 +302,8 @@ def _prefill_kernel(
     for t0 in range(tl.maximum(kv_lo, full_hi), kv_hi, TILE_N):
         toks = t0 + offs_n
         nmask = toks < kv_hi
+        if sliding_window > 0:  # keys before every row's window are not read (their blocks may be freed)
+            nmask = nmask & (toks > first_pos - sliding_window)
         k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
                           stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
         qk = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), scale_log2, cap_log2, scale_over_cap)
