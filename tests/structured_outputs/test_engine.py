@@ -144,3 +144,18 @@ def test_a_compiling_grammar_is_waited_for_without_spinning(smol_engine, monkeyp
         steps += 1
     assert final.outputs[0].text in ("alpha", "beta") and final.outputs[0].finish_reason == "stop"
     assert steps < 80, steps  # 0.3 s in waits of up to 10 ms, plus the request's own steps
+
+
+def test_a_token_the_grammar_refuses_ends_only_its_request(smol_engine, monkeypatch):
+    """With the mask switched off in the sampler, the constrained request samples a token its grammar
+    refuses: that request ends with an error naming it, its neighbour runs on."""
+    import vllm_engine.layers.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "apply_token_bitmask", lambda logits, bitmask, rows: logits)
+    p = chat_prompt(smol_engine, "Tell me a story.")
+    outs = smol_engine.generate([p, p], [
+        SamplingParams(temperature=0, max_tokens=6,
+                       structured_outputs=StructuredOutputsParams(choice=["alpha", "beta"])),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)], use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "error" and "refused token" in outs[0].error
+    assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].outputs[0].token_ids) == 6

@@ -64,10 +64,11 @@ class WorkerGrammars:
             self.grammars.pop(rid, None)
 
     def fill(self, reqs: list["CachedRequestState"], meta: "SamplingMetadata", staging: "HostStaging",
-             read_pending_tokens: Callable[[], None]) -> None:
+             read_pending_tokens: Callable[[], None], failed: dict[str, str]) -> None:
         """Sets ``meta.grammar_bitmask`` / ``grammar_rows`` for the constrained rows of ``reqs`` (the
         step's sampled requests, in row order). ``read_pending_tokens``: brings the previous launch's
-        sampled ids to the host (written over the placeholders), called only when a grammar needs one."""
+        sampled ids to the host (written over the placeholders), called only when a grammar needs one.
+        A grammar that refused a token (none should reach it) is its request's fault (``failed``)."""
         grammars = self.grammars
         rows = [i for i, r in enumerate(reqs) if r.req_id in grammars]
         if not rows:
@@ -79,7 +80,11 @@ class WorkerGrammars:
         bitmask = self._rows(len(rows), self.manager.bitmask_width)
         if self._filler is None:
             self._filler = BatchFiller()
-        self._filler.fill([grammars[reqs[i].req_id] for i in rows], [reqs[i].output_token_ids for i in rows], bitmask)
+        rows_grammars = [grammars[reqs[i].req_id] for i in rows]
+        self._filler.fill(rows_grammars, [reqs[i].output_token_ids for i in rows], bitmask)
+        for i, g in zip(rows, rows_grammars):
+            if g.rejected is not None:
+                failed[reqs[i].req_id] = f"the grammar refused token {g.rejected}"
         meta.grammar_bitmask, meta.grammar_rows = staging.stage(bitmask, np.asarray(rows, dtype=np.int64))
         if self.fill_seconds is not None:
             self.fill_seconds.append((len(rows), time.perf_counter() - t0))

@@ -274,7 +274,7 @@ class ModelRunner:
             staging=self.staging,
         )
         if self.grammars:  # after the forward is queued: the GPU runs it while the host fills the masks
-            self.grammars.fill(reqs, meta, self.staging, self._read_last_tokens)
+            self.grammars.fill(reqs, meta, self.staging, self._read_last_tokens, handle.output.failed)
         result = self.sampler(logits, meta)
         self._keep_sampled(reqs, inputs, result.sampled_token_ids, handle)
         out = handle.output
