@@ -73,8 +73,9 @@ class StructuredOutputsParams:
 
         set_fields = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False)]
         if len(set_fields) != 1:
-            raise SamplingParamsError("structured_outputs", f"must set exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}"
-                                                            f", got {set_fields or 'none'}.")
+            kinds = ", ".join(STRUCTURED_OUTPUT_KINDS)
+            raise SamplingParamsError("structured_outputs",
+                                      f"must set exactly one of {kinds}, got {set_fields or 'none'}.")
         if isinstance(self.json, str):
             try:
                 self.json = _json.loads(self.json)

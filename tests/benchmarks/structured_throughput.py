@@ -7,10 +7,9 @@ schema against a cached one (issue 22's targets: constrained >= 90% of unconstra
 
 The grammar needs a tokenizer: by default the model is the SmolLM2 GGUF (real weights); with dummy
 weights of a bundled config (``--model qwen3-0.6b --load-format dummy``, the nano rows of
-docs/benchmarks.md) the SmolLM2 vocabulary is borrowed. Requests ignore EOS and run to their workload length; the schema's free-text field
-keeps a grammar open for the whole reply, so every step of every request is masked. On a CPU the
-same script runs with tiny settings (tests/benchmarks/test_scripts_cpu.py does not run it: it is a
-GPU measurement; pass small --num-prompts/--output-len to try it).
+docs/benchmarks.md) the SmolLM2 vocabulary is borrowed. Requests ignore EOS and run to their
+workload length; the schema's free-text field keeps a grammar open for the whole reply, so every
+step of every request is masked. A GPU measurement: on a CPU pass tiny settings to try it.
 """
 
 from __future__ import annotations
@@ -120,7 +119,8 @@ def main(argv=None) -> int:
                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     workload = make_workload(args.dataset, engine.model_config.vocab_size, args.num_prompts, args.input_len,
                              args.output_len)
-    result = {"device": device_name(), "model": args.model, "load_format": args.load_format, "num_prompts": args.num_prompts,
+    result = {"device": device_name(), "model": args.model, "load_format": args.load_format,
+              "num_prompts": args.num_prompts,
               "max_num_seqs": args.max_num_seqs, "dataset": args.dataset, "schema": OPEN_SCHEMA, "rows": []}
     run(engine, workload, None, args.temperature)  # warm-up (both paths compile their kernels)
     run(engine, workload, OPEN_SCHEMA, args.temperature)
@@ -137,8 +137,9 @@ def main(argv=None) -> int:
     fresh = dict(OPEN_SCHEMA, properties={**OPEN_SCHEMA["properties"], f"k{uuid.uuid4().hex[:6]}": {"type": "integer"}})
     result["ttft_new_schema_ms"] = ttft(engine, prompt, fresh) * 1e3
     result["ttft_cached_schema_ms"] = statistics.median(ttft(engine, prompt, fresh) * 1e3 for _ in range(3))
-    print(f"constrained / unconstrained = {result['constrained_over_unconstrained']:.3f}; compile {result['compile_ms']} "
-          f"ms; TTFT new schema {result['ttft_new_schema_ms']:.1f} ms, cached {result['ttft_cached_schema_ms']:.1f} ms")
+    print(f"constrained / unconstrained = {result['constrained_over_unconstrained']:.3f}; "
+          f"compile {result['compile_ms']} ms; TTFT new schema {result['ttft_new_schema_ms']:.1f} ms, "
+          f"cached {result['ttft_cached_schema_ms']:.1f} ms")
     write_json(args.out, result)
     engine.shutdown()
     return 0

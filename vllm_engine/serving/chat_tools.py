@@ -73,7 +73,8 @@ def required_schema(tools: list[ChatTool], parallel: bool) -> dict:
     calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                                "parameters": t.function.parameters or ANY_OBJECT},
               "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
-    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+    items = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": items}
     if not parallel:
         schema["maxItems"] = 1
     return schema
