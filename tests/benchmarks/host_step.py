@@ -42,7 +42,7 @@ class NullModel(torch.nn.Module):
         super().__init__()
         self.hidden_size, self.vocab_size, self.device = hidden_size, vocab_size, device
 
-    def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, attn_metadata, intermediate_tensors=None) -> torch.Tensor:
         return torch.zeros(input_ids.shape[0], self.hidden_size, device=self.device)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
