@@ -32,6 +32,11 @@ for stage in "$@"; do
                 python $B/gpu_kernel_profile.py --model llama-3.1-8b --batch 256 --steps 5 | tail -12 ;;
     check)      python -m pytest -q -x tests/e2e/test_gpu_engine.py 2>&1 | tail -15
                 python tests/kernels/gpu_check.py --out "$OUT/kernels.json" ;;
+    structured) python -m pytest -q -x tests/structured_outputs/test_gpu.py 2>&1 | tail -5
+                python $B/structured_throughput.py --model qwen3-0.6b --load-format dummy --dataset nano --num-prompts 64 \
+                  --max-num-seqs 64 --out "$OUT/structured_qwen3.json"
+                python $B/structured_throughput.py --dataset nano --num-prompts 64 --max-num-seqs 64 \
+                  --out "$OUT/structured_smollm2.json" ;;
     smoke)      python $B/throughput.py --model qwen3-0.6b --dataset random --num-prompts 64 --input-len 256 --output-len 128 --runs 1 ;;
     throughput) python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 3 --backend both --out "$OUT/throughput_qwen3.json"
                 python $B/throughput.py --model llama-3.1-8b --dataset nano --runs 3 --out "$OUT/throughput_llama8b.json" ;;
