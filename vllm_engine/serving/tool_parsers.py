@@ -254,7 +254,7 @@ class ToolCallParser:
 
     def _scan(self, text: str) -> Parsed:
         if self.mode == "named":
-            return Parsed("", [CallDraft(self.function_name, text.strip() if text.strip() else "", False)])
+            return Parsed("", [CallDraft(self.function_name, text.strip())])
         return PARSERS[self.mode](text)
 
     def parse(self, text: str) -> tuple[Optional[str], list[dict]]:
