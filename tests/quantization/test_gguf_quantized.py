@@ -105,3 +105,16 @@ def test_smollm2_q4_1_kept_quantized_gives_the_dequantized_tokens(smollm2_gguf):
         outputs[quantization] = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params, use_tqdm=False)]
         engine.shutdown()
     assert outputs["gguf"] == outputs[None]
+
+
+def test_methods_a_gguf_file_takes():
+    """Unset (dequantized at load), gguf (kept quantized), fp8 (the dequantized weights quantized at load);
+    a method that needs its own checkpoint layout is refused."""
+    from types import SimpleNamespace
+
+    from vllm_engine.quantization import resolve_quantization
+
+    cfg = SimpleNamespace()  # GGUF configs carry no quantization_config
+    assert [resolve_quantization(q, cfg, "gguf") for q in (None, "gguf", "fp8")] == [None, "gguf", "fp8"]
+    with pytest.raises(ValueError, match="quantization='gptq' cannot be applied to a GGUF file"):
+        resolve_quantization("gptq", cfg, "gguf")

@@ -192,3 +192,29 @@ def test_quant_bench_latency_part_runs(float_checkpoint):
     rows = {r["method"]: r for r in quant_bench.latency(args)}
     assert all(r["tpot_ms_p50"] > 0 and r["kv_blocks"] > 0 for r in rows.values())
     assert rows["gptq"]["weight_bytes"] < rows["fp8"]["weight_bytes"] < rows["none"]["weight_bytes"]
+
+
+def test_quant_perplexity_script(float_checkpoint, tmp_path):
+    """tests/benchmarks/quant_perplexity.py on the tiny model: the unquantized perplexity is HF's on the
+    same tokens; FP8 changes it."""
+    import json
+    import math
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quant_perplexity
+
+    out = tmp_path / "ppl.json"
+    assert quant_perplexity.main(["--model", str(float_checkpoint), "--methods", "none", "fp8", "--max-tokens", "48",
+                                  "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    ids = AutoTokenizer.from_pretrained(str(float_checkpoint))(quant_perplexity.TEXT)["input_ids"][:48]
+    hf = AutoModelForCausalLM.from_pretrained(str(float_checkpoint), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = hf(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    want = math.exp(-sum(logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0) / (len(ids) - 1))
+    assert rows["none"]["tokens"] == 48 and abs(rows["none"]["perplexity"] - want) < 1e-3 * want
+    assert rows["fp8"]["perplexity"] != rows["none"]["perplexity"]

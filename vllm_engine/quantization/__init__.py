@@ -46,17 +46,21 @@ def resolve_quantization(quantization: Optional[str], hf_config: Any,
                          load_format: str = "safetensors") -> Optional[str]:
     """The method the model is loaded with (None: unquantized), from the user's ``quantization`` and
     the checkpoint's ``quantization_config``. ValueError naming the setting when they disagree, when
-    the method is unknown, or when a GGUF file is given another method (GGUF weights carry their own).
+    the method is unknown, or when a GGUF file is given a method other than "gguf" (kept quantized) or
+    one that quantizes at load (its dequantized weights).
     With ``load_format="dummy"`` any method may be asked for: random weights in its ``dummy_config``."""
     supported = ", ".join(sorted(QUANTIZATION_METHODS))
     qc = checkpoint_quantization(hf_config)
     if load_format == "gguf" or quantization == "gguf":
         if load_format != "gguf":
             raise ValueError("quantization='gguf' needs a GGUF file.")
-        if quantization not in (None, "gguf"):
+        name = _normalize(quantization) if quantization is not None else None
+        if name not in (None, "gguf") and not (name in QUANTIZATION_METHODS and
+                                               QUANTIZATION_METHODS[name].quantizes_at_load()):
             raise ValueError(f"quantization={quantization!r} cannot be applied to a GGUF file: its tensors carry "
-                             "their own quantization (unset: dequantized at load; 'gguf': kept quantized).")
-        return quantization
+                             "their own quantization (unset: dequantized at load; 'gguf': kept quantized; 'fp8': "
+                             "the dequantized weights quantized to FP8).")
+        return name
     ckpt = _normalize(qc.get("quant_method", "")) if qc else None
     if ckpt is not None and ckpt not in QUANTIZATION_METHODS:
         raise ValueError(f"The checkpoint's quantization_config.quant_method={ckpt!r} is not supported "
