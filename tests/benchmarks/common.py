@@ -63,32 +63,29 @@ def measure_bandwidth_gbs(size_mib: int = 1024, iters: int = 20) -> Optional[flo
     return 2 * a.numel() * a.element_size() / cuda_time_s(lambda: b.copy_(a), reps=iters, flush_bytes=0) / 1e9
 
 
-def weight_bytes(hf_config: Any, bytes_per_param: int = 2) -> int:
-    """Bytes of the weights read by one decode step (all layers + LM head; embedding rows are negligible)."""
-    h = hf_config.hidden_size
-    heads = hf_config.num_attention_heads
-    kv = getattr(hf_config, "num_key_value_heads", None) or heads
-    hd = getattr(hf_config, "head_dim", None) or h // heads
-    inter = hf_config.intermediate_size
-    per_layer = h * hd * (heads + 2 * kv) + heads * hd * h + 3 * h * inter
-    lm_head = hf_config.vocab_size * h
-    return (hf_config.num_hidden_layers * per_layer + lm_head) * bytes_per_param
+def weight_bytes(hf_config: Any, bytes_per_param: int = 2, num_tokens: Optional[int] = None) -> int:
+    """Bytes of the weights read by one decode step of ``num_tokens`` tokens (all layers + LM head;
+    embedding rows are negligible); of a mixture of experts only the experts expected to be touched
+    (None: all). Per family: model_costs.py."""
+    import model_costs
+
+    return model_costs.weight_bytes(hf_config, bytes_per_param, num_tokens)
 
 
 def kv_bytes_per_token(hf_config: Any, bytes_per_elem: int = 2) -> int:
-    heads = hf_config.num_attention_heads
-    kv = getattr(hf_config, "num_key_value_heads", None) or heads
-    hd = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    return 2 * hf_config.num_hidden_layers * kv * hd * bytes_per_elem
+    import model_costs
+
+    return model_costs.kv_bytes_per_token(hf_config, bytes_per_elem)
 
 
 def decode_floor_seconds(input_lens: list[int], output_lens: list[int], hf_config: Any, bandwidth_gbs: float,
                          max_num_seqs: int) -> float:  # the issue's floor: bytes only, prefill not counted
     """Lower bound on the decode time of a workload: every step reads all weights once plus the KV of
     every running sequence, at the measured bandwidth. Requests start as soon as a slot frees (FCFS)."""
-    w, kvt = weight_bytes(hf_config), kv_bytes_per_token(hf_config)
+    kvt = kv_bytes_per_token(hf_config)
     bw = bandwidth_gbs * 1e9
-    return sum((w + kvt * context) / bw for _, context in fcfs_decode_steps(input_lens, output_lens, max_num_seqs))
+    return sum((weight_bytes(hf_config, num_tokens=n) + kvt * context) / bw
+               for n, context in fcfs_decode_steps(input_lens, output_lens, max_num_seqs))
 
 
 def fcfs_decode_steps(input_lens: list[int], output_lens: list[int], max_num_seqs: int):
@@ -108,8 +105,11 @@ def fcfs_decode_steps(input_lens: list[int], output_lens: list[int], max_num_seq
 
 
 def linear_flops_per_token(hf_config: Any) -> int:
-    """FLOPs of the decoder layers' matmuls for one token (2 per multiply-add; no LM head, no attention)."""
-    return 2 * (weight_bytes(hf_config, 1) - hf_config.vocab_size * hf_config.hidden_size)
+    """FLOPs of the decoder layers' matmuls for one token (2 per multiply-add; its top-k experts; no LM
+    head, no attention)."""
+    import model_costs
+
+    return model_costs.linear_flops_per_token(hf_config)
 
 
 def attention_flops(hf_config: Any, start: int, end: int) -> int:
@@ -133,9 +133,9 @@ def roofline_floor_seconds(input_lens: list[int], output_lens: list[int], hf_con
     lin = linear_flops_per_token(hf_config)
     lm_head = 2 * hf_config.vocab_size * hf_config.hidden_size
     prefill = sum(n * lin + lm_head + attention_flops(hf_config, 0, n) for n in input_lens) / peak
-    w, kvt = weight_bytes(hf_config), kv_bytes_per_token(hf_config)
+    kvt = kv_bytes_per_token(hf_config)
     bw = bandwidth_gbs * 1e9
-    decode = sum(max(w / bw, n * (lin + lm_head) / peak) + kvt * context / bw
+    decode = sum(max(weight_bytes(hf_config, num_tokens=n) / bw, n * (lin + lm_head) / peak) + kvt * context / bw
                  for n, context in fcfs_decode_steps(input_lens, output_lens, max_num_seqs))
     return prefill + decode
 

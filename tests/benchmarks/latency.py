@@ -85,7 +85,7 @@ def _main(argv=None) -> int:
                **{f"tpot_ms_{k}": v * 1e3 for k, v in percentiles(tpots).items()}}
         if bw:
             mid_ctx = args.input_len + args.output_len / 2
-            floor = (weight_bytes(cfg) + bs * mid_ctx * kv_bytes_per_token(cfg)) / (bw * 1e9)
+            floor = (weight_bytes(cfg, num_tokens=bs) + bs * mid_ctx * kv_bytes_per_token(cfg)) / (bw * 1e9)
             row["tpot_floor_ms"] = floor * 1e3
             row["tpot_p50_over_floor"] = statistics.median(tpots) / floor
         rows.append(row)
