@@ -14,6 +14,11 @@ Closing a ``generate`` iterator early (client disconnect, task cancelled) aborts
 frees its KV blocks at once. An exception in the loop fails every in-flight request with
 ``EngineDeadError`` and marks the engine dead (``is_healthy`` is False); callbacks registered with
 ``add_dead_callback`` run (the server uses one to exit non-zero).
+
+``request_timeout`` (seconds, None = off; the server's ``--request-timeout``): a request still
+unfinished that long after its arrival is aborted (its KV blocks freed at once, even if nobody reads
+its stream) and its stream raises ``RequestTimeoutError``. One timer per request on its caller's event
+loop; the loop thread is untouched.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ except ImportError:  # pragma: no cover - only while the engine module is missin
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "EngineDeadError", "QueueFullError", "RequestFailedError", "StatLogger"]
+__all__ = ["AsyncEngine", "EngineDeadError", "QueueFullError", "RequestFailedError", "RequestTimeoutError",
+           "StatLogger"]
 
 
 class EngineDeadError(RuntimeError):
@@ -50,6 +56,15 @@ class EngineDeadError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """A fault in this request's own path ended it (``RequestOutput.error``); the engine carries on."""
+
+
+class RequestTimeoutError(RuntimeError):
+    """The request outlived ``AsyncEngine.request_timeout``; it was aborted (HTTP 408 / an error event)."""
+
+    def __init__(self, request_id: str, timeout: float) -> None:
+        super().__init__(f"The request exceeded the server's request timeout of {timeout:g} s and was aborted.")
+        self.request_id = request_id
+        self.timeout = timeout
 
 
 class StatLogger(Protocol):
@@ -68,6 +83,7 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: "asyncio.Queue[Any]"
     finished: bool = False
+    deadline_timer: Optional[asyncio.TimerHandle] = None
 
 
 @dataclass
@@ -80,9 +96,13 @@ class _Command:
 class AsyncEngine:
     """Runs ``engine.step()`` on a dedicated thread; ``generate`` streams each request's outputs."""
 
-    def __init__(self, engine: Any, stat_logger: Optional[StatLogger] = None, start: bool = True) -> None:
+    def __init__(self, engine: Any, stat_logger: Optional[StatLogger] = None, start: bool = True,
+                 request_timeout: Optional[float] = None) -> None:
+        if request_timeout is not None and not request_timeout > 0:
+            raise ValueError(f"request_timeout must be a positive number of seconds, not {request_timeout!r}")
         self.engine = engine
         self.stat_logger = stat_logger
+        self.request_timeout = request_timeout
         self._streams: dict[str, _Stream] = {}
         self._commands: collections.deque[_Command] = collections.deque()
         self._wake = threading.Event()
@@ -229,7 +249,18 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             stream.finished = True
             raise
+        if self.request_timeout is not None:
+            delay = arrival_time + self.request_timeout - time.time()
+            stream.deadline_timer = loop.call_later(max(0.0, delay), self._expire, stream, self.request_timeout)
         return stream
+
+    def _expire(self, stream: _Stream, timeout: float) -> None:
+        """The request's deadline passed (on its event loop): abort it, then wake its reader with the error."""
+        if stream.finished:
+            return
+        logger.warning("request %s exceeded the request timeout (%g s): aborted", stream.request_id, timeout)
+        self._abort_nowait(stream.request_id)
+        stream.queue.put_nowait(RequestTimeoutError(stream.request_id, timeout))
 
     def _abort_nowait(self, request_id: str) -> None:
         with self._lock:
@@ -409,15 +440,17 @@ class RequestStream:
             self._done = True
             raise StopAsyncIteration
         if isinstance(item, BaseException):
-            self._done = True
+            self.close()
             raise item
         if item.finished:
-            self._done = True
+            self.close()
         return item
 
     def close(self) -> None:
         """Aborts the request unless it finished (frees its KV blocks at once)."""
         self._done = True
+        if self._stream.deadline_timer is not None:
+            self._stream.deadline_timer.cancel()
         if not self._stream.finished:
             self._engine._abort_nowait(self._stream.request_id)
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_engine import envs
-from vllm_engine.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from vllm_engine.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestTimeoutError
 from vllm_engine.serving import openapi as oas
 from vllm_engine.sampling_params import SamplingParamsError, StructuredOutputsParams
 from vllm_engine.serving.metrics import ServerMetrics
@@ -53,6 +53,8 @@ def to_api_error(e: BaseException) -> APIError:
                         headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), "engine_dead")
+    if isinstance(e, RequestTimeoutError):
+        return APIError(408, str(e), "timeout_error", code="request_timeout")
     if isinstance(e, ValueError):
         return APIError(400, str(e), "invalid_request_error")
     return APIError(500, f"internal error: {e!r}", "internal_error")

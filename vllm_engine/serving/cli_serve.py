@@ -3,7 +3,7 @@
 ``cli.py`` calls ``add_serve_args(parser)`` and ``run_serve(args)``; ``python -m
 vllm_engine.serving.cli_serve ...`` does the same on its own. Every engine flag comes from
 ``EngineArgs.add_cli_args``; the server adds MODEL (positional, optional), --host, --port,
---api-key, --chat-template, --trust-request-chat-template and --log-level.
+--api-key, --chat-template, --trust-request-chat-template, --request-timeout and --log-level.
 """
 
 from __future__ import annotations
@@ -34,10 +34,24 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--trust-request-chat-template", action="store_true",
                         help="Accept a chat_template field in chat requests (off: a request's template runs "
                              "on the server and can stall it).")
+    parser.add_argument("--request-timeout", type=positive_seconds, default=None, metavar="SECONDS",
+                        help="Abort a request still unfinished this long after it arrived (HTTP 408, or an error "
+                             "event in a stream); its KV blocks are freed. Default: no deadline.")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                         help="Log level of the server and of uvicorn.")
     EngineArgs.add_cli_args(parser)
     return parser
+
+
+def positive_seconds(value: str) -> float:
+    """argparse type: a positive, finite number of seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value}")
+    return seconds
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:
@@ -93,7 +107,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.info("model %s (served as %r), max_model_len %d; KV cache: %s blocks x %d tokens = %s tokens",
                 engine.model_config.model, engine.served_model_name, engine.max_model_len, num_blocks,
                 cache.block_size, num_blocks * cache.block_size if num_blocks is not None else "?")
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, request_timeout=args.request_timeout)
     app = create_app(async_engine, chat_template=chat_template, api_key=args.api_key, owns_engine=True,
                      trust_request_chat_template=args.trust_request_chat_template)
     # This process keeps this engine for its lifetime: what is alive now need never be scanned again

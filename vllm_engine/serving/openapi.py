@@ -51,6 +51,8 @@ UNAUTHORIZED = {401: {**error("Missing or wrong API key (only when the server ru
                               "send `Authorization: Bearer KEY`."),
                       "headers": {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}}}}
 MODEL_NOT_FOUND = {404: error("`model` is not the served model (code `model_not_found`).")}
+TIMEOUT = {408: error("The request outlived the server's `--request-timeout` (code `request_timeout`); it was "
+                      "aborted.")}
 UNAVAILABLE = {503: {**error("Too many requests are waiting (`--max-waiting-requests`), or the engine died "
                              "(code `engine_dead`)."),
                      "headers": {"Retry-After": {"description": "Seconds to wait (only when requests wait).",
@@ -81,7 +83,7 @@ def generation_responses(response: type[BaseModel], chunk: type[BaseModel]) -> d
     """``responses=`` of a generation endpoint: JSON, or server-sent events with ``"stream": true``."""
     ok = {"model": response, "description": f"A {response.__name__}; with `\"stream\": true`, server-sent events.",
           "content": {"text/event-stream": event_stream(chunk)}}
-    return {200: ok, **BAD_REQUEST, **UNAUTHORIZED, **MODEL_NOT_FOUND, **UNAVAILABLE}
+    return {200: ok, **BAD_REQUEST, **UNAUTHORIZED, **MODEL_NOT_FOUND, **TIMEOUT, **UNAVAILABLE}
 
 
 def add_component_schemas(components: dict, model: type[BaseModel]) -> None:
