@@ -24,9 +24,15 @@ class SiluAndMul(nn.Module):
         return _fused.silu_and_mul(x)
 
 
+def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """x: [..., 2 * d] holding [gate, up] -> gelu(gate) * up: [..., d]."""
+    d = x.shape[-1] // 2
+    return F.gelu(x[..., :d], approximate=approximate) * x[..., d:]
+
+
 class GeluAndMul(nn.Module):
     """[..., 2 * d] = [gate | up] -> gelu(gate) * up, ``approximate`` "tanh" (HF ``gelu_pytorch_tanh``)
-    or "none" (erf, HF ``gelu``)."""
+    or "none" (erf, HF ``gelu``); ``fused_ops.gelu_and_mul`` (Triton for CUDA tensors)."""
 
     def __init__(self, approximate: str = "tanh") -> None:
         super().__init__()
@@ -35,8 +41,7 @@ class GeluAndMul(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1] // 2
-        return F.gelu(x[..., :d], approximate=self.approximate) * x[..., d:]
+        return _fused.gelu_and_mul(x, self.approximate)
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"

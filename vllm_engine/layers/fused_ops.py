@@ -81,6 +81,26 @@ if triton is not None:
         tl.store(Y + row * stride_y + offs, (s * u).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _gelu_and_mul_kernel(X, Y, stride_x, stride_y, D: tl.constexpr, BLOCK: tl.constexpr, TANH: tl.constexpr,
+                             PDL: tl.constexpr):
+        """Grid (rows, cdiv(D, BLOCK)): y = gelu(gate) * up (gate = x[:D], up = x[D:]); gelu's tanh
+        approximation, 0.5 g (1 + tanh z) = g / (1 + e^-2z) (no cancellation in either tail), or the
+        erf form; rounded as F.gelu rounds it."""
+        pdl_prologue(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < D
+        g = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(X + row * stride_x + D + offs, mask=mask, other=0.0).to(tl.float32)
+        if TANH:
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) (g + 0.044715 g^3)
+            a = g / (1.0 + tl.math.exp(-2.0 * z))
+        else:
+            a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        a = a.to(X.dtype.element_ty).to(tl.float32)
+        tl.store(Y + row * stride_y + offs, (a * u).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _cos_sin(Pos, CosSin, t, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
         """cos and sin [1, BLOCK_HALF] (float32) of token t's position, from the cos | sin cache rows."""
         pos = tl.load(Pos + t).to(tl.int64)
@@ -214,6 +234,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return triton_silu_and_mul(x) if _use_triton(x) else _act.silu_and_mul(x)
 
 
+def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """x: [..., 2 * d] holding [gate, up] -> gelu(gate, approximate) * up: [..., d] in x.dtype."""
+    return triton_gelu_and_mul(x, approximate) if _use_triton(x) else _act.gelu_and_mul(x, approximate)
+
+
 def qkv_rope_cache(positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
                    cos_sin_cache: torch.Tensor, rotary_dim: Optional[int], q_norm_weight: Optional[torch.Tensor],
                    k_norm_weight: Optional[torch.Tensor], eps: float, kv_cache: torch.Tensor,
@@ -303,4 +328,16 @@ def triton_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(triton.next_power_of_2(d), 2048)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
             x2, y, x2.stride(0), y.stride(0), D=d, BLOCK=block, num_warps=_warps(block), **pdl.launch_args(x.device))
+    return y.view(*x.shape[:-1], d)
+
+
+def triton_gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    x2 = _rows(x)
+    y = torch.empty(x2.shape[0], d, dtype=x.dtype, device=x.device)
+    if x2.shape[0] > 0 and d > 0:
+        block = min(triton.next_power_of_2(d), 2048)
+        _gelu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+            x2, y, x2.stride(0), y.stride(0), D=d, BLOCK=block, TANH=approximate == "tanh", num_warps=_warps(block),
+            **pdl.launch_args(x.device))
     return y.view(*x.shape[:-1], d)

@@ -77,8 +77,8 @@ class GemmaRMSNorm(RMSNorm):
 
 class LayerNorm(nn.Module):
     """``F.layer_norm`` with weight and bias (HF ``nn.LayerNorm`` parameter names); like ``RMSNorm``,
-    ``norm(x, residual) -> (norm(x + residual), x + residual)``. Computed in float32, returned in
-    x's dtype."""
+    ``norm(x, residual) -> (norm(x + residual), x + residual)``. In x's dtype, as HF's
+    ``nn.LayerNorm`` runs (the kernels accumulate in float32): one kernel on the GPU."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
@@ -93,7 +93,7 @@ class LayerNorm(nn.Module):
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if residual is not None:
             x = residual = x + residual
-        y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        y = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         return y if residual is None else (y, residual)
 
     def extra_repr(self) -> str:
