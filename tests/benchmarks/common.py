@@ -154,6 +154,8 @@ def linear_choices(engine: Any) -> Optional[dict]:
     """What the engine's LinearPicker chose per shape (None without one: CPU, or VLLM_ENGINE_LINEAR=cublas)."""
     from vllm_engine.quantization import linear_picker
 
+    if engine.model_runner is None:  # the ranks run in worker processes
+        return None
     picker = linear_picker(engine.model_runner.model)
     if picker is None:
         return None

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md, stage by stage (run from the repo root on the GPU machine):
 #   OUT=results bash tests/benchmarks/gpu_suite.sh check throughput latency memory prefix sweep
+#   several GPUs:  OUT=results bash tests/benchmarks/gpu_suite.sh multigpu allreduce tpscaling llama70b
+#   then:          python tests/benchmarks/plot_scaling.py --latency results/latency_tp*.json \
+#                    --throughput results/throughput_70b_*.json --out docs/scaling.png
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-results}
@@ -37,6 +40,18 @@ for stage in "$@"; do
                   --max-num-seqs 64 --out "$OUT/structured_qwen3.json"
                 python $B/structured_throughput.py --dataset nano --num-prompts 64 --max-num-seqs 64 \
                   --out "$OUT/structured_smollm2.json" ;;
+    # Several GPUs (issue 18; NVLink multicast stays off, as the machine sets it):
+    multigpu)   python -m pytest -q -x tests/distributed/test_multi_gpu.py tests/worker/test_cuda_graph_stages.py 2>&1 | tail -8 ;;
+    allreduce)  python $B/allreduce_bench.py --world-sizes 2 4 8 --hidden 8192 --out "$OUT/allreduce.json" ;;
+    tpscaling)  for tp in 1 2 4 8; do
+                  python $B/latency.py --model llama-3.1-8b --input-len 1000 --output-len 128 --batch-sizes 1 --runs 3 \
+                    -tp $tp --out "$OUT/latency_tp$tp.json" | grep -A1 "^batch"
+                done ;;
+    llama70b)   for layout in "-tp 4" "-tp 8" "-tp 2 -pp 2"; do
+                  name=$(echo $layout | tr -d ' -')
+                  python $B/throughput.py --model llama-3.1-70b --dataset nano --runs 3 $layout \
+                    --out "$OUT/throughput_70b_$name.json" | grep -E "result:|first run|Error"
+                done ;;
     smoke)      python $B/throughput.py --model qwen3-0.6b --dataset random --num-prompts 64 --input-len 256 --output-len 128 --runs 1 ;;
     throughput) python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 3 --backend both --out "$OUT/throughput_qwen3.json"
                 python $B/throughput.py --model llama-3.1-8b --dataset nano --runs 3 --out "$OUT/throughput_llama8b.json" ;;

@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (device_name, kv_bytes_per_token, make_workload, measure_bandwidth_gbs,  # noqa: E402
-                    linear_choices, percentiles, print_table, weight_bytes, write_json)
+from parallel_costs import decode_step_floor_seconds, measure_p2p_gbs  # noqa: E402
+from common import (device_name, linear_choices, make_workload, measure_bandwidth_gbs,  # noqa: E402
+                    percentiles, print_table, write_json)
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 from vllm_engine.utils import freeze_gc  # noqa: E402
@@ -60,16 +61,20 @@ def _main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
+    p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     engine = Engine(model=args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
                     max_num_seqs=max(args.batch_sizes), enforce_eager=args.enforce_eager,
-                    enable_prefix_caching=False)
+                    enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
+                    pipeline_parallel_size=args.pipeline_parallel_size)
     cfg = engine.model_config.hf_config
     bw = measure_bandwidth_gbs()
-    rows, result = [], {"benchmark": "latency", "args": vars(args), "bandwidth_gbs": bw}
+    link = measure_p2p_gbs() if args.tensor_parallel_size > 1 else None
+    rows, result = [], {"benchmark": "latency", "args": vars(args), "bandwidth_gbs": bw, "link_gbs": link}
     # Warm-up at the measured shapes: the first prompt of a new length compiles kernel variants.
     for bs in args.batch_sizes:
         one_batch(engine, make_workload("random", cfg.vocab_size, bs, args.input_len, 8, 99).prompts, 8, f"warm{bs}")
@@ -85,7 +90,7 @@ def _main(argv=None) -> int:
                **{f"tpot_ms_{k}": v * 1e3 for k, v in percentiles(tpots).items()}}
         if bw:
             mid_ctx = args.input_len + args.output_len / 2
-            floor = (weight_bytes(cfg, num_tokens=bs) + bs * mid_ctx * kv_bytes_per_token(cfg)) / (bw * 1e9)
+            floor = decode_step_floor_seconds(cfg, bs, mid_ctx, bw, args.tensor_parallel_size, link)
             row["tpot_floor_ms"] = floor * 1e3
             row["tpot_p50_over_floor"] = statistics.median(tpots) / floor
         rows.append(row)

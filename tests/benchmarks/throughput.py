@@ -17,9 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from parallel_costs import measure_p2p_gbs, parallel_roofline_seconds  # noqa: E402
 from common import (decode_floor_seconds, decode_step_medians, device_name, hf_generate_batch,  # noqa: E402
                     hf_model_from_config, hf_static_generate, linear_choices, make_workload, measure_bandwidth_gbs,
-                    measure_gemm_tflops, print_table, roofline_floor_seconds, sync, write_json)
+                    measure_gemm_tflops, print_table, sync, write_json)
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 from vllm_engine.utils import freeze_gc  # noqa: E402
@@ -69,6 +70,8 @@ def _main(argv=None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
+    p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
@@ -90,13 +93,18 @@ def _main(argv=None) -> int:
     result["bandwidth_gbs"] = bw
     peak = measure_gemm_tflops()
     result["gemm_tflops"] = peak
+    # The GPU-to-GPU link the all-reduces use (measured before the workers take the GPUs).
+    link = measure_p2p_gbs() if args.tensor_parallel_size > 1 else None
+    result["link_gbs"] = link
     engine = None
     if args.backend in ("engine", "both"):
         engine = Engine(model=args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         enforce_eager=args.enforce_eager, seed=args.seed,
                         gpu_memory_utilization=args.gpu_memory_utilization,
-                        enable_prefix_caching=args.enable_prefix_caching)
+                        enable_prefix_caching=args.enable_prefix_caching,
+                        tensor_parallel_size=args.tensor_parallel_size,
+                        pipeline_parallel_size=args.pipeline_parallel_size)
         hf_config = engine.model_config.hf_config
         workload = make_workload(args.dataset, hf_config.vocab_size, args.num_prompts, args.input_len,
                                  args.output_len, args.seed)
@@ -113,13 +121,16 @@ def _main(argv=None) -> int:
         engine.step_profile = None
         med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "output_tok_s", "total_tok_s")}
         row = {"backend": "vllm-engine", "requests": len(workload.prompts), **med}
+        tp = args.tensor_parallel_size
         if bw:
-            floor_s = decode_floor_seconds(workload.input_lens, workload.output_lens, hf_config, bw, args.max_num_seqs)
+            # Over tp GPUs: tp times the bandwidth (each rank reads its slice); parallel_costs.py.
+            floor_s = decode_floor_seconds(workload.input_lens, workload.output_lens, hf_config, bw * tp,
+                                           args.max_num_seqs)
             row["floor_output_tok_s"] = sum(workload.output_lens) / floor_s
             row["fraction_of_floor"] = med["output_tok_s"] / row["floor_output_tok_s"]
             # With the prefill's compute and compute-bound decode steps (at the measured GEMM rate).
-            roof_s = roofline_floor_seconds(workload.input_lens, workload.output_lens, hf_config, bw, peak,
-                                            args.max_num_seqs)
+            roof_s = parallel_roofline_seconds(workload.input_lens, workload.output_lens, hf_config, bw, peak,
+                                               args.max_num_seqs, tp, args.pipeline_parallel_size, link)
             row["roofline_output_tok_s"] = sum(workload.output_lens) / roof_s
             row["fraction_of_roofline"] = med["output_tok_s"] / row["roofline_output_tok_s"]
         stats = engine.get_stats()
