@@ -1,4 +1,5 @@
-"""GPT-2 and GPT-NeoX / Pythia against HF transformers on tiny random checkpoints (float32, CPU).
+"""GPT-2, GPT-BigCode and GPT-NeoX / Pythia against HF transformers on tiny random checkpoints
+(float32, CPU). GPT-BigCode: multi-query (one KV head, replicated at tp=2) and multi-head c_attn.
 
 GPT-2: learned positions, LayerNorm with biases, gelu_new, Conv1D weights (transposed on loading),
 fused c_attn, tied head, and the per-layer score scale 1 / (layer + 1) of
@@ -15,9 +16,12 @@ from tests.models.family_helpers import engine_greedy_matches_hf, paged_logits_m
 
 
 def family_config(variant: str, tiny_dir):
-    from transformers import GPT2Config, GPTNeoXConfig
+    from transformers import GPT2Config, GPTBigCodeConfig, GPTNeoXConfig
 
     ids = tokenizer_ids(tiny_dir)
+    if variant.startswith("bigcode"):
+        return GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=variant == "bigcode",
+                                architectures=["GPTBigCodeForCausalLM"], **ids)
     if variant == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, activation_function="gelu_new",
                           scale_attn_by_inverse_layer_idx=True, architectures=["GPT2LMHeadModel"], **ids)
@@ -41,7 +45,7 @@ def family_dir(tiny_model_dir, tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "neox", "neox_sequential"])
+@pytest.mark.parametrize("variant", ["gpt2", "neox", "neox_sequential", "bigcode", "bigcode_mha"])
 def test_paged_logits_match_hf(variant, family_dir, paged_vs_hf):
     paged_logits_match_hf(family_dir(variant), paged_vs_hf)
 
@@ -53,11 +57,11 @@ def test_engine_greedy_matches_hf(variant, family_dir):
 
 
 def test_tp2_matches_one_rank_and_hf(family_dir, tmp_path):
-    """Heads cut from GPT-2's transposed c_attn and NeoX's interleaved query_key_value; biases of the
-    row-parallel projections added once."""
+    """Heads cut from GPT-2's transposed c_attn, NeoX's interleaved query_key_value and BigCode's
+    multi-query c_attn; biases of the row-parallel projections added once."""
     from tests.distributed.test_tp_model import check_against_one_rank_and_hf, run_parallel
 
-    jobs = [(v, str(family_dir(v)), "auto") for v in ("gpt2", "neox")]
+    jobs = [(v, str(family_dir(v)), "auto") for v in ("gpt2", "neox", "bigcode")]
     got = run_parallel(tmp_path, tp=2, pp=1, jobs=jobs)
     for name, path, fmt in jobs:
         check_against_one_rank_and_hf(got[name], path, fmt)

@@ -1,4 +1,4 @@
-"""GPT-2 (``GPT2LMHeadModel``): learned absolute positions, pre-LayerNorm blocks with biases, a GELU
+"""GPT-2 (``GPT2LMHeadModel``) and GPT-BigCode (StarCoder): learned absolute positions, pre-LayerNorm blocks with biases, a GELU
 MLP (``activation_function``, gelu_new by default), multi-head attention without rotary, tied head.
 
 The checkpoint's linear layers are Conv1D: weights stored [in, out], transposed on loading; the
@@ -51,7 +51,8 @@ class GPT2Attention(nn.Module):
         super().__init__()
         hidden, heads = config.hidden_size, config.num_attention_heads
         head_dim = hidden // heads
-        self.c_attn = QKVParallelLinear(hidden, head_dim, heads, heads, bias=True, params_dtype=dtype,
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads  # GPT-BigCode's multi-query: 1
+        self.c_attn = QKVParallelLinear(hidden, head_dim, heads, kv_heads, bias=True, params_dtype=dtype,
                                         quant_config=quant_config, prefix=f"{prefix}.c_attn")
         self.c_proj = RowParallelLinear(hidden, hidden, bias=True, params_dtype=dtype, quant_config=quant_config,
                                         prefix=f"{prefix}.c_proj")
@@ -165,3 +166,27 @@ class GPT2LMHeadModel(CausalLM):
             if not name.startswith(("transformer.", "lm_head.")):  # a bare GPT2Model checkpoint
                 name = f"transformer.{name}"
             yield name, tensor
+
+
+class GPTBigCodeForCausalLM(GPT2LMHeadModel):
+    """GPT-BigCode (StarCoder, SantaCoder): GPT-2's blocks with ``nn.Linear`` weights (no transpose) and
+    multi-query attention (``multi_query``: c_attn rows q | k | v with one KV head; otherwise each
+    head's q, k, v rows interleaved, regrouped here)."""
+
+    def checkpoint_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        cfg = self.config
+        heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+        head_dim = hidden // heads
+        for name, tensor in weights:
+            if name.endswith((".attn.bias", ".attn.masked_bias")):
+                continue
+            if ".c_attn." not in name:
+                yield name, tensor
+                continue
+            if cfg.multi_query:
+                parts = tensor.split([hidden, head_dim, head_dim], dim=0)
+            else:
+                per_head = tensor.reshape(heads, 3, head_dim, *tensor.shape[1:])
+                parts = [per_head[:, i].reshape(hidden, *tensor.shape[1:]) for i in range(3)]
+            for shard, part in zip("qkv", parts):
+                yield name.replace(".c_attn.", f".c_attn.{shard}."), part

@@ -6,7 +6,7 @@ from torch import nn
 
 from vllm_engine.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from vllm_engine.models.gemma import Gemma3ForConditionalGeneration, GemmaForCausalLM
-from vllm_engine.models.gpt2 import GPT2LMHeadModel
+from vllm_engine.models.gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from vllm_engine.models.gpt_neox import GPTNeoXForCausalLM
 from vllm_engine.models.llama import LlamaForCausalLM
 from vllm_engine.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
@@ -28,6 +28,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # text-only: the language model
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
+    "GPTBigCodeForCausalLM": GPTBigCodeForCausalLM,
     "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
     # Mixtures of experts (models/moe.py, layers/fused_moe.py).
     "MixtralForCausalLM": MixtralForCausalLM,
