@@ -63,9 +63,11 @@ def test_lookup_table_kernels_match_float64(rows):
     ref = lut[torch.arange(40)[None, :], q]
     w = k.WNA16Weight(pack_int32(q, 4, 0).to(DEVICE), None, None, None, None, 4, 128, lut=lut.float().to(DEVICE))
     x = torch.randn(rows, 128, generator=gen, dtype=torch.float64)
-    got = [k.wna16_gemm(x.float().to(DEVICE), w, config=(16, 32, 32, 4, 2)), k.dequant_linear(x.float().to(DEVICE), w)]
+    xd = x.float().to(DEVICE)
+    got = [k.wna16_gemm(xd, w, config=(16, 32, 32, 4, 2)), k.dequant_linear(xd, w, use_triton=False),
+           k.dequant_linear(xd, w, use_triton=True)]
     if rows <= 16:
-        got.append(k.wna16_gemv(x.float().to(DEVICE), w, config=(16, 64, 4, 2)))
+        got.append(k.wna16_gemv(xd, w, config=(16, 64, 4, 2)))
     for y in got:
         torch.testing.assert_close(y.double().cpu(), x @ ref, rtol=1e-4, atol=1e-4)
 

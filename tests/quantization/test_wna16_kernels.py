@@ -55,7 +55,9 @@ def test_kernels_match_float64(bits, group_size, zeros, layout, rows):
     bias = torch.randn(out_f, generator=gen, dtype=torch.float64)
     want = x @ ref + bias
     xd, bd = x.float().to(DEVICE), bias.float().to(DEVICE)
-    got = {"dequant": k.dequant_linear(xd, w, bd), "gemm": k.wna16_gemm(xd, w, bd, config=(16, 32, 64, 4, 2))}
+    got = {"dequant": k.dequant_linear(xd, w, bd, use_triton=False),
+           "gemm": k.wna16_gemm(xd, w, bd, config=(16, 32, 64, 4, 2)),
+           "triton dequant": k.dequant_linear(xd, w, bd, use_triton=True)}
     if rows <= 16:
         got["gemv"] = k.wna16_gemv(xd, w, bd, config=(32, 64, 4, 2))
         got["gemv split-k 3"] = k.wna16_gemv(xd, w, bd, config=(32, 32, 4, 2, 3))  # 256 inputs: uneven splits
@@ -77,7 +79,7 @@ def test_scale_and_min_groups(bits, group_size):
     x = torch.randn(6, 128, generator=gen, dtype=torch.float64)
     xd = x.float().to(DEVICE)
     for y in (k.wna16_gemv(xd[:3], w, config=(16, 64, 4, 2)), k.wna16_gemm(xd, w, config=(16, 16, 32, 4, 2)),
-              k.dequant_linear(xd, w)):
+              k.dequant_linear(xd, w, use_triton=False), k.dequant_linear(xd, w, use_triton=True)):
         torch.testing.assert_close(y.double().cpu(), (x @ ref)[: y.shape[0]], rtol=1e-4, atol=1e-4)
 
 

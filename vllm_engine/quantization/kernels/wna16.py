@@ -16,8 +16,8 @@ The layout every integer format repacks to at load (GPTQ, compressed-tensors pac
 ``w[k, n] = (q[k, n] - zero[g(k), n]) * scale[g(k), n]`` (or ``q * scale + min``);  ``y = x[:, perm] @ w (+ bias)``.
 
 Kernels: ``wna16_gemv`` (a few rows: each program streams BLOCK_N columns of the packed weight once)
-and ``wna16_gemm`` (tl.dot on tiles dequantized in registers). ``dequantize`` is the torch fallback
-(the CPU path, and the bf16 weight handed to cuBLAS for prefill-sized inputs). On CUDA the
+and ``wna16_gemm`` (tl.dot on tiles dequantized in registers); ``wna16_dequantize`` writes the 16-bit
+weight for cuBLAS (prefill-sized inputs). ``dequantize`` is the torch fallback (the CPU path). On CUDA the
 ``WNA16Picker`` times the tile configs per shape, as ``layers.triton_linear.LinearPicker`` does.
 """
 
@@ -45,7 +45,7 @@ from vllm_engine.layers import pdl
 logger = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS = 4  # up to here the GEMV, above the tl.dot GEMM
-MAX_KERNEL_ROWS = 256  # above: dequantize once and let cuBLAS multiply (prefill)
+MAX_KERNEL_ROWS = 256  # above: dequantize (one Triton kernel) and let cuBLAS multiply (prefill), untimed
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages[, split_k]) for the GEMV, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 # for the GEMM. Split-K gives a batch-1 step more programs than column tiles (an 8B model's projections
@@ -216,6 +216,36 @@ if triton is not None:
                  mask=mmask[:, None] & nmask[None, :])
 
 
+    @triton.jit
+    def _wna16_dequant_kernel(QW, S, Z, GI, Out, N, K, group_size, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                              HAS_GIDX: tl.constexpr, HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Grid (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)): Out [K, N] = the dequantized weight, in Out's dtype."""
+        k0 = tl.program_id(0) * BLOCK_K
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        nmask = offs_n < N
+        w = _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS, HAS_ZEROS, HAS_GIDX,
+                        BLOCK_K, BLOCK_N, HAS_MINS, HAS_LUT)
+        tl.store(Out + offs_k[:, None].to(tl.int64) * N + offs_n[None, :], w.to(Out.dtype.element_ty),
+                 mask=(offs_k < K)[:, None] & nmask[None, :])
+
+
+def wna16_dequantize(w: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize`` in one Triton kernel: the [K, N] weight (rows in ``perm`` order) in ``dtype``,
+    computed in float32 (prefill-sized inputs on CUDA multiply it with cuBLAS)."""
+    k, n = w.in_features, w.out_features
+    out = torch.empty(k, n, dtype=dtype, device=w.qweight.device)
+    block_k, block_n = _block_k(w, 64), 128
+    s = w.lut if w.lut is not None else w.scales
+    z = w.mins if w.mins is not None else w.zeros if w.zeros is not None else s
+    _wna16_dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+        w.qweight, s, z, w.g_idx if w.g_idx is not None else w.qweight, out, n, k, w.group_size, BITS=w.bits,
+        HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None, HAS_MINS=w.mins is not None,
+        HAS_LUT=w.lut is not None, BLOCK_K=block_k, BLOCK_N=block_n)
+    return out
+
+
 def _block_k(w: WNA16Weight, block_k: int) -> int:
     """The K tile: at most the group (so that a tile has one row of scales) unless g_idx is read per row."""
     if w.g_idx is None and w.group_size < w.in_features:
@@ -281,11 +311,16 @@ def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = N
     return y
 
 
-def dequant_linear(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The torch path: the whole weight dequantized to x's dtype, then one matmul (CPU; prefill on CUDA)."""
+def dequant_linear(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None,
+                   use_triton: Optional[bool] = None) -> torch.Tensor:
+    """The whole weight dequantized to x's dtype (``wna16_dequantize`` on CUDA, torch ops elsewhere or
+    with ``use_triton=False``), then one matmul: the CPU path, and prefill-sized inputs on CUDA."""
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
-    return F.linear(x, dequantize(w, x.dtype).t(), bias)
+    if use_triton is None:
+        use_triton = triton is not None and x.is_cuda
+    weight = wna16_dequantize(w, x.dtype) if use_triton else dequantize(w, x.dtype)
+    return F.linear(x, weight.t(), bias)
 
 
 def _bucket(m: int) -> int:
