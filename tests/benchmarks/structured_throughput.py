@@ -80,7 +80,7 @@ def compile_times(engine: Engine) -> dict:
     from vllm_engine.structured_output import StructuredOutputManager
 
     manager = StructuredOutputManager(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
-    manager.compile(StructuredOutputsParams(json={"type": "integer"}))  # tokenizer info built once
+    manager.compile(StructuredOutputsParams(json={"type": "integer"}))  # the compile threads warmed up
     times = []
     for _, schema, _ in SCHEMAS:
         t0 = time.perf_counter()

@@ -59,11 +59,18 @@ class StructuredOutputManager:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._lock = threading.Lock()  # the cache
-        self._compiler_lock = threading.Lock()
         # Two threads: one slow compile (a schema of thousands of properties takes seconds) does not hold
         # up every other new grammar. xgrammar's compiler is safe to share between threads.
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="vllm-engine-grammar")
-        self._compiler: Any = None  # xgrammar.GrammarCompiler, built on the pool's thread at first use
+        # Built here, on the caller's thread: reading the vocabulary from a tokenizer another thread is
+        # using is not safe (HF fast tokenizers). Without xgrammar, a compile raises the install hint.
+        self._compiler: Any = None
+        self._compiler_error: Optional[Exception] = None
+        try:
+            self._compiler = self._make_compiler()
+        except Exception as e:  # noqa: BLE001 - reported by every compile (400), the server still starts
+            logger.warning("structured outputs unavailable: %s", e)
+            self._compiler_error = e
 
     @classmethod
     def from_model_config(cls, model_config: Any) -> "StructuredOutputManager":
@@ -113,16 +120,16 @@ class StructuredOutputManager:
             raise SamplingParamsError(f"structured_outputs.{kind}", f"cannot be compiled: {message}") from None
 
     def _get_compiler(self) -> Any:
-        with self._compiler_lock:  # two compile threads may start at once
-            return self._make_compiler()
+        err = self._compiler_error
+        if err is not None:
+            raise err if isinstance(err, ValueError) else ValueError(f"structured outputs are unavailable: {err}")
+        return self._compiler
 
     def _make_compiler(self) -> Any:
-        if self._compiler is None:
-            xgr = _import_xgrammar()
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.stop_token_ids)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
-        return self._compiler
+        xgr = _import_xgrammar()
+        info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                  stop_token_ids=self.stop_token_ids)
+        return xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
 
     # ---- matching ----------------------------------------------------------------------------------
     def new_grammar(self, params: StructuredOutputsParams) -> "RequestGrammar":
