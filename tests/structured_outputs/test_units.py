@@ -154,6 +154,47 @@ def test_batch_filler_gives_each_grammars_own_rows(smollm2_gguf):
     assert np.array_equal(got[0], want[0])
 
 
+def test_draft_bitmasks_for_speculative_decoding(smollm2_gguf):
+    """Row j is the mask after the first j draft tokens (as a fresh grammar advanced that far gives),
+    a refused draft freezes the rows after it, and the grammar ends where it started."""
+    pytest.importorskip("xgrammar")
+    import numpy as np
+
+    from vllm_engine.model_loader.tokenizer import get_tokenizer
+    from vllm_engine.structured_output import StructuredOutputManager
+
+    tok = get_tokenizer(str(smollm2_gguf))
+    eos = tok.eos_token_id
+    manager = StructuredOutputManager(tok, len(tok), [eos])
+    spec = StructuredOutputsParams(regex="(abc|abd)[0-9]{2}")
+    ids = tok.encode("abd42", add_special_tokens=False) + [eos]
+
+    def reference(prefix: list[int]) -> np.ndarray:
+        g = manager.new_grammar(spec)
+        g.advance(prefix)
+        row = np.zeros((1, manager.bitmask_width), dtype=np.int32)
+        g.fill_bitmask(row, 0)
+        return row[0]
+
+    grammar = manager.new_grammar(spec)
+    grammar.advance(ids[:1])
+    drafts = ids[1:]  # the rest, EOS included: the grammar terminates on the last draft
+    got = np.zeros((len(drafts) + 1, manager.bitmask_width), dtype=np.int32)
+    grammar.fill_draft_bitmasks(drafts, got, 0)
+    for j in range(len(drafts) + 1):
+        assert np.array_equal(got[j], reference(ids[: 1 + j])), j
+    after = np.zeros((1, manager.bitmask_width), dtype=np.int32)
+    grammar.fill_bitmask(after, 0)
+    assert np.array_equal(after[0], reference(ids[:1])) and not grammar.is_terminated
+    bad = [ids[1], tok.encode("zz", add_special_tokens=False)[0], ids[2]]  # the second draft is refused
+    got = np.zeros((4, manager.bitmask_width), dtype=np.int32)
+    grammar.fill_draft_bitmasks(bad, got, 0)
+    assert np.array_equal(got[1], reference(ids[:2]))
+    assert np.array_equal(got[2], got[1]) and np.array_equal(got[3], got[1])
+    grammar.fill_bitmask(after, 0)
+    assert np.array_equal(after[0], reference(ids[:1]))
+
+
 def test_compile_errors_name_the_field(smollm2_gguf):
     pytest.importorskip("xgrammar")
     from vllm_engine.model_loader.tokenizer import get_tokenizer

@@ -169,6 +169,22 @@ class RequestGrammar:
                 logger.warning("grammar refused token %d (output so far: %d tokens)", token, self.num_accepted)
         self.num_accepted = len(output_token_ids)
 
+    def fill_draft_bitmasks(self, draft_token_ids: list[int], bitmask: Any, row: int) -> None:
+        """For speculative decoding: rows ``row .. row + len(draft_token_ids)`` get the masks after
+        accepting ``draft_token_ids[:j]`` (j = 0 .. k), so each proposed token, and the bonus token
+        after them, can be checked against the grammar; the grammar's state is left as it was. From
+        the first draft token the grammar refuses on, the rows repeat the mask of that position."""
+        matcher, taken, refused = self.matcher, 0, False
+        for j, token in enumerate(draft_token_ids):
+            self.fill_bitmask(bitmask, row + j)
+            if not refused and not matcher.is_terminated() and matcher.accept_token(token):
+                taken += 1
+            else:
+                refused = True
+        self.fill_bitmask(bitmask, row + len(draft_token_ids))
+        if taken:
+            matcher.rollback(taken)
+
     def fill_bitmask(self, bitmask: Any, row: int) -> None:
         """Writes the allowed next tokens into ``bitmask[row]`` (an int32 CPU tensor or array [R, W])."""
         if self.matcher.is_terminated():
