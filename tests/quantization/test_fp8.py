@@ -247,3 +247,18 @@ def test_block_fp8_kernel_matches_float64(rows):
         got = fp8_block_linear(x.float().to(DEVICE), w_q.to(DEVICE), w_scale.float().to(DEVICE), 64,
                                bias.float().to(DEVICE), use_triton=use_triton)
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [32, 96, 256])
+def test_activation_quantization_kernel_matches_torch(group):
+    """The one-kernel per-token(-group) e4m3 quantization gives the torch ops' values and scales
+    (groups of 96: not a power of two; 256 = the whole row: per token)."""
+    from vllm_engine.quantization.kernels.fp8_block import quantize_per_token_group
+
+    x = torch.randn(5, 768 if group == 96 else 256, dtype=torch.float64) * 3
+    x[1] = 0.0  # an all-zero row: the minimum scale, zeros
+    x = x.to(DEVICE, torch.bfloat16)
+    q_ref, s_ref = quantize_per_token_group(x, group, use_triton=False)
+    q, s = quantize_per_token_group(x, group, use_triton=True)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    assert torch.equal(q.float(), q_ref.float())

@@ -61,11 +61,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """x [M, K] (16-bit or float32) times the e4m3 ``weight`` [N, K] with ``weight_scale`` [N] float32;
     x quantized per token, or with the scalar ``input_scale`` (static). -> [M, N] in x.dtype.
     ``use_scaled_mm``: ``torch._scaled_mm`` (bf16 x, K and N multiples of 16), else float32 arithmetic."""
-    if input_scale is None:
-        x_scale = per_token_scales(x)
+    if input_scale is None:  # one Triton kernel on CUDA
+        from vllm_engine.quantization.kernels.fp8_block import quantize_per_token_group
+
+        x_q, x_scale = quantize_per_token_group(x, x.shape[1], use_triton=use_scaled_mm and x.is_cuda)
     else:
         x_scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
-    x_q = quantize_fp8(x, x_scale)
+        x_q = quantize_fp8(x, x_scale)
     n, k = weight.shape
     if use_scaled_mm and x.dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0 and x.shape[0] > 0:
         # Row-wise scales; the bias is added after (not every torch version takes one with row-wise scales).
