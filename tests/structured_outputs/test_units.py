@@ -305,3 +305,62 @@ def test_required_array_and_named_arguments():
     assert [(c["name"], c["arguments"]) for c in streamed] == [("f", '{"city": "Rome"}')]
     # a reply cut short (max_tokens) has no calls: it stays text
     assert ToolCallParser("required").parse('[{"name": "a", "parameters": {"x"')[1] == []
+
+
+# ---- the tools in the prompt -------------------------------------------------------------------------------
+# The tool parts of Qwen2.5's template, shortened: tools listed in the system turn, calls written with tojson.
+QWEN_STYLE_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n"
+    "</tools><|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
+    "{%- for tc in message.tool_calls %}\n<tool_call>\n{\"name\": \"{{ tc.function.name }}\", \"arguments\": "
+    "{{ tc.function.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response>"
+    "<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+def _history():
+    from vllm_engine.serving.protocol import ChatMessage
+
+    return [ChatMessage.model_validate(m) for m in (
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3 degrees"})]
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_a_tool_aware_template_renders_the_tools_and_calls_itself(tmp_path):
+    from conftest import build_tiny_tokenizer
+
+    from vllm_engine.serving.chat_tools import conversation, template_supports_tools
+
+    tok = build_tiny_tokenizer(tmp_path)
+    assert template_supports_tools(QWEN_STYLE_TEMPLATE) and not template_supports_tools(tok.chat_template)
+    convo = conversation(_history(), [TOOL], native_tools=True)
+    text = tok.apply_chat_template(convo, tools=[TOOL], chat_template=QWEN_STYLE_TEMPLATE, tokenize=False,
+                                   add_generation_prompt=True)
+    assert json.dumps(TOOL) in text  # the template's own tool list
+    # the call's arguments reach the template as an object (tojson writes an object, not a string)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
+    assert "<tool_response>\n3 degrees\n</tool_response>" in text and "You are a function calling" not in text
+
+
+def test_a_template_without_tools_gets_the_hermes_prompt_and_text_calls(tmp_path):
+    from conftest import build_tiny_tokenizer
+
+    from vllm_engine.serving.chat_tools import conversation
+
+    tok = build_tiny_tokenizer(tmp_path)
+    convo = conversation(_history(), [TOOL], native_tools=False)
+    assert convo[0]["role"] == "system" and json.dumps(TOOL) in convo[0]["content"]
+    assert convo[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert convo[3] == {"role": "tool", "content": "<tool_response>\n3 degrees\n</tool_response>"}
+    text = tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+    assert "<tools>" in text and "<tool_call>" in text
