@@ -1,0 +1,138 @@
+"""SpeculativeConfig: the user's ``speculative_config``, parsed and checked as vLLM does.
+
+Accepted forms (a dict, its JSON text for ``--speculative-config``, or None for off)::
+
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    {"model": "path/to/draft", "num_speculative_tokens": 4}            # method "draft_model"
+    {"method": "eagle" | "eagle3", "model": "path/to/heads", "num_speculative_tokens": 3}
+
+As in vLLM, ``method`` may be left out: ``model`` "ngram" / "[ngram]" means n-gram lookup, a model
+whose name holds "eagle3" / "eagle" means EAGLE-3 / EAGLE heads, any other model a draft model.
+n-gram defaults: both lookup bounds unset -> 5 and 5; one set -> the other takes its value.
+Every bad value is a ``ValueError`` naming the field (``speculative_config.<field>``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+METHODS = ("ngram", "draft_model", "eagle", "eagle3")
+_NGRAM_MODEL_NAMES = ("ngram", "[ngram]")
+_DEFAULT_LOOKUP = 5  # vLLM's prompt_lookup_min / _max when neither is given
+_FIELDS = ("method", "num_speculative_tokens", "model", "prompt_lookup_max", "prompt_lookup_min",
+           "disable_by_batch_size", "draft_tensor_parallel_size")
+
+
+def _error(field: str, detail: str) -> ValueError:
+    return ValueError(f"speculative_config.{field} {detail}")
+
+
+def _positive_int(value: Any, field: str, lo: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise _error(field, f"must be an integer >= {lo}, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """A checked speculative-decoding setup.
+
+    ``num_speculative_tokens``: k, the most tokens proposed per request and step (each step then
+    verifies up to k + 1 query tokens per request). ``prompt_lookup_min/max``: n-gram sizes tried,
+    longest first (n-gram only). ``disable_by_batch_size``: no proposals in a step with more running
+    requests than this (None: never off for that reason).
+    """
+
+    method: str
+    num_speculative_tokens: int
+    model: Optional[str] = None
+    prompt_lookup_max: Optional[int] = None
+    prompt_lookup_min: Optional[int] = None
+    disable_by_batch_size: Optional[int] = None
+    draft_tensor_parallel_size: Optional[int] = None
+
+    @classmethod
+    def from_user(cls, value: Union[None, str, dict, "SpeculativeConfig"]) -> Optional["SpeculativeConfig"]:
+        """None, a dict, its JSON text (the CLI's ``--speculative-config``) or a SpeculativeConfig."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}.") from e
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object (dict), got {type(value).__name__}.")
+        return cls.from_dict(value)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeculativeConfig":
+        unknown = sorted(set(d) - set(_FIELDS))
+        if unknown:
+            raise _error(unknown[0], f"is not a known field (known: {', '.join(_FIELDS)}).")
+        model = d.get("model")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise _error("model", f"must be a non-empty string, got {model!r}.")
+        method = _resolve_method(d.get("method"), model)
+        if "num_speculative_tokens" not in d or d["num_speculative_tokens"] is None:
+            raise _error("num_speculative_tokens", "is required.")
+        k = _positive_int(d["num_speculative_tokens"], "num_speculative_tokens")
+        lo, hi = d.get("prompt_lookup_min"), d.get("prompt_lookup_max")
+        if method == "ngram":
+            lo, hi = _lookup_bounds(lo, hi)
+            model = None
+        elif lo is not None or hi is not None:
+            field = "prompt_lookup_min" if lo is not None else "prompt_lookup_max"
+            raise _error(field, f"applies to method 'ngram' only (method is {method!r}).")
+        elif model is None:
+            raise _error("model", f"is required for method {method!r}.")
+        batch = d.get("disable_by_batch_size")
+        if batch is not None:
+            _positive_int(batch, "disable_by_batch_size", lo=2)
+        tp = d.get("draft_tensor_parallel_size")
+        if tp is not None:
+            _positive_int(tp, "draft_tensor_parallel_size")
+        return cls(method, k, model, hi, lo, batch, tp)
+
+    @property
+    def is_ngram(self) -> bool:
+        return self.method == "ngram"
+
+    def to_dict(self) -> dict:
+        """The fields that are set, as a user would write them (benchmark JSON, logs)."""
+        return {f: getattr(self, f) for f in _FIELDS if getattr(self, f) is not None}
+
+
+def _resolve_method(method: Any, model: Optional[str]) -> str:
+    if method is not None:
+        if method == "[ngram]":
+            method = "ngram"
+        if method not in METHODS:
+            raise _error("method", f"must be one of {', '.join(METHODS)}, got {method!r}.")
+        return method
+    if model is None:
+        raise _error("method", "is required when no model is given (e.g. \"ngram\").")
+    if model in _NGRAM_MODEL_NAMES:
+        return "ngram"
+    name = model.lower()
+    if "eagle3" in name:
+        return "eagle3"
+    if "eagle" in name:
+        return "eagle"
+    return "draft_model"
+
+
+def _lookup_bounds(lo: Any, hi: Any) -> tuple[int, int]:
+    if lo is None and hi is None:
+        return _DEFAULT_LOOKUP, _DEFAULT_LOOKUP
+    if lo is not None:
+        _positive_int(lo, "prompt_lookup_min")
+    if hi is not None:
+        _positive_int(hi, "prompt_lookup_max")
+    lo = hi if lo is None else lo
+    hi = lo if hi is None else hi
+    if lo > hi:
+        raise _error("prompt_lookup_min", f"({lo}) must be <= prompt_lookup_max ({hi}).")
+    return lo, hi
