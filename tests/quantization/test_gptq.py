@@ -218,3 +218,18 @@ def test_quant_perplexity_script(float_checkpoint, tmp_path):
     want = math.exp(-sum(logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0) / (len(ids) - 1))
     assert rows["none"]["tokens"] == 48 and abs(rows["none"]["perplexity"] - want) < 1e-3 * want
     assert rows["fp8"]["perplexity"] != rows["none"]["perplexity"]
+
+
+def test_quantization_flag_on_the_command_line(gptq_checkpoint):
+    """``--quantization`` / ``-q`` reach the engine config as ``quantization=`` does (vllm-engine serve and
+    generate build their flags from EngineArgs)."""
+    import argparse
+
+    path, _ = gptq_checkpoint(4, 128, False, True, "gptq")
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = EngineArgs.from_cli_args(parser.parse_args(["--model", str(path), "--quantization", "gptq",
+                                                       "--device", "cpu", "--dtype", "float32"]))
+    assert args.create_engine_config().model.quantization == "gptq"
+    args = EngineArgs.from_cli_args(parser.parse_args(["--model", str(path), "-q", "awq", "--device", "cpu"]))
+    with pytest.raises(ValueError, match="quantization='awq' does not match"):
+        args.create_engine_config()
