@@ -1,4 +1,4 @@
-"""The command line: ``vllm-engine serve | generate | chat``."""
+"""The command line: ``vllm-engine serve | router | generate | chat``."""
 
 from __future__ import annotations
 
@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_args(serve)
 
+    router = sub.add_parser("router", help="One OpenAI endpoint in front of several servers (docs/serving.md).")
+    from vllm_engine.serving.launcher import add_router_args
+
+    add_router_args(router)
+
     gen = sub.add_parser("generate", help="Generate completions for prompts and print them.")
     gen.add_argument("prompts", nargs="+", help="Prompt text(s).")
     gen.add_argument("--raw", action="store_true",
@@ -144,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        args.serve_argv = argv[argv.index("serve") + 1:]  # what --data-parallel-size hands each replica
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -152,6 +160,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             from vllm_engine.serving.cli_serve import run_serve
 
             return run_serve(args) or 0
+        if args.command == "router":
+            from vllm_engine.serving.launcher import run_router
+
+            return run_router(args)
         if args.command == "generate":
             return cmd_generate(args)
         return cmd_chat(args)

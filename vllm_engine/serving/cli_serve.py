@@ -3,7 +3,8 @@
 ``cli.py`` calls ``add_serve_args(parser)`` and ``run_serve(args)``; ``python -m
 vllm_engine.serving.cli_serve ...`` does the same on its own. Every engine flag comes from
 ``EngineArgs.add_cli_args``; the server adds MODEL (positional, optional), --host, --port,
---api-key, --chat-template, --trust-request-chat-template, --request-timeout and --log-level.
+--api-key, --chat-template, --trust-request-chat-template, --request-timeout, --data-parallel-size
+and --log-level.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=positive_seconds, default=None, metavar="SECONDS",
                         help="Abort a request still unfinished this long after it arrived (HTTP 408, or an error "
                              "event in a stream); its KV blocks are freed. Default: no deadline.")
+    parser.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                        help="Start N replicas of this command (each with its own GPUs, or CPU processes) behind "
+                             "a cache-aware router on --host/--port (docs/serving.md).")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                         help="Log level of the server and of uvicorn.")
     EngineArgs.add_cli_args(parser)
@@ -96,6 +100,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from vllm_engine.serving.api_server import create_app
     from vllm_engine.utils import freeze_gc
 
+    if args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be at least 1, not {args.data_parallel_size}")
+    if args.data_parallel_size > 1:
+        from vllm_engine.serving.launcher import run_data_parallel
+
+        return run_data_parallel(args)
     if getattr(args, "model_tag", None):
         if args.model and args.model != args.model_tag:
             raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
@@ -121,7 +131,9 @@ def run_serve(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = add_serve_args(argparse.ArgumentParser(prog="vllm-engine serve",
                                                     description="Serve a model with an OpenAI-compatible API."))
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.serve_argv = argv
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -1,0 +1,236 @@
+"""The router (vllm_engine/serving/router.py) in front of real servers: model routing, spreading,
+prefix affinity, the OpenAI SDK through it, /v1/models and /metrics; and its failure handling
+against fake replicas that break before and after their first event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from vllm_engine import Engine
+from vllm_engine.engine.async_engine import AsyncEngine
+from vllm_engine.serving.api_server import create_app
+from vllm_engine.serving.router import PREFIX_CHUNK_CHARS, REPLICA_HEADER, create_router_app, prefix_hashes
+
+from .conftest import ENGINE_KWARGS, ThreadServer, free_port, parse_metrics, wait_healthy
+
+LONG_PREFIX = "You are a careful assistant. Here is the document to discuss: " + " ".join(
+    f"paragraph {i} says the sky is blue and the grass is green." for i in range(3))
+
+
+class AppThread:
+    """Any ASGI app under uvicorn on a free port, in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.port = app, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "AppThread":
+        self.thread.start()
+        wait_healthy(self.url, timeout=30)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def _replica(tiny_dir, name: str) -> ThreadServer:
+    engine = Engine(model=str(tiny_dir), served_model_name=name, **ENGINE_KWARGS)
+    return ThreadServer(create_app(AsyncEngine(engine)))
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_dir) -> Iterator[list[ThreadServer]]:
+    """Two replicas serving `tiny` and one serving `tiny-b`."""
+    with _replica(tiny_dir, "tiny") as a, _replica(tiny_dir, "tiny") as b, _replica(tiny_dir, "tiny-b") as c:
+        yield [a, b, c]
+
+
+@pytest.fixture(scope="module")
+def router(replicas) -> Iterator[AppThread]:
+    with AppThread(create_router_app([r.url for r in replicas], health_interval=0.5)) as srv:
+        yield srv
+
+
+def _complete(url: str, prompt: str, model: str = "tiny", **extra: Any) -> httpx.Response:
+    r = httpx.post(f"{url}/v1/completions", timeout=60,
+                   json={"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_the_openai_sdk_works_through_the_router(router, replicas):
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-b"]
+    via_router = client.completions.create(model="tiny", prompt="The capital of France", max_tokens=6, temperature=0)
+    direct = openai.OpenAI(base_url=f"{replicas[0].url}/v1", api_key="unused", max_retries=0).completions.create(
+        model="tiny", prompt="The capital of France", max_tokens=6, temperature=0)
+    assert via_router.choices[0].text == direct.choices[0].text and via_router.usage.completion_tokens == 6
+    chunks = list(client.chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_completion_tokens=5, stream=True, temperature=0,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[0].model == "tiny-b"
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.completions.create(model="nope", prompt="Hi", max_tokens=2)
+    assert exc.value.body["code"] == "model_not_found" and "tiny-b" in exc.value.body["message"]
+
+
+def test_requests_route_by_model(router, replicas):
+    for prompt in ("a", "b", "c"):
+        assert _complete(router.url, prompt, model="tiny-b").headers[REPLICA_HEADER] == replicas[2].url
+    used = {_complete(router.url, p).headers[REPLICA_HEADER] for p in ("d", "e", "f", "g")}
+    assert replicas[2].url not in used
+
+
+def test_distinct_requests_spread_over_the_replicas(router, replicas):
+    prompts = [f"Question number {i}: why?" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        used = list(pool.map(lambda p: _complete(router.url, p, max_tokens=16).headers[REPLICA_HEADER], prompts))
+    counts = {u: used.count(u) for u in set(used)}
+    assert set(counts) == {replicas[0].url, replicas[1].url} and min(counts.values()) >= 2, counts
+
+
+def test_shared_prefix_requests_land_on_the_replica_that_cached_it(router, replicas):
+    first = _complete(router.url, LONG_PREFIX + " Question: what colour is the sky?")
+    home = first.headers[REPLICA_HEADER]
+    for q in ("the grass?", "paragraph 3?", "the sea?"):
+        r = _complete(router.url, LONG_PREFIX + " Question: what colour is " + q)
+        assert r.headers[REPLICA_HEADER] == home
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the replica's prefix cache hit
+    metrics = parse_metrics(httpx.get(f"{router.url}/metrics").text)
+    label = home.split("://")[1]
+    assert metrics[f"vllm_engine_router:routed_requests_total{{reason=prefix,replica={label}}}"] >= 3
+
+
+def test_affinity_yields_to_a_much_less_loaded_replica():
+    from vllm_engine.serving.router import Router
+
+    router = Router(["http://a", "http://b"], balance_slack_tokens=100)
+    a, b = router.replicas
+    a.healthy = b.healthy = True
+    a.models = b.models = [{"id": "m"}]
+    hashes = prefix_hashes("m", LONG_PREFIX)
+    assert len(hashes) == len(LONG_PREFIX) // PREFIX_CHUNK_CHARS
+    router.remember(hashes, b)
+    assert router.pick("m", hashes, set()) == (b, "prefix")
+    b.outstanding_tokens = 101
+    assert router.pick("m", hashes, set()) == (a, "load")
+    assert router.pick("m", hashes[:2], {"http://a"}) == (b, "prefix")  # a shorter shared prefix still matches
+    assert router.pick("m", prefix_hashes("other-model", LONG_PREFIX), set())[1] == "load"
+
+
+def test_models_and_metrics_cover_every_replica(router, replicas):
+    models = httpx.get(f"{router.url}/v1/models").json()
+    assert sorted(m["id"] for m in models["data"]) == ["tiny", "tiny-b"]
+    text = httpx.get(f"{router.url}/metrics").text
+    for r in replicas:
+        label = r.url.split("://")[1]
+        assert f'vllm_engine:num_requests_running{{model_name="{r.app.state.ctx.model_name}",replica="{label}"}}' in text
+        assert f'vllm_engine_router:replica_healthy{{replica="{label}"}} 1.0' in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names))  # each family once, its samples from every replica together
+
+
+def test_bad_requests_are_400s_in_openais_shape(router):
+    r = httpx.post(f"{router.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{router.url}/v1/completions", json=[1, 2])
+    assert r.status_code == 400
+    r = httpx.post(f"{router.url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # the replica's own answer
+
+
+# ---- failures, against fake replicas ----------------------------------------------------------------
+def fake_replica(mode: str) -> FastAPI:
+    """A replica serving model `tiny` that breaks: `before` drops the stream before its first event,
+    `after` after one event; `dead` answers 503 engine_dead."""
+    app = FastAPI()
+    app.state.posts = 0
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": "tiny", "object": "model"}]}
+
+    @app.post("/v1/completions")
+    @app.post("/v1/chat/completions")
+    async def generate(request: Request) -> Any:
+        app.state.posts += 1
+
+        async def events() -> Any:
+            if mode == "after":
+                yield 'data: {"choices": [{"index": 0, "text": "partial"}]}\n\n'
+                await asyncio.sleep(0.05)
+            raise RuntimeError("replica crashed")
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    if mode == "dead":
+        from fastapi.responses import JSONResponse
+
+        @app.middleware("http")
+        async def dead(request: Request, call_next: Any) -> Any:
+            if request.method == "POST":
+                app.state.posts += 1
+                return JSONResponse({"error": {"message": "engine is dead", "type": "engine_dead", "param": None,
+                                               "code": 503}}, status_code=503)
+            return await call_next(request)
+
+    return app
+
+
+@pytest.mark.parametrize("mode", ["before", "dead"])
+def test_a_replica_failing_before_the_first_event_is_retried_elsewhere(replicas, mode):
+    with AppThread(fake_replica(mode)) as fake, \
+            AppThread(create_router_app([fake.url, replicas[0].url], health_interval=60)) as router:
+        for stream in (True, False):
+            body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "stream": stream}
+            r = httpx.post(f"{router.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200 and r.headers[REPLICA_HEADER] == replicas[0].url
+            if stream:
+                events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+                assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+            status = httpx.get(f"{router.url}/router/replicas").json()["replicas"]
+            assert status[0]["healthy"] is False and status[0]["failed_attempts"] >= 1
+            assert all(s["in_flight"] == 0 and s["outstanding_tokens"] == 0 for s in status)
+            router.app.state.router.replicas[0].healthy = True  # as the next health check would
+        assert fake.app.state.posts == 2
+
+
+def test_a_replica_failing_mid_stream_ends_it_with_an_error_event(replicas):
+    with AppThread(fake_replica("after")) as fake, \
+            AppThread(create_router_app([fake.url, replicas[0].url], health_interval=60)) as router:
+        r = httpx.post(f"{router.url}/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": "Hello", "max_tokens": 3, "stream": True})
+        assert r.status_code == 200
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert json.loads(events[0])["choices"][0]["text"] == "partial"
+        assert json.loads(events[1])["error"]["code"] == "replica_failed" and events[2] == "[DONE]"
+        assert len(events) == 3
+        status = httpx.get(f"{router.url}/router/replicas").json()["replicas"]
+        assert status[0]["stream_failures"] == 1 and status[0]["in_flight"] == 0
+
+
+def test_no_healthy_replica_is_a_503(replicas):
+    with AppThread(create_router_app([replicas[0].url], health_interval=60)) as router:
+        router.app.state.router.replicas[0].healthy = False
+        r = httpx.post(f"{router.url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert httpx.get(f"{router.url}/health").status_code == 503
