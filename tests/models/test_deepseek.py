@@ -123,3 +123,52 @@ def test_yarn_table_matches_hf():
         freqs = torch.arange(100, dtype=torch.float32)[:, None] * inv_freq
         want = torch.cat((freqs.cos() * factor, freqs.sin() * factor), dim=-1)
         torch.testing.assert_close(get_rope(config, 32, 100).cos_sin_cache, want, atol=1e-6, rtol=1e-6)
+
+
+def _run_latent_steps(model, seqs, schedule):
+    """conftest's run_paged_steps with the latent layout: one [blocks, block_size, latent + rope] cache
+    per layer (each token's vector stored once)."""
+    from conftest import PAGED_BLOCK_SIZE, PAGED_BLOCKS_PER_SEQ, paged_metadata
+
+    caches = [torch.zeros(len(seqs) * PAGED_BLOCKS_PER_SEQ + 1, PAGED_BLOCK_SIZE, LATENT + ROPE)
+              for _ in model.model.stage_layers]
+    tables = [[len(seqs) * j + i + 1 for j in range(PAGED_BLOCKS_PER_SEQ)] for i in range(len(seqs))]
+    done, logits = [0] * len(seqs), [[] for _ in seqs]
+    for counts in schedule:
+        idx = [i for i, c in enumerate(counts) if c]
+        ids = torch.tensor([t for i in idx for t in seqs[i][done[i]: done[i] + counts[i]]])
+        pos = torch.tensor([p for i in idx for p in range(done[i], done[i] + counts[i])])
+        meta = paged_metadata([done[i] for i in idx], [counts[i] for i in idx], [tables[i] for i in idx])
+        with torch.inference_mode():
+            out = model.compute_logits(model(ids, pos, caches, meta))
+        row = 0
+        for i in idx:
+            logits[i].extend(out[row: row + counts[i]])
+            row += counts[i]
+            done[i] += counts[i]
+    return logits
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_latent_cache_layout_gives_hf_logits(backend, deepseek_dir):
+    """With one vector per token in the cache (attention/mla.py; the Triton kernel under the interpreter)."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_engine.attention.backend import get_attn_backend
+    from vllm_engine.config import EngineArgs
+    from vllm_engine.models.deepseek import DeepseekV2ForCausalLM
+
+    path = deepseek_dir("v2")
+    cfg = EngineArgs(model=str(path), dtype="float32", device="cpu", max_model_len=256).create_engine_config().model
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = DeepseekV2ForCausalLM(cfg.hf_config, get_attn_backend(torch.device("cpu"), backend), max_position=256)
+    from safetensors.torch import load_file
+
+    model.load_weights(load_file(str(path / "model.safetensors")).items())
+    assert model.model.layers[0].self_attn.attn.cache_layout == "latent"
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (21, 9, 4)]
+    got = _run_latent_steps(model.eval(), seqs, [[12, 0, 4], [8, 9, 0], [1, 0, 0]])
+    for seq, lg in zip(seqs, got):
+        with torch.no_grad():
+            torch.testing.assert_close(torch.stack(lg), hf(torch.tensor([seq])).logits[0], atol=1e-4, rtol=1e-4)

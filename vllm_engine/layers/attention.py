@@ -27,13 +27,20 @@ class Attention(nn.Module):
     head_dim]``. Head counts are this rank's. ``rotary_emb`` (shared by every layer; None: no rotary)
     and ``q_norm`` / ``k_norm`` (owned, and named, by the model's attention module) are referenced, not
     registered. ``scale``: the score scale (default head_dim^-0.5); ``sliding_window`` and
-    ``logits_soft_cap``: see attention/backend.py."""
+    ``logits_soft_cap``: see attention/backend.py; ``cache_layout``: "kv", or "latent" for a layer
+    that can keep one [head_dim] vector per token (attention/mla.py)."""
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, rotary_emb: Optional[RotaryEmbedding],
                  attn_backend: AttentionBackend, sliding_window: Optional[int] = None,
                  q_norm: Optional[RMSNorm] = None, k_norm: Optional[RMSNorm] = None,
-                 scale: Optional[float] = None, logits_soft_cap: Optional[float] = None) -> None:
+                 scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
+                 cache_layout: str = "kv") -> None:
         super().__init__()
+        if cache_layout not in ("kv", "latent"):
+            raise ValueError(f"cache_layout must be 'kv' or 'latent', got {cache_layout!r}")
+        # "latent" (DeepSeek's MLA): the layer can use one vector per token, [num_blocks, block_size,
+        # head_dim] (attention/mla.py), half the bytes of the K/V layout, which it also accepts.
+        self.cache_layout = cache_layout
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim

@@ -7,7 +7,9 @@ expansion absorbed (q_nope . W_uk c = (W_uk^T q_nope) . c, and sum_t p_t W_uv c_
 attention is multi-query attention over one "head" of L + rope dims per token, [c | k_pe], for the
 key and the value alike: the cache holds that vector, never per-head K/V, and the output's first L
 dims are mapped back per head by W_uv. The paged cache's layout [2, blocks, block_size, kv_heads,
-head_dim] stores it twice (K and V slots) until the backend has a K-only layout (issue 20's note).
+head_dim] stores it twice (K and V slots); given a cache of the latent layout [blocks, block_size,
+L + rope] (attention/mla.py: ``Attention.cache_layout == "latent"``) the model stores it once and
+attends with the latent kernel. (The runner allocates the K/V layout today.)
 Rope: interleaved pairs (``rope_interleave``, V2 always), YaRN with DeepSeek's mscale in the
 score scale.
 
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
+from vllm_engine.attention.mla import mla_attention, write_latent
 from vllm_engine.distributed import IntermediateTensors, get_pp_group, get_pp_indices, get_tp_group
 from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.fused_moe import FusedMoE, grouped_top_k, select_experts
@@ -85,7 +88,8 @@ class MLAAttention(nn.Module):
         self.num_heads = heads // get_tp_group().world_size
         self.interleaved = bool(getattr(config, "rope_interleave", True))
         object.__setattr__(self, "rotary_emb", rotary_emb)  # shared, not registered here
-        self.attn = Attention(self.num_heads, self.latent + self.rope, 1, None, attn_backend, scale=mla_scale(config))
+        self.attn = Attention(self.num_heads, self.latent + self.rope, 1, None, attn_backend, scale=mla_scale(config),
+                              cache_layout="latent")
 
     def _rope(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rotary_emb.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
@@ -101,9 +105,20 @@ class MLAAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.latent)
         query = torch.cat((torch.einsum("thd,hdl->thl", q_nope, w[:, : self.nope]), self._rope(positions, q_pe)), -1)
         key = torch.cat((latent, self._rope(positions, k_pe.unsqueeze(1)).squeeze(1)), -1).unsqueeze(1)
-        out = self.attn.attend(query.contiguous(), key, key, kv_cache, attn_metadata)[..., : self.latent]
+        out = self._attend(query.contiguous(), key, kv_cache, attn_metadata)
         out = torch.einsum("thl,hvl->thv", out, w[:, self.nope:])
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
+
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """[T, heads, L]: over the latent layout [blocks, block_size, L + rope] (one vector per token), or
+        the K/V layout with the vector as both key and value (the output's first L dims kept)."""
+        if kv_cache.dim() == 3:
+            write_latent(key.squeeze(1), kv_cache, attn_metadata.slot_mapping)
+            return mla_attention(query, kv_cache, attn_metadata, self.attn.scale, self.latent,
+                                 use_triton=self.attn.attn_backend.name == "triton")
+        return self.attn.attend(query, key, key, kv_cache, attn_metadata)[..., : self.latent]
 
 
 class DeepseekRouter(nn.Module):
