@@ -254,6 +254,47 @@ def write_compressed_tensors(float_dir: Path, out_dir: Path, bits: int, group_si
             if name.split(".", 3)[-1] in LINEARS}
 
 
+def write_compressed_tensors_actorder(float_dir: Path, out_dir: Path, bits: int, group_size: int, symmetric: bool,
+                                     seed: int = 0) -> dict[str, torch.Tensor]:
+    """A pack-quantized checkpoint with ``actorder: "group"`` (``weight_g_idx``: the layout of older
+    llm-compressor GPTQ runs, which the installed library no longer writes): groups formed in a random
+    order of each input's channels (shared by q/k/v and gate/up), packed by the library's
+    ``pack_to_int32``. Returns the dequantized weights."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in float_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out_dir / f.name)
+    orders = _act_orders(float_dir, seed)
+    half = 1 << (bits - 1)
+    out, deq = {}, {}
+    for name, t in load_file(str(float_dir / "model.safetensors")).items():
+        module = name[: -len(".weight")]
+        sub = module.split(".", 3)[-1] if module.startswith("model.layers.") else None
+        if sub not in LINEARS:
+            out[name] = t
+            continue
+        order = orders[(int(module.split(".")[2]), INPUT_OF[sub])]
+        q, scales, zeros, g_idx = quantize_rtn(t.double(), bits, group_size, symmetric, order)
+        deq[name] = dequant(q, scales, zeros, g_idx)
+        out[f"{module}.weight_packed"] = pack_to_int32((q - half).to(torch.int8), bits)
+        out[f"{module}.weight_scale"] = scales.t().float().contiguous()
+        if not symmetric:
+            out[f"{module}.weight_zero_point"] = pack_to_int32((zeros.t() - half).to(torch.int8), bits, packed_dim=0)
+        out[f"{module}.weight_shape"] = torch.tensor(t.shape)
+        out[f"{module}.weight_g_idx"] = g_idx.int()
+    save_file(out, str(out_dir / "model.safetensors"))
+    cfg = json.loads((float_dir / "config.json").read_text())
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": group_size,
+               "actorder": "group", "dynamic": False}
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                  "ignore": ["lm_head"], "quantization_status": "compressed",
+                                  "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return deq
+
+
 def write_compressed_tensors_fp8(float_dir: Path, out_dir: Path, per_channel: bool, static: bool,
                                 input_scale: float = 0.02) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """A float-quantized FP8 W8A8 checkpoint written by the compressed-tensors library: weight scales

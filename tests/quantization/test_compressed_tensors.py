@@ -95,3 +95,25 @@ def test_fp8_w8a8(per_channel, static, float_checkpoint, tmp_path):
     model = get_model(cfg, CPU, TorchAttentionBackend())
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
     check_model(model, cfg, float_checkpoint, weights, in_scales)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (8, True)])
+def test_actorder_group_checkpoints(bits, symmetric, float_checkpoint, tmp_path, paged_vs_hf):
+    """``actorder: "group"`` (``weight_g_idx``): logits against HF on the dequantized weights, and at tp = 2
+    each rank's weights its slice (act order split across ranks: whole scale columns, groups by g_idx)."""
+    from tests.quantization.conftest import write_compressed_tensors_actorder
+
+    weights = write_compressed_tensors_actorder(float_checkpoint, tmp_path / "ct", bits, 32, symmetric)
+    cfg = model_config(tmp_path / "ct")
+    model = get_model(cfg, CPU, TorchAttentionBackend())
+    assert model.model.layers[0].mlp.down_proj.wna16.perm is not None  # sorted into runs at one rank
+    paged_vs_hf(model, cfg, hf_reference(float_checkpoint, weights), LENS, SCHEDULE, tol=2e-4)
+    for rank in range(2):
+        with override_parallel_state(rank, 2, 0, 1):
+            model = get_model(cfg, CPU, TorchAttentionBackend())
+        for prefix, m in model.named_modules():
+            if isinstance(m, LinearBase):
+                got = dequantize(m.wna16, torch.float64)
+                if m.wna16.perm is not None:
+                    got = torch.empty_like(got).index_copy_(0, m.wna16.perm, got)
+                assert torch.equal(got.t(), _rank_slice(m, prefix, weights)), prefix

@@ -15,9 +15,11 @@ Per linear module (K inputs, N outputs, pf = 32 // bits; the torch [N, K] weight
 * ``weight_scale`` [N, G] (G = K // group_size; 1 per channel);
 * ``weight_zero_point`` int32 [N // pf, G] (asymmetric only): the signed zero points packed along N,
   with the same offset;
-* ``weight_shape`` [2]: (N, K).
+* ``weight_shape`` [2]: (N, K);
+* ``weight_g_idx`` int32 [K] (``actorder: "group"``): the group of each input column (act order, as
+  GPTQ's ``g_idx``); without it ``g = k // group_size``.
 
-``w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]`` with ``g = k // group_size``.
+``w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 
 from vllm_engine.quantization.base import LinearMethodBase, QuantizationConfig
 from vllm_engine.quantization.fp8 import Fp8LinearMethod
-from vllm_engine.quantization.gptq import check_group_size
+from vllm_engine.quantization.gptq import check_group_size, same_across_shards_loader
 from vllm_engine.quantization.unquantized import UnquantizedLinearMethod
 from vllm_engine.quantization.utils import (add_param, check_divisible, derive_shapes, hf_module_names,
                                             pack_factor, unpack_int32)
@@ -85,9 +87,11 @@ class WeightScheme:
             self.group_size = -1
         else:
             raise ValueError(f"{where}.weights.strategy={strategy!r} is not supported (group or channel).")
-        if weights.get("actorder") not in (None, "weight", False):
-            raise ValueError(f"{where}.weights.actorder={weights.get('actorder')!r} is not supported "
-                             "(none or 'weight': no g_idx in the checkpoint).")
+        actorder = weights.get("actorder")
+        if actorder not in (None, False, "weight", "group"):
+            raise ValueError(f"{where}.weights.actorder={actorder!r} is not supported (none, 'weight', or 'group': "
+                             "a weight_g_idx per module).")
+        self.g_idx = actorder == "group" and strategy == "group"  # groups by weight_g_idx, not runs
         self.symmetric = bool(weights.get("symmetric", True))
 
     def _check_fp8(self, where: str, group: dict[str, Any], weights: dict[str, Any]) -> None:
@@ -195,11 +199,21 @@ class CompressedTensorsWNA16Method(WNA16LinearMethodBase):
         k, n = input_size_per_partition, sum(output_partition_sizes)
         check_divisible(k, pf, f"input features per rank for {s.bits}-bit packing", layer)
         per_channel = s.group_size == -1
-        if not per_channel:
+        # Whole scale columns on every rank: per channel, or act order split across ranks.
+        whole_groups = per_channel or (s.g_idx and k != input_size)
+        if not whole_groups:
             check_divisible(k, s.group_size, "input features per rank", layer, "quantization group_size")
-        g_full, g_local = (1, 1) if per_channel else (input_size // s.group_size, k // s.group_size)
-        group_dim = None if per_channel else 1
+        if not per_channel:
+            check_divisible(input_size, s.group_size, "input features", layer, "quantization group_size")
+        g_full = 1 if per_channel else input_size // s.group_size
+        g_local = g_full if whole_groups else k // s.group_size
+        group_dim = None if whole_groups else 1
         shapes = extra_weight_attrs.pop("checkpoint_shapes")
+        if s.g_idx:
+            add_param(layer, "weight_g_idx", (k,), torch.int32,
+                      {"input_dim": 0, "checkpoint_shapes": derive_shapes(shapes, lambda o, i: (i,)),
+                       "weight_loader": same_across_shards_loader(extra_weight_attrs["weight_loader"])},
+                      extra_weight_attrs)
         add_param(layer, "weight_packed", (n, k // pf), torch.int32,
                   {"input_dim": 1, "output_dim": 0, "packed_dim": 1, "pack_factor": pf,
                    "checkpoint_shapes": derive_shapes(shapes, lambda o, i: (o, i // pf))}, extra_weight_attrs)
@@ -224,8 +238,9 @@ class CompressedTensorsWNA16Method(WNA16LinearMethodBase):
         zp = getattr(layer, "weight_zero_point", None)
         zeros = unpack_int32(zp.data, bits, 0).t() if zp is not None else None
         scales = layer.weight_scale.data.t()
-        self.finish(layer, q, scales, zeros, bits, layer.ct_group_size, None,
-                    drop=("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"))
+        g_idx = layer.weight_g_idx.data if self.scheme.g_idx else None
+        self.finish(layer, q, scales, zeros, bits, layer.ct_group_size, g_idx,
+                    drop=("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"))
 
 
 def _shape_checker(shapes: dict[Any, tuple[int, int]]):

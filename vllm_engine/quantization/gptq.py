@@ -142,7 +142,7 @@ class GPTQLinearMethod(WNA16LinearMethodBase):
                    "checkpoint_shapes": derive_shapes(shapes, lambda o, i: (i // pf, o))}, extra_weight_attrs)
         add_param(layer, "g_idx", (k,), torch.int32,
                   {"input_dim": 0, "checkpoint_shapes": derive_shapes(shapes, lambda o, i: (i,)),
-                   "weight_loader": _same_across_shards_loader(loader)}, extra_weight_attrs)
+                   "weight_loader": same_across_shards_loader(loader)}, extra_weight_attrs)
         add_param(layer, "qzeros", (g_local, n // pf), torch.int32,
                   {"input_dim": group_dim, "output_dim": 1, "packed_dim": 1, "pack_factor": pf,
                    "checkpoint_shapes": derive_shapes(shapes, lambda o, i: (g_full, o // pf))}, extra_weight_attrs)
@@ -161,7 +161,7 @@ class GPTQLinearMethod(WNA16LinearMethodBase):
         self.finish(layer, q, layer.scales.data, zeros, cfg.bits, layer.gptq_group_size, g_idx, drop=("qzeros",))
 
 
-def _same_across_shards_loader(loader: Callable) -> Callable:
+def same_across_shards_loader(loader: Callable) -> Callable:
     """A loader for a parameter every shard of a fused layer has a copy of (``g_idx``): the first
     shard is loaded, the others must be equal (ValueError otherwise: act orders must agree)."""
 
@@ -177,4 +177,4 @@ def _same_across_shards_loader(loader: Callable) -> Callable:
     return load
 
 
-__all__ = ["GPTQConfig", "GPTQLinearMethod", "check_group_size"]
+__all__ = ["GPTQConfig", "GPTQLinearMethod", "check_group_size", "same_across_shards_loader"]
