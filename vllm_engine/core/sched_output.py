@@ -63,6 +63,9 @@ class ExecuteModelRequest:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     finished_req_ids: set[str] = field(default_factory=set)
+    # Speculative decoding: request id -> the proposed tokens this step computes after its last token
+    # (the last ``len(...)`` of its ``num_scheduled_tokens``), verified by the sampler. Empty: none.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -95,6 +98,8 @@ class SchedulerOutput:
     changed_block_tables: set[str] = field(default_factory=set)
     num_preemptions: int = 0  # this step
     num_swaps: int = 0  # swap-outs this step
+    # Speculative decoding: request id -> its proposed tokens in this step (the last ones it computes).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # Filled by Scheduler.advance: (index in scheduled_requests, request) of each request sampled this step.
     sampled_requests: list[tuple[int, Request]] = field(default_factory=list)
     # What the workers get for this step (built by Scheduler.schedule).

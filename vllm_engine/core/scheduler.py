@@ -14,7 +14,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Union
 
 from vllm_engine.core.kv_cache_manager import KVCacheManager, cdiv
@@ -42,6 +42,36 @@ class SchedulerStats:
     prefix_cache_hits: int  # tokens found, cumulative
     num_preemptions_total: int
     num_swaps_total: int
+    spec: Optional[SpecDecodeStats] = None  # speculative decoding counters (None: off)
+
+
+@dataclass
+class SpecDecodeStats:
+    """Cumulative speculative-decoding counters, vLLM's meanings: a *draft* is one request's proposal
+    in one step; ``accepted_per_position[i]``: drafts whose token i (0-based) was accepted."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per verification step of a speculating request (accepted + the bonus/recovered one)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def observe(self, num_drafted: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafted
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_drafted:
+            self.accepted_per_position.extend([0] * (num_drafted - len(self.accepted_per_position)))
+        for i in range(num_accepted):
+            self.accepted_per_position[i] += 1
 
 
 class RequestQueue:
@@ -130,6 +160,10 @@ class Scheduler:
         self._sched_reqs: list[Request] = []
         self._sched_tokens: dict[str, int] = {}
         self._preempted_now: set[str] = set()
+        # Speculative decoding: proposals for the next schedule() (set_proposals), those it scheduled.
+        self._proposals: dict[str, list[int]] = {}
+        self._sched_spec: dict[str, list[int]] = {}
+        self.spec_stats: Optional[SpecDecodeStats] = None  # set by whoever proposes (the engine)
 
     def _key(self, req: Request) -> tuple:
         return self._keys[req.request_id]
@@ -184,8 +218,11 @@ class Scheduler:
         self._budget = self.config.max_num_batched_tokens
         self._seq_cap = self._micro_batch_seqs()
         self._sched_reqs, self._sched_tokens, self._preempted_now = [], {}, set()
+        self._sched_spec = {}
 
         self._schedule_running(out)
+        if self._proposals:
+            self._schedule_drafts()
         # After a preemption nothing new comes in: the freed blocks are what the running ones need.
         if not out.preempted_requests:
             self._schedule_swapped(out)
@@ -201,6 +238,7 @@ class Scheduler:
         out.changed_block_tables = kv.take_changed_tables()
         out.blocks_to_copy = kv.take_pending_copies()
         out.blocks_to_swap_in = kv.take_swap_ins()
+        out.spec_token_ids = self._sched_spec
         out.execute_model_request = self._execute_model_request(out)
         return out
 
@@ -249,7 +287,8 @@ class Scheduler:
             req_ids=req_ids, num_scheduled_tokens=out.num_scheduled_tokens,
             total_num_scheduled_tokens=out.total_num_scheduled_tokens, new_requests=new, cached_requests=cached,
             blocks_to_copy=out.blocks_to_copy, blocks_to_swap_out=out.blocks_to_swap_out,
-            blocks_to_swap_in=out.blocks_to_swap_in, finished_req_ids=out.finished_request_ids)
+            blocks_to_swap_in=out.blocks_to_swap_in, finished_req_ids=out.finished_request_ids,
+            spec_token_ids=out.spec_token_ids)
 
     def _resend(self, request_id: str, block_ids: list[int]) -> list[int]:
         """A table the workers must get again (changed in place, or rebuilt): a copy of it."""
@@ -281,6 +320,32 @@ class Scheduler:
                     return  # it was the last running request
             self._add_scheduled(req, num_new)
             i += 1
+
+    def set_proposals(self, proposals: dict[str, list[int]]) -> None:
+        """Proposed tokens per request id for the next ``schedule()`` only (speculative decoding):
+        each follows the request's tokens (all known, none a placeholder)."""
+        self._proposals = proposals
+
+    def _schedule_drafts(self) -> None:
+        """Adds the proposals of running requests scheduled up to their last token, as extra tokens
+        to compute, while the budget and free blocks allow (a proposal is cut short, never a reason
+        to preempt). Their K/V lands in the request's own blocks after ``num_computed_tokens``;
+        ``resolve`` counts only the verified ones as computed."""
+        proposals, self._proposals = self._proposals, {}
+        kv = self.kv_cache_manager
+        for req in self._sched_reqs:
+            drafts = proposals.get(req.request_id)
+            if self._budget <= 0:
+                break
+            n = self._sched_tokens[req.request_id]
+            if not drafts or n != req.num_tokens - req.num_computed_tokens:
+                continue
+            drafts = drafts[: self._budget]
+            if kv.allocate_slots(req, n + len(drafts)) is None:
+                continue
+            self._sched_tokens[req.request_id] = n + len(drafts)
+            self._budget -= len(drafts)
+            self._sched_spec[req.request_id] = drafts
 
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
         kv = self.kv_cache_manager
@@ -403,6 +468,7 @@ class Scheduler:
         else:
             self.running.remove(req)
         n = self._sched_tokens.pop(req.request_id, None)
+        self._sched_spec.pop(req.request_id, None)
         if n is not None:  # scheduled earlier in this step: take it back
             self._sched_reqs.remove(req)
             self._budget += n
@@ -453,6 +519,9 @@ class Scheduler:
         pending: list[tuple[int, Request]] = []
         max_len = self.config.max_model_len
         counts = sched_out.num_scheduled_tokens
+        if sched_out.spec_token_ids:  # proposed tokens are computed only once verified (resolve)
+            spec = sched_out.spec_token_ids
+            counts = [c - len(spec.get(r.request_id, ())) for c, r in zip(counts, sched_out.scheduled_requests)]
         for i, req in enumerate(sched_out.scheduled_requests):
             if req.status != _RUNNING:
                 continue  # finished (aborted) after schedule()
@@ -498,7 +567,28 @@ class Scheduler:
             updated.append(req)
         if any_finished:
             self.running = [r for r in self.running if r.status == _RUNNING]
+        if sched_out.spec_token_ids:
+            self._commit_verified(sched_out, sampled)
         return updated
+
+    def _commit_verified(self, sched_out: SchedulerOutput, sampled: list[list[int]]) -> None:
+        """A step that verified proposals gave request i ``sampled[i]``: its accepted proposals, then
+        one more token. The accepted ones' K/V was written by that step at their positions (they equal
+        the proposals), so they count as computed, and their full blocks go to the prefix cache; the
+        rejected ones' K/V stays in slots after ``num_computed_tokens``, overwritten by the next step
+        and never cached. Only a request still running (every token kept) is advanced."""
+        spec, stats, kv = sched_out.spec_token_ids, self.spec_stats, self.kv_cache_manager
+        for i, req in sched_out.sampled_requests:
+            drafts = spec.get(req.request_id)
+            if drafts is None:
+                continue
+            num_accepted = max(0, len(sampled[i]) - 1)
+            if stats is not None:
+                stats.observe(len(drafts), num_accepted)
+            if req.status == _RUNNING and num_accepted:
+                req.num_computed_tokens += num_accepted
+                assert req.num_computed_tokens == req.num_tokens - 1, f"{req}: verified tokens out of step"
+                kv.cache_blocks(req, req.num_computed_tokens)
 
     def _append_tokens(self, req: Request, tokens: list[int]) -> Optional[RequestStatus]:
         """The tokens after the first of a step that gave several (verified proposals): appended in
@@ -551,7 +641,30 @@ class Scheduler:
             num_running=len(self.running), num_waiting=len(self.waiting), num_swapped=len(self.swapped),
             kv_cache_usage=kv.usage, num_free_blocks=kv.num_free_blocks, num_total_blocks=self.num_gpu_blocks,
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
-            num_preemptions_total=self.num_preemptions_total, num_swaps_total=self.num_swaps_total)
+            num_preemptions_total=self.num_preemptions_total, num_swaps_total=self.num_swaps_total,
+            spec=self.spec_stats)
+
+    def snapshot(self) -> dict:
+        """A read-only, JSON-ready view of the queues and the KV blocks (the server's /dashboard); call it
+        between steps on the thread that steps. ``blocks``: one character per GPU block, ``.`` free, ``c``
+        free but still holding a cached prefix block, ``u`` held by one request, ``s`` shared by several
+        (a common prefix); each request lists the blocks of its table (window-freed entries left out)."""
+        kv = self.kv_cache_manager
+        queue_of = {r.request_id: "running" for r in self.running}
+        queue_of.update((r.request_id, "swapped") for r in self.swapped)
+        requests = [{
+            "id": r.request_id, "queue": queue_of.get(r.request_id, "waiting"), "priority": r.priority,
+            "arrival_time": r.arrival_time, "prompt_tokens": r.num_prompt_tokens,
+            "computed_tokens": r.num_computed_tokens, "output_tokens": r.num_output_tokens,
+            "max_tokens": r.max_tokens, "cached_tokens": max(r.num_cached_tokens, 0), "preemptions": r.num_preemptions,
+            "blocks": kv.req_block_ids.get(r.request_id, [])[kv.num_window_freed.get(r.request_id, 0):],
+        } for r in self.requests.values()]
+        states = "".join(("u" if b.ref_cnt == 1 else "s") if b.ref_cnt else ("c" if b.block_hash is not None else ".")
+                         for b in kv.pool.blocks)
+        return {"block_size": self.block_size, "num_blocks": self.num_gpu_blocks, "blocks": states,
+                "num_cpu_blocks": kv.num_cpu_blocks, "num_free_cpu_blocks": kv.num_free_cpu_blocks,
+                "requests": requests, "num_preemptions_total": self.num_preemptions_total,
+                "num_swaps_total": self.num_swaps_total}
 
     def check_integrity(self) -> None:
         """AssertionError on a leaked or double-counted block, or a request in the wrong queue or state."""
