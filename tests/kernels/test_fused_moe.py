@@ -57,6 +57,12 @@ def test_triton_fused_moe_matches_a_float64_expert_loop(num_tokens, num_experts,
     _check(got, reference(x, w13, w2, weights, ids), dtype)
 
 
+def test_an_empty_batch_gives_an_empty_output():
+    x, w13, w2, weights, ids = make(0, 8, 2, 32, 16, torch.float32)
+    for fn in (M.triton_fused_moe, M.torch_fused_moe):
+        assert fn(x, w13, w2, weights, ids).shape == (0, 32)
+
+
 def test_torch_path_matches_the_reference():
     x, w13, w2, weights, ids = make(11, 8, 2, 32, 16, torch.float32, seed=3, skew=True)
     _check(M.torch_fused_moe(x, w13, w2, weights, ids), reference(x, w13, w2, weights, ids), torch.float32)

@@ -178,6 +178,8 @@ def triton_fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     from vllm_engine.layers import fused_ops
 
     num_tokens, top_k = topk_ids.shape
+    if num_tokens == 0:
+        return torch.zeros_like(x)
     config = config or moe_config(num_tokens)
     x = x.contiguous()
     sorted_ids, block_expert, num_padded = align_by_expert(topk_ids, w13.shape[0], config[0])
