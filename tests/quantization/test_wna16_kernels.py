@@ -140,3 +140,34 @@ def test_picker_keeps_the_fastest_config_per_shape():
         picker = k.WNA16Picker(timer=timer)
         picker._decide(("key",), torch.zeros(rows, 128), w, None)
         assert picker.decisions[("key",)][0] == want and len(timed) == len(names)
+
+
+@pytest.mark.parametrize("layout", ["runs", "g_idx"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_folded_norm_and_activation_gemv(layout, rows):
+    """The residual add + RMSNorm, and SiLU-and-mul, folded into the quantized GEMV, against float64."""
+    from vllm_engine.quantization.kernels.wna16_fused import wna16_add_norm_gemv, wna16_silu_mul_gemv
+
+    w, ref = random_weight(256, 96, 4, 32, True, layout)
+    gen = torch.Generator().manual_seed(rows)
+    x, r = (torch.randn(rows, 256, generator=gen, dtype=torch.float64) for _ in range(2))
+    g = 1 + 0.1 * torch.randn(256, generator=gen, dtype=torch.float64)
+    bias = torch.randn(96, generator=gen, dtype=torch.float64)
+    s = x + r
+    h = s / torch.sqrt((s * s).mean(-1, keepdim=True) + 1e-6) * g
+    dev = lambda t: t.float().to(DEVICE)  # noqa: E731
+    y, res = wna16_add_norm_gemv(dev(x), dev(r), dev(g), 1e-6, w, dev(bias), config=(32, 64, 4, 2))
+    torch.testing.assert_close(res.double().cpu(), s, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y.double().cpu(), h @ ref + bias, rtol=1e-4, atol=1e-4)
+    gate_up = torch.randn(rows, 512, generator=gen, dtype=torch.float64)
+    act = torch.nn.functional.silu(gate_up[:, :256]) * gate_up[:, 256:]
+    y = wna16_silu_mul_gemv(dev(gate_up), w, None, config=(32, 64, 4, 2))
+    torch.testing.assert_close(y.double().cpu(), act @ ref, rtol=1e-4, atol=1e-4)
+
+
+def test_folding_refuses_permuted_inputs():
+    from vllm_engine.quantization.kernels.wna16_fused import wna16_silu_mul_gemv
+
+    w, _ = random_weight(128, 32, 4, 32, False, "perm")
+    with pytest.raises(ValueError, match="permuted input columns"):
+        wna16_silu_mul_gemv(torch.zeros(1, 256, device=DEVICE), w)

@@ -2,7 +2,8 @@
 loading: each unpacks its checkpoint tensors to integers and calls ``WNA16LinearMethodBase.finish``,
 which repacks them into the kernels' layout (kernels/wna16.py) and sets ``layer.wna16``; ``apply``
 multiplies by it: the Triton kernels (through the measured ``WNA16Picker``) on CUDA, the torch
-dequantize-and-matmul elsewhere.
+dequantize-and-matmul elsewhere. On CUDA ``apply_add_norm`` / ``apply_act`` may fold the norm or the
+SiLU-and-mul before the product into the GEMV (kernels/wna16_fused.py), where measured faster.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vllm_engine import envs
+from vllm_engine.layers.activation import SiluAndMul
+from vllm_engine.layers.layernorm import RMSNorm
 from vllm_engine.quantization.base import LinearMethodBase
 from vllm_engine.quantization.kernels.wna16 import WNA16Picker, WNA16Weight, dequant_linear
 from vllm_engine.quantization.utils import layer_name, pack_int32, replace_parameter
@@ -35,6 +39,20 @@ class WNA16LinearMethodBase(LinearMethodBase):
         if self.picker is not None and x.is_cuda:
             return self.picker(x, layer.wna16, bias)
         return dequant_linear(x, layer.wna16, bias)
+
+    def apply_add_norm(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
+                       bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """On CUDA the RMSNorm may be folded into the GEMV (the picker measures it; ``VLLM_ENGINE_FOLD=0``: never)."""
+        if self.picker is not None and x.is_cuda and envs.fold_enabled() and type(norm) is RMSNorm:
+            return self.picker.add_norm_linear(x, residual, norm.weight, norm.variance_epsilon, layer.wna16, bias)
+        return super().apply_add_norm(layer, x, residual, norm, bias)
+
+    def apply_act(self, layer: nn.Module, x: torch.Tensor, act_fn: nn.Module,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """On CUDA SiLU-and-mul may be folded into the GEMV, as ``apply_add_norm`` folds the norm."""
+        if self.picker is not None and x.is_cuda and envs.fold_enabled() and type(act_fn) is SiluAndMul:
+            return self.picker.silu_mul_linear(x, layer.wna16, bias)
+        return super().apply_act(layer, x, act_fn, bias)
 
     @staticmethod
     def finish(layer: nn.Module, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],

@@ -366,13 +366,61 @@ class WNA16Picker:
         return fn(x, w, bias)
 
     def _decide(self, key: tuple, x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor]) -> Callable:
-        candidates = self.candidates(x.shape[0])
-        times = {name: self.timer(lambda fn=fn: fn(x, w, bias), flush="read") for name, fn in candidates.items()}
+        return self._time(key, self.candidates(x.shape[0]), (x, w, bias))
+
+    def _time(self, key: tuple, candidates: dict[str, Callable], args: tuple) -> Callable:
+        """Times every candidate on ``args`` (L2 flushed by a read) and keeps the fastest for ``key``."""
+        times = {name: self.timer(lambda fn=fn: fn(*args), flush="read") for name, fn in candidates.items()}
         choice = min(times, key=times.get)
         self.decisions[key] = (choice, times)
         self._fns[key] = candidates[choice]
         logger.debug("wna16 %s: %s (%s)", key, choice, {k: f"{v * 1e6:.1f}us" for k, v in times.items()})
         return self._fns[key]
+
+    def add_norm_linear(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        w: WNA16Weight, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(linear(rms_norm(x + residual) * norm_weight), x + residual)``: the norm kernel then this
+        picker's product ("unfused"), or the norm folded into the GEMV (kernels/wna16_fused.py) where
+        that measured faster (1-4 rows on CUDA, weights without an input permutation)."""
+        from vllm_engine.layers import fused_ops
+        from vllm_engine.quantization.kernels.wna16_fused import wna16_add_norm_gemv
+
+        def unfused(x, residual, norm_weight, eps, w, bias):
+            h, res = fused_ops.fused_add_rms_norm(x, residual, norm_weight, eps)
+            return self(h, w, bias), res
+
+        return self._fused("add_norm", wna16_add_norm_gemv, unfused, x, residual, norm_weight, eps, w, bias)
+
+    def silu_mul_linear(self, x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``linear(silu(x[:, :K]) * x[:, K:])``, the activation folded into the GEMV where faster."""
+        from vllm_engine.layers import fused_ops
+        from vllm_engine.quantization.kernels.wna16_fused import wna16_silu_mul_gemv
+
+        def unfused(x, w, bias):
+            return self(fused_ops.silu_and_mul(x), w, bias)
+
+        return self._fused("silu_mul", wna16_silu_mul_gemv, unfused, x, w, bias)
+
+    def _fused(self, kind: str, kernel: Callable, unfused: Callable, x: torch.Tensor, *rest) -> object:
+        """``unfused(x, *rest)`` or ``kernel`` (its GEMV configs without split-K), whichever measured
+        faster for the key; ``rest`` ends with (weight, bias)."""
+        w, bias = rest[-2], rest[-1]
+        args = (x, *rest)
+        if triton is None or not x.is_cuda or not 0 < x.shape[0] <= GEMV_MAX_ROWS or w.perm is not None:
+            return unfused(*args)
+        key = (kind, _bucket(x.shape[0]), w.out_features, w.in_features, w.bits, w.group_size, w.zeros is not None,
+               w.g_idx is not None, w.mins is not None, w.lut is not None, x.dtype, bias is not None)
+        fn = self._fns.get(key)
+        if fn is None:
+            if torch.cuda.is_current_stream_capturing():
+                return unfused(*args)
+            unfused(*args)  # the product's own decision first: "unfused" then times the picked kernel
+            candidates = {"unfused": unfused}
+            for c in GEMV_CONFIGS:
+                if len(c) == 4:
+                    candidates[f"{kind} gemv %dx%d w%d s%d" % c] = functools.partial(kernel, config=c)
+            fn = self._time(key, candidates, args)
+        return fn(*args)
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
