@@ -82,6 +82,14 @@ def test_align_by_expert_groups_pairs_in_padded_runs():
         pairs = pairs[pairs < flat.numel()]
         assert len(pairs) > 0 and (flat[pairs.long()] == block_expert[tile]).all()
     assert (sorted_ids[n:] == flat.numel()).all()
+    assert sorted_ids.numel() == 4 * (3 + 5)  # cdiv(10 pairs, 4) + min(5 experts, 10 pairs) tiles
+
+
+def test_capacity_holds_the_worst_routing():
+    """Every pair alone on its expert (the most partial tiles) still fits."""
+    ids = torch.arange(12).view(6, 2)
+    sorted_ids, _, num_padded = M.align_by_expert(ids, num_experts=12, block_m=16)
+    assert int(num_padded) == 12 * 16 == sorted_ids.numel() - 16
 
 
 def test_select_experts_softmax_top_k_and_renormalize():
