@@ -212,6 +212,10 @@ class AsyncEngine:
         """Fresh engine stats, taken on the loop thread."""
         return await asyncio.wrap_future(self._submit("stats", ()))
 
+    async def snapshot(self) -> dict:
+        """``Engine.snapshot()`` (queues, request progress, KV block map), taken on the loop thread between steps."""
+        return await asyncio.wrap_future(self._submit("snapshot", ()))
+
     # ---- event-loop side helpers ----------------------------------------------------------------------
     def _submit(self, kind: str, args: tuple) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -313,6 +317,8 @@ class AsyncEngine:
                             self.stat_logger.on_abort(rid, time.time())
                 elif cmd.kind == "stats":
                     result = self.engine.get_stats()
+                elif cmd.kind == "snapshot":
+                    result = self.engine.snapshot()
                 else:  # pragma: no cover
                     raise AssertionError(cmd.kind)
             except (ValueError, QueueFullError) as e:  # the caller's fault (or a full queue): not a crash
@@ -320,6 +326,11 @@ class AsyncEngine:
                     cmd.future.set_exception(e)
                 continue
             except Exception as e:  # noqa: BLE001
+                if cmd.kind == "snapshot":  # a read for the dashboard: its failure is the reader's, not the engine's
+                    logger.exception("engine snapshot failed")
+                    if cmd.future is not None:
+                        cmd.future.set_exception(e)
+                    continue
                 if cmd.kind != "add":
                     raise  # an abort or a stats read that fails means broken shared state
                 # Engine.add_request undoes a request it could not accept: only this caller fails.

@@ -454,6 +454,13 @@ class Engine:
         self.step_profile = []
         return self.step_profile
 
+    def snapshot(self) -> dict:
+        """Read-only view of the queues, each request's progress and the KV block map (``Scheduler.snapshot``,
+        plus the engine's token totals); call it between steps (the AsyncEngine's loop thread does)."""
+        return {**self.scheduler.snapshot(), "model": self.served_model_name,
+                "num_prompt_tokens_total": self.output_processor.num_prompt_tokens_total,
+                "num_generation_tokens_total": self.output_processor.num_generation_tokens_total}
+
     def get_stats(self) -> EngineStats:
         s = self.scheduler.get_stats()
         return EngineStats(

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vllm_engine import envs
 from vllm_engine.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestTimeoutError
 from vllm_engine.serving import openapi as oas
+from vllm_engine.serving.dashboard import DASHBOARD_PATHS, add_dashboard
 from vllm_engine.sampling_params import SamplingParamsError, StructuredOutputsParams
 from vllm_engine.serving.metrics import ServerMetrics
 from vllm_engine.serving.protocol import (
@@ -272,14 +273,14 @@ async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[
 
 
 class APIKeyMiddleware:
-    """Bearer-token check on every route except /health and /metrics (pure ASGI, so streaming
+    """Bearer-token check on every route except /health, /metrics and the dashboard (pure ASGI, so streaming
     responses and disconnect detection pass through untouched).
 
     ``Authorization: Bearer KEY``: the scheme is case-insensitive (RFC 7235: ``bearer KEY`` works
     too); the key is compared in constant time.
     """
 
-    OPEN_PATHS = oas.OPEN_PATHS
+    OPEN_PATHS = oas.OPEN_PATHS + DASHBOARD_PATHS
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
@@ -426,6 +427,7 @@ def create_app(async_engine: AsyncEngine, chat_template: Optional[str] = None, a
         """Answers a conversation through the chat template; streams with `"stream": true`."""
         return await create_chat_completion(ctx, await _parse(raw_request, ChatCompletionRequest), raw_request)
 
+    add_dashboard(app, async_engine, metrics)
     oas.install_openapi(app, api_key=bool(api_key))
     return app
 
