@@ -43,7 +43,8 @@ def quantized_weights(n: int, k: int) -> dict:
     """Random weights of one [N, K] layer in each format: {method: (fn(x) -> y, bytes)}."""
     from vllm_engine.quantization.fp8 import fp8_linear, quantize_weight_per_channel
     from vllm_engine.quantization.kernels.fp8_block import fp8_block_linear
-    from vllm_engine.quantization.kernels.wna16 import WNA16Picker, WNA16Weight
+    from vllm_engine.quantization.kernels.wna16 import WNA16Weight
+    from vllm_engine.quantization.kernels.wna16_picker import WNA16Picker
     from vllm_engine.quantization.utils import pack_int32
 
     dev = torch.device("cuda")

@@ -18,7 +18,8 @@ LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "d
 @pytest.mark.parametrize("layer", sorted(LLAMA_8B))
 @pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, False)])
 def test_wna16_at_llama_8b_shapes(layer, bits, act_order):
-    from vllm_engine.quantization.kernels.wna16 import WNA16Picker, WNA16Weight
+    from vllm_engine.quantization.kernels.wna16 import WNA16Weight
+    from vllm_engine.quantization.kernels.wna16_picker import WNA16Picker
     from vllm_engine.quantization.utils import pack_int32
 
     n, k = LLAMA_8B[layer]

@@ -10,6 +10,7 @@ from tests.quantization.test_gptq import CPU, model_config
 from vllm_engine.attention.torch_ref import TorchAttentionBackend
 from vllm_engine.model_loader import get_model
 from vllm_engine.quantization.kernels import wna16 as k
+from vllm_engine.quantization.kernels.wna16_picker import WNA16Picker
 from vllm_engine.quantization.utils import pack_int32, unpack_int32
 
 pytest.importorskip("triton")
@@ -131,13 +132,13 @@ def test_picker_keeps_the_fastest_config_per_shape():
     w, _ = random_weight(128, 64, 4, 32, False, "runs")
     fastest = {"gemv 128x64 w4 s3", "dequant+cublas"}
     for rows, want in ((1, "gemv 128x64 w4 s3"), (64, "dequant+cublas")):
-        names, timed = list(k.WNA16Picker.candidates(rows)), []
+        names, timed = list(WNA16Picker.candidates(rows)), []
 
         def timer(fn, flush):
             timed.append(fn)
             return 0.5 if names[len(timed) - 1] in fastest else 1.0
 
-        picker = k.WNA16Picker(timer=timer)
+        picker = WNA16Picker(timer=timer)
         picker._decide(("key",), torch.zeros(rows, 128), w, None)
         assert picker.decisions[("key",)][0] == want and len(timed) == len(names)
 

@@ -17,7 +17,8 @@ from vllm_engine import envs
 from vllm_engine.layers.activation import SiluAndMul
 from vllm_engine.layers.layernorm import RMSNorm
 from vllm_engine.quantization.base import LinearMethodBase
-from vllm_engine.quantization.kernels.wna16 import WNA16Picker, WNA16Weight, dequant_linear
+from vllm_engine.quantization.kernels.wna16 import WNA16Weight, dequant_linear
+from vllm_engine.quantization.kernels.wna16_picker import WNA16Picker
 from vllm_engine.quantization.utils import layer_name, pack_int32, replace_parameter
 
 
