@@ -9,6 +9,8 @@ Two sources:
   on the engine loop thread, which sees every step's outputs. It also writes the one log line per
   finished request.
 
+GPU memory and utilisation gauges come from ``gpu_metrics.GPUCollector`` (NVML when installed).
+
 Each ServerMetrics has its own CollectorRegistry, so several servers can live in one process (tests).
 """
 
@@ -22,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from vllm_engine.outputs import RequestOutput
+from vllm_engine.serving.gpu_metrics import GPUCollector
 
 logger = logging.getLogger("vllm_engine.serving.requests")
 
@@ -86,6 +89,7 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_EngineStatsCollector(model_name, get_stats))
+        self.registry.register(GPUCollector(model_name))
         r, lab = self.registry, ["model_name"]
 
         def hist(name: str, doc: str, buckets: tuple) -> Histogram:
