@@ -78,6 +78,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: Optional[int] = None
     cpu_kv_cache_space_gib: float = 2.0  # KV cache size when running on the CPU
+    # The attention window all layers share (Mistral v0.1, Phi-3): blocks before it are freed.
+    sliding_window: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,8 @@ class EngineArgs:
             quantization=quantization,
             generation_config=dict(resolved.generation_config or {}),
         )
+        from vllm_engine.models.utils import uniform_sliding_window
+
         cache = CacheConfig(
             block_size=self.block_size,
             gpu_memory_utilization=self.gpu_memory_utilization,
@@ -327,6 +331,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             cpu_kv_cache_space_gib=self.cpu_kv_cache_space,
+            sliding_window=uniform_sliding_window(model.hf_config),
         )
         scheduler = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,

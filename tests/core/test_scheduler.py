@@ -32,10 +32,12 @@ def next_token(tokens: list[int], salt: int = 0) -> int:
     return 10 + acc % 50
 
 
-def reference(prompt: list[int], max_tokens: int, salt: int = 0) -> list[int]:
+def reference(prompt: list[int], max_tokens: int, salt: int = 0, window: Optional[int] = None) -> list[int]:
+    """``window``: the model sees only the last ``window`` tokens (sliding-window attention)."""
     out: list[int] = []
     while len(out) < max_tokens:
-        out.append(next_token(prompt + out, salt))
+        seq = prompt + out
+        out.append(next_token(seq[-window:] if window else seq, salt))
     return out
 
 
@@ -46,8 +48,9 @@ class FakeRunner:
     states and block-table rows from it (``worker/request_states.RequestStates``), appending the
     tokens it samples; every step checks them against the scheduler's own tables and tokens."""
 
-    def __init__(self, block_size: int = BS) -> None:
+    def __init__(self, block_size: int = BS, window: Optional[int] = None) -> None:
         self.bs = block_size
+        self.window = window  # sliding-window attention: the model reads only the last `window` positions
         self.gpu: dict[tuple[int, int], tuple[int, int]] = {}  # (block, slot) -> (position, token)
         self.cpu: dict[tuple[int, int], tuple[int, int]] = {}
         self.tokens_computed = 0
@@ -95,7 +98,7 @@ class FakeRunner:
                 sampled.append(None)
                 continue
             seen = []
-            for p in range(end):
+            for p in range(max(0, end - self.window) if self.window else 0, end):
                 pos, tok = self.gpu.get((bt[p // bs], p % bs), (-1, -1))
                 seen.append(tok if pos == p else -1)
             sampled.append(next_token(seen, r.sample_index))
@@ -107,11 +110,11 @@ class FakeRunner:
 
 def make(num_blocks: int = 64, budget: int = 64, max_seqs: int = 16, policy: str = "fcfs", mode: str = "recompute",
          caching: bool = True, num_cpu_blocks: int = 0, max_model_len: int = 1024,
-         pipeline_depth: int = 1) -> Scheduler:
+         pipeline_depth: int = 1, sliding_window: Optional[int] = None) -> Scheduler:
     sc = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
                          policy=policy, preemption_mode=mode)
-    return Scheduler(sc, CacheConfig(block_size=BS, enable_prefix_caching=caching), num_blocks, num_cpu_blocks,
-                     pipeline_depth=pipeline_depth)
+    cache = CacheConfig(block_size=BS, enable_prefix_caching=caching, sliding_window=sliding_window)
+    return Scheduler(sc, cache, num_blocks, num_cpu_blocks, pipeline_depth=pipeline_depth)
 
 
 def req(rid: str, prompt: list[int], max_tokens: int = 8, priority: int = 0, arrival: Optional[float] = None,
@@ -507,6 +510,59 @@ def test_pipeline_keeps_two_disjoint_balanced_steps_in_flight(num_blocks, mode):
     assert s.kv_cache_manager.num_free_blocks == s.num_gpu_blocks
     if num_blocks == 14:
         assert s.num_preemptions_total > 0
+
+
+@pytest.mark.parametrize("mode, num_blocks", [("recompute", 64), ("recompute", 20), ("swap", 20)])
+def test_sliding_window_frees_the_blocks_out_of_the_window(mode, num_blocks):
+    """Window 10, blocks of 4: a request never holds more than the blocks its window and the step's
+    new tokens touch, however long it grows; what it freed stays in the prefix cache (a second
+    request with the same prompt hits it); outputs equal a model that sees the last 10 tokens, also
+    through chunked prompts, n > 1 forks and preemption (recompute or swap) with few blocks."""
+    window = 10
+    s = make(num_blocks=num_blocks, budget=16, mode=mode, num_cpu_blocks=64, sliding_window=window)
+    runner = FakeRunner(window=window)
+    rs = [req(str(i), p, max_tokens=30) for i, p in enumerate(prompts(4, 26))]
+    rs.append(req("fork", prompts(1, 12, seed=3)[0], max_tokens=20, n=2))
+    rs.append(Request("fork#1", rs[-1].prompt_token_ids, rs[-1].sampling_params, max_tokens=20,
+                      sample_index=1, fork_from=rs[-1]))
+    for r in rs:
+        s.add_request(r)
+    peak = 0
+    while s.has_unfinished_requests():
+        so, _ = step(s, runner)
+        kv = s.kv_cache_manager
+        for r in s.running:
+            held = kv.num_blocks_held(r)
+            # the window's keys (10, starting anywhere in a block: up to 4 blocks) + this step's new tokens
+            assert held <= cdiv_(window + 3, BS) + cdiv_(16, BS) + 1, (r.request_id, held)
+            peak = max(peak, held)
+    for r in rs:
+        assert r.output_token_ids == reference(r.prompt_token_ids, r.max_tokens, r.sample_index, window), r.request_id
+    assert s.kv_cache_manager.num_free_blocks == s.num_gpu_blocks
+    assert peak < cdiv_(26 + 2 + 30, BS)  # what one request would hold without the window
+    if num_blocks == 20:
+        assert s.num_preemptions_total > 0
+
+
+def test_blocks_freed_by_the_window_stay_in_the_prefix_cache():
+    window = 10
+    s, runner = make(num_blocks=64, budget=16, sliding_window=window), FakeRunner(window=window)
+    first = req("first", prompts(1, 26)[0], max_tokens=30)
+    s.add_request(first)
+    step(s, runner)
+    step(s, runner)  # the prompt's second chunk: its first blocks are out of the window now
+    assert s.kv_cache_manager.get_block_ids(first)[0] == 0 and s.kv_cache_manager.num_blocks_held(first) < 7
+    drain(s, runner)
+    again = req("again", first.prompt_token_ids, max_tokens=2)
+    s.add_request(again)
+    step(s, runner)
+    assert again.num_cached_tokens == 24  # every full prompt block, the freed ones too
+    drain(s, runner)
+    assert again.output_token_ids == reference(again.prompt_token_ids, 2, 0, window)
+
+
+def cdiv_(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 # ---- aborts, rejection, bookkeeping ---------------------------------------------------------------

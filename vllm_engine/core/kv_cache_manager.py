@@ -4,6 +4,12 @@ Every request that holds GPU blocks has a block table: ``blocks[i]`` holds the K
 positions ``[i * block_size, (i + 1) * block_size)``. The manager keeps both the block objects and
 the list of their ids (the list handed to the model runner, updated in place rather than rebuilt).
 No tensors here: the copies and swaps it decides are carried out by the model runner.
+
+Sliding window (every attention layer sees only the last ``sliding_window`` tokens: Mistral v0.1,
+Phi-3): a block whose tokens no future query can see goes back to the pool (into the prefix cache,
+if full and hashed) and its table entry becomes ``NULL_BLOCK``. The attention backends never read
+blocks before a query's window, so a request holds about window / block_size blocks however long
+it grows.
 """
 
 from __future__ import annotations
@@ -19,10 +25,22 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The table entry of a block freed because it fell out of the sliding window: never in the pool,
+# never read (its id 0 only keeps the workers' int tables valid).
+NULL_BLOCK = KVCacheBlock(0)
+
+
+def _real(blocks) -> list[KVCacheBlock]:
+    return [b for b in blocks if b is not NULL_BLOCK]
+
+
 class KVCacheManager:
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
-                 num_cpu_blocks: int = 0) -> None:
+                 num_cpu_blocks: int = 0, sliding_window: Optional[int] = None) -> None:
         self.block_size = block_size
+        self.sliding_window = sliding_window
+        # Per request: blocks [0, n) are out of the window (NULL_BLOCK in its table).
+        self.num_window_freed: dict[str, int] = {}
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_gpu_blocks, enable_caching)
         self.num_gpu_blocks = num_gpu_blocks
@@ -126,7 +144,8 @@ class KVCacheManager:
         start = self.num_cached_blocks.get(rid, 0)
         num_full = min(num_computed_tokens // self.block_size, len(blocks))
         for i in range(start, num_full):
-            self.pool.cache_full_block(blocks[i], self._block_hash(request, i))
+            if blocks[i] is not NULL_BLOCK:
+                self.pool.cache_full_block(blocks[i], self._block_hash(request, i))
         if num_full > start:
             self.num_cached_blocks[rid] = num_full
 
@@ -146,6 +165,8 @@ class KVCacheManager:
         rid = request.request_id
         bs = self.block_size
         blocks = self.req_blocks.get(rid)
+        if self.sliding_window is not None and blocks:
+            self._free_out_of_window(request, blocks)
         if computed_blocks is None and blocks:
             # Fast path (most decode steps): the tokens land in held blocks that no one else shares.
             start = request.num_computed_tokens
@@ -208,14 +229,33 @@ class KVCacheManager:
             self.changed_tables.add(rid)
         return new_ids
 
+    def _free_out_of_window(self, request: Request, blocks: list[KVCacheBlock]) -> None:
+        """Frees the blocks no query from ``num_computed_tokens`` on can see: keys before position
+        ``num_computed_tokens - sliding_window + 1``."""
+        rid = request.request_id
+        first_needed = max(0, request.num_computed_tokens - self.sliding_window + 1) // self.block_size
+        done = self.num_window_freed.get(rid, 0)
+        if first_needed <= done:
+            return
+        ids = self.req_block_ids[rid]
+        out = _real(blocks[done:first_needed])
+        for i in range(done, first_needed):
+            blocks[i] = NULL_BLOCK
+            ids[i] = NULL_BLOCK.block_id
+        self.pool.free_blocks(out)
+        self.num_window_freed[rid] = first_needed
+        self.changed_tables.add(rid)
+
     def fork(self, child: Request, parent: Request, num_tokens: int) -> None:
         """Gives ``child`` (holding no blocks) the parent's blocks covering its first ``num_tokens`` tokens,
         shared (ref_cnt + 1). Whoever of the two later writes into a shared block gets a copy first."""
         assert child.request_id not in self.req_blocks, "fork into a request that already holds blocks"
         shared = self.req_blocks[parent.request_id][:cdiv(num_tokens, self.block_size)]
-        self.pool.touch(shared)
+        self.pool.touch(_real(shared))
         self.req_blocks[child.request_id] = shared
         self.req_block_ids[child.request_id] = [b.block_id for b in shared]
+        if parent.request_id in self.num_window_freed:  # the NULL_BLOCK entries lead the table
+            self.num_window_freed[child.request_id] = min(len(shared), self.num_window_freed[parent.request_id])
         # The parent already offered its full blocks to the prefix cache.
         self.num_cached_blocks[child.request_id] = num_tokens // self.block_size
 
@@ -225,7 +265,9 @@ class KVCacheManager:
         blocks = self.req_blocks.pop(rid, None)
         self.req_block_ids.pop(rid, None)
         self.num_cached_blocks.pop(rid, None)
+        self.num_window_freed.pop(rid, None)
         if blocks:
+            blocks = _real(blocks)
             if self.pending_copies:
                 # A copy into a block freed in the same step would land after the block's next owner's swap-in.
                 mine = {b.block_id for b in blocks}
@@ -240,7 +282,7 @@ class KVCacheManager:
         return self.req_block_ids.get(request.request_id, [])
 
     def num_blocks_held(self, request: Request) -> int:
-        return len(self.req_blocks.get(request.request_id, ()))
+        return len(_real(self.req_blocks.get(request.request_id, ())))
 
     # ---- swap --------------------------------------------------------------------------------
     def swap_out(self, request: Request) -> Optional[list[tuple[int, int]]]:
@@ -252,29 +294,39 @@ class KVCacheManager:
         if rid in self.swap_ins_now:
             # Swapped in earlier in this same step: its GPU blocks are not filled yet (swap-outs run
             # first), but its CPU copy is intact. Cancel the swap-in instead of copying anything.
-            cpu = [c for c, _ in self.swap_ins_now.pop(rid)]
+            window_freed = self.num_window_freed.get(rid)
+            # Out-of-window entries lead the table; new blocks allocated after the swap-in are dropped.
+            cpu = [None] * (window_freed or 0) + [c for c, _ in self.swap_ins_now.pop(rid)]
             self.free(request)
             self.swapped_blocks[rid] = cpu
+            if window_freed is not None:
+                self.num_window_freed[rid] = window_freed
             return []
         blocks = self.req_blocks.get(rid, [])
         num_valid = min(len(blocks), cdiv(request.num_computed_tokens, self.block_size))
-        if num_valid > len(self.cpu_free):
+        if len(_real(blocks[:num_valid])) > len(self.cpu_free):
             return None
         # A copy-on-write copy queued this step has not happened yet when swap-outs run: read its source.
         pending_src = {d: s for s, d in self.pending_copies}
         mapping = []
-        cpu = []
+        cpu: list[Optional[int]] = []  # None: out of the sliding window, nothing to keep
         for b in blocks[:num_valid]:
+            if b is NULL_BLOCK:
+                cpu.append(None)
+                continue
             c = self.cpu_free.pop()
             cpu.append(c)
             mapping.append((pending_src.get(b.block_id, b.block_id), c))
+        window_freed = self.num_window_freed.get(rid)
         self.free(request)
         self.swapped_blocks[rid] = cpu
+        if window_freed is not None:
+            self.num_window_freed[rid] = window_freed
         return mapping
 
     def can_swap_in(self, request: Request, num_new_tokens: int = 0) -> bool:
         """Whether swap_in and then allocate_slots(request, num_new_tokens) would both succeed now."""
-        num_cpu = len(self.swapped_blocks.get(request.request_id, ()))
+        num_cpu = len(self.swapped_blocks.get(request.request_id, ()))  # with out-of-window entries: an upper bound
         needed = max(num_cpu, cdiv(request.num_computed_tokens + num_new_tokens, self.block_size))
         return needed <= self.pool.num_free_blocks
 
@@ -283,14 +335,16 @@ class KVCacheManager:
         rid = request.request_id
         cpu = self.swapped_blocks.get(rid)
         assert cpu is not None, f"{request} is not swapped out"
-        if len(cpu) > self.pool.num_free_blocks:
+        kept = [c for c in cpu if c is not None]
+        if len(kept) > self.pool.num_free_blocks:
             return None
         del self.swapped_blocks[rid]
-        gpu = self.pool.get_new_blocks(len(cpu))
+        fresh = iter(self.pool.get_new_blocks(len(kept)))
+        gpu = [NULL_BLOCK if c is None else next(fresh) for c in cpu]
         self.req_blocks[rid] = gpu
         self.req_block_ids[rid] = [b.block_id for b in gpu]
         self.num_cached_blocks[rid] = 0
-        pairs = [(c, g.block_id) for c, g in zip(cpu, gpu)]
+        pairs = [(c, g.block_id) for c, g in zip(cpu, gpu) if c is not None]
         self.swap_ins_now[rid] = pairs
         return pairs
 
@@ -304,6 +358,7 @@ class KVCacheManager:
         holders: Counter[int] = Counter()
         for rid, blocks in self.req_blocks.items():
             assert [b.block_id for b in blocks] == self.req_block_ids[rid], f"{rid}: block ids out of sync"
+            blocks = _real(blocks)
             assert len(set(b.block_id for b in blocks)) == len(blocks), f"{rid} holds a block twice"
             holders.update(b.block_id for b in blocks)
         for b in self.pool.blocks:
@@ -311,6 +366,6 @@ class KVCacheManager:
                 f"block {b.block_id}: ref_cnt {b.ref_cnt} but held by {holders[b.block_id]} requests")
         cpu_ids = list(self.cpu_free) + [c for pairs in self.swap_ins_now.values() for c, _ in pairs]
         for ids in self.swapped_blocks.values():
-            cpu_ids.extend(ids)
+            cpu_ids.extend(c for c in ids if c is not None)
         assert sorted(cpu_ids) == list(range(self.num_cpu_blocks)), "CPU swap blocks leaked or double counted"
         assert not set(self.swapped_blocks) & set(self.req_blocks), "a request both on GPU and swapped out"

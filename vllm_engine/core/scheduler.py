@@ -137,7 +137,8 @@ class Scheduler:
         self.block_size = cache_config.block_size
         self.num_gpu_blocks = num_gpu_blocks
         self.kv_cache_manager = KVCacheManager(num_gpu_blocks, cache_config.block_size,
-                                               cache_config.enable_prefix_caching, num_cpu_blocks)
+                                               cache_config.enable_prefix_caching, num_cpu_blocks,
+                                               cache_config.sliding_window)
         self.priority_policy = scheduler_config.policy == "priority"
         self.swap_mode = scheduler_config.preemption_mode == "swap"
         self.requests: dict[str, Request] = {}
@@ -683,7 +684,7 @@ class Scheduler:
                 assert self.requests.get(r.request_id) is r, f"{r} in {name} but unknown"
                 seen.add(r.request_id)
                 if name == "running":
-                    held = kv.num_blocks_held(r) * self.block_size
+                    held = len(kv.get_block_ids(r)) * self.block_size  # table entries (freed by a window too)
                     assert held >= r.num_computed_tokens, f"{r}: blocks cover only {held} tokens"
                 elif name == "waiting":
                     assert kv.num_blocks_held(r) == 0 and r.request_id not in kv.swapped_blocks, f"{r} holds blocks"

@@ -34,6 +34,13 @@ def layer_sliding_window(config: Any, layer_idx: int) -> Optional[int]:
     return window
 
 
+def uniform_sliding_window(config: Any) -> Optional[int]:
+    """The window every attention layer shares, or None (full attention somewhere, e.g. Gemma 2's
+    global layers): only then may the KV cache free the blocks that fell out of the window."""
+    windows = {layer_sliding_window(config, i) for i in range(config.num_hidden_layers)}
+    return windows.pop() if len(windows) == 1 else None
+
+
 def missing_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Name prefixes of the model's ``PPMissingLayer`` s (``"model.layers.7."``...)."""
     return tuple(name + "." for name, m in model.named_modules() if isinstance(m, PPMissingLayer))
