@@ -50,9 +50,9 @@ def test_paged_logits_match_hf(variant, family_dir, paged_vs_hf):
     paged_logits_match_hf(family_dir(variant), paged_vs_hf)
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "neox"])
-def test_engine_greedy_matches_hf(variant, family_dir):
-    stats = engine_greedy_matches_hf(family_dir(variant))
+def test_engine_greedy_matches_hf(family_dir):
+    """GPT-2 (no rotary: the backend writes K/V) through the whole engine; NeoX's path is Llama's."""
+    stats = engine_greedy_matches_hf(family_dir("gpt2"))
     assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0
 
 
