@@ -4,7 +4,6 @@ attention, experts): the logits and greedy tokens of one process and of HF trans
 
 from __future__ import annotations
 
-
 from tests.models.family_helpers import tiny_checkpoint
 from tests.models.test_families_gpu import _config
 
