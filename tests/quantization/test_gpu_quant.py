@@ -76,3 +76,19 @@ def test_gptq_engine_on_gpu_matches_hf(enforce_eager, case, gptq_checkpoint, flo
     for prompt_ids, out in zip(ids, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt_ids, 10)[0]
     engine.shutdown()
+
+
+def test_smollm2_gguf_kept_quantized_on_gpu(smollm2_gguf):
+    """The SmolLM2 Q4_1 GGUF kept quantized (the W4A16 kernels with scales and mins, float32) gives the
+    dequantize-at-load path's greedy tokens on the GPU, with CUDA graphs."""
+    from tests.models.test_smollm2_gguf import PROMPTS
+    from vllm_engine import Engine, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    tokens = {}
+    for quantization in (None, "gguf"):
+        engine = Engine(model=str(smollm2_gguf), quantization=quantization, dtype="float32", device="cuda",
+                        max_model_len=256)
+        tokens[quantization] = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params, use_tqdm=False)]
+        engine.shutdown()
+    assert tokens["gguf"] == tokens[None]
