@@ -17,7 +17,7 @@ FAMILIES = ["gemma", "gemma2", "gemma3", "phi3", "gpt2", "neox", "mixtral", "qwe
             "deepseek_v3"]
 
 
-def _config(family: str, tiny):
+def tiny_family_config(family: str, tiny):
     from tests.models import test_deepseek, test_gemma, test_gpt2_neox, test_moe, test_phi3
 
     if family.startswith("gemma"):
@@ -35,7 +35,7 @@ def _config(family: str, tiny):
 def family_dir(tiny_model_dir, tmp_path_factory):
     def make(family: str):
         tiny = tiny_model_dir("llama")
-        config, center = _config(family, tiny)
+        config, center = tiny_family_config(family, tiny)
         return tiny_checkpoint(config, tmp_path_factory.mktemp(family), tiny, norm_center=center)
 
     return make

@@ -5,7 +5,7 @@ attention, experts): the logits and greedy tokens of one process and of HF trans
 from __future__ import annotations
 
 from tests.models.family_helpers import tiny_checkpoint
-from tests.models.test_families_gpu import _config
+from tests.models.test_families_gpu import tiny_family_config
 
 
 def test_pp2_matches_one_stage_and_hf(tiny_model_dir, tmp_path):
@@ -15,7 +15,7 @@ def test_pp2_matches_one_stage_and_hf(tiny_model_dir, tmp_path):
     tiny = tiny_model_dir("llama")
     jobs = []
     for family in families:
-        config, center = _config(family, tiny)
+        config, center = tiny_family_config(family, tiny)
         jobs.append((family, str(tiny_checkpoint(config, tmp_path / family, tiny, norm_center=center)), "auto"))
     got = run_parallel(tmp_path, tp=1, pp=2, jobs=jobs)
     for name, path, fmt in jobs:

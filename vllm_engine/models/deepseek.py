@@ -38,7 +38,7 @@ from vllm_engine.layers.linear import ColumnParallelLinear, ReplicatedLinear, Ro
 from vllm_engine.layers.rotary import RotaryEmbedding, apply_rotary, rope_params, yarn_mscale
 from vllm_engine.layers.utils import default_weight_loader, set_weight_attrs
 from vllm_engine.layers.vocab_parallel_embedding import VocabParallelEmbedding
-from vllm_engine.models.moe import DenseMLP, MoECausalLM, _check_silu
+from vllm_engine.models.moe import DenseMLP, MoECausalLM, check_silu
 from vllm_engine.models.utils import PPMissingLayer
 from vllm_engine.quantization.base import QuantizationConfig
 from vllm_engine.quantization.unquantized import UnquantizedConfig
@@ -209,7 +209,7 @@ class DeepseekModel(nn.Module):
     def __init__(self, config: Any, attn_backend: AttentionBackend, max_position: int, dtype: torch.dtype,
                  quant_config: Optional[QuantizationConfig], prefix: str = "model") -> None:
         super().__init__()
-        _check_silu(config)
+        check_silu(config)
         if quant_config is not None and not isinstance(quant_config, UnquantizedConfig):
             raise ValueError(f"Unsupported quantization_config {quant_config.get_name()!r} for DeepSeek: the "
                              "latent attention reads kv_b_proj's weight directly and the experts are unquantized.")

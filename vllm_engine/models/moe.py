@@ -48,7 +48,8 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _check_silu(config: Any) -> None:
+def check_silu(config: Any) -> None:
+    """ValueError naming hidden_act unless it is SiLU (the experts' and dense MLPs' activation)."""
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"Unsupported hidden_act {act!r}: the MoE models support silu.")
@@ -165,12 +166,10 @@ def _feed_forward(config: Any, layer_idx: int, dtype: torch.dtype, quant_config:
 class MoEModel(nn.Module):
     """This pipeline stage's layers [start_layer, end_layer), as ``LlamaModel``."""
 
-    mlp_name: ClassVar[str] = "mlp"
-
     def __init__(self, config: Any, attn_backend: AttentionBackend, max_position: int, dtype: torch.dtype,
                  quant_config: Optional[QuantizationConfig], prefix: str = "model") -> None:
         super().__init__()
-        _check_silu(config)
+        check_silu(config)
         if quant_config is not None and not isinstance(quant_config, UnquantizedConfig):
             raise ValueError(f"Unsupported quantization_config {quant_config.get_name()!r} for a mixture of "
                              "experts: the experts are unquantized only.")
