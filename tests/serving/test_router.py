@@ -146,6 +146,15 @@ def test_models_and_metrics_cover_every_replica(router, replicas):
     assert len(names) == len(set(names))  # each family once, its samples from every replica together
 
 
+def test_tokenize_goes_to_a_replica_of_the_model(router, replicas):
+    r = httpx.post(f"{router.url}/tokenize", json={"model": "tiny-b", "prompt": "Hello"})
+    assert r.status_code == 200 and r.headers[REPLICA_HEADER] == replicas[2].url and r.json()["count"] > 0
+    d = httpx.post(f"{router.url}/detokenize", json={"model": "tiny", "tokens": r.json()["tokens"]})
+    assert d.status_code == 200 and d.json()["prompt"].endswith("Hello")
+    status = httpx.get(f"{router.url}/router/replicas").json()["replicas"]
+    assert all(s["outstanding_tokens"] == 0 and s["in_flight"] == 0 for s in status)
+
+
 def test_bad_requests_are_400s_in_openais_shape(router):
     r = httpx.post(f"{router.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}

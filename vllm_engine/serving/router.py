@@ -3,7 +3,7 @@
     app = create_router_app(["http://127.0.0.1:8001", "http://127.0.0.1:8002"])
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routing of POST /v1/completions and /v1/chat/completions, in order:
+Routing of POST /v1/completions and /v1/chat/completions (and /tokenize, /detokenize, by model only), in order:
 
 1. by ``model``: only healthy replicas serving it (404 ``model_not_found`` if none serves it, 503 if
    none of those is healthy); a request without ``model`` may go to any replica;
@@ -95,7 +95,7 @@ class Replica:
 def prompt_text(path: str, body: dict) -> str:
     """The request's prompt as text, for prefix hashing: a completion's (first) prompt, token ids as
     text, or a chat's messages rendered role by role."""
-    if path == "/v1/chat/completions":
+    if "messages" in body:  # a chat, or /tokenize of messages
         parts = []
         for m in body.get("messages") or []:
             if not isinstance(m, dict):
@@ -126,6 +126,8 @@ def prefix_hashes(model: Optional[str], text: str) -> list[bytes]:
 
 def estimate_tokens(path: str, body: dict, text: str) -> int:
     """Outstanding-token estimate of a request: prompt characters / 4 plus its maximum output, per sample."""
+    if path not in DEFAULT_MAX_TOKENS:  # /tokenize, /detokenize: no engine work
+        return 0
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS[path]
     n = body.get("n") or 1
     prompts = body.get("prompt")
@@ -424,7 +426,7 @@ async def proxy(router: Router, path: str, body: bytes, request_headers: Any) ->
             attempt.release()
             raise
         replica.routed[reason] += 1
-        if resp.status_code < 400:
+        if resp.status_code < 400 and path in DEFAULT_MAX_TOKENS:  # its prefix is cached there now
             router.remember(hashes, replica)
         if not isinstance(resp, _RelayResponse):
             attempt.release()
@@ -482,6 +484,13 @@ def create_router_app(backends: Iterable[str], *, api_key: Optional[str] = None,
         body = await raw_request.body()
         return await run_until_disconnect(raw_request, proxy(router, "/v1/chat/completions", body,
                                                              raw_request.headers))
+
+    async def tokenizer_route(raw_request: Request) -> Response:
+        body = await raw_request.body()
+        return await proxy(router, raw_request.url.path, body, raw_request.headers)
+
+    app.add_api_route("/tokenize", tokenizer_route, methods=["POST"], response_model=None)
+    app.add_api_route("/detokenize", tokenizer_route, methods=["POST"], response_model=None)
 
     @app.get("/v1/models")
     async def models() -> dict:
