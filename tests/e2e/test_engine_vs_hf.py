@@ -92,7 +92,8 @@ def test_same_tokens_under_every_regime(model_and_reference, kw):
     engine = Engine(model=str(path), dtype="float32", max_model_len=256, seed=0, **kw)
     outs = engine.generate(PROMPTS, _greedy(), use_tqdm=False)
     assert [o.token_ids for o in outs] == [r[0] for r in ref]
-    if "num_gpu_blocks_override" in kw:
+    if "num_gpu_blocks_override" in kw and engine.config.cache.sliding_window is None:
+        # (Mistral's window of 16 frees old blocks: its requests fit where the others' cannot.)
         assert engine.get_stats().num_preemptions_total > 0, "the tiny cache should have forced preemption"
     engine.scheduler.check_integrity()
     stats = engine.get_stats()
