@@ -129,6 +129,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     device: DeviceConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: Optional[Any] = None  # spec_decode.SpeculativeConfig, None: off
 
 
 def _arg(help: str, flag: Optional[str] = None, **kw) -> Any:
@@ -178,6 +179,11 @@ class EngineArgs:
     distributed_executor_backend: Optional[str] = field(default=None, metadata=_arg(
         "uni (this process), mp (one process per rank) or torchrun (started by torchrun); default: uni for "
         "one rank, torchrun under torchrun, else mp.", choices=["uni", "mp", "torchrun"]))
+
+    speculative_config: Optional[Any] = field(default=None, metadata=_arg(
+        "Speculative decoding as vLLM's JSON, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+        "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (docs/speculative_decoding.md).",
+        flag="--speculative-config"))
 
     # ---- CLI ----------------------------------------------------------------------------------
     @classmethod
@@ -289,6 +295,20 @@ class EngineArgs:
             get_quant_config(hf_config, device, name)
         return name
 
+    def _speculative(self, parallel: ParallelConfig) -> Optional[Any]:
+        """The checked SpeculativeConfig (None: off), and what this engine serves of it."""
+        from vllm_engine.spec_decode import SpeculativeConfig
+
+        spec = SpeculativeConfig.from_user(self.speculative_config)
+        if spec is None:
+            return None
+        if not spec.is_ngram:
+            raise ValueError(f"speculative_config.method {spec.method!r} is not served yet: only 'ngram' "
+                             "(docs/speculative_decoding.md).")
+        if parallel.pipeline_parallel_size > 1:
+            raise ValueError("speculative_config cannot be combined with pipeline_parallel_size > 1 yet.")
+        return spec
+
     def create_engine_config(self) -> EngineConfig:
         from vllm_engine.model_loader.resolve import resolve_model
 
@@ -346,5 +366,6 @@ class EngineArgs:
                            attention_backend=self.attention_backend,
                            async_scheduling=(device.type == "cuda" if self.async_scheduling is None
                                              else bool(self.async_scheduling)))
-        return EngineConfig(model=model, cache=cache, scheduler=scheduler, device=dev,
-                            parallel=self._parallel(hf_config))
+        parallel = self._parallel(hf_config)
+        return EngineConfig(model=model, cache=cache, scheduler=scheduler, device=dev, parallel=parallel,
+                            speculative=self._speculative(parallel))

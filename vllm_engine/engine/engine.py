@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from vllm_engine.config import EngineArgs, EngineConfig
-from vllm_engine.core.scheduler import Scheduler
+from vllm_engine.core.scheduler import Scheduler, SpecDecodeStats
 from vllm_engine.engine.output_processor import OutputProcessor
-from vllm_engine.engine.request import Request, RequestStatus
+from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID, Request, RequestStatus
 from vllm_engine.executor import Executor
 from vllm_engine.outputs import RequestOutput
 from vllm_engine.sampling_params import SamplingParams, SamplingParamsError
@@ -58,6 +58,7 @@ class EngineStats:
     num_swaps_total: int
     num_prompt_tokens_total: int
     num_generation_tokens_total: int
+    spec_decode: Optional[SpecDecodeStats] = None  # speculative decoding counters (None: off)
 
 
 class Engine:
@@ -98,6 +99,14 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_gpu_blocks, num_cpu_blocks,
                                    pipeline_depth=self.pipeline_depth)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.spec_config = config.speculative
+        self.proposer = None  # spec_decode.NgramProposer when speculative decoding is on
+        if self.spec_config is not None:
+            from vllm_engine.spec_decode.ngram import NgramProposer
+
+            spec = self.spec_config
+            self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+            self.scheduler.spec_stats = SpecDecodeStats()
         self._structured_output = None  # StructuredOutputManager, made by the first constrained request
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
         self._ids = itertools.count()
@@ -320,6 +329,8 @@ class Engine:
             return self._step_overlapped()
         prof = self.step_profile is not None
         t0 = time.perf_counter() if prof else 0.0
+        if self.proposer is not None and self._speculating():
+            self._propose()
         sched_out = self.scheduler.schedule()
         self._log_step(sched_out)
         t1 = time.perf_counter() if prof else 0.0
@@ -354,10 +365,14 @@ class Engine:
         pending, self._pending = self._pending, None
         outputs: list[RequestOutput] = []
         waited = 0.0  # seconds the host spent waiting for the GPU in this step
-        if pending is not None and any(_needs_host_tokens(r.sampling_params) for _, r in pending[0].sampled_requests):
+        speculate = self.proposer is not None and self._speculating()
+        if pending is not None and (speculate or pending[0].spec_token_ids or any(
+                _needs_host_tokens(r.sampling_params) for _, r in pending[0].sampled_requests)):
             outputs += self._resolve(pending)
             waited += pending[1].wait_s
             pending = None
+        if speculate:
+            self._propose()
         sched_out = self.scheduler.schedule()
         self._log_step(sched_out)
         t1 = time.perf_counter() if prof else 0.0
@@ -375,6 +390,33 @@ class Engine:
         if prof:
             self._record(sched_out, t0, t1, t2, time.perf_counter(), waited)
         return outputs
+
+    def _speculating(self) -> bool:
+        """Whether this step proposes tokens: speculative decoding is on and the batch is not above
+        ``disable_by_batch_size``. A step that proposes waits for the one in flight first (async
+        scheduling): the proposals follow the tokens it samples."""
+        limit = self.spec_config.disable_by_batch_size
+        return limit is None or self.scheduler.num_running <= limit
+
+    def _propose(self) -> None:
+        """Proposals (n-gram lookup) for the running requests whose next step samples after their
+        last token, capped so that no proposal runs past max_tokens or max_model_len. Requests with
+        a structured-output grammar are not speculated."""
+        ids, tokens, caps = [], [], []
+        max_len = self.max_model_len
+        for r in self.scheduler.running:
+            all_ids = r.all_token_ids
+            if (r.num_computed_tokens != len(all_ids) - 1 or r.finish_pending or all_ids[-1] == PLACEHOLDER_TOKEN_ID
+                    or r.sampling_params.structured_outputs is not None):
+                continue
+            cap = min(r.max_tokens - r.num_output_tokens, max_len - len(all_ids)) - 1
+            if cap > 0:
+                ids.append(r.request_id)
+                tokens.append(all_ids)
+                caps.append(cap)
+        if ids:
+            proposals = self.proposer.propose(ids, tokens, caps)
+            self.scheduler.set_proposals({rid: d for rid, d in zip(ids, proposals) if d})
 
     def _step_pipelined(self) -> list[RequestOutput]:
         """Pipeline parallelism: up to ``pipeline_depth`` steps in flight, so that while the last stage
@@ -470,6 +512,7 @@ class Engine:
             num_preemptions_total=s.num_preemptions_total, num_swaps_total=s.num_swaps_total,
             num_prompt_tokens_total=self.output_processor.num_prompt_tokens_total,
             num_generation_tokens_total=self.output_processor.num_generation_tokens_total,
+            spec_decode=s.spec,
         )
 
     # ---- offline API ---------------------------------------------------------------------------------

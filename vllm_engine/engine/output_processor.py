@@ -36,6 +36,9 @@ class _Sample:
     cumulative_logprob: Optional[float] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[int | str] = None
+    # A stop string completed by a token before the last of a step that gave several (speculative
+    # decoding): the sample's tokens end there.
+    num_tokens_kept: Optional[int] = None
 
     @property
     def finished(self) -> bool:
@@ -223,12 +226,48 @@ class OutputProcessor:
         if (r.status == RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output
                 and (r.stop_reason is not None or new_ids[-1] in r.eos_token_ids)):
             new_ids = new_ids[:-1]
+            untexted = 1
+        else:
+            untexted = 0
         if not new_ids:
             return False
+        if params.stop and len(new_ids) > 1:
+            return self._update_text_per_token(state, sample, new_ids, untexted)
         prev_len = len(sample.text)
         sample.text += sample.detokenizer.append(new_ids)
         if not params.stop:
             return False
+        return self._find_stop(state, sample, prev_len)
+
+    def _update_text_per_token(self, state: _RequestState, sample: _Sample, new_ids: list[int],
+                               untexted: int) -> bool:
+        """Several new tokens (a step that verified proposals) and stop strings: the tokens are taken
+        one at a time, so that a stop string completed by one of them ends the sample there, its
+        later tokens (and their logprobs) dropped, as if they had come one step at a time.
+        ``untexted``: tokens after ``new_ids`` that have no text (the stop token that ended it)."""
+        for j, token in enumerate(new_ids):
+            prev_len = len(sample.text)
+            sample.text += sample.detokenizer.append([token])
+            if self._find_stop(state, sample, prev_len):
+                self._drop_last_tokens(sample, len(new_ids) - j - 1 + untexted)
+                return True
+        return False
+
+    def _drop_last_tokens(self, sample: _Sample, n: int) -> None:
+        tokens = sample.request.output_token_ids
+        sample.num_tokens_kept = len(tokens) - n
+        self.num_generation_tokens_total -= n
+        if sample.logprobs is not None and n:
+            for token, entry in zip(tokens[len(tokens) - n:], sample.logprobs[-n:]):
+                if entry is not None:
+                    sample.cumulative_logprob -= entry[token].logprob
+            del sample.logprobs[-n:]
+
+    @staticmethod
+    def _find_stop(state: _RequestState, sample: _Sample, prev_len: int) -> bool:
+        """True when a stop string occurs in the text from the last ``prev_len`` characters on (text
+        truncated there, the sample finished)."""
+        params = state.params
         search_from = max(0, prev_len - state.max_stop_len + 1)
         best: Optional[tuple[int, str]] = None
         for stop in params.stop:
@@ -275,8 +314,10 @@ class OutputProcessor:
             text = s.text
             if not s.finished and state.max_stop_len > 1 and not state.params.include_stop_str_in_output:
                 text = text[: max(0, len(text) - state.max_stop_len + 1)]
+            token_ids = s.request.output_token_ids
             completions.append(CompletionOutput(
-                index=s.index, text=text, token_ids=list(s.request.output_token_ids),
+                index=s.index, text=text,
+                token_ids=list(token_ids if s.num_tokens_kept is None else token_ids[: s.num_tokens_kept]),
                 cumulative_logprob=s.cumulative_logprob,
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,

@@ -23,6 +23,8 @@ from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
 from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
 from vllm_engine.quantization import linear_picker
+from vllm_engine.spec_decode.verify import VerifiedStep, verify, verify_rows
+from vllm_engine.spec_decode.verify import input_token_ids as verify_input_token_ids
 from vllm_engine.structured_output.worker import WorkerGrammars
 from vllm_engine.worker.block_tables import HostBlockTables
 from vllm_engine.worker.kv_cache import KVCache, KVCacheSpec, determine_num_blocks
@@ -52,6 +54,9 @@ class StepInputs:
     sample_rows_dev: torch.Tensor  # the same rows, int64 on the device
     sample_req_indices: list[int]  # index into the step's req_ids of each sampled row
     prompt_logprob_rows: list[_PromptLogprobRows]
+    # A step verifying proposals: per sampled request its number of proposed tokens (its rows in
+    # sample_rows are that many + 1); None in every other step.
+    num_draft_tokens: Optional[list[int]] = None
 
 
 class ModelRunner:
@@ -230,7 +235,10 @@ class ModelRunner:
         # Only the last pipeline stage samples; the others get the tokens in a later step's message.
         last_stage = self.pp_group.is_last_rank
         if inputs.sample_rows and last_stage:
-            self._sample(reqs, inputs, hidden, handle)
+            if inputs.num_draft_tokens is not None:
+                self._verify(reqs, inputs, hidden, handle, msg.spec_token_ids)
+            else:
+                self._sample(reqs, inputs, hidden, handle)
         if inputs.prompt_logprob_rows and last_stage:
             self._prompt_logprobs(reqs, inputs, hidden, out)
         if timed:
@@ -244,7 +252,10 @@ class ModelRunner:
         """Waits for a launched step: its sampled token ids, as host ints (the one sync per step),
         also written over the placeholders the launch appended to its requests' states."""
         out = handle.output
-        if handle.sampled is not None:
+        if handle.verified is not None:
+            handle.verified.write(out)
+            handle.wait_s = handle.verified.wait_s
+        elif handle.sampled is not None:
             tokens = handle.host_tokens()
             sampled = out.sampled_token_ids
             for req_index, token in zip(handle.sample_req_indices, tokens):
@@ -282,6 +293,23 @@ class ModelRunner:
             for row, req_index in enumerate(inputs.sample_req_indices):
                 if reqs[row].sampling_params.logprobs is not None:
                     out.logprobs[req_index] = [_trim(result.logprobs[row], reqs[row].sampling_params.logprobs)]
+
+    def _verify(self, states: list[CachedRequestState], inputs: StepInputs, hidden: torch.Tensor,
+                handle: "StepHandle", spec: dict[str, list[int]]) -> None:
+        """A step with proposals: every sampled request's rows through the rejection sampler
+        (spec_decode/verify.py); its tokens reach the request states at ``collect``."""
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows_dev))
+        reqs = [states[i] for i in inputs.sample_req_indices]
+        generators = {}
+        for b, req in enumerate(reqs):
+            if req.sampling_params.seed is not None:
+                try:
+                    generators[b] = self._generator(req)
+                except Exception as e:  # noqa: BLE001 - this request's fault: the engine ends it, the batch runs
+                    logger.exception("request %s: cannot seed its generator", req.req_id)
+                    handle.output.failed[req.req_id] = f"{type(e).__name__}: {e}"
+        handle.verified = verify(logits, reqs, inputs.sample_req_indices, inputs.num_draft_tokens, spec,
+                                 generators, self.device, self.staging)
 
     def _read_last_tokens(self) -> None:
         """The latest launch's sampled ids to the host now, ahead of its collect (structured outputs)."""
@@ -362,7 +390,11 @@ class ModelRunner:
         # positions: start_i + (0 .. count_i - 1) for each sequence, concatenated
         row_seq = np.repeat(np.arange(num_seqs), counts)
         positions = np.arange(total, dtype=np.int64) - np.repeat(query_start_loc[:-1], counts) + starts[row_seq]
-        if total == num_seqs:  # decode-only: each sequence's one token is at its num_computed_tokens
+        spec = msg.spec_token_ids
+        if spec:  # proposed tokens follow their requests' last tokens
+            num_drafts = np.fromiter((len(spec.get(r.req_id, ())) for r in reqs), dtype=np.int64, count=num_seqs)
+            token_ids = verify_input_token_ids(reqs, spec, starts, query_start_loc, total)
+        elif total == num_seqs:  # decode-only: each sequence's one token is at its num_computed_tokens
             token_ids = np.fromiter((r.token_ids[r.num_computed_tokens] for r in reqs), dtype=np.int64,
                                     count=num_seqs)
         else:
@@ -378,8 +410,12 @@ class ModelRunner:
 
         # A request is sampled when this step reaches its last token (not for a partial prompt chunk).
         num_tokens = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=num_seqs)
+        if spec:
+            num_tokens += num_drafts
         sampled = np.flatnonzero(seq_lens == num_tokens)
         sample_rows = query_start_loc[sampled + 1] - 1
+        if spec:  # each sampled request's last row and the rows of its proposals before it
+            sample_rows = verify_rows(sample_rows, num_drafts[sampled])
         sample_req_indices = sampled.tolist()
         plp_rows = []
         for i, r in enumerate(reqs):
@@ -421,6 +457,7 @@ class ModelRunner:
             sample_rows_dev=rows_d,
             sample_req_indices=sample_req_indices,
             prompt_logprob_rows=plp_rows,
+            num_draft_tokens=num_drafts[sampled].tolist() if spec else None,
         )
 
     @staticmethod
@@ -452,6 +489,7 @@ class StepHandle:
     copied: Optional[torch.cuda.Event] = None
     wait_s: float = 0.0  # how long collect() waited for the GPU (the step profile's idle host time)
     tokens: Optional[list[int]] = None  # the sampled ids on the host, once read
+    verified: Optional[VerifiedStep] = None  # a step that verified proposals (instead of `sampled`)
 
     def host_tokens(self) -> list[int]:
         """The sampled ids as host ints, also written over the placeholders the launch appended to its

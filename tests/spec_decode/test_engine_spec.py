@@ -1,0 +1,127 @@
+"""The engine with n-gram speculation gives the tokens it gives without (greedy), on tiny random
+models and the real SmolLM2, through chunked prefill, preemption, prefix caching, n > 1, stop
+strings, stop token ids, logprobs, async scheduling and max_tokens ending inside a proposal."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import CORPUS
+from vllm_engine import Engine, SamplingParams
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+# Repetitive prompts: the random models copy from them, and proposals get accepted.
+PROMPTS = [CORPUS[i] + " " + CORPUS[i] for i in range(4)]
+PARAMS = [SamplingParams(temperature=0.0, max_tokens=17 + 7 * i, logprobs=2 if i == 1 else None)
+          for i in range(len(PROMPTS))] + [SamplingParams(temperature=0.0, max_tokens=25, n=2)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return str(tiny_model_dir("llama"))
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny):
+    return Engine(model=tiny, dtype="float32", max_model_len=256, seed=0)
+
+
+@pytest.fixture(scope="module")
+def expected(baseline):
+    return baseline.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False)
+
+
+def token_ids(outs):
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def check_engine_state(engine: Engine) -> None:
+    engine.scheduler.check_integrity()
+    assert not engine.has_unfinished_requests()
+    kv = engine.scheduler.kv_cache_manager
+    assert kv.num_free_blocks == engine.num_gpu_blocks
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # prefix caching on, one step for everything
+    {"max_num_batched_tokens": 16, "max_num_seqs": 4, "block_size": 4},  # chunked prefill, proposals cut short
+    {"num_gpu_blocks_override": 48, "block_size": 4, "enable_prefix_caching": False},  # preemption
+    # Async scheduling; above 3 running requests no proposals: overlapped steps between verifying ones.
+    {"async_scheduling": True, "disable_by_batch_size": 3},
+], ids=["default", "chunked", "preempt", "async"])
+def test_greedy_tokens_equal_plain_decoding(tiny, expected, kwargs):
+    kwargs = dict(kwargs)
+    spec = {**NGRAM, **({"disable_by_batch_size": kwargs.pop("disable_by_batch_size")}
+                        if "disable_by_batch_size" in kwargs else {})}
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=spec, **kwargs)
+    got = engine.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False)
+    assert token_ids(got) == token_ids(expected)
+    assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
+    # Logprobs are the target's: the plain run's, token for token.
+    for a, b in zip(got[1].outputs[0].logprobs, expected[1].outputs[0].logprobs):
+        assert a.keys() == b.keys()
+        for t in a:
+            assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4) and a[t].rank == b[t].rank
+    stats = engine.get_stats().spec_decode
+    assert stats.num_accepted_tokens > (0 if "async_scheduling" in kwargs else 10)
+    if "num_gpu_blocks_override" in kwargs:
+        assert engine.get_stats().num_preemptions_total > 0
+    check_engine_state(engine)
+
+
+def test_prefix_cache_after_speculation_holds_only_verified_tokens(tiny, baseline):
+    """Second round: each prompt is the first round's whole sequence, so it hits the blocks computed
+    while speculating; a block cached with a rejected proposal's K/V in it would change the tokens."""
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, block_size=4, speculative_config=NGRAM)
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    first = engine.generate(PROMPTS, params, use_tqdm=False)
+    assert engine.get_stats().spec_decode.num_draft_tokens > engine.get_stats().spec_decode.num_accepted_tokens
+    second = [{"prompt_token_ids": o.prompt_token_ids + o.outputs[0].token_ids} for o in first]
+    got = engine.generate(second, SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)
+    assert all(o.num_cached_tokens > 40 for o in got)
+    expected = baseline.generate(second, SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)
+    assert token_ids(got) == token_ids(expected)
+    check_engine_state(engine)
+
+
+def test_stop_strings_end_inside_a_step(tiny, baseline):
+    """Stop strings taken from the plain output at many places: several fall on a token that a
+    verification step gave before its last one; the text and tokens end where the plain run's do."""
+    plain = baseline.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=50), use_tqdm=False)
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=NGRAM)
+    stops = []
+    for o in plain:
+        text = o.outputs[0].text
+        stops += [text[i: i + 3] for i in range(6, len(text) - 3, 5) if text[i: i + 3].strip()]
+    params = [SamplingParams(temperature=0.0, max_tokens=50, stop=[s], logprobs=1) for s in stops]
+    prompts = [PROMPTS[0 if any(s in plain[0].outputs[0].text for s in [st]) else 1] for st in stops]
+    expected = baseline.generate(prompts, params, use_tqdm=False)
+    got = engine.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(got, expected):
+        assert (a.outputs[0].text, a.outputs[0].token_ids, a.outputs[0].finish_reason) == \
+            (b.outputs[0].text, b.outputs[0].token_ids, b.outputs[0].finish_reason)
+        assert len(a.outputs[0].logprobs) == len(a.outputs[0].token_ids)
+        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-3)
+    check_engine_state(engine)
+
+
+def test_seeded_sampling_reproduces(tiny):
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=NGRAM)
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=30, seed=7, repetition_penalty=1.1)
+    a = engine.generate(PROMPTS[:3], params, use_tqdm=False)
+    b = engine.generate(PROMPTS[:3], params, use_tqdm=False)
+    assert token_ids(a) == token_ids(b)
+    check_engine_state(engine)
+
+
+def test_smollm2_gguf_greedy_equal(smollm2_gguf):
+    """The real model on an input-grounded prompt (repeat a passage): most proposals accepted."""
+    passage = "The quick brown fox jumps over the lazy dog. A paged KV cache stores keys and values in blocks."
+    msgs = [{"role": "user", "content": f"Repeat this sentence exactly: {passage}"}]
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    plain = Engine(model=str(smollm2_gguf), max_model_len=256).chat(msgs, params, use_tqdm=False)
+    engine = Engine(model=str(smollm2_gguf), max_model_len=256, speculative_config=NGRAM)
+    spec = engine.chat(msgs, params, use_tqdm=False)
+    assert spec.outputs[0].token_ids == plain.outputs[0].token_ids
+    assert engine.get_stats().spec_decode.acceptance_rate > 0.5
+    check_engine_state(engine)
