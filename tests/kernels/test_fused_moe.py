@@ -85,6 +85,20 @@ def test_align_by_expert_groups_pairs_in_padded_runs():
     assert sorted_ids.numel() == 4 * (3 + 5)  # cdiv(10 pairs, 4) + min(5 experts, 10 pairs) tiles
 
 
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(1, 8, 2, 16), (37, 128, 8, 16), (200, 64, 6, 64),
+                                                                   (9, 256, 8, 32), (5, 3, 1, 16)])
+def test_the_align_kernel_gives_the_torch_alignment(num_tokens, num_experts, top_k, block_m):
+    """One launch (the decode path) and the torch ops (prefill) agree bit for bit, skewed routing too."""
+    g = torch.Generator().manual_seed(num_tokens)
+    logits = torch.randn(num_tokens, num_experts, generator=g)
+    logits[:, 0] += 2.0
+    ids = torch.topk(logits, top_k, dim=-1).indices.to(DEVICE)
+    got = M.triton_align_by_expert(ids, num_experts, block_m)
+    want = M.torch_align_by_expert(ids, num_experts, block_m)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
 def test_capacity_holds_the_worst_routing():
     """Every pair alone on its expert (the most partial tiles) still fits."""
     ids = torch.arange(12).view(6, 2)
@@ -131,6 +145,7 @@ import sys
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import triton
+from vllm_engine.layers import fused_moe as M
 from vllm_engine.layers.fused_moe import _fused_moe_kernel as k
 types = dict(A="*bf16", B="*bf16", C="*bf16", TopkWeights="*fp32", SortedIds="*i32", BlockExpert="*i32",
              NumPadded="*i32", N="i32", K="i32", num_pairs="i32", stride_am="i32", stride_be="i64", stride_bn="i32",
@@ -141,12 +156,24 @@ for bm, bn, bk, warps, stages, mul in ((16, 64, 64, 4, 4, False), (64, 128, 64, 
     out = triton.compile(ASTSource(k, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=warps, num_stages=stages))
     print(bm, "wgmma" in out.asm["ptx"], "griddepcontrol.wait" in out.asm["ptx"])
+a = M._align_kernel
+for experts in (8, 128, 256):
+    block_e = max(16, triton.next_power_of_2(experts))
+    consts = dict(NUM_EXPERTS=experts, BLOCK_E=block_e, BLOCK_M=16, BLOCK_P=max(16, 4096 // block_e), BLOCK_T=64,
+                  PDL=True)
+    sig = {n: "constexpr" if n in consts else dict(Ids="*i64", SortedIds="*i32", BlockExpert="*i32",
+                                                   NumPadded="*i32", num_pairs="i32", capacity="i32")[n]
+           for n in a.arg_names}
+    out = triton.compile(ASTSource(a, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=4, num_stages=1))
+    print("align", experts, "griddepcontrol.wait" in out.asm["ptx"])
 """
 
 
 def test_the_kernel_compiles_for_sm90():
     """Compiled for the H100 with triton's bundled ptxas, no GPU needed (typing errors the interpreter
-    lets through); the prefill-sized tile uses wgmma, and the kernel waits under PDL."""
+    lets through); the prefill-sized tile uses wgmma, and the kernels wait under PDL; the alignment
+    kernel at 8, 128 and 256 experts."""
     import os
     import subprocess
     import sys
@@ -157,7 +184,8 @@ def test_the_kernel_compiles_for_sm90():
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", COMPILE_SM90], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["16", "False", "True", "64", "True", "True"], proc.stdout
+    assert proc.stdout.split() == ["16", "False", "True", "64", "True", "True", "align", "8", "True", "align", "128",
+                                   "True", "align", "256", "True"], proc.stdout
 
 
 def test_the_gpu_benchmark_script_runs_on_the_cpu():

@@ -74,6 +74,43 @@ def grouped_top_k(router_logits: torch.Tensor, top_k: int, num_groups: int, top_
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, slot) pairs grouped by expert (see ``torch_align_by_expert``): one Triton launch for
+    decode-sized batches (at most ``ALIGN_KERNEL_MAX_PAIRS`` pairs; the torch version is some 25 small
+    kernels, as long as the experts' GEMMs at batch 1), the torch version above that."""
+    num_pairs = topk_ids.numel()
+    if (triton is not None and 0 < num_pairs <= ALIGN_KERNEL_MAX_PAIRS
+            and (topk_ids.is_cuda or envs.triton_interpret())):
+        return triton_align_by_expert(topk_ids, num_experts, block_m)
+    return torch_align_by_expert(topk_ids, num_experts, block_m)
+
+
+ALIGN_KERNEL_MAX_PAIRS = 2048
+
+
+def _capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
+    # Each touched expert's run ends in at most one partial tile: at most cdiv(pairs, block_m) full
+    # tiles' worth plus one tile per touched expert (at most min(E, pairs) of them).
+    return (-(-num_pairs // block_m) + min(num_experts, num_pairs)) * block_m
+
+
+def triton_align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch_align_by_expert``'s result (bit for bit) from one single-program kernel."""
+    flat = topk_ids.flatten()
+    num_pairs, device = flat.numel(), flat.device
+    capacity = _capacity(num_pairs, num_experts, block_m)
+    sorted_ids = torch.empty(capacity, dtype=torch.int32, device=device)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    _align_kernel[(1,)](flat, sorted_ids, block_expert, num_padded, num_pairs, capacity,
+                        NUM_EXPERTS=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_P=max(16, 4096 // block_e),
+                        BLOCK_T=64, num_warps=4, **pdl.launch_args(device))
+    return sorted_ids, block_expert, num_padded
+
+
+def torch_align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (token, slot) pairs ``p = token * k + slot`` grouped by expert, each expert's run padded to
     a multiple of ``block_m``.
 
@@ -93,9 +130,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     sorted_experts = flat[order]
     rank_in_expert = torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
     dest = (padded_end - padded)[sorted_experts] + rank_in_expert
-    # Each touched expert's run ends in at most one partial tile: at most cdiv(pairs, block_m) full
-    # tiles' worth plus one tile per touched expert (at most min(E, pairs) of them).
-    capacity = (-(-num_pairs // block_m) + min(num_experts, num_pairs)) * block_m
+    capacity = _capacity(num_pairs, num_experts, block_m)
     sorted_ids = torch.full((capacity,), num_pairs, dtype=torch.int32, device=device)
     sorted_ids[dest] = order.to(torch.int32)
     tile_starts = torch.arange(0, capacity, block_m, device=device)
@@ -104,6 +139,42 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
 
 
 if triton is not None:
+
+    @triton.jit(do_not_specialize=["num_pairs", "capacity"])
+    def _align_kernel(Ids, SortedIds, BlockExpert, NumPadded, num_pairs, capacity,
+                      NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+        """One program: counts per expert, runs padded to BLOCK_M, then each pair's slot = its
+        expert's run start + how many earlier pairs chose that expert (tiles of BLOCK_P pairs against
+        the BLOCK_E experts, a running fill per expert), and each tile's expert."""
+        pdl_prologue(PDL)
+        experts = tl.arange(0, BLOCK_E)
+        counts = tl.zeros([BLOCK_E], tl.int32)
+        for p0 in range(0, num_pairs, BLOCK_P):
+            offs = p0 + tl.arange(0, BLOCK_P)
+            ids = tl.load(Ids + offs, mask=offs < num_pairs, other=BLOCK_E).to(tl.int32)
+            counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        ends = tl.cumsum(padded, axis=0)
+        fill = ends - padded
+        tl.store(NumPadded, tl.sum(padded, axis=0))
+        for c0 in range(0, capacity, BLOCK_P):  # padding everywhere first
+            offs = c0 + tl.arange(0, BLOCK_P)
+            tl.store(SortedIds + offs, tl.zeros([BLOCK_P], tl.int32) + num_pairs, mask=offs < capacity)
+        tl.debug_barrier()
+        for p0 in range(0, num_pairs, BLOCK_P):
+            offs = p0 + tl.arange(0, BLOCK_P)
+            ids = tl.load(Ids + offs, mask=offs < num_pairs, other=BLOCK_E).to(tl.int32)
+            onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+            before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of this tile with the same expert
+            dest = tl.sum((before + fill[None, :]) * onehot, axis=1)
+            tl.store(SortedIds + dest, offs.to(tl.int32), mask=offs < num_pairs)
+            fill += tl.sum(onehot, axis=0)
+        for t0 in range(0, capacity // BLOCK_M, BLOCK_T):  # a tile's expert: how many runs end at or before it
+            tiles = t0 + tl.arange(0, BLOCK_T)
+            done = ((tiles[:, None] * BLOCK_M >= ends[None, :]) & (experts[None, :] < NUM_EXPERTS)).to(tl.int32)
+            expert = tl.minimum(tl.sum(done, axis=1), NUM_EXPERTS - 1)
+            tl.store(BlockExpert + tiles, expert, mask=tiles < capacity // BLOCK_M)
 
     @triton.jit
     def _fused_moe_kernel(
