@@ -11,7 +11,9 @@ Requests are /v1/completions with token-id prompts (exact input lengths for any 
 below --vocab-size) and ``ignore_eos`` (exact output lengths), streamed with usage. Per request:
 TTFT = first content chunk - send time; TPOT = (end - first chunk) / (output tokens - 1); ITL = the
 gaps between content chunks (a chunk can carry several tokens when the client lags); E2E = end - send.
-Goodput: requests per second that met every --goodput target (a one-token output meets any TPOT target). Each sweep point (every request rate x
+Goodput: requests per second that met every --goodput target (a one-token output meets any TPOT target);
+``sustained_request_rate``: the highest swept rate up to which every rate kept the p99 of each targeted
+latency within its target. ``--warmup N`` requests go first, unmeasured (compilation, allocator, caches). Each sweep point (every request rate x
 every max concurrency) runs the same workload. Datasets: ``random`` (lengths uniform in
 [len * (1 - range_ratio), len * (1 + range_ratio)]) and ``sharegpt-like`` (log-normal lengths shaped
 like ShareGPT conversations: median input ~ 150, output ~ 200 tokens, scaled by --input-len /
@@ -169,6 +171,19 @@ def summarize(results: list[Result], seconds: float, requests: list[Request], sl
     }
 
 
+def sustained_rate(runs: list[dict], slo: dict[str, float], concurrency: Optional[int]) -> Optional[float]:
+    """The highest finite request rate R (of the runs at this max concurrency) such that every swept rate
+    up to R completed every request with the p99 of each targeted latency within its target; None if
+    the lowest rate already missed (or there are no targets)."""
+    best = None
+    for r in sorted((r for r in runs if r["max_concurrency"] == concurrency and r["request_rate"] != "inf"),
+                    key=lambda r: r["request_rate"]):
+        if not slo or r["failed"] or any(r[f"{k}_ms"]["p99"] > v for k, v in slo.items()):
+            break
+        best = r["request_rate"]
+    return best
+
+
 def parse_goodput(items: list[str]) -> dict[str, float]:
     """["ttft:200", "tpot:30"] -> {"ttft": 200.0, "tpot": 30.0} (milliseconds)."""
     slo = {}
@@ -230,6 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-concurrency", type=int, nargs="+", default=[0], help="0: no limit.")
     p.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of the arrivals (1: Poisson).")
     p.add_argument("--goodput", nargs="*", default=[], metavar="KEY:MS", help="Latency targets: ttft:MS tpot:MS e2e:MS.")
+    p.add_argument("--warmup", type=int, default=4, help="Unmeasured requests sent (all at once) first.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON results.")
     p.add_argument("--plot", default=None, help="PNG of latency against achieved request rate.")
@@ -240,6 +256,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     model, max_model_len = server_facts(url, headers, args.model)
     requests = make_requests(args.dataset, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                              args.prefix_len, args.vocab_size, max_model_len, args.seed)
+    if args.warmup:
+        warm = make_requests(args.dataset, args.warmup, args.input_len, args.output_len, args.range_ratio, 0,
+                             args.vocab_size, max_model_len, args.seed + 1)
+        asyncio.run(run_point(url, model, warm, math.inf, None, 1.0, args.seed, headers))
     runs = []
     print(f"{'rate':>6} {'conc':>5} {'done':>5} {'fail':>4} {'req/s':>7} {'out tok/s':>9} {'TTFT p50/p99 ms':>17} "
           f"{'TPOT p50/p99 ms':>17} {'ITL p99':>8} {'goodput':>7}")
@@ -257,7 +277,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     data = {"base_url": url, "model": model, "dataset": args.dataset, "num_prompts": args.num_prompts,
             "input_len": args.input_len, "output_len": args.output_len, "prefix_len": args.prefix_len,
             "burstiness": args.burstiness, "goodput_slo_ms": slo, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "runs": runs}
+            "runs": runs, "sustained_request_rate": {str(c or None): sustained_rate(runs, slo, c or None)
+                                                     for c in args.max_concurrency}}
+    if slo:
+        print("highest request rate with every p99 within", slo, "ms:", data["sustained_request_rate"])
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -56,12 +56,13 @@ def test_rate_and_concurrency_sweep_against_one_server(replicas, tmp_path):
     for run in data["runs"]:
         _check_run(run)
     assert (tmp_path / "serving.png").stat().st_size > 10_000
+    assert data["sustained_request_rate"] == {"None": 40.0, "4": 40.0}  # targets of a minute: met at every rate
 
 
 def test_through_the_router_with_two_replicas(replicas, tmp_path):
     with AppThread(create_router_app([r.url for r in replicas], health_interval=60)) as router:
         data = _run(router.url, tmp_path, "--dataset", "sharegpt-like", "--max-concurrency", "6",
-                    "--input-len", "24", "--prefix-len", "0")
+                    "--input-len", "24", "--prefix-len", "0", "--warmup", "2")
         text = httpx.get(f"{router.url}/metrics").text
     (run,) = data["runs"]
     assert run["completed"] == 12 and run["failed"] == 0 and run["goodput"] == pytest.approx(run["request_throughput"])
@@ -70,7 +71,7 @@ def test_through_the_router_with_two_replicas(replicas, tmp_path):
     for key, v in routed.items():
         replica = key.split("replica=")[1].rstrip("}")
         per_replica[replica] = per_replica.get(replica, 0) + v
-    assert sum(per_replica.values()) == 12 and min(per_replica.values()) >= 3, per_replica
+    assert sum(per_replica.values()) == 2 + 12 and min(per_replica.values()) >= 3, per_replica  # warm-up + measured
 
 
 def test_goodput_counts_only_requests_within_the_targets(replicas, tmp_path):
@@ -78,7 +79,8 @@ def test_goodput_counts_only_requests_within_the_targets(replicas, tmp_path):
     assert serving_bench.main(["--base-url", replicas[0].url, "--num-prompts", "4", "--input-len", "8",
                                "--output-len", "4", "--vocab-size", "200", "--goodput", "ttft:0.001",
                                "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["runs"][0]["goodput"] == 0.0
+    strict = json.loads(out.read_text())
+    assert strict["runs"][0]["goodput"] == 0.0 and strict["sustained_request_rate"] == {"None": None}
     with pytest.raises(ValueError, match="--goodput"):
         serving_bench.parse_goodput(["latency:5"])
 

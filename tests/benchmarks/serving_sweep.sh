@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 23's GPU measurement: the request rate a server sustains with TTFT p99 < 200 ms and TPOT p99 < 30 ms
+# (Llama-3.1-8B shape, dummy weights, 1000 prompt + 128 output tokens, Poisson arrivals), served directly,
+# through the router (ROUTER=1: its own cost), or as DP replicas behind it (DP=2: 2 GPUs).
+#   OUT=results bash tests/benchmarks/serving_sweep.sh
+#   OUT=results ROUTER=1 bash tests/benchmarks/serving_sweep.sh
+#   OUT=results DP=2 bash tests/benchmarks/serving_sweep.sh
+# Knobs: MODEL, MAX_LEN, INPUT_LEN, OUTPUT_LEN, RATES, PROMPTS, PORT, TTFT_MS, TPOT_MS.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-results}; DP=${DP:-1}; ROUTER=${ROUTER:-0}; MODEL=${MODEL:-llama-3.1-8b}; PORT=${PORT:-8011}
+MAX_LEN=${MAX_LEN:-4096}; INPUT_LEN=${INPUT_LEN:-1000}; OUTPUT_LEN=${OUTPUT_LEN:-128}
+RATES=${RATES:-"2 4 8 12 16 24 32 48"}; PROMPTS=${PROMPTS:-200}; TTFT_MS=${TTFT_MS:-200}; TPOT_MS=${TPOT_MS:-30}
+mkdir -p "$OUT"
+tag="$(basename "$MODEL")_dp${DP}$([ "$ROUTER" = 1 ] && echo _router || true)"
+args="$MODEL --load-format dummy --max-model-len $MAX_LEN --log-level warning"
+if [ "$ROUTER" = 1 ] && [ "$DP" = 1 ]; then
+  python -m vllm_engine.cli router --serve "$args" --port "$PORT" --log-level warning > "$OUT/serve_$tag.log" 2>&1 &
+else
+  # shellcheck disable=SC2086
+  python -m vllm_engine.cli serve $args --data-parallel-size "$DP" --port "$PORT" > "$OUT/serve_$tag.log" 2>&1 &
+fi
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 900); do
+  curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
+  kill -0 $pid 2>/dev/null || { tail -20 "$OUT/serve_$tag.log"; exit 1; }
+  sleep 1
+done
+# shellcheck disable=SC2086
+python tests/benchmarks/serving_bench.py --base-url "http://127.0.0.1:$PORT" --dataset random --input-len "$INPUT_LEN" \
+  --output-len "$OUTPUT_LEN" --num-prompts "$PROMPTS" --request-rate $RATES --goodput "ttft:$TTFT_MS" "tpot:$TPOT_MS" \
+  --out "$OUT/serving_$tag.json" --plot "$OUT/serving_$tag.png"
