@@ -71,6 +71,35 @@ class _EngineStatsCollector:
                       s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
                       s.prefix_cache_hits)
+        spec = getattr(s, "spec_decode", None)
+        if spec is not None:
+            yield from _spec_decode_metrics(spec, labels, value)
+
+
+def _spec_decode_metrics(spec: Any, labels: list[str], value: list[str]) -> Iterable[Any]:
+    """vLLM's speculative-decoding counters (a draft: one request's proposal in one step), and
+    the acceptance rate and mean acceptance length they give (gauges, since the server started)."""
+    for name, doc, v in (
+        ("spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts),
+        ("spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens),
+        ("spec_decode_num_accepted_tokens", "Number of accepted tokens.", spec.num_accepted_tokens),
+    ):
+        c = CounterMetricFamily(P + name, doc, labels=labels)
+        c.add_metric(value, v)
+        yield c
+    per_pos = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos",
+                                  "Accepted tokens per draft position.", labels=labels + ["position"])
+    for pos, v in enumerate(spec.accepted_per_position):
+        per_pos.add_metric(value + [str(pos)], v)
+    yield per_pos
+    for name, doc, v in (
+        ("spec_decode_acceptance_rate", "Accepted / draft tokens since start.", spec.acceptance_rate),
+        ("spec_decode_mean_acceptance_length", "Tokens per verifying step of a speculating request "
+                                               "(1 + accepted / drafts) since start.", spec.mean_acceptance_length),
+    ):
+        g = GaugeMetricFamily(P + name, doc, labels=labels)
+        g.add_metric(value, v)
+        yield g
 
 
 @dataclass
