@@ -167,7 +167,7 @@ def test_bad_requests_are_400s_in_openais_shape(router):
 # ---- failures, against fake replicas ----------------------------------------------------------------
 def fake_replica(mode: str) -> FastAPI:
     """A replica serving model `tiny` that breaks: `before` drops the stream before its first event,
-    `after` after one event; `dead` answers 503 engine_dead."""
+    `after` after one event; `dead` answers 503 engine_dead; `full` a full queue's 503 + Retry-After."""
     app = FastAPI()
     app.state.posts = 0
 
@@ -191,21 +191,22 @@ def fake_replica(mode: str) -> FastAPI:
             raise RuntimeError("replica crashed")
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    if mode == "dead":
+    if mode in ("dead", "full"):
         from fastapi.responses import JSONResponse
 
         @app.middleware("http")
-        async def dead(request: Request, call_next: Any) -> Any:
+        async def refuse(request: Request, call_next: Any) -> Any:
             if request.method == "POST":
                 app.state.posts += 1
-                return JSONResponse({"error": {"message": "engine is dead", "type": "engine_dead", "param": None,
-                                               "code": 503}}, status_code=503)
+                kind = "engine_dead" if mode == "dead" else "service_unavailable"
+                return JSONResponse({"error": {"message": f"{mode}", "type": kind, "param": None, "code": 503}},
+                                    status_code=503, headers={"Retry-After": "1"})
             return await call_next(request)
 
     return app
 
 
-@pytest.mark.parametrize("mode", ["before", "dead"])
+@pytest.mark.parametrize("mode", ["before", "dead", "full"])
 def test_a_replica_failing_before_the_first_event_is_retried_elsewhere(replicas, mode):
     with AppThread(fake_replica(mode)) as fake, \
             AppThread(create_router_app([fake.url, replicas[0].url], health_interval=60)) as router:
@@ -217,7 +218,7 @@ def test_a_replica_failing_before_the_first_event_is_retried_elsewhere(replicas,
                 events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
                 assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
             status = httpx.get(f"{router.url}/router/replicas").json()["replicas"]
-            assert status[0]["healthy"] is False and status[0]["failed_attempts"] >= 1
+            assert status[0]["healthy"] is (mode == "full") and status[0]["failed_attempts"] >= 1  # full: still up
             assert all(s["in_flight"] == 0 and s["outstanding_tokens"] == 0 for s in status)
             router.app.state.router.replicas[0].healthy = True  # as the next health check would
         assert fake.app.state.posts == 2
@@ -235,6 +236,15 @@ def test_a_replica_failing_mid_stream_ends_it_with_an_error_event(replicas):
         assert len(events) == 3
         status = httpx.get(f"{router.url}/router/replicas").json()["replicas"]
         assert status[0]["stream_failures"] == 1 and status[0]["in_flight"] == 0
+
+
+def test_when_every_replica_is_full_the_client_gets_their_503():
+    with AppThread(fake_replica("full")) as a, AppThread(fake_replica("full")) as b, \
+            AppThread(create_router_app([a.url, b.url], health_interval=60)) as router:
+        r = httpx.post(f"{router.url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "service_unavailable"
+        assert a.app.state.posts == b.app.state.posts == 1  # tried on both
 
 
 def test_no_healthy_replica_is_a_503(replicas):

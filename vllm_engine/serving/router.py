@@ -18,8 +18,9 @@ Routing of POST /v1/completions and /v1/chat/completions (and /tokenize, /detoke
 
 Failures: a replica that cannot be reached, answers 502/503/504, or fails before the first complete
 server-sent event (streaming) or before its whole body (non-streaming) reached the router is marked
-(unreachable: unhealthy) and the request is retried on another replica; nothing had reached the
-client. A stream that fails after that ends with an error event ``{"error": {..., "code":
+(unreachable or engine dead: unhealthy) and the request is retried on another replica; nothing had
+reached the client. When every replica failed, the client gets the last replica's own error answer
+(a full queue's 503 + Retry-After), or a 502 ``replicas_failed`` if none answered. A stream that fails after that ends with an error event ``{"error": {..., "code":
 "replica_failed"}}`` and ``data: [DONE]``. The router forwards whole events only, never half of one.
 
 Health: every ``health_interval`` seconds each replica's /health and /v1/models are read; a replica
@@ -303,7 +304,12 @@ class _Attempt:
 
 
 class ReplicaFailed(Exception):
-    """This attempt failed before anything reached the client: try another replica."""
+    """This attempt failed before anything reached the client: try another replica. ``answer``: the
+    replica's own error response (a 503 of a full queue), given to the client if no replica does better."""
+
+    def __init__(self, message: str, answer: Optional[Response] = None) -> None:
+        super().__init__(message)
+        self.answer = answer
 
 
 def _response_headers(resp: httpx.Response, replica: Replica) -> dict[str, str]:
@@ -343,7 +349,8 @@ async def _try_replica(router: Router, attempt: _Attempt, path: str, body: bytes
             text = (await resp.aread()).decode(errors="replace")
             if "engine_dead" in text:
                 router.mark_unreachable(replica, text[:200])
-            raise ReplicaFailed(f"replica {replica.url} answered {resp.status_code}: {text[:200]}")
+            answer = Response(text, resp.status_code, _response_headers(resp, replica))
+            raise ReplicaFailed(f"replica {replica.url} answered {resp.status_code}: {text[:200]}", answer)
         if not resp.headers.get("content-type", "").startswith("text/event-stream"):
             content = await resp.aread()
             await resp.aclose()
@@ -404,12 +411,15 @@ async def proxy(router: Router, path: str, body: bytes, request_headers: Any) ->
     headers = {k: v for k, v in request_headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
     tried: set[str] = set()
     failures: list[str] = []
+    last_answer: Optional[Response] = None
     while True:
         try:
             replica, reason = router.pick(model, hashes, tried)
         except APIError as e:
             if not failures:
                 raise
+            if last_answer is not None:  # e.g. every replica's queue is full: their 503 + Retry-After
+                return last_answer
             raise APIError(502 if e.status == 503 else e.status, "Every replica failed: " + "; ".join(failures),
                            "server_error", code="replicas_failed") from e
         tried.add(replica.url)
@@ -420,6 +430,7 @@ async def proxy(router: Router, path: str, body: bytes, request_headers: Any) ->
             attempt.release()
             replica.failed_attempts += 1
             failures.append(str(e))
+            last_answer = e.answer or last_answer
             logger.warning("%s; retrying elsewhere", e)
             continue
         except BaseException:
