@@ -61,6 +61,8 @@ def _main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default=None,
+                   help="a quantization method (dummy weights in its default settings: docs/quantization.md)")
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
@@ -69,7 +71,8 @@ def _main(argv=None) -> int:
 
     engine = Engine(model=args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
                     max_num_seqs=max(args.batch_sizes), enforce_eager=args.enforce_eager,
-                    enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
+                    enable_prefix_caching=False, quantization=args.quantization,
+                    tensor_parallel_size=args.tensor_parallel_size,
                     pipeline_parallel_size=args.pipeline_parallel_size)
     cfg = engine.model_config.hf_config
     bw = measure_bandwidth_gbs()

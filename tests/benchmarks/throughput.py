@@ -70,6 +70,8 @@ def _main(argv=None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default=None,
+                   help="a quantization method (dummy weights in its default settings: docs/quantization.md)")
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
@@ -104,7 +106,7 @@ def _main(argv=None) -> int:
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=args.enable_prefix_caching,
                         tensor_parallel_size=args.tensor_parallel_size,
-                        pipeline_parallel_size=args.pipeline_parallel_size)
+                        pipeline_parallel_size=args.pipeline_parallel_size, quantization=args.quantization)
         hf_config = engine.model_config.hf_config
         workload = make_workload(args.dataset, hf_config.vocab_size, args.num_prompts, args.input_len,
                                  args.output_len, args.seed)

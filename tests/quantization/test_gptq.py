@@ -233,3 +233,26 @@ def test_quantization_flag_on_the_command_line(gptq_checkpoint):
     args = EngineArgs.from_cli_args(parser.parse_args(["--model", str(path), "-q", "awq", "--device", "cpu"]))
     with pytest.raises(ValueError, match="quantization='awq' does not match"):
         args.create_engine_config()
+
+
+def test_throughput_and_latency_scripts_take_quantization(float_checkpoint, tmp_path):
+    """tests/benchmarks/throughput.py and latency.py with --quantization (the nano and batch-1 numbers of
+    a quantized model; dummy weights in the method's default settings)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import latency
+    import throughput
+
+    out = tmp_path / "tp.json"
+    assert throughput.main(["--model", str(float_checkpoint), "--load-format", "dummy", "--quantization", "gptq",
+                            "--dataset", "random", "--num-prompts", "2", "--input-len", "12", "--output-len", "3",
+                            "--runs", "1", "--max-model-len", "128", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["output_tok_s"] > 0
+    out = tmp_path / "lat.json"
+    assert latency.main(["--model", str(float_checkpoint), "--load-format", "dummy", "--quantization", "fp8",
+                         "--input-len", "12", "--output-len", "3", "--batch-sizes", "1", "--runs", "1",
+                         "--max-model-len", "64", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["tpot_ms_p50"] > 0
