@@ -57,17 +57,28 @@ def reference(q, meta, vectors, scale, latent):
 
 @pytest.mark.parametrize("dtype,heads,latent,rope,block_size", [
     (torch.float32, 4, 32, 8, 4), (torch.float32, 20, 40, 16, 16), (torch.bfloat16, 16, 64, 16, 8)])
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", ["triton", "triton_t4", "torch"])
 def test_mla_attention_matches_float64(dtype, heads, latent, rope, block_size, impl):
+    """triton: 2 query rows per program (the default), triton_t4: 4 (a tile past a chunk's end too)."""
     specs = [(0, 13), (20, 6), (37, 1), (0, 1), (9, 1)]
     q, cache, meta, vectors = make(specs, block_size, heads, latent, rope, dtype)
     scale = 0.3
-    fn = mla.triton_mla_attention if impl == "triton" else mla.torch_mla_attention
-    got = fn(q, cache, meta, scale, latent).double().cpu()
+    if impl == "torch":
+        got = mla.torch_mla_attention(q, cache, meta, scale, latent).double().cpu()
+    else:
+        got = mla.triton_mla_attention(q, cache, meta, scale, latent, prefill_block_t=4 if impl == "triton_t4" else 2)
+        got = got.double().cpu()
     want = reference(q, meta, vectors, scale, latent)
     n = meta.num_actual_tokens
     assert ((got[:n] - want[:n]).abs() - TOL[dtype] * want[:n].abs()).max().item() < TOL[dtype]
     assert (got[n:] == 0).all()
+
+
+def test_decode_only_steps():
+    q, cache, meta, vectors = make([(30, 1), (0, 1), (7, 1)], 8, 16, 32, 16, torch.float32, seed=2)
+    got = mla.triton_mla_attention(q, cache, meta, 0.25, 32).double().cpu()
+    want = reference(q, meta, vectors, 0.25, 32)
+    assert (got[:3] - want[:3]).abs().max().item() < TOL[torch.float32] and (got[3:] == 0).all()
 
 
 def test_write_latent_skips_padding_slots():
@@ -89,11 +100,13 @@ types = dict(Q="*bf16", Cache="*bf16", BlockTables="*i32", SeqLens="*i32", Query
              stride_bt="i32", stride_ot="i32", stride_oh="i32", E="*bf16", Slots="*i64", stride_e="i32")
 def build(k, consts, stages):
     sig = {n: "constexpr" if n in consts else types[n] for n in k.arg_names}
+    warps = 8 if consts.get("BLOCK_T", 1) > 1 else 4
     out = triton.compile(ASTSource(k, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                         options=dict(num_warps=4, num_stages=stages))
+                         options=dict(num_warps=warps, num_stages=stages))
     print(k.__name__, out.metadata.shared <= 227 * 1024, "griddepcontrol.wait" in out.asm["ptx"])
-build(mla._mla_kernel, dict(NUM_HEADS=16, BLOCK_H=16, LATENT=512, ROPE=64, BLOCK_L=512, BLOCK_R=64, BLOCK_SIZE=16,
-                            TILE_N=32, DOT_PREC="tf32", DOT_F32=False, PDL=True), 2)
+for block_t in (1, 2):
+    build(mla._mla_kernel, dict(NUM_HEADS=16, BLOCK_H=16, BLOCK_T=block_t, LATENT=512, ROPE=64, BLOCK_L=512,
+                                BLOCK_R=64, BLOCK_SIZE=16, TILE_N=32, DOT_PREC="tf32", DOT_F32=False, PDL=True), 2)
 build(mla._write_latent_kernel, dict(D=576, BLOCK=1024, BLOCK_SIZE=16, PDL=True), 1)
 """
 
@@ -111,4 +124,5 @@ def test_the_kernels_compile_for_sm90():
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", COMPILE_SM90], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["_mla_kernel", "True", "True", "_write_latent_kernel", "True", "True"], proc.stdout
+    assert proc.stdout.split() == ["_mla_kernel", "True", "True"] * 2 + ["_write_latent_kernel", "True", "True"], \
+        proc.stdout

@@ -13,7 +13,7 @@ attention/backend.py.
 ``mla_attention(q [T, H, latent_dim + rope_dim], latent_cache, metadata, scale, latent_dim)`` ->
 [T, H, latent_dim]: softmax(scale q . [c | k_pe]) summed over c, causal within each sequence. The
 torch version is the reference (and the CPU path); the Triton kernel takes every query row, prefill
-chunks and decodes alike, one program per (token, block of heads).
+chunks and decodes alike, one program per (a few consecutive query rows of a sequence, block of heads).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ try:
     import triton
     import triton.language as tl
 
+    from vllm_engine.attention.triton_kernels import _find_seq
     from vllm_engine.layers import pdl
     from vllm_engine.layers.pdl import pdl_prologue
 except ImportError:  # CPU-only installs: the torch version serves every call
@@ -76,19 +77,6 @@ def torch_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, metadata: A
 if triton is not None:
 
     @triton.jit
-    def _token_seq(QueryStartLoc, num_seqs, t):
-        """The sequence of query row t: the largest i < num_seqs with query_start_loc[i] <= t."""
-        lo = tl.full([], 0, tl.int32)
-        hi = tl.full([], 0, tl.int32) + num_seqs
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if tl.load(QueryStartLoc + mid) <= t:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo - 1
-
-    @triton.jit
     def _write_latent_kernel(E, Cache, Slots, stride_e, stride_cb, stride_ct, D: tl.constexpr, BLOCK: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
         """One program per new token: its [D] vector into its slot (slot < 0: nothing)."""
@@ -105,39 +93,45 @@ if triton is not None:
     @triton.jit(do_not_specialize=["num_seqs"])
     def _mla_kernel(Q, Cache, BlockTables, SeqLens, QueryStartLoc, Out, scale_log2, num_seqs,
                     stride_qt, stride_qh, stride_cb, stride_ct, stride_bt, stride_ot, stride_oh,
-                    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, LATENT: tl.constexpr, ROPE: tl.constexpr,
-                    BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-                    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
-        """Grid (num_tokens, cdiv(NUM_HEADS, BLOCK_H)): query row t, heads [h0, h0 + BLOCK_H), over its
-        sequence's cached vectors up to its own position, FlashAttention-style in log2 units."""
-        t = tl.program_id(0)
+                    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, LATENT: tl.constexpr,
+                    ROPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    TILE_N: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
+        """Grid (num_tokens // BLOCK_T + num_seqs, cdiv(NUM_HEADS, BLOCK_H)): BLOCK_T consecutive query
+        rows of one sequence (tile slots as the prefill kernel's: ``_find_seq``) times BLOCK_H heads, as
+        BLOCK_T * BLOCK_H rows sharing each tile of cached vectors, causal per row, FlashAttention-style
+        in log2 units. Decode-only steps use BLOCK_T = 1."""
+        pid = tl.program_id(0)
         h0 = tl.program_id(1) * BLOCK_H
-        seq = _token_seq(QueryStartLoc, num_seqs, t)
+        seq = _find_seq(QueryStartLoc, num_seqs, pid, BLOCK_T)
         q_start = tl.load(QueryStartLoc + seq)
-        q_end = tl.load(QueryStartLoc + seq + 1)
+        q_len = tl.load(QueryStartLoc + seq + 1) - q_start
+        tile = pid - (q_start // BLOCK_T + seq)
         seq_len = tl.load(SeqLens + seq)
         pdl_prologue(PDL)
-        if t >= q_end:  # a padding row (past the last sequence): left as the caller's zeros
+        if tile * BLOCK_T >= q_len:
             return
-        pos = seq_len - (q_end - q_start) + (t - q_start)
-        heads = h0 + tl.arange(0, BLOCK_H)
-        hmask = heads < NUM_HEADS
+        rows = tl.arange(0, BLOCK_T * BLOCK_H)
+        tok = tile * BLOCK_T + rows // BLOCK_H  # index in the sequence's query rows
+        heads = h0 + rows % BLOCK_H
+        row_mask = (tok < q_len) & (heads < NUM_HEADS)
+        pos = seq_len - q_len + tok
+        last = seq_len - q_len + tl.minimum(tile * BLOCK_T + BLOCK_T, q_len) - 1  # the tile's last position
         offs_l = tl.arange(0, BLOCK_L)
         offs_r = tl.arange(0, BLOCK_R)
         lmask = offs_l < LATENT
         rmask = offs_r < ROPE
-        q_row = Q + t.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
-        q_c = tl.load(q_row + offs_l[None, :], mask=hmask[:, None] & lmask[None, :], other=0.0)
-        q_r = tl.load(q_row + LATENT + offs_r[None, :], mask=hmask[:, None] & rmask[None, :], other=0.0)
+        q_row = Q + (q_start + tok).to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh
+        q_c = tl.load(q_row + offs_l[None, :], mask=row_mask[:, None] & lmask[None, :], other=0.0)
+        q_r = tl.load(q_row + LATENT + offs_r[None, :], mask=row_mask[:, None] & rmask[None, :], other=0.0)
         if DOT_F32:
             q_c = q_c.to(tl.float32)
             q_r = q_r.to(tl.float32)
-        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_L], tl.float32)
-        for t0 in range(0, pos + 1, TILE_N):
+        m_i = tl.full([BLOCK_T * BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_T * BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_T * BLOCK_H, BLOCK_L], tl.float32)
+        for t0 in range(0, last + 1, TILE_N):
             toks = t0 + tl.arange(0, TILE_N)
-            nmask = toks <= pos
+            nmask = toks <= last
             blk = tl.load(BlockTables + seq * stride_bt + toks // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
             base = Cache + blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct
             c = tl.load(base[:, None] + offs_l[None, :], mask=nmask[:, None] & lmask[None, :], other=0.0)
@@ -147,21 +141,24 @@ if triton is not None:
                 r = r.to(tl.float32)
             qk = tl.dot(q_c, tl.trans(c), input_precision=DOT_PREC)
             qk = tl.dot(q_r, tl.trans(r), qk, input_precision=DOT_PREC) * scale_log2
-            qk = tl.where(nmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            qk = tl.where((toks[None, :] <= pos[:, None]) & nmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: key 0 is visible to every row in the first tile
             p = tl.math.exp2(qk - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PREC)
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(Out + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_l[None, :],
-                 out.to(Out.dtype.element_ty), mask=hmask[:, None] & lmask[None, :])
+        tl.store(Out + (q_start + tok).to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh
+                 + offs_l[None, :], out.to(Out.dtype.element_ty), mask=row_mask[:, None] & lmask[None, :])
 
 
 def triton_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                         latent_dim: int, block_h: int = 16, tile_n: Optional[int] = None) -> torch.Tensor:
-    """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); same contract as the torch one."""
+                         latent_dim: int, block_h: int = 16, tile_n: Optional[int] = None,
+                         prefill_block_t: int = 2) -> torch.Tensor:
+    """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); same contract as the torch one.
+    ``prefill_block_t``: query rows per program when the step has prefill chunks (they share each
+    tile of cached vectors: fewer reads); decode-only steps take one."""
     num_tokens, num_heads, dim = q.shape
     out = torch.zeros(num_tokens, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or metadata.num_seqs == 0:
@@ -169,16 +166,17 @@ def triton_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, metadata: 
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     dot_f32 = q.dtype == torch.bfloat16 and interp  # the interpreter's bf16 dot is wrong
     block_l = max(16, triton.next_power_of_2(latent_dim))
-    _mla_kernel[(num_tokens, triton.cdiv(num_heads, block_h))](
+    block_t = 1 if metadata.max_query_len <= 1 else prefill_block_t  # decodes: one row per sequence
+    _mla_kernel[(num_tokens // block_t + metadata.num_seqs, triton.cdiv(num_heads, block_h))](
         q, latent_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, out,
         scale * 1.4426950408889634, metadata.num_seqs,
         q.stride(0), q.stride(1), latent_cache.stride(0), latent_cache.stride(1), metadata.block_tables.stride(0),
         out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, BLOCK_H=block_h, LATENT=latent_dim, ROPE=dim - latent_dim, BLOCK_L=block_l,
-        BLOCK_R=max(16, triton.next_power_of_2(dim - latent_dim)), BLOCK_SIZE=latent_cache.shape[1],
+        NUM_HEADS=num_heads, BLOCK_H=block_h, BLOCK_T=block_t, LATENT=latent_dim, ROPE=dim - latent_dim,
+        BLOCK_L=block_l, BLOCK_R=max(16, triton.next_power_of_2(dim - latent_dim)), BLOCK_SIZE=latent_cache.shape[1],
         TILE_N=tile_n or (32 if block_l <= 512 else 16),
         DOT_PREC="ieee" if q.dtype == torch.float32 or dot_f32 else "tf32", DOT_F32=dot_f32,
-        num_warps=4, num_stages=2, **pdl.launch_args(q.device))
+        num_warps=4 if block_t == 1 else 8, num_stages=2, **pdl.launch_args(q.device))
     return out
 
 
