@@ -1,0 +1,28 @@
+"""tests/benchmarks/spec_decode_bench.py runs end to end on the CPU with a tiny model (the GPU run is
+in docs/speculative_decoding.md): its JSON has a row per k, acceptance metrics and the token check."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import spec_decode_bench  # noqa: E402
+
+
+def test_spec_decode_bench_script(tiny_model_dir, tmp_path):
+    out = tmp_path / "spec.json"
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"prompts": ["One two three four five six seven one two three four five six",
+                                               "The quick brown fox jumps over the lazy dog. The quick brown"]}))
+    assert spec_decode_bench.main(["--model", str(tiny_model_dir("llama")), "--prompts", str(prompts),
+                                   "--output-len", "12", "--max-model-len", "128", "--num-speculative-tokens", "2",
+                                   "--prompt-lookup-min", "1", "--prompt-lookup-max", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    off, k2 = res["rows"]
+    assert (off["k"], k2["k"]) == (0, 2) and off["tpot_ms_p50"] > 0 and k2["tpot_ms_p50"] > 0
+    assert k2["same_tokens_as_off"] is True and k2["num_drafts"] > 0
+    assert 0 <= k2["acceptance_rate"] <= 1 and len(k2["per_position_acceptance"]) <= 2
+    assert "acceptance_rate" not in off
