@@ -76,3 +76,33 @@ def test_bad_json_and_bad_type():
         parse("{method: ngram}")
     with pytest.raises(ValueError, match="speculative_config must be a JSON object"):
         parse("[1, 2]")
+
+
+# ---- the engine's side: EngineArgs, the CLI flag ----------------------------------------------------
+def test_cli_flag_reaches_the_engine_config(tiny_model_dir):
+    from vllm_engine.cli import build_parser
+    from vllm_engine.config import EngineArgs
+
+    model = str(tiny_model_dir("llama"))
+    for command in (["generate", "--model", model], ["serve", model]):
+        args = build_parser().parse_args(
+            command + ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, '
+                                               '"prompt_lookup_max": 4, "prompt_lookup_min": 2}']
+            + (["hi"] if command[0] == "generate" else []))
+        config = EngineArgs.from_cli_args(args).create_engine_config()
+        assert config.speculative == SpeculativeConfig("ngram", 3, None, 4, 2)
+    config = EngineArgs(model=model).create_engine_config()
+    assert config.speculative is None
+
+
+@pytest.mark.parametrize("spec, kwargs, match", [
+    ({"model": "/no/draft", "num_speculative_tokens": 2}, {}, r"speculative_config\.method 'draft_model'"),
+    ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, {}, r"speculative_config\.method 'eagle3'"),
+    ({"method": "ngram", "num_speculative_tokens": 2}, {"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
+    ('{"method": "ngram"}', {}, r"speculative_config\.num_speculative_tokens"),
+])
+def test_engine_refuses_what_it_does_not_serve(tiny_model_dir, spec, kwargs, match):
+    from vllm_engine.config import EngineArgs
+
+    with pytest.raises(ValueError, match=match):
+        EngineArgs(model=str(tiny_model_dir("llama")), speculative_config=spec, **kwargs).create_engine_config()
