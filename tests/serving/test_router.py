@@ -155,6 +155,31 @@ def test_tokenize_goes_to_a_replica_of_the_model(router, replicas):
     assert all(s["outstanding_tokens"] == 0 and s["in_flight"] == 0 for s in status)
 
 
+def test_a_client_leaving_a_stream_aborts_it_on_the_replica(router, replicas):
+    import time
+
+    def aborted() -> float:
+        text = httpx.get(f"{replicas[2].url}/metrics").text
+        return parse_metrics(text, "tiny-b").get("vllm_engine:request_success_total{finished_reason=abort}", 0.0)
+
+    before = aborted()
+    body = {"model": "tiny-b", "prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{router.url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # one event, then hang up
+    engine = replicas[2].app.state.async_engine
+    deadline = time.time() + 10
+    while True:
+        stats = asyncio.run(engine.get_stats())
+        status = httpx.get(f"{router.url}/router/replicas").json()["replicas"][2]
+        if stats.num_running == stats.num_waiting == 0 and status["in_flight"] == 0:
+            break
+        assert time.time() < deadline, (stats, status)
+        time.sleep(0.05)
+    assert stats.num_free_blocks == stats.num_total_blocks and status["outstanding_tokens"] == 0
+    assert aborted() == before + 1  # ended by the hang-up, not by finishing
+
+
 def test_bad_requests_are_400s_in_openais_shape(router):
     r = httpx.post(f"{router.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}

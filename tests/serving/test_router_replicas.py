@@ -116,5 +116,7 @@ def test_config_files_are_checked(tmp_path):
 
 
 def test_replica_command_lines_drop_the_routers_flags():
+    flags = {"--data-parallel-size", "-dp", "--host", "--port"}
     argv = ["m", "--port", "9", "--data-parallel-size=2", "--host", "0.0.0.0", "--max-model-len", "256"]
-    assert strip_flags(argv, {"--data-parallel-size", "--host", "--port"}) == ["m", "--max-model-len", "256"]
+    assert strip_flags(argv, flags) == ["m", "--max-model-len", "256"]
+    assert strip_flags(["m", "-dp", "2", "-tp", "2"], flags) == ["m", "-tp", "2"]

@@ -38,7 +38,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=positive_seconds, default=None, metavar="SECONDS",
                         help="Abort a request still unfinished this long after it arrived (HTTP 408, or an error "
                              "event in a stream); its KV blocks are freed. Default: no deadline.")
-    parser.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
                         help="Start N replicas of this command (each with its own GPUs, or CPU processes) behind "
                              "a cache-aware router on --host/--port (docs/serving.md).")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],

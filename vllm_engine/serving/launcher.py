@@ -244,6 +244,6 @@ def run_data_parallel(args: argparse.Namespace) -> int:
     argv = getattr(args, "serve_argv", None)
     if argv is None:
         raise ValueError("--data-parallel-size needs the command line (run it through `vllm-engine serve`)")
-    replica_argv = strip_flags(argv, {"--data-parallel-size", "--host", "--port"})
+    replica_argv = strip_flags(argv, {"--data-parallel-size", "-dp", "--host", "--port"})
     return serve_replicas([replica_argv] * args.data_parallel_size, [], args.host, args.port, args.api_key,
                           args.log_level)
