@@ -95,3 +95,26 @@ def test_the_openai_client_sees_the_timeout_and_short_requests_finish(slow_serve
 def test_a_bad_timeout_is_refused():
     with pytest.raises(ValueError, match="request_timeout"):
         AsyncEngine(object(), request_timeout=0, start=False)
+
+
+def test_the_deadline_counts_from_the_http_request(slow_server, monkeypatch):
+    """Time spent before the engine (here a slow tokenizer) counts: the request is refused with a 408
+    without ever being queued."""
+    import asyncio
+
+    ctx = slow_server.app.state.ctx
+    tokenize = ctx.tokenize
+
+    async def slow_tokenize(*args, **kwargs):
+        await asyncio.sleep(TIMEOUT_S + 0.1)
+        return await tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(ctx, "tokenize", slow_tokenize)
+    prompt_tokens = asyncio.run(slow_server.app.state.async_engine.get_stats()).num_prompt_tokens_total
+    r = httpx.post(f"{slow_server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    monkeypatch.setattr(ctx, "tokenize", tokenize)
+    ok = httpx.post(f"{slow_server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200  # the slow one never reached the engine; this one did
+    after = asyncio.run(slow_server.app.state.async_engine.get_stats()).num_prompt_tokens_total
+    assert after - prompt_tokens == ok.json()["usage"]["prompt_tokens"]

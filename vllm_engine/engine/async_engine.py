@@ -16,7 +16,8 @@ frees its KV blocks at once. An exception in the loop fails every in-flight requ
 ``add_dead_callback`` run (the server uses one to exit non-zero).
 
 ``request_timeout`` (seconds, None = off; the server's ``--request-timeout``): a request still
-unfinished that long after its arrival is aborted (its KV blocks freed at once, even if nobody reads
+unfinished that long after ``request_started_at`` (the server sets it as the HTTP request arrives;
+else the request's arrival time) is refused or aborted (its KV blocks freed at once, even if nobody reads
 its stream) and its stream raises ``RequestTimeoutError``. One timer per request on its caller's event
 loop; the loop thread is untouched.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import logging
 import threading
 import time
@@ -65,6 +67,13 @@ class RequestTimeoutError(RuntimeError):
         super().__init__(f"The request exceeded the server's request timeout of {timeout:g} s and was aborted.")
         self.request_id = request_id
         self.timeout = timeout
+
+
+# When the caller's work on a request began (the server sets it as an HTTP request arrives): a
+# request's deadline counts from then, so tokenization and grammar compiles count too. Unset: from
+# the request's arrival_time.
+request_started_at: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar("request_started_at",
+                                                                                     default=None)
 
 
 class StatLogger(Protocol):
@@ -240,6 +249,14 @@ class AsyncEngine:
                 raise ValueError(f"request id {request_id!r} is already in use.")
             self._streams[request_id] = stream
         arrival_time = arrival_time if arrival_time is not None else time.time()
+        deadline = None
+        if self.request_timeout is not None:
+            deadline = (request_started_at.get() or arrival_time) + self.request_timeout
+            if time.time() >= deadline:  # spent before it reached the engine (a long grammar compile)
+                with self._lock:
+                    self._streams.pop(request_id, None)
+                stream.finished = True
+                raise RequestTimeoutError(request_id, self.request_timeout)
         fut = self._submit("add", (request_id, prompt, params, arrival_time, priority))
         try:
             await asyncio.shield(asyncio.wrap_future(fut))
@@ -253,9 +270,9 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             stream.finished = True
             raise
-        if self.request_timeout is not None:
-            delay = arrival_time + self.request_timeout - time.time()
-            stream.deadline_timer = loop.call_later(max(0.0, delay), self._expire, stream, self.request_timeout)
+        if deadline is not None:
+            stream.deadline_timer = loop.call_later(max(0.0, deadline - time.time()), self._expire, stream,
+                                                    self.request_timeout)
         return stream
 
     def _expire(self, stream: _Stream, timeout: float) -> None:

@@ -29,7 +29,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_engine import envs
-from vllm_engine.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestTimeoutError
+from vllm_engine.engine.async_engine import (
+    AsyncEngine, EngineDeadError, QueueFullError, RequestTimeoutError, request_started_at)
 from vllm_engine.serving import openapi as oas
 from vllm_engine.serving.dashboard import DASHBOARD_PATHS, add_dashboard
 from vllm_engine.sampling_params import SamplingParamsError, StructuredOutputsParams
@@ -419,12 +420,14 @@ def create_app(async_engine: AsyncEngine, chat_template: Optional[str] = None, a
               responses=oas.generation_responses(CompletionResponse, CompletionStreamResponse))
     async def completions(raw_request: Request) -> Response:
         """Completes prompts (text, token ids, or batches of either); streams with `"stream": true`."""
+        request_started_at.set(time.time())  # --request-timeout counts from here
         return await create_completion(ctx, await _parse(raw_request, CompletionRequest), raw_request)
 
     @app.post("/v1/chat/completions", response_model=None, openapi_extra=oas.json_body(ChatCompletionRequest),
               responses=oas.generation_responses(ChatCompletionResponse, ChatCompletionStreamResponse))
     async def chat_completions(raw_request: Request) -> Response:
         """Answers a conversation through the chat template; streams with `"stream": true`."""
+        request_started_at.set(time.time())  # --request-timeout counts from here
         return await create_chat_completion(ctx, await _parse(raw_request, ChatCompletionRequest), raw_request)
 
     add_dashboard(app, async_engine, metrics)
