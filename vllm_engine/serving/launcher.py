@@ -152,7 +152,8 @@ def stop(replicas: list[ReplicaProcess], grace: float = 20.0) -> None:
 
 def serve_replicas(argvs: list[list[str]], backends: list[str], host: str, port: int, api_key: Optional[str],
                    log_level: str = "info", startup_timeout: float = 1800.0, **router_kwargs: Any) -> int:
-    """Launches a replica per argument list, then runs the router over them and ``backends`` until it stops."""
+    """Launches a replica per argument list, then runs the router over them and ``backends`` until it stops;
+    returns 1 at once if a replica exits (or is not ready after ``startup_timeout``) first."""
     import uvicorn
 
     from vllm_engine.serving.router import create_router_app
@@ -162,7 +163,11 @@ def serve_replicas(argvs: list[list[str]], backends: list[str], host: str, port:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     replicas = launch(argvs)
     try:
-        wait_ready(replicas, startup_timeout)
+        try:
+            wait_ready(replicas, startup_timeout)
+        except RuntimeError as e:  # a replica could not start (its own log says why, above)
+            logger.error("%s", e)
+            return 1
         urls = [r.url for r in replicas] + list(backends)
         app = create_router_app(urls, api_key=api_key, pids={r.url: r.proc.pid for r in replicas}, **router_kwargs)
         logger.info("router at http://%s:%d/v1 over %d replicas", host, port, len(urls))
