@@ -159,3 +159,30 @@ def test_a_token_the_grammar_refuses_ends_only_its_request(smol_engine, monkeypa
         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)], use_tqdm=False)
     assert outs[0].outputs[0].finish_reason == "error" and "refused token" in outs[0].error
     assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].outputs[0].token_ids) == 6
+
+
+def test_constrained_requests_in_a_step_that_verifies_proposals(smollm2_gguf, smol_engine):
+    """n-gram speculation proposes for a repetitive request; a constrained request (never speculated)
+    shares its verifying steps: it keeps its grammar there, and the speculated request's tokens are
+    plain decoding's."""
+    from vllm_engine import Engine
+
+    from .conftest import SMOL_KWARGS
+
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    repetitive = "One two three four five six seven eight nine ten. One two three four five six seven eight"
+    plain = SamplingParams(temperature=0, max_tokens=16)
+    constrained = SamplingParams(temperature=0, max_tokens=24,
+                                 structured_outputs=StructuredOutputsParams(json=PERSON))
+    prompt = chat_prompt(smol_engine, "Describe a person as JSON.")
+    expected = smol_engine.generate(repetitive, plain, use_tqdm=False)
+    engine = Engine(model=str(smollm2_gguf), speculative_config=ngram, **SMOL_KWARGS)
+    try:
+        outs = engine.generate([repetitive, prompt], [plain, constrained], use_tqdm=False)
+        drafts = engine.scheduler.spec_stats.num_drafts
+    finally:
+        engine.shutdown()
+    assert drafts > 0  # steps that verified proposals, with the constrained request in them
+    assert outs[0].outputs[0].token_ids == expected.outputs[0].token_ids
+    assert outs[1].outputs[0].finish_reason == "stop", outs[1].error
+    jsonschema.validate(json.loads(outs[1].outputs[0].text), PERSON)

@@ -364,3 +364,35 @@ def test_a_template_without_tools_gets_the_hermes_prompt_and_text_calls(tmp_path
     assert convo[3] == {"role": "tool", "content": "<tool_response>\n3 degrees\n</tool_response>"}
     text = tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
     assert "<tools>" in text and "<tool_call>" in text
+
+
+def test_verify_masks_cover_each_constrained_requests_rows(smollm2_gguf):
+    """A verifying step: request 0 (unconstrained, 1 proposal) owns rows 0-1, request 1 (constrained,
+    2 proposals) rows 2-4: exactly those get its grammar's masks after 0, 1 and 2 proposals."""
+    pytest.importorskip("xgrammar")
+    import numpy as np
+
+    from vllm_engine.model_loader.tokenizer import get_tokenizer
+    from vllm_engine.structured_output import StructuredOutputManager
+    from vllm_engine.structured_output.worker import WorkerGrammars
+    from vllm_engine.worker.request_states import CachedRequestState
+    from vllm_engine.worker.staging import HostStaging
+
+    tok = get_tokenizer(str(smollm2_gguf))
+    eos = tok.eos_token_id
+    manager = StructuredOutputManager(tok, len(tok), [eos])
+    spec = StructuredOutputsParams(regex="(abc|abd)[0-9]{2}")
+    ids = tok.encode("abd42", add_special_tokens=False)
+    reqs = [CachedRequestState(rid, [1, 2], SamplingParams(), 0, frozenset([eos]), 2, token_ids=[1, 2] + out,
+                               output_token_ids=list(out)) for rid, out in (("plain", [7]), ("json", ids[:1]))]
+    grammars = WorkerGrammars(None, manager)
+    grammars.grammars["json"] = manager.new_grammar(spec)
+    drafts = {"plain": [8], "json": ids[1:3]}
+    mask, rows = grammars.fill_verify(reqs, [1, 2], drafts, HostStaging(torch.device("cpu")), lambda: None, {})
+    assert rows.tolist() == [2, 3, 4]
+    want = np.zeros((3, manager.bitmask_width), dtype=np.int32)
+    reference = manager.new_grammar(spec)
+    reference.advance(ids[:1])
+    reference.fill_draft_bitmasks(ids[1:3], want, 0)
+    assert np.array_equal(mask.numpy(), want)
+    assert grammars.grammars["json"].num_accepted == 1  # proposals are not taken in: verification decides

@@ -31,6 +31,7 @@ from vllm_engine.core.sched_output import SampledLogprobs
 from vllm_engine.layers.sampler import (
     SamplingMetadata, apply_logit_bias_and_min_tokens, apply_min_p, apply_penalties, apply_top_k_top_p,
     compute_logprobs_topk, exponential_race)
+from vllm_engine.structured_output.bitmask import apply_token_bitmask
 from vllm_engine.utils import host_to_device
 
 
@@ -79,7 +80,8 @@ def processed_target(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[Opti
                                                                            Optional[torch.Tensor]]:
     """(argmax of the penalised logits or None when no row is greedy, probabilities [R, V] float32
     of the processed distribution or None when every row is greedy), as ``Sampler`` computes them."""
-    assert meta.grammar_bitmask is None, "structured-output requests are not speculated"
+    if meta.grammar_bitmask is not None:  # structured outputs: what each row's grammar allows, as Sampler
+        logits = apply_token_bitmask(logits, meta.grammar_bitmask, meta.grammar_rows)
     logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     apply_logit_bias_and_min_tokens(logits, meta)
     apply_penalties(logits, meta)

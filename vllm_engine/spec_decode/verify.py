@@ -87,9 +87,11 @@ class VerifiedStep:
 
 def verify(logits: torch.Tensor, states: list["CachedRequestState"], req_indices: list[int],
            num_drafts: list[int], spec: dict[str, list[int]], generators: dict[int, torch.Generator],
-           device: torch.device, staging: Optional["HostStaging"] = None) -> VerifiedStep:
+           device: torch.device, staging: Optional["HostStaging"] = None,
+           grammar: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> VerifiedStep:
     """Verifies the sampled requests ``states`` (``num_drafts[b]`` proposals each, ``logits`` their
-    rows in order: [sum(num_drafts) + B, V]); ``generators``: request index b -> seeded generator."""
+    rows in order: [sum(num_drafts) + B, V]); ``generators``: request index b -> seeded generator;
+    ``grammar``: (bitmask, rows) of the structured-output rows (``WorkerGrammars.fill_verify``)."""
     params, outputs, prompts, eos, drafts = [], [], [], [], []
     for st, k in zip(states, num_drafts):
         d = spec.get(st.req_id, []) if k else []
@@ -104,6 +106,8 @@ def verify(logits: torch.Tensor, states: list["CachedRequestState"], req_indices
             eos.append(st.eos_token_ids)
         drafts.extend(d)
     meta = SamplingMetadata.from_requests(params, outputs, prompts, eos, {}, logits.shape[-1], device, staging)
+    if grammar is not None:
+        meta.grammar_bitmask, meta.grammar_rows = grammar
     layout = DraftLayout.build(num_drafts, device)
     draft_ids = host_to_device(torch.tensor(drafts, dtype=torch.int64), device)
     res = rejection_sample(logits, meta, layout, draft_ids, None, generators)

@@ -89,6 +89,35 @@ class WorkerGrammars:
         if self.fill_seconds is not None:
             self.fill_seconds.append((len(rows), time.perf_counter() - t0))
 
+    def fill_verify(self, reqs: list["CachedRequestState"], num_draft_tokens: list[int],
+                    draft_token_ids: dict[str, list[int]], staging: "HostStaging",
+                    read_pending_tokens: Callable[[], None], failed: dict[str, str]
+                    ) -> Optional[tuple[Any, Any]]:
+        """For a step that verifies proposals (spec_decode/verify.py): ``reqs[b]`` owns
+        ``num_draft_tokens[b] + 1`` consecutive logits rows; a constrained request's rows get the masks
+        after each of its proposals (``RequestGrammar.fill_draft_bitmasks``). Returns the device
+        (bitmask, rows) for the verification's SamplingMetadata, or None when no row is constrained."""
+        grammars = self.grammars
+        constrained = [b for b, r in enumerate(reqs) if r.req_id in grammars]
+        if not constrained:
+            return None
+        if any(reqs[b].output_token_ids[-1:] == [PLACEHOLDER_TOKEN_ID] for b in constrained):
+            read_pending_tokens()
+        first_row = np.concatenate([[0], np.cumsum(np.asarray(num_draft_tokens) + 1)[:-1]]).astype(np.int64)
+        rows = np.concatenate([first_row[b] + np.arange(num_draft_tokens[b] + 1) for b in constrained])
+        bitmask = self._rows(len(rows), self.manager.bitmask_width)
+        at = 0
+        for b in constrained:
+            r, k = reqs[b], num_draft_tokens[b]
+            grammar = grammars[r.req_id]
+            grammar.advance(r.output_token_ids)
+            if grammar.rejected is not None:
+                failed[r.req_id] = f"the grammar refused token {grammar.rejected}"
+            grammar.fill_draft_bitmasks(draft_token_ids.get(r.req_id, [])[:k], bitmask, at)
+            at += k + 1
+        mask_dev, rows_dev = staging.stage(bitmask, rows.astype(np.int64))
+        return mask_dev, rows_dev
+
     def _rows(self, n: int, width: int) -> np.ndarray:
         if self._bitmask is None or self._bitmask.shape[0] < n:
             self._bitmask = np.zeros((max(n, 2 * (0 if self._bitmask is None else self._bitmask.shape[0])), width),

@@ -308,8 +308,12 @@ class ModelRunner:
                 except Exception as e:  # noqa: BLE001 - this request's fault: the engine ends it, the batch runs
                     logger.exception("request %s: cannot seed its generator", req.req_id)
                     handle.output.failed[req.req_id] = f"{type(e).__name__}: {e}"
+        grammar = None
+        if self.grammars:  # structured-output requests in the step: their rows masked as in _sample
+            grammar = self.grammars.fill_verify(reqs, inputs.num_draft_tokens, spec, self.staging,
+                                                self._read_last_tokens, handle.output.failed)
         handle.verified = verify(logits, reqs, inputs.sample_req_indices, inputs.num_draft_tokens, spec,
-                                 generators, self.device, self.staging)
+                                 generators, self.device, self.staging, grammar)
 
     def _read_last_tokens(self) -> None:
         """The latest launch's sampled ids to the host now, ahead of its collect (structured outputs)."""
