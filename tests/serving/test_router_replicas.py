@@ -120,3 +120,18 @@ def test_replica_command_lines_drop_the_routers_flags():
     argv = ["m", "--port", "9", "--data-parallel-size=2", "--host", "0.0.0.0", "--max-model-len", "256"]
     assert strip_flags(argv, flags) == ["m", "--max-model-len", "256"]
     assert strip_flags(["m", "-dp", "2", "-tp", "2"], flags) == ["m", "-tp", "2"]
+
+
+def test_each_replica_gets_its_own_gpus(monkeypatch):
+    import torch
+
+    from vllm_engine.serving.launcher import device_slices, world_size
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert device_slices([world_size(["m"]), world_size(["m", "-tp", "2"])]) == ["0", "1,2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert device_slices([1, 2]) == ["4", "5,6"]
+    with pytest.raises(ValueError, match="need 4 GPUs"):
+        device_slices([2, 2])

@@ -74,6 +74,8 @@ def world_size(argv: list[str]) -> int:
 
 def device_slices(sizes: list[int]) -> list[Optional[str]]:
     """``CUDA_VISIBLE_DEVICES`` for each replica (None everywhere on a host without CUDA devices)."""
+    if not sizes:  # a router over running servers only: no need to import torch
+        return []
     import torch
 
     if not torch.cuda.is_available():
