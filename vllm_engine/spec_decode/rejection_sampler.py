@@ -22,7 +22,7 @@ per-request ``torch.Generator``), so a seeded request reproduces whatever the ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,30 +34,46 @@ from vllm_engine.layers.sampler import (
 from vllm_engine.structured_output.bitmask import apply_token_bitmask
 from vllm_engine.utils import host_to_device
 
+if TYPE_CHECKING:
+    from vllm_engine.worker.staging import HostStaging
+
 
 @dataclass
 class DraftLayout:
     """Where each request's rows are: request b has ``num_draft_tokens[b]`` (k_b) draft rows
     followed by its bonus row, from flat row ``first_row[b]``; rows total R = sum(k_b + 1).
-    Device tensors: ``draft_rows`` [D] (D = sum k_b), ``draft_req`` [D] (the request of each
-    draft), ``draft_pos`` [D] (0..k_b - 1), ``first_row`` [B]."""
+    Device tensors (built on the host, one copy each, so that nothing here waits for the device):
+    ``num_drafts`` [B], ``first_row`` [B], ``draft_rows`` [D] (D = sum k_b), ``draft_req`` [D] (the
+    request of each draft), ``draft_pos`` [D] (0..k_b - 1), ``row_req`` / ``row_col`` [R] (each
+    row's request and its index among that request's rows)."""
 
     num_draft_tokens: list[int]
     max_drafts: int
+    num_drafts: torch.Tensor
     first_row: torch.Tensor
     draft_rows: torch.Tensor
     draft_req: torch.Tensor
     draft_pos: torch.Tensor
+    row_req: torch.Tensor
+    row_col: torch.Tensor
 
     @classmethod
-    def build(cls, num_draft_tokens: Sequence[int], device: torch.device) -> "DraftLayout":
+    def build(cls, num_draft_tokens: Sequence[int], device: torch.device,
+              staging: Optional["HostStaging"] = None) -> "DraftLayout":
+        """``staging`` (the runner's worker/staging.HostStaging): one host-to-device copy for all."""
         k = np.asarray(num_draft_tokens, dtype=np.int64)
         first = np.zeros(k.size, dtype=np.int64)
         np.cumsum(k[:-1] + 1, out=first[1:])
         req = np.repeat(np.arange(k.size, dtype=np.int64), k)
         pos = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
         rows = first[req] + pos
-        t = [host_to_device(torch.from_numpy(a), device) for a in (first, rows, req, pos)]
+        row_req = np.repeat(np.arange(k.size, dtype=np.int64), k + 1)
+        row_col = np.arange(row_req.size, dtype=np.int64) - first[row_req]
+        arrays = (k, first, rows, req, pos, row_req, row_col)
+        if staging is not None:
+            t = staging.stage(*arrays)
+        else:
+            t = [host_to_device(torch.from_numpy(a), device) for a in arrays]
         return cls(list(map(int, k)), int(k.max(initial=0)), *t)
 
     @property
@@ -126,8 +142,7 @@ def rejection_sample(target_logits: torch.Tensor, meta: SamplingMetadata, layout
     # Accepted count per request: the drafts before the first rejection.
     ok = torch.ones(B, K + 1, dtype=torch.int64, device=device)
     ok[:, K] = 0  # stops the count at k_b when all are accepted (padding past k_b is a stop too)
-    pad_stop = torch.arange(K + 1, device=device).unsqueeze(0) >= torch.tensor(
-        layout.num_draft_tokens, device=device).unsqueeze(1)
+    pad_stop = torch.arange(K + 1, device=device).unsqueeze(0) >= layout.num_drafts.unsqueeze(1)
     ok.masked_fill_(pad_stop, 0)
     ok[layout.draft_req, layout.draft_pos] = accepted.to(torch.int64)
     num_accepted = ok.cumprod(dim=1).sum(dim=1)  # [B]
@@ -145,7 +160,7 @@ def rejection_sample(target_logits: torch.Tensor, meta: SamplingMetadata, layout
 
     row_logprobs = None
     if meta.max_num_logprobs is not None:
-        row_tokens = _row_tokens(token_ids, layout)
+        row_tokens = token_ids[layout.row_req, layout.row_col]
         row_logprobs = compute_logprobs_topk(target_logits, row_tokens.clamp_min(0), meta.max_num_logprobs)
     return RejectionOutput(token_ids, row_logprobs)
 
@@ -180,7 +195,7 @@ def _final_tokens(probs: Optional[torch.Tensor], greedy_ids: Optional[torch.Tens
     if probs is None:
         return greedy_final
     dist = probs[final_rows]  # [B, V], a copy
-    k = torch.tensor(layout.num_draft_tokens, device=dist.device)
+    k = layout.num_drafts
     rejected = num_accepted < k
     if bool(layout.draft_rows.numel()):
         # The draft index of each request's rejected draft (clamped for requests with none rejected).
@@ -196,10 +211,3 @@ def _final_tokens(probs: Optional[torch.Tensor], greedy_ids: Optional[torch.Tens
         return random_final
     return torch.where(greedy_row[final_rows], greedy_final, random_final)
 
-
-def _row_tokens(token_ids: torch.Tensor, layout: DraftLayout) -> torch.Tensor:
-    """[R] the output token at each flat row: row first_row[b] + j holds token_ids[b, j]."""
-    k = torch.tensor(layout.num_draft_tokens, device=token_ids.device)
-    req = torch.repeat_interleave(torch.arange(k.numel(), device=token_ids.device), k + 1)
-    col = torch.arange(req.numel(), device=token_ids.device) - layout.first_row[req]
-    return token_ids[req, col]

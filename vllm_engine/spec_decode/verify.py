@@ -108,7 +108,7 @@ def verify(logits: torch.Tensor, states: list["CachedRequestState"], req_indices
     meta = SamplingMetadata.from_requests(params, outputs, prompts, eos, {}, logits.shape[-1], device, staging)
     if grammar is not None:
         meta.grammar_bitmask, meta.grammar_rows = grammar
-    layout = DraftLayout.build(num_drafts, device)
+    layout = DraftLayout.build(num_drafts, device, staging)
     draft_ids = host_to_device(torch.tensor(drafts, dtype=torch.int64), device)
     res = rejection_sample(logits, meta, layout, draft_ids, None, generators)
     first_row = np.concatenate([[0], np.cumsum(np.asarray(num_drafts) + 1)[:-1]]).tolist()
