@@ -8,7 +8,9 @@ latency and end-to-end latency percentiles, throughput and goodput under latency
         --out results/serving.json --plot results/serving.png
 
 Requests are /v1/completions with token-id prompts (exact input lengths for any model: ids drawn
-below --vocab-size) and ``ignore_eos`` (exact output lengths), streamed with usage. Per request:
+below --vocab-size) and ``ignore_eos`` (exact output lengths), streamed with usage. A model without a
+tokenizer (dummy weights of a bundled config) streams no text: the requests then ask for each token's
+logprob (``logprobs: 0``), so that every step still sends a chunk (a little sampler work more). Per request:
 TTFT = first content chunk - send time; TPOT = (end - first chunk) / (output tokens - 1); ITL = the
 gaps between content chunks (a chunk can carry several tokens when the client lags); E2E = end - send.
 Goodput: requests per second that met every --goodput target (a one-token output meets any TPOT target);
@@ -79,10 +81,14 @@ def make_requests(dataset: str, num: int, input_len: int, output_len: int, range
     return out
 
 
-async def send(client: httpx.AsyncClient, url: str, model: str, req: Request, headers: dict) -> Result:
-    """One streamed completion, timed."""
+async def send(client: httpx.AsyncClient, url: str, model: str, req: Request, headers: dict,
+               token_logprobs: bool = False) -> Result:
+    """One streamed completion, timed. ``token_logprobs``: ask for each token's logprob, so that a model
+    without a tokenizer (no text to stream) still sends a chunk per step."""
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "ignore_eos": True,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if token_logprobs:
+        body["logprobs"] = 0
     res = Result(ok=False, send_time=time.perf_counter())
     last = None
     try:
@@ -98,7 +104,8 @@ async def send(client: httpx.AsyncClient, url: str, model: str, req: Request, he
                     res.error = chunk["error"]["message"]
                     return res
                 now = time.perf_counter()
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                choice = chunk["choices"][0] if chunk.get("choices") else {}
+                if choice.get("text") or (choice.get("logprobs") or {}).get("tokens"):
                     if last is None:
                         res.ttft = now - res.send_time
                     else:
@@ -117,7 +124,8 @@ async def send(client: httpx.AsyncClient, url: str, model: str, req: Request, he
 
 
 async def run_point(url: str, model: str, requests: list[Request], rate: float, concurrency: Optional[int],
-                    burstiness: float, seed: int, headers: dict) -> tuple[list[Result], float]:
+                    burstiness: float, seed: int, headers: dict, token_logprobs: bool = False
+                    ) -> tuple[list[Result], float]:
     """Sends the workload at ``rate`` requests/s (inf: all at once) under ``concurrency``; (results, seconds)."""
     rng = np.random.default_rng(seed)
     gate = asyncio.Semaphore(concurrency) if concurrency else None
@@ -125,9 +133,9 @@ async def run_point(url: str, model: str, requests: list[Request], rate: float, 
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits) as client:
         async def one(req: Request) -> Result:
             if gate is None:
-                return await send(client, url, model, req, headers)
+                return await send(client, url, model, req, headers, token_logprobs)
             async with gate:
-                return await send(client, url, model, req, headers)
+                return await send(client, url, model, req, headers, token_logprobs)
 
         start = time.perf_counter()
         tasks = []
@@ -195,13 +203,14 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
     return slo
 
 
-def server_facts(url: str, headers: dict, model: Optional[str]) -> tuple[str, int]:
-    """(model, its max_model_len) from /v1/models."""
+def server_facts(url: str, headers: dict, model: Optional[str]) -> tuple[str, int, bool]:
+    """(model, its max_model_len, whether it has a tokenizer) from /v1/models and /tokenize."""
     cards = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
     card = next((c for c in cards if c["id"] == model), None) if model else cards[0]
     if card is None:
         raise ValueError(f"{model!r} is not served at {url} ({[c['id'] for c in cards]})")
-    return card["id"], int(card.get("max_model_len") or 2048)
+    tok = httpx.post(f"{url}/tokenize", json={"model": card["id"], "prompt": "a"}, headers=headers, timeout=30)
+    return card["id"], int(card.get("max_model_len") or 2048), tok.status_code == 200
 
 
 def plot(runs: list[dict], path: str) -> None:
@@ -253,20 +262,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     slo = parse_goodput(args.goodput)
     url = args.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    model, max_model_len = server_facts(url, headers, args.model)
+    model, max_model_len, has_tokenizer = server_facts(url, headers, args.model)
+    if not has_tokenizer:
+        print(f"{model} has no tokenizer (dummy weights?): asking for token logprobs to see each step's token")
     requests = make_requests(args.dataset, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                              args.prefix_len, args.vocab_size, max_model_len, args.seed)
     if args.warmup:
         warm = make_requests(args.dataset, args.warmup, args.input_len, args.output_len, args.range_ratio, 0,
                              args.vocab_size, max_model_len, args.seed + 1)
-        asyncio.run(run_point(url, model, warm, math.inf, None, 1.0, args.seed, headers))
+        asyncio.run(run_point(url, model, warm, math.inf, None, 1.0, args.seed, headers, not has_tokenizer))
     runs = []
     print(f"{'rate':>6} {'conc':>5} {'done':>5} {'fail':>4} {'req/s':>7} {'out tok/s':>9} {'TTFT p50/p99 ms':>17} "
           f"{'TPOT p50/p99 ms':>17} {'ITL p99':>8} {'goodput':>7}")
     for conc in args.max_concurrency:
         for rate in args.request_rate:
             results, seconds = asyncio.run(run_point(url, model, requests, rate, conc or None, args.burstiness,
-                                                     args.seed, headers))
+                                                     args.seed, headers, not has_tokenizer))
             row = {"request_rate": rate if math.isfinite(rate) else "inf", "max_concurrency": conc or None,
                    **summarize(results, seconds, requests, slo)}
             runs.append(row)
@@ -274,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{rate:>6} {conc or '-':>5} {row['completed']:>5} {row['failed']:>4} {row['request_throughput']:>7.2f} "
                   f"{row['output_throughput']:>9.1f} {t['p50']:>8.1f}/{t['p99']:<8.1f} {o['p50']:>8.1f}/{o['p99']:<8.1f} "
                   f"{row['itl_ms']['p99']:>8.1f} {row['goodput'] if row['goodput'] is None else round(row['goodput'], 2)!s:>7}")
-    data = {"base_url": url, "model": model, "dataset": args.dataset, "num_prompts": args.num_prompts,
+    data = {"base_url": url, "model": model, "has_tokenizer": has_tokenizer, "dataset": args.dataset, "num_prompts": args.num_prompts,
             "input_len": args.input_len, "output_len": args.output_len, "prefix_len": args.prefix_len,
             "burstiness": args.burstiness, "goodput_slo_ms": slo, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "runs": runs, "sustained_request_rate": {str(c or None): sustained_rate(runs, slo, c or None)

@@ -91,3 +91,23 @@ def test_workloads_fit_the_context():
     assert len({tuple(r.prompt[:16]) for r in reqs}) == 1  # the shared prefix
     lens = [len(r.prompt) for r in serving_bench.make_requests("random", 50, 100, 10, 0.5, 0, 100, 4096, seed=1)]
     assert 50 <= min(lens) < max(lens) <= 150 and not math.isnan(sum(lens))
+
+
+def test_a_model_without_a_tokenizer_is_timed_by_token_logprobs(tiny_dir, tmp_path):
+    """Dummy-weight configs have no tokenizer, so no text streams: the bench asks for token logprobs."""
+    import shutil
+
+    from vllm_engine import Engine
+    from vllm_engine.engine.async_engine import AsyncEngine
+    from vllm_engine.serving.api_server import create_app
+
+    from .conftest import ENGINE_KWARGS, ThreadServer
+
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_dir, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    engine = Engine(model=str(bare), served_model_name="bare", **ENGINE_KWARGS)
+    assert engine.tokenizer is None
+    with ThreadServer(create_app(AsyncEngine(engine))) as srv:
+        data = _run(srv.url, tmp_path, "--max-concurrency", "4")
+    assert data["has_tokenizer"] is False
+    _check_run(data["runs"][0])

@@ -3,7 +3,8 @@
     app = create_router_app(["http://127.0.0.1:8001", "http://127.0.0.1:8002"])
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routing of POST /v1/completions and /v1/chat/completions (and /tokenize, /detokenize, by model only), in order:
+Routing of POST /v1/completions and /v1/chat/completions (and /tokenize, /detokenize, by model only;
+not counted in routed_requests_total), in order:
 
 1. by ``model``: only healthy replicas serving it (404 ``model_not_found`` if none serves it, 503 if
    none of those is healthy); a request without ``model`` may go to any replica;
@@ -247,7 +248,7 @@ class Router:
         outstanding = GaugeMetricFamily(p + "replica_outstanding_tokens",
                                         "Estimated tokens still to process on the replica (prompt + max output).",
                                         labels=lab)
-        routed = CounterMetricFamily(p + "routed_requests", "Requests routed to the replica, by reason.",
+        routed = CounterMetricFamily(p + "routed_requests", "Generation requests routed to the replica, by reason.",
                                      labels=["replica", "reason"])
         failed = CounterMetricFamily(p + "failed_attempts", "Requests that failed on the replica before any byte "
                                      "reached the client (retried elsewhere).", labels=lab)
@@ -436,9 +437,10 @@ async def proxy(router: Router, path: str, body: bytes, request_headers: Any) ->
         except BaseException:
             attempt.release()
             raise
-        replica.routed[reason] += 1
-        if resp.status_code < 400 and path in DEFAULT_MAX_TOKENS:  # its prefix is cached there now
-            router.remember(hashes, replica)
+        if path in DEFAULT_MAX_TOKENS:  # a generation request (not /tokenize)
+            replica.routed[reason] += 1
+            if resp.status_code < 400:  # its prefix is cached there now
+                router.remember(hashes, replica)
         if not isinstance(resp, _RelayResponse):
             attempt.release()
         return resp
