@@ -212,6 +212,22 @@ def test_compile_errors_name_the_field(smollm2_gguf):
     assert manager.submit(StructuredOutputsParams(regex="[0-9]+")) is a  # cached by its text
 
 
+def test_the_grammar_cache_keeps_to_its_byte_budget(smollm2_gguf):
+    pytest.importorskip("xgrammar")
+    from vllm_engine.model_loader.tokenizer import get_tokenizer
+    from vllm_engine.structured_output import StructuredOutputManager
+
+    tok = get_tokenizer(str(smollm2_gguf))
+    small, big = StructuredOutputsParams(regex="[0-9]+"), StructuredOutputsParams(regex="[a-z]{0,300}")
+    probe = StructuredOutputManager(tok, len(tok), [tok.eos_token_id])
+    big_bytes = probe.compile(big).memory_size_bytes
+    manager = StructuredOutputManager(tok, len(tok), [tok.eos_token_id], cache_bytes=big_bytes)
+    first = manager.submit(small)
+    first.result()
+    manager.compile(big)  # together over the budget: the older one goes
+    assert manager.submit(big).done() and manager.submit(small) is not first
+
+
 # ---- the scheduler holds back a request whose grammar compiles ---------------------------------------------
 def test_scheduler_runs_others_while_a_grammar_compiles():
     from vllm_engine.config import CacheConfig, SchedulerConfig

@@ -48,16 +48,20 @@ class StructuredOutputManager:
 
     ``tokenizer``: a HF tokenizer; ``vocab_size``: the model's (the logits' width, which may exceed the
     tokenizer's); ``stop_token_ids``: what ends a finished constraint (the model's EOS ids).
-    Compiled grammars are kept by ``StructuredOutputsParams.key`` (the ``cache_size`` most recent).
+    Compiled grammars are kept by ``StructuredOutputsParams.key``: the most recent, up to ``cache_size``
+    of them and ``cache_bytes`` of their memory (a grammar's token-mask cache grows with the
+    vocabulary: ~40 KB for the test schemas on SmolLM2's, 2 MB for ``[a-z]{0,500}``).
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int], cache_size: int = 1024) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int], cache_size: int = 1024,
+                 cache_bytes: int = 512 << 20) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(set(stop_token_ids))
         self.bitmask_width = bitmask_width(vocab_size)
-        self.cache_size = cache_size
+        self.cache_size, self.cache_bytes = cache_size, cache_bytes
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self._sizes: dict[tuple[str, str], int] = {}  # memory of the compiled ones in the cache
         self._lock = threading.Lock()  # the cache
         # Two threads: one slow compile (a schema of thousands of properties takes seconds) does not hold
         # up every other new grammar. xgrammar's compiler is safe to share between threads.
@@ -93,15 +97,29 @@ class StructuredOutputManager:
                 return fut
             fut = self._pool.submit(self._compile, key)
             self._cache[key] = fut
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            self._evict()
         return fut
+
+    def _evict(self) -> None:
+        """Drops the least recently used grammars over the count or byte budget (never the newest)."""
+        cache, sizes = self._cache, self._sizes
+        while len(cache) > 1 and (len(cache) > self.cache_size or sum(sizes.values()) > self.cache_bytes):
+            key, _ = cache.popitem(last=False)
+            sizes.pop(key, None)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The compiled grammar (waits for the compile). Raises SamplingParamsError for a bad constraint."""
         return self.submit(params).result()
 
     def _compile(self, key: tuple[str, str]) -> Any:
+        compiled = self._compile_uncached(key)
+        with self._lock:  # counted before the Future completes: its waiters see the cache within budget
+            if key in self._cache:
+                self._sizes[key] = compiled.memory_size_bytes
+                self._evict()
+        return compiled
+
+    def _compile_uncached(self, key: tuple[str, str]) -> Any:
         kind, text = key
         compiler = self._get_compiler()
         try:
