@@ -59,7 +59,7 @@ def test_kernels_match_float64(bits, group_size, zeros, layout, rows):
     got = {"dequant": k.dequant_linear(xd, w, bd, use_triton=False),
            "gemm": k.wna16_gemm(xd, w, bd, config=(16, 32, 64, 4, 2)),
            "triton dequant": k.dequant_linear(xd, w, bd, use_triton=True)}
-    if rows <= 16:
+    if rows <= k.GEMV_MAX_ROWS:
         got["gemv"] = k.wna16_gemv(xd, w, bd, config=(32, 64, 4, 2))
         got["gemv split-k 3"] = k.wna16_gemv(xd, w, bd, config=(32, 32, 4, 2, 3))  # 256 inputs: uneven splits
     for name, y in got.items():

@@ -271,9 +271,14 @@ def _common_args(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor], 
 
 def wna16_gemv(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None,
                config: tuple = (64, 128, 4, 3)) -> torch.Tensor:
-    """x [M, K] (M <= 16) -> [M, N] in x.dtype. ``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages[,
-    split_k]): with split_k > 1 the inputs are split over that many programs per column tile (more
-    programs for a batch-1 step), their partial sums added into a float32 buffer."""
+    """x [M, K] (M <= GEMV_MAX_ROWS) -> [M, N] in x.dtype. ``config``: (BLOCK_N, BLOCK_K, num_warps,
+    num_stages[, split_k]): with split_k > 1 the inputs are split over that many programs per column
+    tile (more programs for a batch-1 step), their partial sums added into a float32 buffer.
+
+    More rows go to ``wna16_gemm``: at 16 float32 rows this kernel's result was wrong on an H200
+    (2026-12-02, tests/quantization/test_wna16_kernels.py), so it refuses them."""
+    if x.shape[0] > GEMV_MAX_ROWS:
+        raise ValueError(f"wna16_gemv takes at most {GEMV_MAX_ROWS} rows, got {x.shape[0]}: use wna16_gemm")
     x, y = _prepare(x, w)
     if x.shape[0] == 0:
         return y
