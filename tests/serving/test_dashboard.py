@@ -76,7 +76,7 @@ def test_the_page_is_served_without_an_api_key(server):
 
 
 def test_the_feed_shows_requests_their_blocks_and_shared_prefix_blocks(server):
-    waiter = _run_requests(server.url, 4, 40)
+    waiter = _run_requests(server.url, 4, 100)
     busy, idle = None, None
     deadline = time.time() + 60
     for frame in _frames(server.url):
