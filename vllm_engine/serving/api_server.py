@@ -461,17 +461,18 @@ def _lifespan(async_engine: AsyncEngine, owns_engine: bool) -> Callable:
 
 def create_api_server(model: Optional[str] = None, *, chat_template: Optional[str] = None,
                       api_key: Optional[str] = None, trust_request_chat_template: bool = False,
-                      **engine_kwargs: Any) -> FastAPI:
+                      request_timeout: Optional[float] = None, **engine_kwargs: Any) -> FastAPI:
     """Builds the engine (``EngineArgs`` keywords) and returns the FastAPI app for ``uvicorn.run``.
 
     ``chat_template``: a Jinja template string overriding the model's. ``api_key``: require
     ``Authorization: Bearer <key>`` (default: $VLLM_ENGINE_API_KEY if set).
     ``trust_request_chat_template``: accept a ``chat_template`` field in chat requests.
+    ``request_timeout``: seconds a request may take from its arrival (``--request-timeout``; None: no limit).
     """
     from vllm_engine.engine.engine import Engine
 
     engine = Engine(model=model, **engine_kwargs)
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, request_timeout=request_timeout)
     api_key = api_key if api_key is not None else envs.api_key()
     return create_app(async_engine, chat_template=chat_template, api_key=api_key, owns_engine=True,
                       trust_request_chat_template=trust_request_chat_template)
