@@ -65,6 +65,7 @@ def test_json_text_and_none():
     ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 0},
      "draft_tensor_parallel_size"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "lookahead"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "adaptive": "yes"}, "adaptive"),
 ])
 def test_bad_values_name_the_field(value, field):
     with pytest.raises(ValueError, match=rf"speculative_config\.{field}\b"):

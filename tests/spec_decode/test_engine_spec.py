@@ -9,7 +9,9 @@ import pytest
 from tests.conftest import CORPUS
 from vllm_engine import Engine, SamplingParams
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+# adaptive off: every step proposes what it finds, so the tests' acceptance counts do not depend on timing.
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
+         "adaptive": False}
 # Repetitive prompts: the random models copy from them, and proposals get accepted.
 PROMPTS = [CORPUS[i] + " " + CORPUS[i] for i in range(4)]
 PARAMS = [SamplingParams(temperature=0.0, max_tokens=17 + 7 * i, logprobs=2 if i == 1 else None)
@@ -48,11 +50,12 @@ def check_engine_state(engine: Engine) -> None:
     {"num_gpu_blocks_override": 48, "block_size": 4, "enable_prefix_caching": False},  # preemption
     # Async scheduling; above 3 running requests no proposals: overlapped steps between verifying ones.
     {"async_scheduling": True, "disable_by_batch_size": 3},
-], ids=["default", "chunked", "preempt", "async"])
+    # The adaptive policy on (whatever it decides from this machine's timings, the tokens are the same).
+    {"async_scheduling": True, "adaptive": True},
+], ids=["default", "chunked", "preempt", "async", "adaptive"])
 def test_greedy_tokens_equal_plain_decoding(tiny, expected, kwargs):
     kwargs = dict(kwargs)
-    spec = {**NGRAM, **({"disable_by_batch_size": kwargs.pop("disable_by_batch_size")}
-                        if "disable_by_batch_size" in kwargs else {})}
+    spec = {**NGRAM, **{f: kwargs.pop(f) for f in ("disable_by_batch_size", "adaptive") if f in kwargs}}
     engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=spec, **kwargs)
     got = engine.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False)
     assert token_ids(got) == token_ids(expected)
@@ -64,6 +67,7 @@ def test_greedy_tokens_equal_plain_decoding(tiny, expected, kwargs):
             assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4) and a[t].rank == b[t].rank
     stats = engine.get_stats().spec_decode
     assert stats.num_accepted_tokens > (0 if "async_scheduling" in kwargs else 10)
+    assert (engine.adaptive is not None) == spec["adaptive"]
     if "num_gpu_blocks_override" in kwargs:
         assert engine.get_stats().num_preemptions_total > 0
     check_engine_state(engine)

@@ -101,12 +101,16 @@ class Engine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.spec_config = config.speculative
         self.proposer = None  # spec_decode.NgramProposer when speculative decoding is on
+        self.adaptive = None  # spec_decode.AdaptiveSpeculation unless the config turns it off
         if self.spec_config is not None:
+            from vllm_engine.spec_decode.adaptive import AdaptiveSpeculation
             from vllm_engine.spec_decode.ngram import NgramProposer
 
             spec = self.spec_config
             self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
             self.scheduler.spec_stats = SpecDecodeStats()
+            if spec.adaptive:
+                self.adaptive = AdaptiveSpeculation(spec.num_speculative_tokens)
         self._structured_output = None  # StructuredOutputManager, made by the first constrained request
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
         self._ids = itertools.count()
@@ -328,9 +332,12 @@ class Engine:
         if self.config.device.async_scheduling:
             return self._step_overlapped()
         prof = self.step_profile is not None
-        t0 = time.perf_counter() if prof else 0.0
-        if self.proposer is not None and self._speculating():
-            self._propose()
+        timed = prof or self.adaptive is not None
+        t0 = time.perf_counter() if timed else 0.0
+        if self.proposer is not None:
+            plan = self._plan()
+            if plan:
+                self._propose(plan)
         sched_out = self.scheduler.schedule()
         self._log_step(sched_out)
         t1 = time.perf_counter() if prof else 0.0
@@ -338,9 +345,13 @@ class Engine:
         runner_out = self.executor.collect(handle)
         t2 = time.perf_counter() if prof else 0.0
         updated = self.scheduler.update_from_output(sched_out, runner_out)
+        self._observe_verified(sched_out, runner_out)
         outputs = self._process(updated, runner_out)
-        if prof:
-            self._record(sched_out, t0, t1, t2, time.perf_counter(), handle.wait_s)
+        if timed:
+            t3 = time.perf_counter()
+            if prof:
+                self._record(sched_out, t0, t1, t2, t3, handle.wait_s)
+            self._observe_step(sched_out, t3 - t0)
         return outputs
 
     def _process(self, updated: list[Request], runner_out) -> list[RequestOutput]:
@@ -361,18 +372,19 @@ class Engine:
         on the host, so a step with such requests first waits for the one in flight.
         """
         prof = self.step_profile is not None
-        t0 = time.perf_counter() if prof else 0.0
+        timed = prof or self.adaptive is not None
+        t0 = time.perf_counter() if timed else 0.0
         pending, self._pending = self._pending, None
         outputs: list[RequestOutput] = []
         waited = 0.0  # seconds the host spent waiting for the GPU in this step
-        speculate = self.proposer is not None and self._speculating()
-        if pending is not None and (speculate or pending[0].spec_token_ids or any(
+        plan = self._plan() if self.proposer is not None else None
+        if pending is not None and (plan or pending[0].spec_token_ids or any(
                 _needs_host_tokens(r.sampling_params) for _, r in pending[0].sampled_requests)):
             outputs += self._resolve(pending)
             waited += pending[1].wait_s
             pending = None
-        if speculate:
-            self._propose()
+        if plan:
+            self._propose(plan)
         sched_out = self.scheduler.schedule()
         self._log_step(sched_out)
         t1 = time.perf_counter() if prof else 0.0
@@ -387,8 +399,11 @@ class Engine:
         else:
             self._resolve((sched_out, handle))  # nothing sampled: only bookkeeping (prompt chunks, logprobs)
             waited += handle.wait_s
-        if prof:
-            self._record(sched_out, t0, t1, t2, time.perf_counter(), waited)
+        if timed:
+            t3 = time.perf_counter()
+            if prof:
+                self._record(sched_out, t0, t1, t2, t3, waited)
+            self._observe_step(sched_out, t3 - t0)
         return outputs
 
     def _speculating(self) -> bool:
@@ -398,18 +413,50 @@ class Engine:
         limit = self.spec_config.disable_by_batch_size
         return limit is None or self.scheduler.num_running <= limit
 
-    def _propose(self) -> None:
-        """Proposals (n-gram lookup) for the running requests whose next step samples after their
-        last token, capped so that no proposal runs past max_tokens or max_model_len. Requests with
-        a structured-output grammar are not speculated."""
+    def _plan(self) -> Optional[dict[str, int]]:
+        """The most tokens each running request may propose this step (None or {}: no proposals):
+        k for every request without grammar, or what the adaptive policy finds pays
+        (spec_decode/adaptive.py). Needs only the requests, not their newest tokens, so with async
+        scheduling a step that will not propose keeps overlapping."""
+        if not self._speculating():
+            return None
+        ids = [r.request_id for r in self.scheduler.running
+               if not r.finish_pending and r.sampling_params.structured_outputs is None]
+        if not ids:
+            return None
+        if self.adaptive is None:
+            return dict.fromkeys(ids, self.spec_config.num_speculative_tokens)
+        self.adaptive.forget(set(ids))
+        ks = self.adaptive.plan(ids, self.scheduler.num_running)
+        return None if ks is None else {rid: k for rid, k in zip(ids, ks) if k}
+
+    def _observe_verified(self, sched_out, runner_out) -> None:
+        """Each verified request's acceptance, for the adaptive policy."""
+        if self.adaptive is None or not sched_out.spec_token_ids:
+            return
+        spec, sampled = sched_out.spec_token_ids, runner_out.sampled_token_ids
+        for i, req in sched_out.sampled_requests:
+            drafts = spec.get(req.request_id)
+            if drafts:
+                self.adaptive.observe_verified(req.request_id, len(drafts), max(0, len(sampled[i]) - 1))
+
+    def _observe_step(self, sched_out, seconds: float) -> None:
+        """A decode step's time, for the adaptive policy's step-time lines (with / without proposals)."""
+        if self.adaptive is not None and sched_out.sampled_requests:
+            self.adaptive.observe_step(sched_out.total_num_scheduled_tokens, seconds, bool(sched_out.spec_token_ids))
+
+    def _propose(self, plan: dict[str, int]) -> None:
+        """Proposals (n-gram lookup) for the planned requests whose next step samples after their
+        last token, capped by the plan and so that no proposal runs past max_tokens or
+        max_model_len."""
         ids, tokens, caps = [], [], []
         max_len = self.max_model_len
         for r in self.scheduler.running:
+            limit = plan.get(r.request_id)
             all_ids = r.all_token_ids
-            if (r.num_computed_tokens != len(all_ids) - 1 or r.finish_pending or all_ids[-1] == PLACEHOLDER_TOKEN_ID
-                    or r.sampling_params.structured_outputs is not None):
+            if not limit or r.num_computed_tokens != len(all_ids) - 1 or all_ids[-1] == PLACEHOLDER_TOKEN_ID:
                 continue
-            cap = min(r.max_tokens - r.num_output_tokens, max_len - len(all_ids)) - 1
+            cap = min(limit + 1, r.max_tokens - r.num_output_tokens, max_len - len(all_ids)) - 1
             if cap > 0:
                 ids.append(r.request_id)
                 tokens.append(all_ids)
@@ -471,7 +518,9 @@ class Engine:
     def _resolve(self, pending) -> list[RequestOutput]:
         sched_out, handle = pending
         runner_out = self.executor.collect(handle)
-        return self._process(self.scheduler.resolve(sched_out, runner_out), runner_out)
+        updated = self.scheduler.resolve(sched_out, runner_out)
+        self._observe_verified(sched_out, runner_out)
+        return self._process(updated, runner_out)
 
     def _record(self, sched_out, t0: float, t1: float, t2: float, t3: float, waited: float = 0.0,
                 in_flight: int = 0) -> None:

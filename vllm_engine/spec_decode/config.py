@@ -22,7 +22,7 @@ METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 _NGRAM_MODEL_NAMES = ("ngram", "[ngram]")
 _DEFAULT_LOOKUP = 5  # vLLM's prompt_lookup_min / _max when neither is given
 _FIELDS = ("method", "num_speculative_tokens", "model", "prompt_lookup_max", "prompt_lookup_min",
-           "disable_by_batch_size", "draft_tensor_parallel_size")
+           "disable_by_batch_size", "draft_tensor_parallel_size", "adaptive")
 
 
 def _error(field: str, detail: str) -> ValueError:
@@ -42,7 +42,9 @@ class SpeculativeConfig:
     ``num_speculative_tokens``: k, the most tokens proposed per request and step (each step then
     verifies up to k + 1 query tokens per request). ``prompt_lookup_min/max``: n-gram sizes tried,
     longest first (n-gram only). ``disable_by_batch_size``: no proposals in a step with more running
-    requests than this (None: never off for that reason).
+    requests than this (None: never off for that reason). ``adaptive`` (this engine's own field,
+    default true): each step proposes only where measured step times and each request's acceptance
+    say it pays (spec_decode/adaptive.py).
     """
 
     method: str
@@ -52,6 +54,7 @@ class SpeculativeConfig:
     prompt_lookup_min: Optional[int] = None
     disable_by_batch_size: Optional[int] = None
     draft_tensor_parallel_size: Optional[int] = None
+    adaptive: bool = True  # this engine's: propose only where it pays (spec_decode/adaptive.py)
 
     @classmethod
     def from_user(cls, value: Union[None, str, dict, "SpeculativeConfig"]) -> Optional["SpeculativeConfig"]:
@@ -94,7 +97,10 @@ class SpeculativeConfig:
         tp = d.get("draft_tensor_parallel_size")
         if tp is not None:
             _positive_int(tp, "draft_tensor_parallel_size")
-        return cls(method, k, model, hi, lo, batch, tp)
+        adaptive = d.get("adaptive", True)
+        if not isinstance(adaptive, bool):
+            raise _error("adaptive", f"must be true or false, got {adaptive!r}.")
+        return cls(method, k, model, hi, lo, batch, tp, adaptive)
 
     @property
     def is_ngram(self) -> bool:
