@@ -23,7 +23,8 @@ fi
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 900); do
-  curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
+  python -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health').status_code != 200)" \
+    2> /dev/null && break
   kill -0 $pid 2>/dev/null || { tail -20 "$OUT/serve_$tag.log"; exit 1; }
   sleep 1
 done
