@@ -172,3 +172,31 @@ def test_the_latent_cache_layout_gives_hf_logits(backend, deepseek_dir):
     for seq, lg in zip(seqs, got):
         with torch.no_grad():
             torch.testing.assert_close(torch.stack(lg), hf(torch.tensor([seq])).logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_engine_caches_one_latent_vector_per_token_and_swaps_it(deepseek_dir):
+    """The runner allocates the latent layout the attention declares ([blocks, block_size, L + rope]
+    per layer): twice the blocks of K/V slots in the same space. Swap preemption moves those blocks
+    (indexed on dim 0) and the greedy tokens stay HF's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.models.family_helpers import MAX_TOKENS, PROMPTS, hf_greedy
+    from vllm_engine import Engine, SamplingParams
+
+    path = deepseek_dir("v2")
+    cfg = AutoConfig.from_pretrained(str(path))
+    space = 0.00002  # GiB: 16 blocks, too few for 4 requests at once
+    engine = Engine(model=str(path), dtype="float32", max_model_len=128, seed=0, block_size=4, max_num_seqs=4,
+                    max_num_batched_tokens=8, cpu_kv_cache_space=space, preemption_mode="swap", swap_space=0.01)
+    cache = engine.model_runner.kv_cache.gpu_caches[0]
+    dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert cache.shape == (engine.num_gpu_blocks, 4, dim)
+    assert engine.num_gpu_blocks == int(space * 2**30) // (4 * dim * 4 * cfg.num_hidden_layers)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = engine.generate(PROMPTS * 3, params, use_tqdm=False)
+    for out in outs[: len(PROMPTS)]:
+        assert out.token_ids == hf_greedy(hf, list(out.prompt_token_ids), MAX_TOKENS)[0]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in outs[: len(PROMPTS)]] * 3
+    assert engine.get_stats().num_swaps_total > 0
+    engine.scheduler.check_integrity()

@@ -9,7 +9,7 @@ key and the value alike: the cache holds that vector, never per-head K/V, and th
 dims are mapped back per head by W_uv. The paged cache's layout [2, blocks, block_size, kv_heads,
 head_dim] stores it twice (K and V slots); given a cache of the latent layout [blocks, block_size,
 L + rope] (attention/mla.py: ``Attention.cache_layout == "latent"``) the model stores it once and
-attends with the latent kernel. (The runner allocates the K/V layout today.)
+attends with the latent kernel; the runner allocates that layout (worker/kv_cache.py).
 Rope: interleaved pairs (``rope_interleave``, V2 always), YaRN with DeepSeek's mscale in the
 score scale.
 

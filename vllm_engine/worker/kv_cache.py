@@ -2,7 +2,9 @@
 
 One tensor per layer of this rank's pipeline stage, ``[2, num_blocks, block_size, num_kv_heads,
 head_dim]`` (0: keys, 1: values; this rank's KV heads), all views into one allocation so a block id
-means the same slot range in every layer. The CPU swap space (for ``--preemption-mode swap``) has the
+means the same slot range in every layer. Layers whose attention declares the latent layout
+(DeepSeek's MLA: one [latent | rope key] vector per token serves as every head's key and value)
+get ``[num_blocks, block_size, head_dim]`` instead: half the bytes of K/V slots for the same vector. The CPU swap space (for ``--preemption-mode swap``) has the
 same layout in pinned host memory.
 
 Sizing and allocation are two steps (``determine_num_blocks``, ``KVCache.allocate``) because with
@@ -34,12 +36,28 @@ class KVCacheSpec:
     head_dim: int
     block_size: int
     dtype: torch.dtype
+    layout: str = "kv"  # "kv": keys and values per KV head; "latent": one vector per token
 
     @property
     def bytes_per_block(self) -> int:
-        """Bytes one block takes across this rank's layers (keys and values)."""
+        """Bytes one block takes across this rank's layers."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.block_size * self.num_kv_heads * self.head_dim * elem * self.num_layers
+        return self.block_size * self._vectors_per_token * self.head_dim * elem * self.num_layers
+
+    @property
+    def _vectors_per_token(self) -> int:
+        return 1 if self.layout == "latent" else 2 * self.num_kv_heads
+
+    @property
+    def block_dim(self) -> int:
+        """The dimension of a layer's cache tensor that indexes blocks."""
+        return 0 if self.layout == "latent" else 1
+
+    def layer_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """One layer's cache tensor for ``num_blocks`` blocks."""
+        if self.layout == "latent":
+            return (num_blocks, self.block_size, self.head_dim)
+        return (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
 
 
 def determine_num_blocks(config: EngineConfig, spec: KVCacheSpec,
@@ -71,11 +89,12 @@ def _split_layers(buf: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
 
 @dataclass
 class KVCache:
-    gpu_caches: list[torch.Tensor]  # per stage layer [2, num_blocks, block_size, num_kv_heads, head_dim]
+    gpu_caches: list[torch.Tensor]  # per stage layer: KVCacheSpec.layer_shape
     cpu_caches: list[torch.Tensor]  # same layout, host (pinned when the device is CUDA); empty without swap space
     num_blocks: int
     num_cpu_blocks: int
     block_size: int
+    block_dim: int = 1  # the dimension of a layer's tensor that indexes blocks (0: the latent layout)
 
     @classmethod
     def allocate(cls, config: EngineConfig, spec: KVCacheSpec, num_blocks: int, num_cpu_blocks: int,
@@ -93,18 +112,18 @@ class KVCache:
         if num_blocks < blocks_per_seq:
             logger.warning("the KV cache holds %d tokens, less than max_model_len=%d: long requests will be rejected",
                            num_blocks * c.block_size, m.max_model_len)
-        layout = (spec.num_layers, 2)
-        block = (spec.block_size, spec.num_kv_heads, spec.head_dim)
-        gpu = torch.zeros(*layout, num_blocks, *block, dtype=spec.dtype, device=device)
+        gpu = torch.zeros(spec.num_layers, *spec.layer_shape(num_blocks), dtype=spec.dtype, device=device)
         cpu_list: list[torch.Tensor] = []
         if num_cpu_blocks:
-            cpu = torch.zeros(*layout, num_cpu_blocks, *block, dtype=spec.dtype, pin_memory=device.type == "cuda")
+            cpu = torch.zeros(spec.num_layers, *spec.layer_shape(num_cpu_blocks), dtype=spec.dtype,
+                              pin_memory=device.type == "cuda")
             cpu_list = _split_layers(cpu, spec.num_layers)
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB), max concurrency at max_model_len=%d: %.1fx; "
             "CPU swap blocks: %d", num_blocks, c.block_size, num_blocks * c.block_size, num_blocks * per_block / GiB,
             m.max_model_len, num_blocks / blocks_per_seq, num_cpu_blocks)
-        return cls(_split_layers(gpu, spec.num_layers), cpu_list, num_blocks, num_cpu_blocks, c.block_size)
+        return cls(_split_layers(gpu, spec.num_layers), cpu_list, num_blocks, num_cpu_blocks, c.block_size,
+                   spec.block_dim)
 
     # ---- block moves, done before the step's forward pass ------------------------------------------
     def _index(self, ids: list[int], device: torch.device) -> torch.Tensor:
@@ -117,8 +136,9 @@ class KVCache:
         dev = self.gpu_caches[0].device
         src = self._index([p[0] for p in pairs], dev)
         dst = self._index([p[1] for p in pairs], dev)
+        dim = self.block_dim
         for cache in self.gpu_caches:
-            cache.index_copy_(1, dst, cache.index_select(1, src))
+            cache.index_copy_(dim, dst, cache.index_select(dim, src))
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """(gpu block, cpu block) pairs: device -> host."""
@@ -136,10 +156,11 @@ class KVCache:
         src_dev, dst_dev = src_caches[0].device, dst_caches[0].device
         src = self._index([p[0] for p in pairs], src_dev)
         dst = self._index([p[1] for p in pairs], dst_dev)
+        dim = self.block_dim
         for s, d in zip(src_caches, dst_caches):
             # Host -> device may be asynchronous (pinned source); device -> host must finish before the
             # host-side index_copy_ reads the staged blocks.
-            d.index_copy_(1, dst, s.index_select(1, src).to(dst_dev, non_blocking=dst_dev.type == "cuda"))
+            d.index_copy_(dim, dst, s.index_select(dim, src).to(dst_dev, non_blocking=dst_dev.type == "cuda"))
 
     def usage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.gpu_caches)

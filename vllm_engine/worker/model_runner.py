@@ -107,7 +107,11 @@ class ModelRunner:
         attn = [m for m in self.model.modules() if isinstance(m, Attention)]
         if not attn:
             raise ValueError(f"{type(self.model).__name__} has no attention layer on this rank")
-        return KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, self.block_size, self.dtype)
+        layouts = {a.cache_layout for a in attn}
+        if len(layouts) > 1:
+            raise ValueError(f"{type(self.model).__name__} mixes KV cache layouts {sorted(layouts)}")
+        return KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, self.block_size, self.dtype,
+                           layouts.pop())
 
     def determine_num_blocks(self) -> tuple[int, int]:
         """(num_gpu_blocks, num_cpu_blocks) that fit on this rank (on CUDA: after a profiling forward).
@@ -126,7 +130,7 @@ class ModelRunner:
                 self.model_config.max_model_len, self.block_size, self.model_config.hf_config.hidden_size,
                 self.dtype, self.device, stage_input=not self.pp_group.is_first_rank)
             self.graph_runner.capture()
-        if self.device.type == "cuda" and hasattr(self.attn_backend, "warmup"):
+        if self.device.type == "cuda" and hasattr(self.attn_backend, "warmup") and self.kv_cache.block_dim == 1:
             t0 = time.perf_counter()
             num_heads = self.model_config.num_heads // self.tp_group.world_size  # this rank's query heads
             n = self.attn_backend.warmup(self.kv_cache.gpu_caches[0], num_heads, self.model_config.max_model_len)
@@ -166,8 +170,7 @@ class ModelRunner:
         pos = torch.cat([torch.arange(l, device=self.device) for l in meta.seq_lens_cpu])
         # One layer's worth of cache, shared by every layer: enough to run the warm-up, small next to the budget.
         spec = self.kv_cache_spec()
-        cache = torch.zeros(2, num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim, dtype=self.dtype,
-                            device=self.device)
+        cache = torch.zeros(spec.layer_shape(num_blocks), dtype=self.dtype, device=self.device)
         caches = [cache] * spec.num_layers
         pp = self.pp_group
         with torch.inference_mode():
