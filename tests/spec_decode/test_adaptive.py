@@ -84,10 +84,10 @@ def test_slower_verifying_steps_turn_it_off():
     p.observe_verified("a", 2, 0)
     p.observe_verified("b", 2, 1)
     assert p.plan(["a", "b"], 2) is None
-    # ...but with full acceptance 3 tokens per step beat 2x the time.
+    # ...but with full acceptance 3 tokens per step beat 2x the time (evaluated at the next probe).
     p.observe_verified("a", 2, 2)
     p.observe_verified("b", 2, 2)
-    assert p.plan(["a", "b"], 2) == [2, 2]
+    assert p._best_plan(["a", "b"], 2) == [2, 2]
 
 
 def test_exploration_keeps_both_kinds_measured():
@@ -100,6 +100,31 @@ def test_exploration_keeps_both_kinds_measured():
         p.observe_step(1, 0.01, speculative=False)
     p.observe_verified("a", 3, 0)
     assert p.plan(["a"], 1) is None  # proposals do not pay
-    for _ in range(10):
+    for _ in range(20):
         p.observe_step(1, 0.01, speculative=False)
-    assert p.plan(["a"], 1) == [3]  # a probe after probe_interval steps without
+    assert p.plan(["a"], 1) == [3]  # a probe (after twice probe_interval: they lost)
+
+
+def test_probes_back_off_while_proposals_lose():
+    p = AdaptiveSpeculation(2, probe_interval=4, max_probe_interval=32, ewma=1.0)
+    feed(p, spec_time=lambda n: 0.025, plain_time=lambda n: 0.01)
+    p.observe_verified("a", 2, 0)
+    probes = []
+    for step in range(200):
+        ks = p.plan(["a"], 1)
+        probes += [step] if ks else []
+        p.observe_step(1 + (sum(ks) if ks else 0), 0.025 if ks else 0.01, speculative=bool(ks))
+    gaps = np.diff(probes)
+    assert list(gaps[:3]) == [17, 33, 33]  # the interval doubles up to the cap (+1: the probe itself)
+    # A new load (the batch grew) is evaluated at once, not at the next probe.
+    p.observe_verified("a", 2, 2)
+    assert p.plan(["a"], 1) is None and p.plan(["a"] * 2, 2) == [2, 2]
+    p.observe_verified("a", 2, 0)
+    # Proposals that start to pay are taken up again at the next probe.
+    p.observe_verified("a", 2, 2)
+    for _ in range(40):
+        ks = p.plan(["a"], 1)
+        if ks:
+            break
+        p.observe_step(1, 0.01, speculative=False)
+    assert ks == [2]

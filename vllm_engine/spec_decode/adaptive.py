@@ -14,7 +14,10 @@ Plan of a step with B requests that could propose, n tokens without proposals:
   E_r = 1 + alpha_r + ... + alpha_r^k_r, beats B / T_plain(n).
 Without enough measurements of either kind it explores (steps with proposals first), and after
 ``probe_interval`` steps of one kind one step goes the other way, so both stay measured as the
-load changes (at batch 1 that is one step in 50 without proposals).
+load changes (at batch 1 that is one step in 50 without proposals). While proposals lose, the
+plan is not evaluated again until the step size moves by a quarter or the next probe, and the
+interval between probes doubles (up to ``max_probe_interval``): a large batch where they never pay
+spends about one slower step in 1,600 on them, and next to no host time.
 """
 
 from __future__ import annotations
@@ -59,11 +62,17 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 class AdaptiveSpeculation:
     def __init__(self, num_speculative_tokens: int, prior_acceptance: float = 0.6, ewma: float = 0.3,
-                 probe_interval: int = 50) -> None:
+                 probe_interval: int = 50, max_probe_interval: int = 1600) -> None:
         self.k = num_speculative_tokens
         self.prior = prior_acceptance
         self.ewma = ewma
         self.probe_interval = probe_interval
+        self.max_probe_interval = max_probe_interval
+        # Steps without proposals between probes with them: doubles each time proposals lose (a
+        # probe costs a slower step), back to probe_interval when they win.
+        self.spec_probe_interval = probe_interval
+        self._losing = False
+        self._lost_at = 0  # the step size (tokens) at which they last lost
         self.acceptance: dict[str, float] = {}
         self._counts: dict[str, tuple[float, float]] = {}
         self.spec_time = StepTimeModel()
@@ -100,11 +109,21 @@ class AdaptiveSpeculation:
         ``num_tokens``: the step's tokens without proposals."""
         if not req_ids:
             return None
-        alphas = [self.acceptance.get(r, self.prior) for r in req_ids]
-        if not self.spec_time.ready or self._steps_since[True] >= self.probe_interval:
+        if not self.spec_time.ready or self._steps_since[True] >= self.spec_probe_interval:
+            self._losing = False
             return [self.k] * len(req_ids)  # explore: measure steps with proposals
+        if self._losing and 0.8 * self._lost_at <= num_tokens <= 1.25 * self._lost_at:
+            return None  # until the next probe or a new load: no per-request work while they do not pay
         if not self.plain_time.ready or self._steps_since[False] >= self.probe_interval:
             return None  # explore: measure steps without
+        ks = self._best_plan(req_ids, num_tokens)
+        self._losing, self._lost_at = ks is None, num_tokens
+        self.spec_probe_interval = (min(2 * self.spec_probe_interval, self.max_probe_interval) if ks is None
+                                    else self.probe_interval)
+        return ks
+
+    def _best_plan(self, req_ids: Sequence[str], num_tokens: int) -> Optional[list[int]]:
+        alphas = [self.acceptance.get(r, self.prior) for r in req_ids]
         a, b = self.spec_time.fit()
         rate = len(req_ids) / (a + b * num_tokens)
         ks = [self._depth(alpha, b * rate) for alpha in alphas]
