@@ -192,7 +192,7 @@ def test_bad_requests_are_400s_in_openais_shape(router):
 # ---- failures, against fake replicas ----------------------------------------------------------------
 def fake_replica(mode: str) -> FastAPI:
     """A replica serving model `tiny` that breaks: `before` drops the stream before its first event,
-    `after` after one event; `dead` answers 503 engine_dead; `full` a full queue's 503 + Retry-After."""
+    `role` after a chat's role chunk (no token yet), `after` after one event with text; `dead` answers 503 engine_dead; `full` a full queue's 503 + Retry-After."""
     app = FastAPI()
     app.state.posts = 0
 
@@ -210,6 +210,9 @@ def fake_replica(mode: str) -> FastAPI:
         app.state.posts += 1
 
         async def events() -> Any:
+            if mode == "role":  # a chat's opening chunk, then the crash: no token reached anyone
+                yield 'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n'
+                await asyncio.sleep(0.05)
             if mode == "after":
                 yield 'data: {"choices": [{"index": 0, "text": "partial"}]}\n\n'
                 await asyncio.sleep(0.05)
@@ -231,17 +234,20 @@ def fake_replica(mode: str) -> FastAPI:
     return app
 
 
-@pytest.mark.parametrize("mode", ["before", "dead", "full"])
-def test_a_replica_failing_before_the_first_event_is_retried_elsewhere(replicas, mode):
+@pytest.mark.parametrize("mode", ["before", "role", "dead", "full"])
+def test_a_replica_failing_before_the_first_token_is_retried_elsewhere(replicas, mode):
     with AppThread(fake_replica(mode)) as fake, \
             AppThread(create_router_app([fake.url, replicas[0].url], health_interval=60)) as router:
         for stream in (True, False):
-            body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "stream": stream}
-            r = httpx.post(f"{router.url}/v1/completions", json=body, timeout=60)
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 3,
+                    "stream": stream}
+            r = httpx.post(f"{router.url}/v1/chat/completions", json=body, timeout=60)
             assert r.status_code == 200 and r.headers[REPLICA_HEADER] == replicas[0].url
             if stream:
                 events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
                 assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+                roles = [e for e in events[:-1] if json.loads(e)["choices"][0]["delta"].get("role")]
+                assert len(roles) == 1 and json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
             status = httpx.get(f"{router.url}/router/replicas").json()["replicas"]
             assert status[0]["healthy"] is (mode == "full") and status[0]["failed_attempts"] >= 1  # full: still up
             assert all(s["in_flight"] == 0 and s["outstanding_tokens"] == 0 for s in status)

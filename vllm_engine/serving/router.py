@@ -17,8 +17,9 @@ not counted in routed_requests_total), in order:
    ``max_tokens``, times ``n``, for every request in flight), then fewest requests in flight, then
    fewest requests routed so far (round robin when idle).
 
-Failures: a replica that cannot be reached, answers 502/503/504, or fails before the first complete
-server-sent event (streaming) or before its whole body (non-streaming) reached the router is marked
+Failures: a replica that cannot be reached, answers 502/503/504, or fails before the first server-sent
+event with output (streaming: a chat's role chunk is held back until then) or before its whole
+body (non-streaming) reached the router is marked
 (unreachable or engine dead: unhealthy) and the request is retried on another replica; nothing had
 reached the client. When every replica failed, the client gets the last replica's own error answer
 (a full queue's 503 + Retry-After), or a 502 ``replicas_failed`` if none answered. A stream that fails after that ends with an error event ``{"error": {..., "code":
@@ -331,6 +332,20 @@ async def _sse_events(resp: httpx.Response) -> AsyncIterator[bytes]:
         raise httpx.RemoteProtocolError("the stream ended inside an event")
 
 
+def _is_preamble(event: bytes) -> bool:
+    """Whether ``event`` carries no output yet: a chat stream's opening chunk (role, empty content).
+    The router holds such events back, so that "nothing reached the client" lasts until the first token."""
+    if not event.startswith(b"data: {"):
+        return False
+    try:
+        choices = json.loads(event[6:]).get("choices")
+    except ValueError:
+        return False
+    return bool(choices) and all(
+        c.get("finish_reason") is None and not c.get("logprobs") and set(c.get("delta") or {}) <= {"role", "content"}
+        and not (c.get("delta") or {}).get("content") and "delta" in c for c in choices)
+
+
 def _error_event(message: str) -> bytes:
     body = error_body(message, "server_error", None, "replica_failed")
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
@@ -358,6 +373,8 @@ async def _try_replica(router: Router, attempt: _Attempt, path: str, body: bytes
             return Response(content, resp.status_code, _response_headers(resp, replica))
         events = _sse_events(resp)
         first = await events.__anext__()
+        while _is_preamble(first):  # a chat's role chunk: hold it until a token comes (or retry elsewhere)
+            first += await events.__anext__()
     except (httpx.TransportError, StopAsyncIteration) as e:
         await resp.aclose()
         router.mark_unreachable(replica, repr(e))
