@@ -426,7 +426,7 @@ class Engine:
             return None
         if self.adaptive is None:
             return dict.fromkeys(ids, self.spec_config.num_speculative_tokens)
-        self.adaptive.forget(set(ids))
+        self.adaptive.forget(ids)
         ks = self.adaptive.plan(ids, self.scheduler.num_running)
         return None if ks is None else {rid: k for rid, k in zip(ids, ks) if k}
 

@@ -98,8 +98,10 @@ class AdaptiveSpeculation:
         self._steps_since[speculative] = 0
         self._steps_since[not speculative] += 1
 
-    def forget(self, live_ids: set[str]) -> None:
-        if len(self.acceptance) > len(live_ids):
+    def forget(self, live_ids: Sequence[str]) -> None:
+        """Drops the estimates of requests not in ``live_ids`` (cheap when there are none)."""
+        if len(self._counts) > len(live_ids):
+            live_ids = set(live_ids)
             self.acceptance = {r: a for r, a in self.acceptance.items() if r in live_ids}
             self._counts = {r: c for r, c in self._counts.items() if r in live_ids}
 
