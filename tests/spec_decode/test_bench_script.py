@@ -26,3 +26,16 @@ def test_spec_decode_bench_script(tiny_model_dir, tmp_path):
     assert k2["same_tokens_as_off"] is True and k2["num_drafts"] > 0
     assert 0 <= k2["acceptance_rate"] <= 1 and len(k2["per_position_acceptance"]) <= 2
     assert "acceptance_rate" not in off
+
+
+def test_spec_verify_cost_script_forces_the_acceptance(tiny_model_dir, tmp_path):
+    import spec_verify_cost
+
+    out = tmp_path / "cost.json"
+    assert spec_verify_cost.main(["--model", str(tiny_model_dir("llama")), "--load-format", "auto", "--k", "3",
+                                  "--acceptance", "0.6", "--batch-sizes", "2", "--input-len", "8",
+                                  "--output-len", "120", "--max-model-len", "256", "--out", str(out)]) == 0
+    off, forced = json.loads(out.read_text())["rows"]
+    assert off["k"] == 0 and forced["k"] == 3 and forced["tpot_ms"] > 0
+    # The engine's own counter agrees with the forced rate: 1 + 0.6 + 0.36 + 0.216 = 2.18 tokens a step.
+    assert abs(forced["mean_acceptance_length"] - forced["expected_acceptance_length"]) < 0.3

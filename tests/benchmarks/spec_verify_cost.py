@@ -1,0 +1,156 @@
+"""The cost of verifying proposals and rolling back, at a forced acceptance rate: TPOT with k
+proposed tokens per request and step, each accepted with probability --acceptance (independently,
+until the first rejection), against speculation off. Dummy weights at a real model's shapes.
+
+    PYTHONPATH=. python tests/benchmarks/spec_verify_cost.py --model llama-3.1-8b --load-format dummy \
+        --k 2 4 --acceptance 0.5 0.7 0.9 --batch-sizes 1 --output-len 128 --out results/spec_verify_cost.json
+
+Benchmark-only machinery, here and not in the package: a proposer that proposes k tokens for every
+request every step (no draft model: the proposing cost is ~0, so this is the target's side of a
+draft-model setup), and a wrapper around the rejection sampler that runs it (its cost counts) and
+then replaces its decisions with the forced ones. Runs in the engine's process (uni executor).
+The row's ``mean_acceptance_length`` is the engine's own counter: (1 - a^(k+1)) / (1 - a) expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import device_name, print_table, write_json  # noqa: E402
+
+from vllm_engine import Engine, SamplingParams  # noqa: E402
+from vllm_engine.spec_decode import verify as verify_module  # noqa: E402
+from vllm_engine.spec_decode.rejection_sampler import RejectionOutput  # noqa: E402
+
+
+class FixedProposer:
+    """Proposes k copies of the request's last token, capped as asked (the engine's caps)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def propose(self, req_ids, token_ids, max_drafts):
+        return [[toks[-1]] * min(self.k, cap) for toks, cap in zip(token_ids, max_drafts)]
+
+
+@contextlib.contextmanager
+def forced_acceptance(alpha: float, seed: int = 0):
+    """Within: every verification runs, then keeps each request's proposals up to the first of
+    independent Bernoulli(alpha) rejections (device-side, no sync), then one more token."""
+    real = verify_module.rejection_sample
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def forced(target_logits, meta, layout, draft_token_ids, draft_probs=None, generators=None):
+        out = real(target_logits, meta, layout, draft_token_ids, draft_probs, generators)
+        B, K = len(layout.num_draft_tokens), layout.max_drafts
+        device = out.token_ids.device
+        ok = (torch.rand(B, K, generator=gen) < alpha).to(device)
+        cols = torch.arange(K, device=device).unsqueeze(0)
+        ok &= cols < layout.num_drafts.unsqueeze(1)
+        num_accepted = ok.to(torch.int64).cumprod(dim=1).sum(dim=1)
+        drafts = torch.zeros(B, K, dtype=torch.int64, device=device)
+        drafts[layout.draft_req, layout.draft_pos] = draft_token_ids
+        tokens = torch.full((B, K + 1), -1, dtype=torch.int64, device=device)
+        tokens[:, :K] = torch.where(cols < num_accepted.unsqueeze(1), drafts, -1)
+        final = out.token_ids[:, 0].clamp_min(0)  # a real sampled token as the last one
+        tokens.scatter_(1, num_accepted.unsqueeze(1), final.unsqueeze(1))
+        return RejectionOutput(tokens, out.row_logprobs)
+
+    verify_module.rejection_sample = forced
+    try:
+        yield
+    finally:
+        verify_module.rejection_sample = real
+
+
+def measure(engine: Engine, batch: int, input_len: int, output_len: int, vocab: int, tag: str) -> float:
+    """Median TPOT (seconds) of ``batch`` requests run together to ``output_len`` tokens."""
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    g = torch.Generator().manual_seed(0)
+    for i in range(batch):
+        engine.add_request(f"{tag}-{i}", torch.randint(0, vocab, (input_len,), generator=g).tolist(), params)
+    first, last, count = {}, {}, {}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            n = len(o.outputs[0].token_ids)
+            if n:
+                first.setdefault(o.request_id, (now, n))
+                last[o.request_id], count[o.request_id] = now, n
+    tpots = [(last[r] - first[r][0]) / (count[r] - first[r][1]) for r in first if count[r] > first[r][1]]
+    return statistics.median(tpots)
+
+
+def make_engine(args, k: int | None) -> Engine:
+    spec = None if k is None else {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1,
+                                   "prompt_lookup_max": 1, "adaptive": False}
+    engine = Engine(model=args.model, load_format=args.load_format, dtype=args.dtype,
+                    max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, speculative_config=spec)
+    if k is not None:
+        engine.proposer = FixedProposer(k)
+    return engine
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--k", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--acceptance", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    rows = []
+    engine = make_engine(args, None)
+    vocab = engine.model_config.vocab_size
+    measure(engine, 1, args.input_len, 8, vocab, "warm")
+    base = {b: measure(engine, b, args.input_len, args.output_len, vocab, f"off{b}") for b in args.batch_sizes}
+    for b in args.batch_sizes:
+        rows.append({"k": 0, "acceptance": None, "batch": b, "tpot_ms": 1e3 * base[b], "tpot_speedup": 1.0})
+    engine.shutdown()
+    del engine
+    gc.collect()
+    for k in args.k:
+        engine = make_engine(args, k)
+        measure(engine, 1, args.input_len, 8, vocab, "warm")
+        for alpha in args.acceptance:
+            for b in args.batch_sizes:
+                before = engine.get_stats().spec_decode
+                drafts0, acc0 = before.num_drafts, before.num_accepted_tokens
+                with forced_acceptance(alpha):
+                    tpot = measure(engine, b, args.input_len, args.output_len, vocab, f"k{k}a{alpha}b{b}")
+                st = engine.get_stats().spec_decode
+                drafts, accepted = st.num_drafts - drafts0, st.num_accepted_tokens - acc0
+                rows.append({"k": k, "acceptance": alpha, "batch": b, "tpot_ms": 1e3 * tpot,
+                             "tpot_speedup": base[b] / tpot,
+                             "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+                             "expected_acceptance_length": (1 - alpha ** (k + 1)) / (1 - alpha)})
+        engine.shutdown()
+        del engine
+        gc.collect()
+    print_table(rows, ["k", "acceptance", "batch", "tpot_ms", "tpot_speedup", "mean_acceptance_length",
+                       "expected_acceptance_length"])
+    write_json(args.out, {"device": device_name(), "model": args.model, "input_len": args.input_len,
+                          "output_len": args.output_len, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
