@@ -284,3 +284,25 @@ def test_no_healthy_replica_is_a_503(replicas):
         r = httpx.post(f"{router.url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert httpx.get(f"{router.url}/health").status_code == 503
+
+
+def test_the_replicas_dashboards_are_relayed(router, replicas):
+    page = httpx.get(f"{router.url}/dashboard")
+    assert page.status_code == 200 and page.text.count('href="dashboard/replica/') == 3
+    assert replicas[2].url in page.text and "tiny-b" in page.text
+    inner = httpx.get(f"{router.url}/dashboard/replica/2")
+    assert inner.status_code == 200 and "EventSource" in inner.text
+    with httpx.stream("GET", f"{router.url}/dashboard/replica/2/events", timeout=30) as r:
+        line = next(line for line in r.iter_lines() if line.startswith("data: "))
+    frame = json.loads(line[6:])
+    assert frame["model"] == "tiny-b" and len(frame["blocks"]) == frame["num_blocks"]
+    missing = httpx.get(f"{router.url}/dashboard/replica/9")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "replica"
+
+
+def test_a_router_with_an_api_key_leaves_only_health_metrics_and_dashboards_open(replicas):
+    with AppThread(create_router_app([replicas[0].url], api_key="sk-router", health_interval=60)) as router:
+        assert httpx.get(f"{router.url}/v1/models").status_code == 401
+        assert httpx.get(f"{router.url}/v1/models", headers={"Authorization": "Bearer sk-router"}).status_code == 200
+        for path in ("/health", "/metrics", "/dashboard", "/dashboard/replica/0"):
+            assert httpx.get(f"{router.url}{path}").status_code == 200, path

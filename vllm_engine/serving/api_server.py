@@ -282,6 +282,7 @@ class APIKeyMiddleware:
     """
 
     OPEN_PATHS = oas.OPEN_PATHS + DASHBOARD_PATHS
+    OPEN_PREFIXES: tuple[str, ...] = ()  # the router adds its replicas' dashboards
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
@@ -293,7 +294,9 @@ class APIKeyMiddleware:
         return key_ok and scheme.lower() == b"bearer"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS or scope.get("method") == "OPTIONS":
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES)
+                or scope.get("method") == "OPTIONS"):
             return await self.app(scope, receive, send)
         given = b""
         for name, value in scope.get("headers", []):

@@ -28,7 +28,8 @@ reached the client. When every replica failed, the client gets the last replica'
 Health: every ``health_interval`` seconds each replica's /health and /v1/models are read; a replica
 comes back once it answers again. ``GET /v1/models`` lists every healthy replica's models, ``GET
 /metrics`` every replica's metrics with a ``replica`` label plus the router's own
-(``vllm_engine_router:*``), ``GET /router/replicas`` the router's view of each replica (JSON).
+(``vllm_engine_router:*``), ``GET /router/replicas`` the router's view of each replica (JSON), ``GET
+/dashboard`` links to each replica's live dashboard, relayed at ``/dashboard/replica/{i}``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import html
 import json
 import logging
 import time
@@ -477,6 +479,8 @@ def create_router_app(backends: Iterable[str], *, api_key: Optional[str] = None,
 
     from vllm_engine.serving.api_server import APIKeyMiddleware, run_until_disconnect
 
+    from fastapi.responses import HTMLResponse
+
     router = Router(backends, balance_slack_tokens, health_interval, api_key)
     for r in router.replicas:
         r.pid = (pids or {}).get(r.url)
@@ -493,7 +497,10 @@ def create_router_app(backends: Iterable[str], *, api_key: Optional[str] = None,
                   description="One OpenAI-compatible endpoint in front of several vllm-engine servers.")
     app.state.router = router
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+        class RouterKeyMiddleware(APIKeyMiddleware):
+            OPEN_PREFIXES = ("/dashboard/replica/",)  # the replicas' dashboards are open like their own
+
+        app.add_middleware(RouterKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -539,5 +546,35 @@ def create_router_app(backends: Iterable[str], *, api_key: Optional[str] = None,
     @app.get("/router/replicas")
     async def replicas() -> dict:
         return {"time": time.time(), "replicas": [r.status() for r in router.replicas]}
+
+    def replica_at(i: int) -> Replica:
+        if not 0 <= i < len(router.replicas):
+            raise APIError(404, f"no replica {i} (there are {len(router.replicas)})", param="replica")
+        return router.replicas[i]
+
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        """Links to each replica's live dashboard (relayed, so that one endpoint shows them all)."""
+        rows = "".join(
+            f'<li><a href="dashboard/replica/{i}">replica {i}</a> {html.escape(r.url)} ({", ".join(sorted(r.model_ids))}'
+            f') {"healthy" if r.healthy else "DOWN"}, {r.in_flight} in flight</li>' for i, r in enumerate(router.replicas))
+        return HTMLResponse(f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="5">'
+                            f'<title>vllm-engine router</title><h1>vllm-engine router</h1><ul>{rows}</ul>')
+
+    @app.get("/dashboard/replica/{i}", response_class=HTMLResponse, include_in_schema=False)
+    async def replica_dashboard(i: int) -> Response:
+        r = await router.client.get(f"{replica_at(i).url}/dashboard", timeout=10.0)
+        return HTMLResponse(r.text, r.status_code)
+
+    @app.get("/dashboard/replica/{i}/events", include_in_schema=False)
+    async def replica_dashboard_events(i: int) -> StreamingResponse:
+        url = f"{replica_at(i).url}/dashboard/events"
+
+        async def relay() -> AsyncIterator[bytes]:
+            async with router.client.stream("GET", url) as upstream:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
