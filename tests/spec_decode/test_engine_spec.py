@@ -16,6 +16,10 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
 PROMPTS = [CORPUS[i] + " " + CORPUS[i] for i in range(4)]
 PARAMS = [SamplingParams(temperature=0.0, max_tokens=17 + 7 * i, logprobs=2 if i == 1 else None)
           for i in range(len(PROMPTS))] + [SamplingParams(temperature=0.0, max_tokens=25, n=2)]
+# Greedy under penalties and min_tokens: each verified row must see the proposals before it as output.
+PARAMS[2] = SamplingParams(temperature=0.0, max_tokens=31, repetition_penalty=1.3, frequency_penalty=0.4,
+                           presence_penalty=0.2)
+PARAMS[3] = SamplingParams(temperature=0.0, max_tokens=38, min_tokens=30, logit_bias={5: 2.0})
 
 
 @pytest.fixture(scope="module")
