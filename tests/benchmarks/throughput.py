@@ -75,6 +75,8 @@ def _main(argv=None) -> int:
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--speculative-config", default=None,
+                   help="speculative decoding, as the engine's flag (JSON; docs/speculative_decoding.md)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--runs", type=int, default=3, help="timed runs (median reported) after a warm-up and a first run of the workload")
@@ -106,7 +108,8 @@ def _main(argv=None) -> int:
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=args.enable_prefix_caching,
                         tensor_parallel_size=args.tensor_parallel_size,
-                        pipeline_parallel_size=args.pipeline_parallel_size, quantization=args.quantization)
+                        pipeline_parallel_size=args.pipeline_parallel_size, quantization=args.quantization,
+                        speculative_config=args.speculative_config)
         hf_config = engine.model_config.hf_config
         workload = make_workload(args.dataset, hf_config.vocab_size, args.num_prompts, args.input_len,
                                  args.output_len, args.seed)
@@ -140,6 +143,12 @@ def _main(argv=None) -> int:
         result["engine"] = {"first_run": first, "runs": runs, "median": med, "num_gpu_blocks": engine.num_gpu_blocks,
                             "num_preemptions_total": stats.num_preemptions_total,
                             "step_phases_decode_batch_ge_200": decode_step_medians(profile, 200)}
+        if stats.spec_decode is not None:  # speculative decoding's counters over every run
+            sd = stats.spec_decode
+            result["engine"]["spec_decode"] = {
+                "num_drafts": sd.num_drafts, "num_draft_tokens": sd.num_draft_tokens,
+                "acceptance_rate": sd.acceptance_rate, "mean_acceptance_length": sd.mean_acceptance_length,
+                "accepted_per_position": list(sd.accepted_per_position)}
         rows.append(row)
         checkpoint(args.out, result, rows)
     if args.backend in ("hf", "both"):

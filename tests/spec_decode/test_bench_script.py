@@ -39,3 +39,15 @@ def test_spec_verify_cost_script_forces_the_acceptance(tiny_model_dir, tmp_path)
     assert off["k"] == 0 and forced["k"] == 3 and forced["tpot_ms"] > 0
     # The engine's own counter agrees with the forced rate: 1 + 0.6 + 0.36 + 0.216 = 2.18 tokens a step.
     assert abs(forced["mean_acceptance_length"] - forced["expected_acceptance_length"]) < 0.3
+
+
+def test_throughput_script_passes_the_speculative_config(tiny_model_dir, tmp_path):
+    import throughput
+
+    out = tmp_path / "tp.json"
+    spec = '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "adaptive": false}'
+    assert throughput.main(["--model", str(tiny_model_dir("llama")), "--load-format", "auto", "--dataset", "random",
+                            "--num-prompts", "3", "--input-len", "20", "--output-len", "12", "--runs", "1",
+                            "--max-model-len", "128", "--speculative-config", spec, "--out", str(out)]) == 0
+    sd = json.loads(out.read_text())["engine"]["spec_decode"]
+    assert sd["num_drafts"] > 0 and 0 <= sd["acceptance_rate"] <= 1
