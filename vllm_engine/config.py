@@ -80,6 +80,7 @@ class CacheConfig:
     cpu_kv_cache_space_gib: float = 2.0  # KV cache size when running on the CPU
     # The attention window all layers share (Mistral v0.1, Phi-3): blocks before it are freed.
     sliding_window: Optional[int] = None
+    cache_dtype: Optional[torch.dtype] = None  # None: the model's dtype; torch.float8_e4m3fn for fp8
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,10 @@ class EngineConfig:
     speculative: Optional[Any] = None  # spec_decode.SpeculativeConfig, None: off
 
 
+# --kv-cache-dtype values -> the cache's element type (None: the model's dtype).
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
 def _arg(help: str, flag: Optional[str] = None, **kw) -> Any:
     """Field metadata: the CLI flag's help (and extra argparse options)."""
     return {"help": help, "flag": flag, **kw}
@@ -149,6 +154,9 @@ class EngineArgs:
     max_num_seqs: int = field(default=256, metadata=_arg("Most sequences in one step."))
     max_num_batched_tokens: Optional[int] = field(default=None, metadata=_arg("Token budget of one step (default 8192)."))
     block_size: int = field(default=16, metadata=_arg("Tokens per KV cache block.", choices=[1, 8, 16, 32, 64, 128]))
+    kv_cache_dtype: str = field(default="auto", metadata=_arg(
+        "KV cache element type: auto (the model's dtype) or fp8 (e4m3, per-tensor scale 1, values clamped to "
+        "+-448: half the bytes per block).", choices=list(KV_CACHE_DTYPES)))
     gpu_memory_utilization: float = field(default=0.9, metadata=_arg("Fraction of GPU memory for weights, activations and KV cache."))
     swap_space: float = field(default=4.0, metadata=_arg("CPU swap space for preempted requests' KV blocks, GiB."))
     cpu_kv_cache_space: float = field(default=2.0, metadata=_arg("KV cache size on the CPU, GiB."))
@@ -295,6 +303,11 @@ class EngineArgs:
             get_quant_config(hf_config, device, name)
         return name
 
+    def _kv_cache_dtype(self) -> Optional[torch.dtype]:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]
+
     def _speculative(self, parallel: ParallelConfig) -> Optional[Any]:
         """The checked SpeculativeConfig (None: off), and what this engine serves of it."""
         from vllm_engine.spec_decode import SpeculativeConfig
@@ -352,6 +365,7 @@ class EngineArgs:
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             cpu_kv_cache_space_gib=self.cpu_kv_cache_space,
             sliding_window=uniform_sliding_window(model.hf_config),
+            cache_dtype=self._kv_cache_dtype(),
         )
         scheduler = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,

@@ -376,10 +376,22 @@ def compile_sm90() -> list[dict]:
                 stride_ot=i32, stride_oh=i32, sliding_window=i32, cap_log2=f32, scale_over_cap=f32, num_seqs=i32,
                 MidO="*fp32", MidLse="*fp32",
                 stride_mo_s=i32, stride_mo_h=i32, stride_mo_p=i32, stride_ml_s=i32, stride_ml_h=i32, SeqOrder="*i32")
-    dot = dict(DOT_PREC="tf32", DOT_F32=False)
-    out = [build(K._reshape_and_cache_kernel, dict(K=bf, V=bf, KCache=bf, VCache=bf, Slots="*i64", stride_kt=i32,
-                 stride_kh=i32, stride_vt=i32, stride_vh=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32),
-                 dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_H=8, BLOCK_D=128))]
+    dot = dict(DOT_PREC="tf32", DOT_F32=False, KV_FP8=False)
+    cache_write = dict(K=bf, V=bf, KCache=bf, VCache=bf, Slots="*i64", stride_kt=i32, stride_kh=i32, stride_vt=i32,
+                       stride_vh=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32)
+    write_consts = dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_H=8, BLOCK_D=128)
+    out = [build(K._reshape_and_cache_kernel, cache_write, dict(write_consts, KV_FP8=False))]
+    # kv_cache_dtype="fp8": the cache write, a decode and a prefill over an e4m3 cache
+    fp8 = "*fp8e4nv"
+    out.append(build(K._reshape_and_cache_kernel, dict(cache_write, KCache=fp8, VCache=fp8),
+                     dict(write_consts, KV_FP8=True)))
+    attn_fp8 = dict(attn, KCache=fp8, VCache=fp8)
+    out.append(build(K._decode_kernel, attn_fp8, dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16,
+                                                      TILE_N=64, NUM_SPLITS=1, MIXED=True, HAS_ORDER=True,
+                                                      EARLY_V=False, **dict(dot, KV_FP8=True))))
+    out.append(build(K._prefill_kernel, attn_fp8, dict(GROUP=4, BLOCK_M=64, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16,
+                                                       TILE_N=64, SKIP_DECODES=True, **dict(dot, KV_FP8=True)),
+                     num_warps=4, num_stages=2))
     for splits, group, head_dim in ((1, 2, 128), (16, 4, 128), (4, 3, 96)):
         out.append(build(K._decode_kernel, attn, dict(GROUP=group, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_D=128,
                                                       BLOCK_SIZE=16, TILE_N=64, NUM_SPLITS=splits, MIXED=True, HAS_ORDER=True,
@@ -397,7 +409,8 @@ def compile_sm90() -> list[dict]:
     for hq, norm in ((16, True), (32, False)):
         out.append(build(F._qkv_rope_cache_kernel, qkv, dict(NUM_Q_HEADS=hq, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64,
                                                              BLOCK_HQ=hq, BLOCK_HK=8, BLOCK_HALF=64, BLOCK_D=128,
-                                                             HAS_PASS=False, HAS_NORM=norm, BLOCK_SIZE=16)))
+                                                             HAS_PASS=False, HAS_NORM=norm, BLOCK_SIZE=16,
+                                                             KV_FP8=False)))
     gemv = dict(X=bf, W=bf, Bias=bf, Y=bf, R=bf, G=bf, ResOut=bf, N=i32, K=i32, stride_xm=i32, stride_wn=i32,
                 stride_ym=i32, stride_rm=i32, stride_om=i32, eps=f32)
     for m in (1, 4):

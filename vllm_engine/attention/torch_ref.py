@@ -13,6 +13,16 @@ import torch.nn.functional as F
 from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the cache stores it: an fp8 cache (scale 1) clamps to its finite range first."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.float().clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
+
+
 def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter the new tokens' keys/values into their slots; slots < 0 (padding) are skipped."""
     num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
@@ -23,8 +33,11 @@ def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
     if not bool(valid.all()):
         slots, key, value = slots[valid], key[valid], value[valid]
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
+    key, value = to_cache_dtype(key, kv_cache.dtype), to_cache_dtype(value, kv_cache.dtype)
+    if kv_cache.dtype.itemsize == 1:  # no index_copy_ for fp8: the same bytes through uint8
+        flat, key, value = flat.view(torch.uint8), key.view(torch.uint8), value.view(torch.uint8)
+    flat[0].index_copy_(0, slots, key)
+    flat[1].index_copy_(0, slots, value)
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
@@ -68,7 +81,8 @@ class TorchAttentionBackend(AttentionBackend):
             if q_len == 0:
                 continue
             first = 0  # the first key position read
-            if q_len == seq_len and key is not None:  # a whole prompt in one chunk: the new K/V are the context
+            if q_len == seq_len and key is not None and kv_cache.dtype == key.dtype:
+                # a whole prompt in one chunk: the new K/V are the context (an fp8 cache: read back, as the kernels do)
                 k, v = key[qs:qe], value[qs:qe]
             else:
                 block_size = kv_cache.shape[2]

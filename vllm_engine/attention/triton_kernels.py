@@ -31,9 +31,10 @@ def _reshape_and_cache_kernel(
     K, V, KCache, VCache, Slots,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One program per new token: copies its [num_kv_heads, head_dim] keys and values into its slot."""
+    """One program per new token: copies its [num_kv_heads, head_dim] keys and values into its slot
+    (into an fp8 cache clamped to +-448 first: scale 1)."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + t).to(tl.int64)  # step metadata: may be read before the PDL wait
     pdl_prologue(PDL)
@@ -44,22 +45,31 @@ def _reshape_and_cache_kernel(
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + offs_h * stride_ch + offs_d
     if NUM_KV_HEADS == BLOCK_H and HEAD_DIM == BLOCK_D:  # no mask: lets the compiler use 16-byte accesses
         k = tl.load(K + t * stride_kt + offs_h * stride_kh + offs_d)
-        tl.store(KCache + dst, k.to(KCache.dtype.element_ty))
+        tl.store(KCache + dst, to_cache_value(k, KCache, KV_FP8))
         v = tl.load(V + t * stride_vt + offs_h * stride_vh + offs_d)
-        tl.store(VCache + dst, v.to(VCache.dtype.element_ty))
+        tl.store(VCache + dst, to_cache_value(v, VCache, KV_FP8))
     else:
         mask = (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM)
         k = tl.load(K + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
-        tl.store(KCache + dst, k.to(KCache.dtype.element_ty), mask=mask)
+        tl.store(KCache + dst, to_cache_value(k, KCache, KV_FP8), mask=mask)
         v = tl.load(V + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
-        tl.store(VCache + dst, v.to(VCache.dtype.element_ty), mask=mask)
+        tl.store(VCache + dst, to_cache_value(v, VCache, KV_FP8), mask=mask)
+
+
+@triton.jit
+def to_cache_value(x, Cache, KV_FP8: tl.constexpr):
+    """``x`` as ``Cache`` stores it: an fp8 cache (scale 1) clamps to its finite range first."""
+    if KV_FP8:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+    return x.to(Cache.dtype.element_ty)
 
 
 @triton.jit
 def _load_kv_tile(Cache, BlockTables, seq, kvh, toks, nmask, offs_d,
                   stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    """Gathers [TILE_N, BLOCK_D] of one kv head for token positions ``toks`` through the block table."""
+                  BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, Q, KV_FP8: tl.constexpr):
+    """Gathers [TILE_N, BLOCK_D] of one kv head for token positions ``toks`` through the block table
+    (an fp8 cache's values converted to the query's type: the products run in that type)."""
     blk = tl.load(BlockTables + seq * stride_bt + toks // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
     off = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kvh * stride_ch
     ptrs = Cache + off[:, None] + offs_d[None, :]
@@ -67,6 +77,8 @@ def _load_kv_tile(Cache, BlockTables, seq, kvh, toks, nmask, offs_d,
         x = tl.load(ptrs, mask=nmask[:, None], other=0.0)
     else:
         x = tl.load(ptrs, mask=nmask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    if KV_FP8:
+        x = x.to(Q.dtype.element_ty)
     if DOT_F32:
         x = x.to(tl.float32)
     return x
@@ -108,7 +120,7 @@ def _decode_kernel(
     sliding_window, cap_log2, scale_over_cap,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, HAS_ORDER: tl.constexpr, EARLY_V: tl.constexpr, PDL: tl.constexpr,
+    DOT_F32: tl.constexpr, HAS_ORDER: tl.constexpr, EARLY_V: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (NUM_SPLITS, num_kv_heads, num_seqs). All GROUP query heads of one kv head share each K/V tile.
 
@@ -152,7 +164,9 @@ def _decode_kernel(
     dmask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
     q = tl.load(Q + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0).to(KCache.dtype.element_ty)
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if not KV_FP8:  # (an fp8 cache's tiles come as the query's type instead)
+        q = q.to(KCache.dtype.element_ty)
     if DOT_F32:
         q = q.to(tl.float32)
 
@@ -163,15 +177,15 @@ def _decode_kernel(
         toks = t0 + offs_n
         nmask = toks < hi
         k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
         if EARLY_V:  # V's load issued before the q.k dot waits on K: less latency, more registers
             v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
-                              stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
+                              stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
         qk = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), scale_log2, cap_log2, scale_over_cap)
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         if not EARLY_V:
             v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
-                              stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
+                              stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty range (seq_len 0) gives zeros
@@ -241,7 +255,7 @@ def _prefill_kernel(
     sliding_window, cap_log2, scale_over_cap,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, SKIP_DECODES: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (num_heads, num_tokens // BLOCK_M + num_seqs): one BLOCK_M tile of one sequence's queries
     for one head, FlashAttention-2 style over K/V gathered from the paged cache (prefix + new tokens).
@@ -275,7 +289,9 @@ def _prefill_kernel(
     q_pos = ctx + offs_m
     rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=mmask[:, None] & dmask[None, :], other=0.0).to(KCache.dtype.element_ty)
+                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    if not KV_FP8:  # (an fp8 cache's tiles come as the query's type instead)
+        q = q.to(KCache.dtype.element_ty)
     if DOT_F32:
         q = q.to(tl.float32)
 
@@ -294,10 +310,10 @@ def _prefill_kernel(
         toks = t0 + offs_n
         nmask = toks < full_hi
         k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
         qk = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), scale_log2, cap_log2, scale_over_cap)
         v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
     for t0 in range(tl.maximum(kv_lo, full_hi), kv_hi, TILE_N):
         toks = t0 + offs_n
@@ -305,14 +321,14 @@ def _prefill_kernel(
         if sliding_window > 0:  # keys before every row's window are not read (their blocks may be freed)
             nmask = nmask & (toks > first_pos - sliding_window)
         k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
         qk = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), scale_log2, cap_log2, scale_over_cap)
         visible = (toks[None, :] <= q_pos[:, None]) & nmask[None, :]
         if sliding_window > 0:
             visible = visible & (toks[None, :] > q_pos[:, None] - sliding_window)
         qk = tl.where(visible, qk, float("-inf"))
         v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
-                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32)
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -327,12 +343,15 @@ def _prefill_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _dot_args(dtype: torch.dtype) -> dict:
+def _dot_args(query_dtype: torch.dtype, cache_dtype: torch.dtype) -> dict:
     """DOT_PREC: fp32 inputs would otherwise go through tf32 (10-bit mantissa) on the tensor cores.
     DOT_F32: the Triton interpreter multiplies bf16 dot operands as their raw uint16 bits (a bug in
-    triton 3.x's interpreter), so interpreted bf16 runs upcast the operands to fp32 first."""
+    triton 3.x's interpreter), so interpreted bf16 runs upcast the operands to fp32 first.
+    KV_FP8: an fp8 cache; the dot operands are then in the query's type."""
+    kv_fp8 = cache_dtype == torch.float8_e4m3fn
+    dtype = query_dtype if kv_fp8 else cache_dtype
     dot_f32 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    return dict(DOT_PREC="ieee" if dtype == torch.float32 or dot_f32 else "tf32", DOT_F32=dot_f32)
+    return dict(DOT_PREC="ieee" if dtype == torch.float32 or dot_f32 else "tf32", DOT_F32=dot_f32, KV_FP8=kv_fp8)
 
 
 def _soft_cap_args(scale: float, logits_soft_cap: Optional[float]) -> tuple[float, float]:
@@ -368,7 +387,8 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), **pdl.launch_args(key.device),
+        BLOCK_D=triton.next_power_of_2(head_dim), KV_FP8=kv_cache.dtype == torch.float8_e4m3fn,
+        **pdl.launch_args(key.device),
     )
 
 
@@ -423,7 +443,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         sliding_window or 0, *_soft_cap_args(scale, logits_soft_cap),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size,
-        TILE_N=tile_n, NUM_SPLITS=num_splits, MIXED=mixed, **_dot_args(kv_cache.dtype),
+        TILE_N=tile_n, NUM_SPLITS=num_splits, MIXED=mixed, **_dot_args(query.dtype, kv_cache.dtype),
         HAS_ORDER=seq_order is not None, EARLY_V=early_v, num_warps=num_warps or 4, num_stages=num_stages,
         **pdl.launch_args(query.device),
     )
@@ -464,6 +484,6 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_t
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         out.stride(0), out.stride(1), sliding_window or 0, *_soft_cap_args(scale, logits_soft_cap),
         GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        TILE_N=tile_n, SKIP_DECODES=skip_decodes, **_dot_args(kv_cache.dtype),
+        TILE_N=tile_n, SKIP_DECODES=skip_decodes, **_dot_args(query.dtype, kv_cache.dtype),
         num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages, **pdl.launch_args(query.device),
     )

@@ -22,6 +22,7 @@ try:
     import triton
     import triton.language as tl
 
+    from vllm_engine.attention.triton_kernels import to_cache_value
     from vllm_engine.layers.pdl import pdl_prologue
 except ImportError:  # CPU-only installs: the torch versions serve every call
     triton = None
@@ -154,10 +155,11 @@ if triton is not None:
                                NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                                BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr,
-                               HAS_NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+                               HAS_NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
+                               PDL: tl.constexpr):
         """One program per token of the fused qkv row [q heads | k heads | v heads]: q and k are
         (normalised and) rotated; q goes to QOut, k and v to the token's slot of the paged cache
-        (slot < 0: padding, nothing written)."""
+        (slot < 0: padding, nothing written; an fp8 cache: clamped to its range first)."""
         t = tl.program_id(0).to(tl.int64)
         # Positions and slots are step metadata and the cos/sin cache a constant: read before the PDL wait.
         cos, sin = _cos_sin(Pos, CosSin, t, stride_cs, HALF, BLOCK_HALF)
@@ -185,14 +187,14 @@ if triton is not None:
             offs_hk = tl.arange(0, BLOCK_HK)[:, None]
             mk = (offs_hk < NUM_KV_HEADS) & cmask
             base = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + offs_hk * stride_ch
-            tl.store(KCache + base + offs_r, k1.to(KCache.dtype.element_ty), mask=mk)
-            tl.store(KCache + base + HALF + offs_r, k2.to(KCache.dtype.element_ty), mask=mk)
+            tl.store(KCache + base + offs_r, to_cache_value(k1, KCache, KV_FP8), mask=mk)
+            tl.store(KCache + base + HALF + offs_r, to_cache_value(k2, KCache, KV_FP8), mask=mk)
             mfull = (offs_hk < NUM_KV_HEADS) & (offs_d < HEAD_DIM)
             if HAS_PASS:
-                tl.store(KCache + base + offs_d, kp.to(KCache.dtype.element_ty),
+                tl.store(KCache + base + offs_d, to_cache_value(kp, KCache, KV_FP8),
                          mask=mfull & (offs_d >= 2 * HALF))
             v = tl.load(k_src + NUM_KV_HEADS * HEAD_DIM + t * stride_t + offs_hk * HEAD_DIM + offs_d, mask=mfull)
-            tl.store(VCache + base + offs_d, v.to(VCache.dtype.element_ty), mask=mfull)
+            tl.store(VCache + base + offs_d, to_cache_value(v, VCache, KV_FP8), mask=mfull)
 
 
 
@@ -305,7 +307,8 @@ def triton_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache
             NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
             BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
-            HAS_PASS=rotary_dim < head_dim, HAS_NORM=has_norm, BLOCK_SIZE=kv_cache.shape[2], num_warps=4,
+            HAS_PASS=rotary_dim < head_dim, HAS_NORM=has_norm, BLOCK_SIZE=kv_cache.shape[2],
+            KV_FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
             **pdl.launch_args(qkv.device))
     return q_out
 

@@ -129,6 +129,13 @@ class KVCache:
     def _index(self, ids: list[int], device: torch.device) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=device)
 
+    @staticmethod
+    def _raw(caches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The caches as bytes when their type has no index ops (fp8): a block moves bit for bit."""
+        if caches and caches[0].dtype.itemsize == 1:
+            return [c.view(torch.uint8) for c in caches]
+        return caches
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: GPU block src -> dst in every layer."""
         if not pairs:
@@ -137,7 +144,7 @@ class KVCache:
         src = self._index([p[0] for p in pairs], dev)
         dst = self._index([p[1] for p in pairs], dev)
         dim = self.block_dim
-        for cache in self.gpu_caches:
+        for cache in self._raw(self.gpu_caches):
             cache.index_copy_(dim, dst, cache.index_select(dim, src))
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
@@ -157,7 +164,7 @@ class KVCache:
         src = self._index([p[0] for p in pairs], src_dev)
         dst = self._index([p[1] for p in pairs], dst_dev)
         dim = self.block_dim
-        for s, d in zip(src_caches, dst_caches):
+        for s, d in zip(self._raw(src_caches), self._raw(dst_caches)):
             # Host -> device may be asynchronous (pinned source); device -> host must finish before the
             # host-side index_copy_ reads the staged blocks.
             d.index_copy_(dim, dst, s.index_select(dim, src).to(dst_dev, non_blocking=dst_dev.type == "cuda"))

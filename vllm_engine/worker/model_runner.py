@@ -110,8 +110,12 @@ class ModelRunner:
         layouts = {a.cache_layout for a in attn}
         if len(layouts) > 1:
             raise ValueError(f"{type(self.model).__name__} mixes KV cache layouts {sorted(layouts)}")
-        return KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, self.block_size, self.dtype,
-                           layouts.pop())
+        layout = layouts.pop()
+        dtype = self.config.cache.cache_dtype or self.dtype
+        if dtype != self.dtype and layout != "kv":
+            raise ValueError(f"kv_cache_dtype: {dtype} is not supported with the {layout} cache layout "
+                             f"({type(self.model).__name__}); use kv_cache_dtype='auto'")
+        return KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, self.block_size, dtype, layout)
 
     def determine_num_blocks(self) -> tuple[int, int]:
         """(num_gpu_blocks, num_cpu_blocks) that fit on this rank (on CUDA: after a profiling forward).
@@ -170,7 +174,7 @@ class ModelRunner:
         pos = torch.cat([torch.arange(l, device=self.device) for l in meta.seq_lens_cpu])
         # One layer's worth of cache, shared by every layer: enough to run the warm-up, small next to the budget.
         spec = self.kv_cache_spec()
-        cache = torch.zeros(spec.layer_shape(num_blocks), dtype=self.dtype, device=self.device)
+        cache = torch.zeros(spec.layer_shape(num_blocks), dtype=spec.dtype, device=self.device)
         caches = [cache] * spec.num_layers
         pp = self.pp_group
         with torch.inference_mode():
