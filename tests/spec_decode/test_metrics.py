@@ -33,3 +33,14 @@ def test_no_spec_metrics_when_off(tiny_model_dir):
     engine = Engine(model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=128, seed=0)
     assert engine.get_stats().spec_decode is None
     assert "spec_decode" not in ServerMetrics("m", engine.get_stats).render().decode()
+
+
+def test_step_profile_counts_the_proposed_tokens(tiny_model_dir):
+    engine = Engine(model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=128, seed=0,
+                    speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
+                                        "adaptive": False})
+    profile = engine.enable_step_profile()
+    engine.generate(["One two three four five six seven eight one two three four five six"],
+                    SamplingParams(temperature=0.0, max_tokens=30), use_tqdm=False)
+    assert sum(r["num_draft_tokens"] for r in profile) == engine.get_stats().spec_decode.num_draft_tokens > 0
+    assert all(r["num_tokens"] >= r["num_seqs"] + r["num_draft_tokens"] for r in profile)

@@ -530,6 +530,7 @@ class Engine:
         self.step_profile.append({
             "in_flight": in_flight,
             "num_seqs": len(sched_out.scheduled_requests), "num_tokens": sched_out.total_num_scheduled_tokens,
+            "num_draft_tokens": sum(map(len, sched_out.spec_token_ids.values())) if sched_out.spec_token_ids else 0,
             "schedule_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3,
             "prepare_inputs_ms": self._last_prepare_ms(), "update_and_output_ms": (t3 - t2) * 1e3,
             "wait_ms": waited * 1e3, "host_ms": (t3 - t0 - waited) * 1e3, "total_ms": (t3 - t0) * 1e3})
