@@ -63,6 +63,7 @@ def _main(argv=None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default=None,
                    help="a quantization method (dummy weights in its default settings: docs/quantization.md)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
@@ -72,7 +73,7 @@ def _main(argv=None) -> int:
     engine = Engine(model=args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
                     max_num_seqs=max(args.batch_sizes), enforce_eager=args.enforce_eager,
                     enable_prefix_caching=False, quantization=args.quantization,
-                    tensor_parallel_size=args.tensor_parallel_size,
+                    tensor_parallel_size=args.tensor_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
                     pipeline_parallel_size=args.pipeline_parallel_size)
     cfg = engine.model_config.hf_config
     bw = measure_bandwidth_gbs()

@@ -72,6 +72,7 @@ def _main(argv=None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default=None,
                    help="a quantization method (dummy weights in its default settings: docs/quantization.md)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
@@ -107,7 +108,7 @@ def _main(argv=None) -> int:
                         enforce_eager=args.enforce_eager, seed=args.seed,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=args.enable_prefix_caching,
-                        tensor_parallel_size=args.tensor_parallel_size,
+                        tensor_parallel_size=args.tensor_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
                         pipeline_parallel_size=args.pipeline_parallel_size, quantization=args.quantization,
                         speculative_config=args.speculative_config)
         hf_config = engine.model_config.hf_config
