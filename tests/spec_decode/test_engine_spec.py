@@ -56,7 +56,10 @@ def check_engine_state(engine: Engine) -> None:
     {"async_scheduling": True, "disable_by_batch_size": 3},
     # The adaptive policy on (whatever it decides from this machine's timings, the tokens are the same).
     {"async_scheduling": True, "adaptive": True},
-], ids=["default", "chunked", "preempt", "async", "adaptive"])
+    # Async scheduling with chunked prefill and preemption.
+    {"async_scheduling": True, "num_gpu_blocks_override": 48, "block_size": 4, "max_num_batched_tokens": 16,
+     "max_num_seqs": 4, "enable_prefix_caching": False},
+], ids=["default", "chunked", "preempt", "async", "adaptive", "async-chunked-preempt"])
 def test_greedy_tokens_equal_plain_decoding(tiny, expected, kwargs):
     kwargs = dict(kwargs)
     spec = {**NGRAM, **{f: kwargs.pop(f) for f in ("disable_by_batch_size", "adaptive") if f in kwargs}}
