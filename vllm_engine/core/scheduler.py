@@ -64,6 +64,11 @@ class SpecDecodeStats:
         """Tokens per verification step of a speculating request (accepted + the bonus/recovered one)."""
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
+    def snapshot(self) -> "SpecDecodeStats":
+        """A copy (stats are read on other threads while the engine loop counts on)."""
+        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                               list(self.accepted_per_position))
+
     def observe(self, num_drafted: int, num_accepted: int) -> None:
         self.num_drafts += 1
         self.num_draft_tokens += num_drafted
@@ -643,7 +648,7 @@ class Scheduler:
             kv_cache_usage=kv.usage, num_free_blocks=kv.num_free_blocks, num_total_blocks=self.num_gpu_blocks,
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions_total=self.num_preemptions_total, num_swaps_total=self.num_swaps_total,
-            spec=self.spec_stats)
+            spec=self.spec_stats.snapshot() if self.spec_stats is not None else None)
 
     def snapshot(self) -> dict:
         """A read-only, JSON-ready view of the queues and the KV blocks (the server's /dashboard); call it
