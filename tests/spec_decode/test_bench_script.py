@@ -34,7 +34,7 @@ def test_spec_verify_cost_script_forces_the_acceptance(tiny_model_dir, tmp_path)
     out = tmp_path / "cost.json"
     assert spec_verify_cost.main(["--model", str(tiny_model_dir("llama")), "--load-format", "auto", "--k", "3",
                                   "--acceptance", "0.6", "--batch-sizes", "2", "--input-len", "8",
-                                  "--output-len", "80", "--max-model-len", "256", "--out", str(out)]) == 0
+                                  "--output-len", "60", "--max-model-len", "256", "--out", str(out)]) == 0
     off, forced = json.loads(out.read_text())["rows"]
     assert off["k"] == 0 and forced["k"] == 3 and forced["tpot_ms"] > 0
     # The engine's own counter agrees with the forced rate: 1 + 0.6 + 0.36 + 0.216 = 2.18 tokens a step.
