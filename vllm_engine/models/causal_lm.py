@@ -1,13 +1,13 @@
-"""The causal-LM shell the families after Llama share: the decoder under HF's name for it (``model``,
+"""The causal-LM shell every family shares: the decoder under HF's name for it (``model``,
 ``transformer``, ``gpt_neox``), the LM head on the last pipeline stage (the embedding itself when
 tied), and weight loading by HF name.
 
-A family subclasses ``CausalLM`` with its decoder class (``model_class``: built as
-``model_class(config, attn_backend, max_position, dtype, quant_config, prefix)``, exposing its
-embedding as attribute ``embed_name``, ``is_first_stage`` / ``is_last_stage`` and ``start_layer`` /
-``end_layer``), the checkpoint's names (``base_model_prefix``, ``lm_head_name``), and overrides
-``checkpoint_weights`` to rename, transpose or split checkpoint tensors (GPT-2's Conv1D, GPT-NeoX's
-interleaved q/k/v, experts...) and ``compute_logits`` for what follows the LM head (Gemma 2's cap).
+A family subclasses ``CausalLM`` with its decoder class (``model_class``: a ``utils.DecoderStack``
+built as ``model_class(config, attn_backend, max_position, dtype, quant_config, prefix)``, exposing
+its embedding as attribute ``embed_name``), the checkpoint's names (``base_model_prefix``,
+``lm_head_name``), and overrides ``checkpoint_weights`` to rename, transpose or split checkpoint
+tensors (GPT-2's Conv1D, GPT-NeoX's interleaved q/k/v, experts...) and ``compute_logits`` for what
+follows the LM head (Gemma 2's cap).
 """
 
 from __future__ import annotations
@@ -36,8 +36,14 @@ LLAMA_STYLE_MAPPING: utils.StackedParamsMapping = [
 
 class CausalLM(nn.Module):
     """``model(input_ids[T] int64, positions[T] int64, kv_caches, attn_metadata) -> hidden [T, hidden]``;
-    ``compute_logits(hidden[N, hidden]) -> [N, vocab]`` in the model dtype (full vocabulary). Pipeline
-    stages and ``kv_caches`` as in models/llama.py."""
+    ``compute_logits(hidden[N, hidden]) -> [N, vocab]`` in the model dtype (full vocabulary).
+
+    ``kv_caches[i]``: the paged cache ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` of this
+    stage's i-th layer (layer ``start_layer + i``), with this rank's KV heads (or the layout the
+    family's attention declares). On a pipeline stage other than the first, ``intermediate_tensors``
+    is the previous stage's output (``input_ids`` is unused); a stage other than the last returns
+    ``IntermediateTensors``.
+    """
 
     model_class: ClassVar[type[nn.Module]]
     stacked_params_mapping: ClassVar[utils.StackedParamsMapping] = LLAMA_STYLE_MAPPING
@@ -45,6 +51,8 @@ class CausalLM(nn.Module):
     base_model_prefix: ClassVar[str] = "model"
     lm_head_name: ClassVar[str] = "lm_head"
     embed_name: ClassVar[str] = "embed_tokens"
+    base_model: nn.Module  # the decoder (base_model_prefix), a plain attribute
+    head: nn.Module  # the LM head (lm_head_name), a plain attribute
 
     def __init__(self, config: Any, attn_backend: AttentionBackend, max_position: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, quant_config: Optional[QuantizationConfig] = None) -> None:
@@ -67,15 +75,10 @@ class CausalLM(nn.Module):
                 lm_head.weight.checkpoint_name = self.embed_checkpoint_name
         self.add_module(self.lm_head_name, lm_head)
         self.logits_processor = LogitsProcessor(config.vocab_size)
-
-    @property
-    def base_model(self) -> nn.Module:
-        return getattr(self, self.base_model_prefix)
-
-    @property
-    def head(self) -> nn.Module:
-        """The LM head (``lm_head_name``): a ``ParallelLMHead``, the tied embedding, or a placeholder."""
-        return getattr(self, self.lm_head_name)
+        # Plain attributes under names every family shares (registered above under the checkpoint's):
+        # forward and compute_logits reach them without a Module lookup each step.
+        object.__setattr__(self, "base_model", base)
+        object.__setattr__(self, "head", lm_head)  # a ParallelLMHead, the tied embedding, or a placeholder
 
     @property
     def start_layer(self) -> int:

@@ -22,7 +22,7 @@ always-on experts as one dense MLP. V3's multi-token-prediction layers in the ch
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +30,16 @@ from torch import nn
 
 from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
 from vllm_engine.attention.mla import mla_attention, write_latent
-from vllm_engine.distributed import IntermediateTensors, get_pp_group, get_pp_indices, get_tp_group
+from vllm_engine.distributed import get_tp_group
 from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.fused_moe import FusedMoE, grouped_top_k, select_experts
 from vllm_engine.layers.layernorm import RMSNorm
 from vllm_engine.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm_engine.layers.rotary import RotaryEmbedding, apply_rotary, rope_params, yarn_mscale
 from vllm_engine.layers.utils import default_weight_loader, set_weight_attrs
-from vllm_engine.layers.vocab_parallel_embedding import VocabParallelEmbedding
-from vllm_engine.models.moe import DenseMLP, MoECausalLM, check_silu
-from vllm_engine.models.utils import PPMissingLayer
+from vllm_engine.models.moe import DenseMLP, MoECausalLM, check_silu, check_unquantized
+from vllm_engine.models.utils import DecoderStack
 from vllm_engine.quantization.base import QuantizationConfig
-from vllm_engine.quantization.unquantized import UnquantizedConfig
 
 
 def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -205,42 +203,19 @@ class DeepseekDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class DeepseekModel(nn.Module):
+class DeepseekModel(DecoderStack):
     def __init__(self, config: Any, attn_backend: AttentionBackend, max_position: int, dtype: torch.dtype,
                  quant_config: Optional[QuantizationConfig], prefix: str = "model") -> None:
-        super().__init__()
+        super().__init__(config)
         check_silu(config)
-        if quant_config is not None and not isinstance(quant_config, UnquantizedConfig):
-            raise ValueError(f"Unsupported quantization_config {quant_config.get_name()!r} for DeepSeek: the "
-                             "latent attention reads kv_b_proj's weight directly and the experts are unquantized.")
-        pp = get_pp_group()
-        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
-        self.start_layer, self.end_layer = get_pp_indices(config.num_hidden_layers, pp.rank, pp.world_size)
-        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
-                                                    quant_config=quant_config, prefix=f"{prefix}.embed_tokens")
-                             if self.is_first_stage else PPMissingLayer())
+        check_unquantized(quant_config, "DeepSeek: the latent attention reads kv_b_proj's weight directly and the "
+                                        "experts are unquantized")
+        self.embed_tokens = self.vocab_embedding(config, dtype, quant_config, f"{prefix}.embed_tokens")
         theta, scaling = rope_params(config)
         self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, max_position, theta, scaling)
-        self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(config, i, attn_backend, self.rotary_emb, dtype, quant_config, f"{prefix}.layers.{i}")
-            if self.start_layer <= i < self.end_layer else PPMissingLayer()
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if self.is_last_stage else PPMissingLayer()
-        self.stage_layers = list(self.layers)[self.start_layer: self.end_layer]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, intermediate_tensors: Optional[IntermediateTensors] = None,
-                ) -> Union[torch.Tensor, IntermediateTensors]:
-        if intermediate_tensors is None:
-            hidden, residual = self.embed_tokens(input_ids), None
-        else:
-            hidden, residual = intermediate_tensors.hidden_states, intermediate_tensors.residual
-        for i, layer in enumerate(self.stage_layers):
-            hidden, residual = layer(positions, hidden, residual, kv_caches[i], attn_metadata)
-        if not self.is_last_stage:
-            return IntermediateTensors(hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        self.layers = self.stage_modules(lambda i: DeepseekDecoderLayer(config, i, attn_backend, self.rotary_emb, dtype,
+                                                                        quant_config, f"{prefix}.layers.{i}"))
+        self.add_final_norm("norm", lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, dtype))
 
 
 class DeepseekV2ForCausalLM(MoECausalLM):

@@ -24,21 +24,20 @@ Bidirectional attention (``use_bidirectional_attention``, EmbeddingGemma) is ref
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
-from vllm_engine.distributed import IntermediateTensors, get_pp_group, get_pp_indices
 from vllm_engine.layers.activation import gelu_and_mul_for
 from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.layernorm import GemmaRMSNorm
 from vllm_engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm_engine.layers.rotary import RotaryEmbedding, get_rope
-from vllm_engine.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm_engine.models import utils
 from vllm_engine.models.causal_lm import CausalLM, soft_cap
-from vllm_engine.models.utils import PPMissingLayer, layer_sliding_window
+from vllm_engine.models.utils import DecoderStack, layer_sliding_window
 from vllm_engine.quantization.base import QuantizationConfig
 
 
@@ -49,10 +48,6 @@ def _version(config: Any) -> int:
         if model_type.startswith(prefix):
             return version
     raise ValueError(f"Unsupported model_type {model_type!r} for the Gemma family (gemma, gemma2, gemma3_text).")
-
-
-def _head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _activation_field(config: Any, version: int) -> str:
@@ -84,7 +79,7 @@ class GemmaAttention(nn.Module):
         version = _version(config)
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = _head_dim(config)
+        head_dim = utils.head_dim(config)
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, num_heads, num_kv_heads, bias=bias,
                                           params_dtype=dtype, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
@@ -148,24 +143,17 @@ class GemmaDecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(gate_up)), residual
 
 
-class GemmaModel(nn.Module):
-    """This pipeline stage's layers [start_layer, end_layer), as ``LlamaModel``."""
-
+class GemmaModel(DecoderStack):
     def __init__(self, config: Any, attn_backend: AttentionBackend, max_position: int, dtype: torch.dtype,
                  quant_config: Optional[QuantizationConfig], prefix: str = "model") -> None:
-        super().__init__()
+        super().__init__(config)
         version = _version(config)
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("Unsupported use_bidirectional_attention=True: only causal Gemma decoders are served.")
-        pp = get_pp_group()
-        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
-        self.start_layer, self.end_layer = get_pp_indices(config.num_hidden_layers, pp.rank, pp.world_size)
-        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
-                                                    quant_config=quant_config, prefix=f"{prefix}.embed_tokens")
-                             if self.is_first_stage else PPMissingLayer())
+        self.embed_tokens = self.vocab_embedding(config, dtype, quant_config, f"{prefix}.embed_tokens")
         # HF multiplies by sqrt(hidden) rounded to the model dtype (bf16: sqrt(3072) = 55.5).
         self.register_buffer("normalizer", torch.tensor(config.hidden_size ** 0.5, dtype=dtype), persistent=False)
-        head_dim = _head_dim(config)
+        head_dim = utils.head_dim(config)
         if version == 3:
             ropes = gemma3_ropes(config, head_dim, max_position)
             self.rotary_emb = ropes["full_attention"]
@@ -177,27 +165,12 @@ class GemmaModel(nn.Module):
         def rope(i: int) -> RotaryEmbedding:
             return self.rotary_emb_local if layer_sliding_window(config, i) else self.rotary_emb
 
-        self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, i, attn_backend, rope(i), dtype, quant_config, f"{prefix}.layers.{i}")
-            if self.start_layer <= i < self.end_layer else PPMissingLayer()
-            for i in range(config.num_hidden_layers))
-        self.norm = (GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if self.is_last_stage
-                     else PPMissingLayer())
-        self.stage_layers = list(self.layers)[self.start_layer: self.end_layer]
+        self.layers = self.stage_modules(lambda i: GemmaDecoderLayer(config, i, attn_backend, rope(i), dtype,
+                                                                     quant_config, f"{prefix}.layers.{i}"))
+        self.add_final_norm("norm", lambda: GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, intermediate_tensors: Optional[IntermediateTensors] = None,
-                ) -> Union[torch.Tensor, IntermediateTensors]:
-        if intermediate_tensors is None:
-            hidden, residual = self.embed_tokens(input_ids) * self.normalizer, None
-        else:
-            hidden, residual = intermediate_tensors.hidden_states, intermediate_tensors.residual
-        for i, layer in enumerate(self.stage_layers):
-            hidden, residual = layer(positions, hidden, residual, kv_caches[i], attn_metadata)
-        if not self.is_last_stage:
-            return IntermediateTensors(hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.normalizer
 
 
 class GemmaForCausalLM(CausalLM):

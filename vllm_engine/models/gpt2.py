@@ -10,22 +10,20 @@ columns as for Llama; the position table is replicated.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
-from vllm_engine.distributed import IntermediateTensors, get_pp_group, get_pp_indices
 from vllm_engine.layers.activation import get_act_fn
 from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.layernorm import LayerNorm
 from vllm_engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm_engine.layers.utils import default_weight_loader, set_weight_attrs
-from vllm_engine.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm_engine.models.causal_lm import CausalLM
-from vllm_engine.models.utils import PPMissingLayer
+from vllm_engine.models.utils import DecoderStack
 from vllm_engine.quantization.base import QuantizationConfig
 
 GPT2_MAPPING = [(".c_attn.", f".c_attn.{s}.", s) for s in "qkv"]
@@ -104,42 +102,21 @@ class GPT2Block(nn.Module):
         return self.mlp(x), residual
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(DecoderStack):
     def __init__(self, config: Any, attn_backend: AttentionBackend, max_position: int, dtype: torch.dtype,
                  quant_config: Optional[QuantizationConfig], prefix: str = "transformer") -> None:
-        super().__init__()
+        super().__init__(config)
         if getattr(config, "add_cross_attention", False):
             raise ValueError("Unsupported add_cross_attention=True: GPT-2 is served as a decoder only.")
-        pp = get_pp_group()
-        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
-        self.start_layer, self.end_layer = get_pp_indices(config.num_hidden_layers, pp.rank, pp.world_size)
-        if self.is_first_stage:
-            self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
-                                              quant_config=quant_config, prefix=f"{prefix}.wte")
-            self.wpe = PositionEmbedding(config.max_position_embeddings, config.hidden_size, dtype)
-        else:
-            self.wte, self.wpe = PPMissingLayer(), PPMissingLayer()
-        self.h = nn.ModuleList(
-            GPT2Block(config, i, attn_backend, dtype, quant_config, f"{prefix}.h.{i}")
-            if self.start_layer <= i < self.end_layer else PPMissingLayer()
-            for i in range(config.num_hidden_layers))
-        self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon, dtype) if self.is_last_stage \
-            else PPMissingLayer()
-        self.stage_layers = list(self.h)[self.start_layer: self.end_layer]
+        self.wte = self.vocab_embedding(config, dtype, quant_config, f"{prefix}.wte")
+        self.wpe = self.first_stage_only(
+            lambda: PositionEmbedding(config.max_position_embeddings, config.hidden_size, dtype))
+        self.h = self.stage_modules(lambda i: GPT2Block(config, i, attn_backend, dtype, quant_config,
+                                                        f"{prefix}.h.{i}"))
+        self.add_final_norm("ln_f", lambda: LayerNorm(config.hidden_size, config.layer_norm_epsilon, dtype))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, intermediate_tensors: Optional[IntermediateTensors] = None,
-                ) -> Union[torch.Tensor, IntermediateTensors]:
-        if intermediate_tensors is None:
-            hidden, residual = self.wte(input_ids) + self.wpe(positions), None
-        else:
-            hidden, residual = intermediate_tensors.hidden_states, intermediate_tensors.residual
-        for i, layer in enumerate(self.stage_layers):
-            hidden, residual = layer(positions, hidden, residual, kv_caches[i], attn_metadata)
-        if not self.is_last_stage:
-            return IntermediateTensors(hidden, residual)
-        hidden, _ = self.ln_f(hidden, residual)
-        return hidden
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.wte(input_ids) + self.wpe(positions)
 
 
 class GPT2LMHeadModel(CausalLM):

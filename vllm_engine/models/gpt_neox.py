@@ -10,21 +10,19 @@ head 1 q, k, v, ...]; ``load_weights`` regroups them into the q/k/v shards of ou
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
-from vllm_engine.distributed import IntermediateTensors, get_pp_group, get_pp_indices
 from vllm_engine.layers.activation import get_act_fn
 from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.layernorm import LayerNorm
 from vllm_engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm_engine.layers.rotary import RotaryEmbedding, get_rope
-from vllm_engine.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm_engine.models.causal_lm import CausalLM
-from vllm_engine.models.utils import PPMissingLayer
+from vllm_engine.models.utils import DecoderStack
 from vllm_engine.quantization.base import QuantizationConfig
 
 NEOX_MAPPING = [(".query_key_value.", f".query_key_value.{s}.", s) for s in "qkv"]
@@ -87,38 +85,18 @@ class GPTNeoXLayer(nn.Module):
         return self.mlp(h), x
 
 
-class GPTNeoXModel(nn.Module):
+class GPTNeoXModel(DecoderStack):
     def __init__(self, config: Any, attn_backend: AttentionBackend, max_position: int, dtype: torch.dtype,
                  quant_config: Optional[QuantizationConfig], prefix: str = "gpt_neox") -> None:
-        super().__init__()
-        pp = get_pp_group()
-        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
-        self.start_layer, self.end_layer = get_pp_indices(config.num_hidden_layers, pp.rank, pp.world_size)
-        self.embed_in = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
-                                                quant_config=quant_config, prefix=f"{prefix}.embed_in")
-                         if self.is_first_stage else PPMissingLayer())
+        super().__init__(config)
+        self.embed_in = self.vocab_embedding(config, dtype, quant_config, f"{prefix}.embed_in")
         self.rotary_emb = get_rope(config, config.hidden_size // config.num_attention_heads, max_position)
-        self.layers = nn.ModuleList(
-            GPTNeoXLayer(config, attn_backend, self.rotary_emb, dtype, quant_config, f"{prefix}.layers.{i}")
-            if self.start_layer <= i < self.end_layer else PPMissingLayer()
-            for i in range(config.num_hidden_layers))
-        self.final_layer_norm = (LayerNorm(config.hidden_size, config.layer_norm_eps, dtype) if self.is_last_stage
-                                 else PPMissingLayer())
-        self.stage_layers = list(self.layers)[self.start_layer: self.end_layer]
+        self.layers = self.stage_modules(lambda i: GPTNeoXLayer(config, attn_backend, self.rotary_emb, dtype,
+                                                                quant_config, f"{prefix}.layers.{i}"))
+        self.add_final_norm("final_layer_norm", lambda: LayerNorm(config.hidden_size, config.layer_norm_eps, dtype))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, intermediate_tensors: Optional[IntermediateTensors] = None,
-                ) -> Union[torch.Tensor, IntermediateTensors]:
-        if intermediate_tensors is None:
-            hidden, residual = self.embed_in(input_ids), None
-        else:
-            hidden, residual = intermediate_tensors.hidden_states, intermediate_tensors.residual
-        for i, layer in enumerate(self.stage_layers):
-            hidden, residual = layer(positions, hidden, residual, kv_caches[i], attn_metadata)
-        if not self.is_last_stage:
-            return IntermediateTensors(hidden, residual)
-        hidden, _ = self.final_layer_norm(hidden, residual)
-        return hidden
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embed_in(input_ids)
 
 
 class GPTNeoXForCausalLM(CausalLM):

@@ -21,31 +21,25 @@ hands them to the ``FusedMoE`` loaders by (expert, role). Experts are unquantize
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Iterable, Optional, Union
+from typing import Any, ClassVar, Iterable, Optional
 
 import torch
 from torch import nn
 
 from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
-from vllm_engine.distributed import IntermediateTensors, get_pp_group, get_pp_indices, get_tp_group
+from vllm_engine.distributed import get_tp_group
 from vllm_engine.layers.activation import SiluAndMul
-from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.fused_moe import FusedMoE
 from vllm_engine.layers.layernorm import RMSNorm
-from vllm_engine.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
-                                       RowParallelLinear)
+from vllm_engine.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm_engine.layers.rotary import RotaryEmbedding, get_rope
-from vllm_engine.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm_engine.models.causal_lm import CausalLM
-from vllm_engine.models.utils import PPMissingLayer, layer_sliding_window
+from vllm_engine.models.llama import LlamaAttention
+from vllm_engine.models.utils import DecoderStack, head_dim
 from vllm_engine.quantization.base import QuantizationConfig
 from vllm_engine.quantization.unquantized import UnquantizedConfig
 
 _EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
-
-
-def _head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def check_silu(config: Any) -> None:
@@ -55,32 +49,21 @@ def check_silu(config: Any) -> None:
         raise ValueError(f"Unsupported hidden_act {act!r}: the MoE models support silu.")
 
 
-class MoEAttention(nn.Module):
+def check_unquantized(quant_config: Optional[QuantizationConfig], why: str) -> None:
+    """ValueError naming the quantization method and ``why`` unless the model is unquantized."""
+    if quant_config is not None and not isinstance(quant_config, UnquantizedConfig):
+        raise ValueError(f"Unsupported quantization_config {quant_config.get_name()!r} for {why}.")
+
+
+class MoEAttention(LlamaAttention):
     """Llama's attention with the family's options: q/k/v bias (``qkv_bias``, ``attention_bias``) and
     Qwen3-MoE's q/k norm."""
 
-    def __init__(self, config: Any, layer_idx: int, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding,
-                 dtype: torch.dtype, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
-        super().__init__()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = _head_dim(config)
-        qkv_bias = bool(getattr(config, "qkv_bias", False) or getattr(config, "attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, kv_heads, bias=qkv_bias,
-                                          params_dtype=dtype, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size,
-                                        bias=bool(getattr(config, "attention_bias", False)), params_dtype=dtype,
-                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
-        if config.model_type == "qwen3_moe":
-            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype)
-        self.attn = Attention(self.qkv_proj.num_heads, head_dim, self.qkv_proj.num_kv_heads, rotary_emb, attn_backend,
-                              layer_sliding_window(config, layer_idx), getattr(self, "q_norm", None),
-                              getattr(self, "k_norm", None))
-
-    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.o_proj(self.attn(positions, qkv, kv_cache, attn_metadata))
+    @staticmethod
+    def options(config: Any) -> tuple[bool, bool, bool]:
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return (bool(getattr(config, "qkv_bias", False) or attention_bias), attention_bias,
+                config.model_type == "qwen3_moe")
 
 
 class DenseMLP(nn.Module):
@@ -163,45 +146,18 @@ def _feed_forward(config: Any, layer_idx: int, dtype: torch.dtype, quant_config:
                           bool(getattr(config, "norm_topk_prob", False)), dtype, quant_config, prefix)
 
 
-class MoEModel(nn.Module):
-    """This pipeline stage's layers [start_layer, end_layer), as ``LlamaModel``."""
-
+class MoEModel(DecoderStack):
     def __init__(self, config: Any, attn_backend: AttentionBackend, max_position: int, dtype: torch.dtype,
                  quant_config: Optional[QuantizationConfig], prefix: str = "model") -> None:
-        super().__init__()
+        super().__init__(config)
         check_silu(config)
-        if quant_config is not None and not isinstance(quant_config, UnquantizedConfig):
-            raise ValueError(f"Unsupported quantization_config {quant_config.get_name()!r} for a mixture of "
-                             "experts: the experts are unquantized only.")
-        pp = get_pp_group()
-        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
-        self.start_layer, self.end_layer = get_pp_indices(config.num_hidden_layers, pp.rank, pp.world_size)
-        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
-                                                    quant_config=quant_config, prefix=f"{prefix}.embed_tokens")
-                             if self.is_first_stage else PPMissingLayer())
-        self.rotary_emb = get_rope(config, _head_dim(config), max_position)
+        check_unquantized(quant_config, "a mixture of experts: the experts are unquantized only")
+        self.embed_tokens = self.vocab_embedding(config, dtype, quant_config, f"{prefix}.embed_tokens")
+        self.rotary_emb = get_rope(config, head_dim(config), max_position)
         mlp_name = "block_sparse_moe" if config.model_type == "mixtral" else "mlp"
-        self.layers = nn.ModuleList(
-            MoEDecoderLayer(config, i, attn_backend, self.rotary_emb, dtype, quant_config, f"{prefix}.layers.{i}",
-                            mlp_name)
-            if self.start_layer <= i < self.end_layer else PPMissingLayer()
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if self.is_last_stage else PPMissingLayer()
-        self.stage_layers = list(self.layers)[self.start_layer: self.end_layer]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, intermediate_tensors: Optional[IntermediateTensors] = None,
-                ) -> Union[torch.Tensor, IntermediateTensors]:
-        if intermediate_tensors is None:
-            hidden, residual = self.embed_tokens(input_ids), None
-        else:
-            hidden, residual = intermediate_tensors.hidden_states, intermediate_tensors.residual
-        for i, layer in enumerate(self.stage_layers):
-            hidden, residual = layer(positions, hidden, residual, kv_caches[i], attn_metadata)
-        if not self.is_last_stage:
-            return IntermediateTensors(hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        self.layers = self.stage_modules(lambda i: MoEDecoderLayer(config, i, attn_backend, self.rotary_emb, dtype,
+                                                                   quant_config, f"{prefix}.layers.{i}", mlp_name))
+        self.add_final_norm("norm", lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, dtype))
 
 
 class MoECausalLM(CausalLM):

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
+from vllm_engine.models import utils
 from vllm_engine.models.llama import LlamaForCausalLM
 
 
@@ -24,7 +25,7 @@ def split_fused_tensors(weights: Iterable[tuple[str, torch.Tensor]], config: Any
     not match the config's head and intermediate sizes."""
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    head_dim = utils.head_dim(config)
     qkv_rows = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
     gate_up_rows = [config.intermediate_size, config.intermediate_size]
     for name, tensor in weights:
@@ -50,5 +51,5 @@ class Phi3ForCausalLM(LlamaForCausalLM):
             raise ValueError(f"Unsupported hidden_act {act!r}: Phi-3 supports silu.")
         super().__init__(config, *args, **kwargs)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(split_fused_tensors(weights, self.config))
+    def checkpoint_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        return split_fused_tensors(weights, self.config)

@@ -1,14 +1,19 @@
-"""What every model file shares: pipeline-stage placeholders and the checkpoint-name bookkeeping of
-``load_weights``."""
+"""What every model file shares: the pipeline stage of a decoder (``DecoderStack``: its layers, the
+first stage's embedding and the last stage's norm, with placeholders for the rest) and the
+checkpoint-name bookkeeping of ``load_weights``."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
+from vllm_engine.attention.backend import AttentionMetadata
+from vllm_engine.distributed import IntermediateTensors, get_pp_group, get_pp_indices
 from vllm_engine.layers.utils import default_weight_loader
+from vllm_engine.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm_engine.quantization.base import QuantizationConfig
 
 # (our fused parameter, the HF name of one of its shards, shard id), matched on name fragments.
 StackedParamsMapping = list[tuple[str, str, Union[int, str]]]
@@ -19,6 +24,78 @@ class PPMissingLayer(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("this layer belongs to another pipeline stage")
+
+
+def head_dim(config: Any) -> int:
+    """``head_dim`` from the config when given (Qwen3, Gemma), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class DecoderStack(nn.Module):
+    """This pipeline stage's part of a decoder: layers [start_layer, end_layer) of the config's
+    ``num_hidden_layers``, the embedding on the first stage, the final norm on the last
+    (``PPMissingLayer`` stands in for what another stage holds).
+
+    A family's ``__init__`` calls ``super().__init__(config)`` and builds its modules under the
+    checkpoint's names: ``vocab_embedding`` (or ``first_stage_only``), ``stage_modules`` for the
+    layers, ``add_final_norm``; it overrides ``embed`` when its input is more than ``embed_tokens``.
+
+    ``forward``: each layer is called ``layer(positions, hidden, residual, kv_cache, attn_metadata)
+    -> (hidden, residual)`` (residual None into the first layer), the final norm ``norm(hidden,
+    residual) -> (out, _)``. On a stage other than the first, ``intermediate_tensors`` is the
+    previous stage's output (``input_ids`` is unused); a stage other than the last returns
+    ``IntermediateTensors``.
+    """
+
+    final_norm: nn.Module  # the last stage's norm (add_final_norm), a plain attribute: no Module lookup per step
+    stage_layers: list[nn.Module]  # this stage's layers (stage_modules), a plain list: fast to iterate
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        pp = get_pp_group()
+        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
+        self.start_layer, self.end_layer = get_pp_indices(config.num_hidden_layers, pp.rank, pp.world_size)
+        self.num_hidden_layers = config.num_hidden_layers
+
+    def first_stage_only(self, build: Callable[[], nn.Module]) -> nn.Module:
+        return build() if self.is_first_stage else PPMissingLayer()
+
+    def vocab_embedding(self, config: Any, dtype: torch.dtype, quant_config: Optional[QuantizationConfig],
+                        prefix: str) -> nn.Module:
+        """The first stage's token embedding ([vocab_size, hidden_size], split over tensor-parallel ranks)."""
+        return self.first_stage_only(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
+                                                                    quant_config=quant_config, prefix=prefix))
+
+    def stage_modules(self, build: Callable[[int], nn.Module]) -> nn.ModuleList:
+        """Every layer index, ``build(i)`` for this stage's; sets ``stage_layers``."""
+        layers = nn.ModuleList(build(i) if self.start_layer <= i < self.end_layer else PPMissingLayer()
+                               for i in range(self.num_hidden_layers))
+        self.stage_layers = list(layers)[self.start_layer: self.end_layer]
+        return layers
+
+    def add_final_norm(self, name: str, build: Callable[[], nn.Module]) -> None:
+        """The last stage's final norm, registered as ``name`` (its checkpoint name)."""
+        norm = build() if self.is_last_stage else PPMissingLayer()
+        self.add_module(name, norm)
+        object.__setattr__(self, "final_norm", norm)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The first stage's hidden states [T, hidden] for ``input_ids``."""
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata, intermediate_tensors: Optional[IntermediateTensors] = None,
+                ) -> Union[torch.Tensor, IntermediateTensors]:
+        if intermediate_tensors is None:
+            hidden, residual = self.embed(input_ids, positions), None
+        else:
+            hidden, residual = intermediate_tensors.hidden_states, intermediate_tensors.residual
+        for i, layer in enumerate(self.stage_layers):
+            hidden, residual = layer(positions, hidden, residual, kv_caches[i], attn_metadata)
+        if not self.is_last_stage:
+            return IntermediateTensors(hidden, residual)
+        hidden, _ = self.final_norm(hidden, residual)
+        return hidden
 
 
 def layer_sliding_window(config: Any, layer_idx: int) -> Optional[int]:
