@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -47,6 +47,55 @@ def tiny_checkpoint(config: Any, out_dir: Path, tokenizer_dir: Path, seed: int =
         if "token" in f.name or f.name == "generation_config.json":
             shutil.copy(f, out_dir / f.name)
     return out_dir
+
+
+def checkpoint_factory(tiny_model_dir: Callable[[str], Path], tmp_path_factory: Any,
+                       config_for: Callable[[str, Path], Any], edit: Optional[Callable[[Path], None]] = None,
+                       **checkpoint_kw: Any) -> Callable[[str], Path]:
+    """A module fixture's factory: ``make(variant)`` -> the tiny checkpoint of ``config_for(variant,
+    tokenizer_dir)`` (``tiny_checkpoint`` with ``checkpoint_kw``, then ``edit(path)`` where given),
+    built once per variant with the shared tiny tokenizer."""
+    built: dict[str, Path] = {}
+
+    def make(variant: str) -> Path:
+        if variant not in built:
+            tiny = tiny_model_dir("llama")
+            path = tiny_checkpoint(config_for(variant, tiny), tmp_path_factory.mktemp(variant), tiny, **checkpoint_kw)
+            if edit is not None:
+                edit(path)
+            built[variant] = path
+        return built[variant]
+
+    return make
+
+
+def spread_the_router(path: Path) -> None:
+    """A mixture of experts' router weights (``...gate.weight``) x 10 and a visible correction bias
+    (DeepSeek-V3's ``e_score_correction_bias``): clearly separated expert choices (no near-ties
+    between HF and us)."""
+    from safetensors.torch import load_file, save_file
+
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    g = torch.Generator().manual_seed(3)
+    for name in list(tensors):
+        if name.endswith(".gate.weight"):
+            tensors[name] = tensors[name] * 10
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = torch.randn(tensors[name].shape, generator=g) * 0.5
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def parallel_matches_one_rank_and_hf(tmp_path: Path, jobs: list[tuple[str, str, str]], tp: int = 2,
+                                     pp: int = 1) -> None:
+    """Each (name, checkpoint path, load format) job run over tp x pp gloo processes gives the logits
+    and greedy tokens of one process, and of HF transformers unless its weights are "dummy" (drawn,
+    not the checkpoint's)."""
+    from tests.distributed.test_tp_model import check_against_one_rank_and_hf, run_parallel
+
+    got = run_parallel(tmp_path, tp=tp, pp=pp, jobs=jobs)
+    for name, path, fmt in jobs:
+        check_against_one_rank_and_hf(got[name], path, fmt, hf_check=fmt != "dummy")
 
 
 def tokenizer_ids(tiny_dir: Path) -> dict:

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.models.family_helpers import LENS, SCHEDULE, engine_greedy_matches_hf, load_ours_and_hf, tiny_checkpoint, \
-    tokenizer_ids
+from tests.models.family_helpers import LENS, SCHEDULE, checkpoint_factory, engine_greedy_matches_hf, \
+    load_ours_and_hf, parallel_matches_one_rank_and_hf, spread_the_router, tokenizer_ids
 
 LATENT, ROPE = 32, 8
 
@@ -38,32 +38,7 @@ def deepseek_config(version: str, tiny_dir):
 
 @pytest.fixture(scope="module")
 def deepseek_dir(tiny_model_dir, tmp_path_factory):
-    built = {}
-
-    def make(version: str):
-        if version not in built:
-            tiny = tiny_model_dir("llama")
-            path = tiny_checkpoint(deepseek_config(version, tiny), tmp_path_factory.mktemp(version), tiny)
-            _spread_the_router(path)
-            built[version] = path
-        return built[version]
-
-    return make
-
-
-def _spread_the_router(path):
-    """Router weights x 10 and a visible correction bias: clearly separated expert choices."""
-    from safetensors.torch import load_file, save_file
-
-    f = path / "model.safetensors"
-    tensors = load_file(str(f))
-    g = torch.Generator().manual_seed(3)
-    for name in list(tensors):
-        if name.endswith(".mlp.gate.weight"):
-            tensors[name] = tensors[name] * 10
-        if name.endswith("e_score_correction_bias"):
-            tensors[name] = torch.randn(tensors[name].shape, generator=g) * 0.5
-    save_file(tensors, str(f), metadata={"format": "pt"})
+    return checkpoint_factory(tiny_model_dir, tmp_path_factory, deepseek_config, spread_the_router)
 
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
@@ -83,12 +58,8 @@ def test_engine_greedy_matches_hf(version, deepseek_dir):
 
 def test_tp2_matches_one_rank_and_hf(deepseek_dir, tmp_path):
     """Heads (q, kv_b, o) split over two gloo ranks, the latent replicated; experts split like Mixtral's."""
-    from tests.distributed.test_tp_model import check_against_one_rank_and_hf, run_parallel
-
     jobs = [(v, str(deepseek_dir(v)), "auto") for v in ("v2", "v3")]
-    got = run_parallel(tmp_path, tp=2, pp=1, jobs=jobs)
-    for name, path, fmt in jobs:
-        check_against_one_rank_and_hf(got[name], path, fmt)
+    parallel_matches_one_rank_and_hf(tmp_path, jobs)
 
 
 def test_grouped_routing_matches_hf_routers(deepseek_dir):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.family_helpers import engine_greedy_matches_hf, paged_logits_match_hf, tiny_checkpoint, tokenizer_ids
+from tests.models.family_helpers import checkpoint_factory, engine_greedy_matches_hf, paged_logits_match_hf, \
+    parallel_matches_one_rank_and_hf, tiny_checkpoint, tokenizer_ids
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
               max_position_embeddings=512, rms_norm_eps=1e-6)
@@ -37,16 +38,7 @@ def gemma_config(version: str, tiny_dir):
 
 @pytest.fixture(scope="module")
 def gemma_dir(tiny_model_dir, tmp_path_factory):
-    built = {}
-
-    def make(version: str):
-        if version not in built:
-            tiny = tiny_model_dir("llama")
-            built[version] = tiny_checkpoint(gemma_config(version, tiny), tmp_path_factory.mktemp(version), tiny,
-                                             norm_center=0.0)
-        return built[version]
-
-    return make
+    return checkpoint_factory(tiny_model_dir, tmp_path_factory, gemma_config, norm_center=0.0)
 
 
 @pytest.mark.parametrize("version", ["gemma", "gemma2", "gemma3"])
@@ -123,12 +115,8 @@ def _checkpoint(path):
 
 def test_tp2_matches_one_rank_and_hf(gemma_dir, tmp_path):
     """Gemma 2 and 3 split over two gloo ranks (one KV head each; soft caps, windows, q/k norms)."""
-    from tests.distributed.test_tp_model import check_against_one_rank_and_hf, run_parallel
-
     jobs = [(v, str(gemma_dir(v)), "auto") for v in ("gemma2", "gemma3")]
-    got = run_parallel(tmp_path, tp=2, pp=1, jobs=jobs)
-    for name, path, fmt in jobs:
-        check_against_one_rank_and_hf(got[name], path, fmt)
+    parallel_matches_one_rank_and_hf(tmp_path, jobs)
 
 
 @pytest.fixture(scope="module")

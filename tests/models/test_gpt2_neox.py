@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.family_helpers import engine_greedy_matches_hf, paged_logits_match_hf, tiny_checkpoint, tokenizer_ids
+from tests.models.family_helpers import checkpoint_factory, engine_greedy_matches_hf, paged_logits_match_hf, \
+    parallel_matches_one_rank_and_hf, tokenizer_ids
 
 
 def family_config(variant: str, tiny_dir):
@@ -34,15 +35,7 @@ def family_config(variant: str, tiny_dir):
 
 @pytest.fixture(scope="module")
 def family_dir(tiny_model_dir, tmp_path_factory):
-    built = {}
-
-    def make(variant: str):
-        if variant not in built:
-            tiny = tiny_model_dir("llama")
-            built[variant] = tiny_checkpoint(family_config(variant, tiny), tmp_path_factory.mktemp(variant), tiny)
-        return built[variant]
-
-    return make
+    return checkpoint_factory(tiny_model_dir, tmp_path_factory, family_config)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "neox", "neox_sequential", "bigcode", "bigcode_mha"])
@@ -59,12 +52,8 @@ def test_engine_greedy_matches_hf(family_dir):
 def test_tp2_matches_one_rank_and_hf(family_dir, tmp_path):
     """Heads cut from GPT-2's transposed c_attn, NeoX's interleaved query_key_value and BigCode's
     multi-query c_attn; biases of the row-parallel projections added once."""
-    from tests.distributed.test_tp_model import check_against_one_rank_and_hf, run_parallel
-
     jobs = [(v, str(family_dir(v)), "auto") for v in ("gpt2", "neox", "bigcode")]
-    got = run_parallel(tmp_path, tp=2, pp=1, jobs=jobs)
-    for name, path, fmt in jobs:
-        check_against_one_rank_and_hf(got[name], path, fmt)
+    parallel_matches_one_rank_and_hf(tmp_path, jobs)
 
 
 def test_pythia_checkpoint_names_load(family_dir, tmp_path):

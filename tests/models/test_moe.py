@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.family_helpers import engine_greedy_matches_hf, paged_logits_match_hf, tiny_checkpoint, tokenizer_ids
+from tests.models.family_helpers import checkpoint_factory, engine_greedy_matches_hf, paged_logits_match_hf, \
+    parallel_matches_one_rank_and_hf, spread_the_router, tokenizer_ids
 
 COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
               max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -36,29 +37,7 @@ def moe_config(family: str, tiny_dir):
 
 @pytest.fixture(scope="module")
 def moe_dir(tiny_model_dir, tmp_path_factory):
-    built = {}
-
-    def make(family: str):
-        if family not in built:
-            tiny = tiny_model_dir("llama")
-            path = tiny_checkpoint(moe_config(family, tiny), tmp_path_factory.mktemp(family), tiny)
-            _spread_the_router(path)
-            built[family] = path
-        return built[family]
-
-    return make
-
-
-def _spread_the_router(path):
-    """Router weights x 10: clearly separated expert choices (no near-ties between HF and us)."""
-    from safetensors.torch import load_file, save_file
-
-    f = path / "model.safetensors"
-    tensors = load_file(str(f))
-    for name in tensors:
-        if name.endswith((".gate.weight",)):
-            tensors[name] = tensors[name] * 10
-    save_file(tensors, str(f), metadata={"format": "pt"})
+    return checkpoint_factory(tiny_model_dir, tmp_path_factory, moe_config, spread_the_router)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
@@ -76,13 +55,9 @@ def test_tp2_matches_one_rank_and_hf(moe_dir, tmp_path):
     """Every expert's intermediate size split over two gloo ranks (and Qwen2-MoE's shared expert and
     dense layer): one all-reduce per block gives the one-rank logits. Dummy weights: each rank draws
     its slices of the one-rank experts."""
-    from tests.distributed.test_tp_model import check_against_one_rank_and_hf, run_parallel
-
     jobs = [(f, str(moe_dir(f)), "auto") for f in ("mixtral", "qwen2_moe")]
     jobs.append(("dummy", str(moe_dir("qwen3_moe")), "dummy"))
-    got = run_parallel(tmp_path, tp=2, pp=1, jobs=jobs)
-    for name, path, fmt in jobs:
-        check_against_one_rank_and_hf(got[name], path, fmt, hf_check=fmt != "dummy")
+    parallel_matches_one_rank_and_hf(tmp_path, jobs)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter test")

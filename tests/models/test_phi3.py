@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.family_helpers import engine_greedy_matches_hf, paged_logits_match_hf, tiny_checkpoint, tokenizer_ids
+from tests.models.family_helpers import checkpoint_factory, engine_greedy_matches_hf, paged_logits_match_hf, \
+    parallel_matches_one_rank_and_hf, tokenizer_ids
 
 HEAD_DIM = 16
 ORIGINAL_MAX = 64  # every test sequence is shorter: HF then uses the short factors throughout
@@ -34,15 +35,7 @@ def phi3_config(variant: str, tiny_dir):
 
 @pytest.fixture(scope="module")
 def phi3_dir(tiny_model_dir, tmp_path_factory):
-    built = {}
-
-    def make(variant: str):
-        if variant not in built:
-            tiny = tiny_model_dir("llama")
-            built[variant] = tiny_checkpoint(phi3_config(variant, tiny), tmp_path_factory.mktemp(variant), tiny)
-        return built[variant]
-
-    return make
+    return checkpoint_factory(tiny_model_dir, tmp_path_factory, phi3_config)
 
 
 @pytest.mark.parametrize("variant", ["longrope", "partial"])
@@ -88,12 +81,8 @@ def test_fused_tensors_of_the_wrong_size_are_refused(phi3_dir):
 
 def test_tp2_matches_one_rank_and_hf(phi3_dir, tmp_path):
     """Each rank's heads and MLP columns cut from the fused checkpoint tensors."""
-    from tests.distributed.test_tp_model import check_against_one_rank_and_hf, run_parallel
-
     jobs = [(v, str(phi3_dir(v)), "auto") for v in ("longrope", "partial")]
-    got = run_parallel(tmp_path, tp=2, pp=1, jobs=jobs)
-    for name, path, fmt in jobs:
-        check_against_one_rank_and_hf(got[name], path, fmt)
+    parallel_matches_one_rank_and_hf(tmp_path, jobs)
 
 
 def test_the_partial_variant_rotates_half_of_each_head_in_a_window(phi3_dir):
