@@ -2,7 +2,7 @@
 
 A request with k proposed tokens d_1..d_k has k + 1 rows of target logits: row i (0-based) is
 the target's next-token distribution p_i after the context and d_1..d_i. Row i's distribution is
-the *processed* one, exactly what the sampler would draw from at that point (logit bias,
+the *processed* one, exactly what the sampler would draw from at that point (grammar mask, logit bias,
 min_tokens, penalties over the output so far including d_1..d_i, temperature, top-k, top-p,
 min-p: layers/sampler.py's transforms on ``SamplingMetadata`` rows built that way).
 
