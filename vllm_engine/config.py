@@ -303,10 +303,16 @@ class EngineArgs:
             get_quant_config(hf_config, device, name)
         return name
 
-    def _kv_cache_dtype(self) -> Optional[torch.dtype]:
+    def _kv_cache_dtype(self, device: torch.device) -> Optional[torch.dtype]:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        return KV_CACHE_DTYPES[self.kv_cache_dtype]
+        dtype = KV_CACHE_DTYPES[self.kv_cache_dtype]
+        if dtype is not None and device.type == "cuda":
+            # The Triton kernels' fp8 path compiles for sm_90 but failed its GPU test on an H200
+            # (2026-12-02, tests/kernels/test_fp8_kv_cache.py): refused until that test passes.
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not available on CUDA yet (its attention "
+                             "kernels have not passed their GPU test); use kv_cache_dtype='auto'")
+        return dtype
 
     def _speculative(self, parallel: ParallelConfig) -> Optional[Any]:
         """The checked SpeculativeConfig (None: off), and what this engine serves of it."""
@@ -365,7 +371,7 @@ class EngineArgs:
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             cpu_kv_cache_space_gib=self.cpu_kv_cache_space,
             sliding_window=uniform_sliding_window(model.hf_config),
-            cache_dtype=self._kv_cache_dtype(),
+            cache_dtype=self._kv_cache_dtype(device),
         )
         scheduler = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
