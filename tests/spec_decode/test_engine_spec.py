@@ -151,3 +151,31 @@ def test_smollm2_gguf_greedy_equal(smollm2_gguf):
     assert spec.outputs[0].token_ids == plain.outputs[0].token_ids
     assert engine.get_stats().spec_decode.acceptance_rate > 0.5
     check_engine_state(engine)
+
+
+def test_structured_output_requests_propose_and_keep_their_grammar(tiny, baseline):
+    """Constrained requests propose too: each verified row is masked by the grammar after the
+    proposals before it (WorkerGrammars.fill_verify), greedy tokens are plain decoding's, and
+    sampled outputs always match the constraint."""
+    import re
+
+    from vllm_engine.sampling_params import StructuredOutputsParams
+
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=NGRAM)
+    greedy = SamplingParams(temperature=0.0, max_tokens=120,
+                            structured_outputs=StructuredOutputsParams(regex=r"(The quick brown fox\. ){4}"))
+    prompt = "The quick brown fox. The quick"
+    got = engine.generate(prompt, greedy, use_tqdm=False)
+    stats = engine.get_stats().spec_decode
+    assert stats.num_accepted_tokens > 20
+    expected = baseline.generate(prompt, greedy, use_tqdm=False)
+    assert got.outputs[0].token_ids == expected.outputs[0].token_ids
+    assert got.outputs[0].text == "The quick brown fox. " * 4 and got.outputs[0].finish_reason == "stop"
+    pattern = r"(one|two)( (one|two)){7}"
+    sampled = SamplingParams(temperature=1.0, max_tokens=120, seed=3,
+                             structured_outputs=StructuredOutputsParams(regex=pattern))
+    outs = engine.generate(["one two one two one two"] * 4, sampled, use_tqdm=False)
+    assert engine.get_stats().spec_decode.num_drafts > stats.num_drafts
+    for o in outs:
+        assert re.fullmatch(pattern, o.outputs[0].text), o.outputs[0].text
+    check_engine_state(engine)

@@ -415,13 +415,12 @@ class Engine:
 
     def _plan(self) -> Optional[dict[str, int]]:
         """The most tokens each running request may propose this step (None or {}: no proposals):
-        k for every request without grammar, or what the adaptive policy finds pays
+        k for every request, or what the adaptive policy finds pays
         (spec_decode/adaptive.py). Needs only the requests, not their newest tokens, so with async
         scheduling a step that will not propose keeps overlapping."""
         if not self._speculating():
             return None
-        ids = [r.request_id for r in self.scheduler.running
-               if not r.finish_pending and r.sampling_params.structured_outputs is None]
+        ids = [r.request_id for r in self.scheduler.running if not r.finish_pending]
         if not ids:
             return None
         if self.adaptive is None:
