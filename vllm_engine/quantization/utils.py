@@ -17,7 +17,7 @@ from vllm_engine.layers.utils import set_weight_attrs
 
 SUPPORTED_BITS = (4, 8)
 
-# Our fused layer name -> the HF module names it stacks (models/llama.py STACKED_PARAMS_MAPPING): a
+# Our fused layer name -> the HF module names it stacks (models/causal_lm.py LLAMA_STYLE_MAPPING): a
 # checkpoint's per-module settings (ignore lists, targets) name the HF modules.
 FUSED_MODULES = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
