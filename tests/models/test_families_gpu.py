@@ -56,7 +56,7 @@ def test_gpu_engine_matches_hf(family, dtype, eager, family_dir):
     path = family_dir(family)
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     engine = Engine(model=str(path), dtype=dtype, device="cuda", max_model_len=128, seed=0, enforce_eager=eager,
-                    block_size=16, max_num_batched_tokens=32)
+                    block_size=16, max_num_batched_tokens=32, max_num_seqs=8)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=1)
     outs = engine.generate(PROMPTS, params, use_tqdm=False)
     engine.scheduler.check_integrity()
