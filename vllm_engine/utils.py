@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import time
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -32,3 +35,26 @@ def freeze_gc() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+class StartupPhases:
+    """Start-up phase timer: ``with phases("weights"): ...`` records the phase's seconds and logs one
+    line for it (``startup: weights 3.21 s``). On CUDA a phase ends after the device finishes its
+    work, so queued kernels are charged to the phase that queued them."""
+
+    def __init__(self, logger: Any, device: Optional[Any] = None) -> None:
+        self.seconds: dict[str, float] = {}
+        self._logger = logger
+        self._cuda = device is not None and getattr(device, "type", None) == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
+            self._logger.info("startup: %s %.2f s", name, dt)

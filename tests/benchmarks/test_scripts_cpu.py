@@ -164,3 +164,17 @@ def test_plot_scaling_draws_both_panels(tmp_path):
     out = tmp_path / "scaling.png"
     assert plot_scaling.main(["--latency", *lat, "--throughput", *thr, "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_startup_script_times_two_starts_by_phase(tiny_model_dir, tmp_path):
+    import startup
+
+    out = tmp_path / "startup.json"
+    assert startup.main(["--model", str(tiny_model_dir("llama")), "--load-format", "auto", "--max-model-len", "64",
+                         "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for start in (res["first"], res["second"]):
+        assert {"config", "tokenizer", "ranks (model and weights)", "rank 0: model and weights",
+                "rank 0: memory profile", "total", "process", "wall"} <= set(start)
+        # the phases are parts of the start-up, which is part of the process's life
+        assert start["ranks (model and weights)"] + start["config"] <= start["total"] <= start["process"] <= start["wall"]

@@ -21,6 +21,7 @@ from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID, Request, RequestSta
 from vllm_engine.executor import Executor
 from vllm_engine.outputs import RequestOutput
 from vllm_engine.sampling_params import SamplingParams, SamplingParamsError
+from vllm_engine.utils import StartupPhases
 from vllm_engine.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -65,15 +66,26 @@ class Engine:
     """An LLM engine: ``Engine(model=...)`` takes every ``EngineArgs`` field as a keyword argument."""
 
     def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
-        self._init(EngineArgs(model=model, **kwargs).create_engine_config())
+        self._build(EngineArgs(model=model, **kwargs))
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "Engine":
         engine = cls.__new__(cls)
-        engine._init(args.create_engine_config())
+        engine._build(args)
         return engine
 
-    def _init(self, config: EngineConfig) -> None:
+    def _build(self, args: EngineArgs) -> None:
+        """Start-up, its phases timed (``startup_seconds``: this process's, and the in-process rank's)."""
+        t0 = time.perf_counter()
+        phases = StartupPhases(logger)
+        with phases("config"):
+            config = args.create_engine_config()
+        self._init(config, phases)
+        if self.model_runner is not None:  # the in-process rank's own phases, inside "ranks (...)"
+            phases.seconds.update({f"rank 0: {k}": v for k, v in self.model_runner.startup.seconds.items()})
+        self.startup_seconds = dict(phases.seconds, total=time.perf_counter() - t0)
+
+    def _init(self, config: EngineConfig, phases: StartupPhases) -> None:
         from vllm_engine.model_loader.tokenizer import get_eos_token_ids, get_tokenizer
 
         self.config = config
@@ -81,14 +93,17 @@ class Engine:
         self.max_model_len = config.model.max_model_len
         self.served_model_name = config.model.served_model_name
         self.generation_config = dict(config.model.generation_config)
-        self.tokenizer = get_tokenizer(config.model) if config.model.tokenizer else None
+        with phases("tokenizer"):
+            self.tokenizer = get_tokenizer(config.model) if config.model.tokenizer else None
         self.eos_token_ids = set(get_eos_token_ids(self.tokenizer, config.model.hf_config, self.generation_config))
         t0 = time.time()
         # One rank in this process, or one process per rank (under torchrun, Executor.create serves
         # rank 0 in every other process and never returns there).
-        self.executor = Executor.create(config)
+        with phases("ranks (model and weights)"):
+            self.executor = Executor.create(config)
         try:
-            num_gpu_blocks, num_cpu_blocks = self.executor.initialize()  # the minimum over ranks
+            with phases("ranks (KV cache, graphs, warm-ups)"):
+                num_gpu_blocks, num_cpu_blocks = self.executor.initialize()  # the minimum over ranks
         except BaseException:
             self.executor.shutdown()
             raise

@@ -23,6 +23,7 @@ from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
 from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
 from vllm_engine.quantization import linear_picker
+from vllm_engine.utils import StartupPhases
 from vllm_engine.spec_decode.verify import VerifiedStep, verify, verify_rows
 from vllm_engine.spec_decode.verify import input_token_ids as verify_input_token_ids
 from vllm_engine.structured_output.worker import WorkerGrammars
@@ -68,9 +69,12 @@ class ModelRunner:
         self.device = config.device.device
         self.dtype = config.model.dtype
         self.block_size = config.cache.block_size
+        # Start-up phases of this rank (seconds), logged one line each (issue 24's breakdown).
+        self.startup = StartupPhases(logger, self.device)
         torch.manual_seed(config.model.seed)
         self.attn_backend = get_attn_backend(self.device, config.device.attention_backend)
-        self.model = get_model(config.model, self.device, self.attn_backend)
+        with self.startup("model and weights"):
+            self.model = get_model(config.model, self.device, self.attn_backend)
         # This process's place in the parallel layout, as the model was built for it.
         self.tp_group, self.pp_group = get_tp_group(), get_pp_group()
         self.vocab_size = config.model.vocab_size
@@ -120,30 +124,32 @@ class ModelRunner:
     def determine_num_blocks(self) -> tuple[int, int]:
         """(num_gpu_blocks, num_cpu_blocks) that fit on this rank (on CUDA: after a profiling forward).
         With several ranks the executor passes the minimum over ranks to ``initialize_cache``."""
-        return determine_num_blocks(self.config, self.kv_cache_spec(), self._profile_free_memory)
+        with self.startup("memory profile"):
+            return determine_num_blocks(self.config, self.kv_cache_spec(), self._profile_free_memory)
 
     def initialize_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         """Allocates the KV cache, then what depends on it: CUDA graphs and kernel warm-ups."""
-        self.kv_cache = KVCache.allocate(self.config, self.kv_cache_spec(), num_gpu_blocks, num_cpu_blocks,
-                                         self.device)
+        with self.startup("KV cache allocation"):
+            self.kv_cache = KVCache.allocate(self.config, self.kv_cache_spec(), num_gpu_blocks, num_cpu_blocks,
+                                             self.device)
         if self.device.type == "cuda" and not self.config.device.enforce_eager:
             from vllm_engine.worker.cuda_graphs import CUDAGraphRunner
 
-            self.graph_runner = CUDAGraphRunner(
-                self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs,
-                self.model_config.max_model_len, self.block_size, self.model_config.hf_config.hidden_size,
-                self.dtype, self.device, stage_input=not self.pp_group.is_first_rank)
-            self.graph_runner.capture()
+            with self.startup("CUDA graph capture"):
+                self.graph_runner = CUDAGraphRunner(
+                    self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs,
+                    self.model_config.max_model_len, self.block_size, self.model_config.hf_config.hidden_size,
+                    self.dtype, self.device, stage_input=not self.pp_group.is_first_rank)
+                self.graph_runner.capture()
         if self.device.type == "cuda" and hasattr(self.attn_backend, "warmup") and self.kv_cache.block_dim == 1:
-            t0 = time.perf_counter()
-            num_heads = self.model_config.num_heads // self.tp_group.world_size  # this rank's query heads
-            n = self.attn_backend.warmup(self.kv_cache.gpu_caches[0], num_heads, self.model_config.max_model_len)
-            torch.cuda.synchronize()
-            logger.info("attention kernels warmed up for eager steps (%d variants) in %.1fs",
-                        n, time.perf_counter() - t0)
+            with self.startup("attention warm-up"):
+                num_heads = self.model_config.num_heads // self.tp_group.world_size  # this rank's query heads
+                n = self.attn_backend.warmup(self.kv_cache.gpu_caches[0], num_heads, self.model_config.max_model_len)
+            logger.info("attention kernels warmed up for eager steps (%d variants)", n)
         picker = linear_picker(self.model)
         if picker is not None and self.pp_group.is_last_rank:  # layers.triton_linear.LinearPicker
-            self._warm_lm_head()
+            with self.startup("LM head warm-up"):
+                self._warm_lm_head()
             logger.info("%s", picker.summary())
 
     @torch.inference_mode()
