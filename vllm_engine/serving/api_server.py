@@ -366,7 +366,8 @@ def create_app(async_engine: AsyncEngine, chat_template: Optional[str] = None, a
 
     @app.get("/health", response_class=Response, responses={
         200: {"description": "The engine is running (empty body).", "content": None},
-        503: oas.error("The engine died (code `engine_dead`)."),
+        503: oas.error("The engine died (code `engine_dead`); while `serve` is still loading the model, every "
+                       "route answers 503 with code `starting` (serving/startup.py)."),
     })
     async def health() -> Response:
         """Liveness: 200 while the engine can serve requests."""

@@ -71,7 +71,8 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
 
 
 def build_server(app: Any, host: str, port: int, log_level: str = "info") -> Any:
-    """A uvicorn Server for ``app`` that stops by itself when the app's engine dies."""
+    """A uvicorn Server for ``app`` that stops by itself when the app's engine dies (``app``: the
+    FastAPI app, or a ``StartingApp`` whose engine is still being built)."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
@@ -82,7 +83,8 @@ def build_server(app: Any, host: str, port: int, log_level: str = "info") -> Any
         logger.error("the engine died (%s): shutting the server down", err)
         server.should_exit = True  # read by uvicorn's main loop (checked every 0.1 s)
 
-    app.state.async_engine.add_dead_callback(on_dead)
+    add_dead_callback = getattr(app, "add_dead_callback", None) or app.state.async_engine.add_dead_callback
+    add_dead_callback(on_dead)
     return server
 
 
@@ -98,6 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from vllm_engine.engine.async_engine import AsyncEngine
     from vllm_engine.engine.engine import Engine
     from vllm_engine.serving.api_server import create_app
+    from vllm_engine.serving.startup import StartingApp
     from vllm_engine.utils import freeze_gc
 
     if args.data_parallel_size < 1:
@@ -111,21 +114,35 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
         args.model = args.model_tag
     chat_template = load_chat_template(args.chat_template)
-    engine = Engine.from_engine_args(EngineArgs.from_cli_args(args))
-    cache = engine.config.cache
-    num_blocks = getattr(engine, "num_gpu_blocks", None)
-    logger.info("model %s (served as %r), max_model_len %d; KV cache: %s blocks x %d tokens = %s tokens",
-                engine.model_config.model, engine.served_model_name, engine.max_model_len, num_blocks,
-                cache.block_size, num_blocks * cache.block_size if num_blocks is not None else "?")
-    async_engine = AsyncEngine(engine, request_timeout=args.request_timeout)
-    app = create_app(async_engine, chat_template=chat_template, api_key=args.api_key, owns_engine=True,
-                     trust_request_chat_template=args.trust_request_chat_template)
-    # This process keeps this engine for its lifetime: what is alive now need never be scanned again
-    # by the garbage collector (a full collection over it stalls a step for 50-200 ms).
-    logger.info("garbage collector: %d startup objects frozen", freeze_gc())
-    logger.info("OpenAI-compatible API at http://%s:%d/v1 (auth: %s)", args.host, args.port,
+    engine_args = EngineArgs.from_cli_args(args)
+    engine_args.create_engine_config()  # a bad setting is an error now, before the server listens
+
+    def build_app() -> Any:
+        engine = Engine.from_engine_args(engine_args)
+        cache = engine.config.cache
+        num_blocks = getattr(engine, "num_gpu_blocks", None)
+        logger.info("model %s (served as %r), max_model_len %d; KV cache: %s blocks x %d tokens = %s tokens",
+                    engine.model_config.model, engine.served_model_name, engine.max_model_len, num_blocks,
+                    cache.block_size, num_blocks * cache.block_size if num_blocks is not None else "?")
+        async_engine = AsyncEngine(engine, request_timeout=args.request_timeout)
+        app = create_app(async_engine, chat_template=chat_template, api_key=args.api_key, owns_engine=True,
+                         trust_request_chat_template=args.trust_request_chat_template)
+        # This process keeps this engine for its lifetime: what is alive now need never be scanned
+        # again by the garbage collector (a full collection over it stalls a step for 50-200 ms).
+        logger.info("garbage collector: %d startup objects frozen", freeze_gc())
+        return app
+
+    # Listen at once: /health answers 503 ("starting") until the engine is built (serving/startup.py).
+    starting = StartingApp(build_app)
+    server = build_server(starting, args.host, args.port, args.log_level)
+    logger.info("OpenAI-compatible API at http://%s:%d/v1 (auth: %s); loading the model", args.host, args.port,
                 "API key" if args.api_key else "none")
-    return run_server(app, args.host, args.port, args.log_level)
+    starting.start()
+    server.run()
+    if isinstance(starting.error, ValueError):  # the engine refused the configuration
+        print(f"error: {starting.error}", file=sys.stderr)
+        return 2
+    return 1 if starting.failed else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
