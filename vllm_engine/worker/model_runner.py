@@ -279,14 +279,7 @@ class ModelRunner:
                 handle: "StepHandle") -> None:
         logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows_dev))
         reqs = [states[i] for i in inputs.sample_req_indices]
-        generators = {}
-        for row, req in enumerate(reqs):
-            if req.sampling_params.seed is not None:
-                try:
-                    generators[row] = self._generator(req)
-                except Exception as e:  # noqa: BLE001 - this request's fault: the engine ends it, the batch runs
-                    logger.exception("request %s: cannot seed its generator", req.req_id)
-                    handle.output.failed[req.req_id] = f"{type(e).__name__}: {e}"
+        generators = self._seeded_generators(reqs, handle)
         meta = SamplingMetadata.from_requests(
             params=[r.sampling_params for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
@@ -313,14 +306,7 @@ class ModelRunner:
         (spec_decode/verify.py); its tokens reach the request states at ``collect``."""
         logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows_dev))
         reqs = [states[i] for i in inputs.sample_req_indices]
-        generators = {}
-        for b, req in enumerate(reqs):
-            if req.sampling_params.seed is not None:
-                try:
-                    generators[b] = self._generator(req)
-                except Exception as e:  # noqa: BLE001 - this request's fault: the engine ends it, the batch runs
-                    logger.exception("request %s: cannot seed its generator", req.req_id)
-                    handle.output.failed[req.req_id] = f"{type(e).__name__}: {e}"
+        generators = self._seeded_generators(reqs, handle)
         grammar = None
         if self.grammars:  # structured-output requests in the step: their rows masked as in _sample
             grammar = self.grammars.fill_verify(reqs, inputs.num_draft_tokens, spec, self.staging,
@@ -384,6 +370,19 @@ class ModelRunner:
             ids = torch.tensor(pl.next_token_ids, device=self.device)
             entries = compute_logprobs_topk(logits, ids, req.sampling_params.prompt_logprobs or 0)
             out.prompt_logprobs[req.req_id] = list(entries)
+
+    def _seeded_generators(self, reqs: list[CachedRequestState], handle: "StepHandle") -> dict[int, torch.Generator]:
+        """Row -> the generator of each seeded request among ``reqs``; a request whose generator
+        cannot be seeded is reported failed in ``handle.output`` (the engine ends it, the batch runs)."""
+        generators = {}
+        for row, req in enumerate(reqs):
+            if req.sampling_params.seed is not None:
+                try:
+                    generators[row] = self._generator(req)
+                except Exception as e:  # noqa: BLE001 - this request's fault
+                    logger.exception("request %s: cannot seed its generator", req.req_id)
+                    handle.output.failed[req.req_id] = f"{type(e).__name__}: {e}"
+        return generators
 
     def _generator(self, req: CachedRequestState) -> torch.Generator:
         gen = self.generators.get(req.req_id)
