@@ -99,6 +99,7 @@ class DeviceConfig:
     device: torch.device = torch.device("cpu")
     enforce_eager: bool = False
     attention_backend: Optional[str] = None  # None: triton on CUDA, torch elsewhere
+    startup_cache: bool = True  # reuse the linear-kernel choices of earlier starts (worker/startup_cache.py)
     # Schedule step N+1 while the GPU runs step N (sampled tokens stay on the device); see engine.py.
     async_scheduling: bool = False
 
@@ -176,6 +177,9 @@ class EngineArgs:
     served_model_name: Optional[str] = field(default=None, metadata=_arg("Model name in the API (default: the model argument)."))
     device: str = field(default="auto", metadata=_arg("auto, cpu or cuda.", choices=["auto", "cpu", "cuda"]))
     enforce_eager: bool = field(default=False, metadata=_arg("Disable CUDA graphs.", action="store_true"))
+    startup_cache: bool = field(default=True, metadata=_arg(
+        "Reuse the linear-kernel choices measured by earlier starts on this GPU and software (under the cache "
+        "directory; --no-startup-cache times every shape again).", action=argparse.BooleanOptionalAction))
     attention_backend: Optional[str] = field(default=None, metadata=_arg("torch (reference) or triton.", choices=["torch", "triton"]))
     async_scheduling: Optional[bool] = field(default=None, metadata=_arg(
         "Overlap the CPU work of the next step with the GPU work of this one (default: on with CUDA).",
@@ -383,7 +387,7 @@ class EngineArgs:
             max_n=self.max_n,
         )
         dev = DeviceConfig(device=device, enforce_eager=self.enforce_eager or device.type != "cuda",
-                           attention_backend=self.attention_backend,
+                           attention_backend=self.attention_backend, startup_cache=self.startup_cache,
                            async_scheduling=(device.type == "cuda" if self.async_scheduling is None
                                              else bool(self.async_scheduling)))
         parallel = self._parallel(hf_config)

@@ -313,6 +313,7 @@ class LinearPicker:
         self.max_rows = max_rows
         self.decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
         self._fns: dict[tuple, Callable] = {}  # the chosen function per key
+        self._preferred: dict[str, str] = {}  # str(key) -> a choice an earlier run measured (prefer())
 
     @classmethod
     def timing(cls, m: int) -> tuple[str, float]:
@@ -396,6 +397,11 @@ class LinearPicker:
         """Times every candidate on ``args`` (``timer(fn, flush=...)``); the ``baseline`` candidate
         unless our fastest is faster by the margin (``self.margin`` when set, else ``margin``). A
         negative margin lets ours win while slower by up to that fraction (-1: always ours)."""
+        known = self._preferred.get(str(key))
+        if known in candidates:  # measured by an earlier run on this GPU and software (worker/startup_cache.py)
+            self.decisions[key] = (known, {})
+            self._fns[key] = candidates[known]
+            return self.decisions[key]
         times = {name: self.timer(lambda fn=fn: fn(*args), flush=flush) for name, fn in candidates.items()}
         ours = [name for name in times if name != baseline]
         best = min(ours, key=times.get) if ours else baseline
@@ -406,16 +412,29 @@ class LinearPicker:
         logger.debug("linear %s: %s (%s)", key, choice, {k: f"{v * 1e6:.1f}us" for k, v in times.items()})
         return self.decisions[key]
 
+    def choices(self) -> dict[str, str]:
+        """str(key) -> choice of every decision, for ``prefer`` in a later run."""
+        return {str(key): choice for key, (choice, _) in self.decisions.items()}
+
+    def prefer(self, choices: dict[str, str]) -> None:
+        """Choices an earlier run measured (``choices()``): ``decide`` takes them without timing,
+        where the choice is still one of the shape's candidates."""
+        self._preferred.update(choices)
+
     def summary(self) -> str:
         """One line for the startup log: which kernel each shape got, and the time it saved."""
         if not self.decisions:
             return "linear: no shapes timed"
         counts: dict[str, int] = {}
-        saved = 0.0
+        saved, cached = 0.0, 0
         for choice, times in self.decisions.values():
             kind = choice.split()[0]
             counts[kind] = counts.get(kind, 0) + 1
+            if not times:  # taken from the start-up cache
+                cached += 1
+                continue
             saved += times["cublas" if "cublas" in times else "unfused"] - times[choice]
         parts = ", ".join(f"{c} for {n}" for c, n in sorted(counts.items()))
-        return (f"linear kernels over {len(self.decisions)} shapes: {parts}; one call of each shape takes "
-                f"{saved * 1e6:.0f} us less in total than cuBLAS (and a separate norm kernel)")
+        return (f"linear kernels over {len(self.decisions)} shapes ({cached} from the start-up cache): {parts}; "
+                f"one call of each timed shape takes {saved * 1e6:.0f} us less in total than cuBLAS (and a "
+                "separate norm kernel)")

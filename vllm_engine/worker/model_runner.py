@@ -75,6 +75,7 @@ class ModelRunner:
         self.attn_backend = get_attn_backend(self.device, config.device.attention_backend)
         with self.startup("model and weights"):
             self.model = get_model(config.model, self.device, self.attn_backend)
+        self._startup_fingerprint = self._load_startup_cache()
         # This process's place in the parallel layout, as the model was built for it.
         self.tp_group, self.pp_group = get_tp_group(), get_pp_group()
         self.vocab_size = config.model.vocab_size
@@ -151,6 +152,24 @@ class ModelRunner:
             with self.startup("LM head warm-up"):
                 self._warm_lm_head()
             logger.info("%s", picker.summary())
+        if picker is not None and self._startup_fingerprint is not None:
+            from vllm_engine.worker.startup_cache import save_linear_choices
+
+            save_linear_choices(self._startup_fingerprint, picker.choices())
+
+    def _load_startup_cache(self) -> Optional[dict]:
+        """Offers the picker the choices of earlier starts on this GPU and software; returns the
+        fingerprint to save this start's under (None: no picker, or the cache is off)."""
+        picker = linear_picker(self.model)
+        if picker is None or self.device.type != "cuda" or not self.config.device.startup_cache:
+            return None
+        from vllm_engine.worker.startup_cache import fingerprint, load_linear_choices
+
+        fp = fingerprint(self.device)
+        choices = load_linear_choices(fp)
+        picker.prefer(choices)
+        logger.info("start-up cache: %d linear-kernel choices of earlier starts", len(choices))
+        return fp
 
     @torch.inference_mode()
     def _warm_lm_head(self) -> None:

@@ -1,0 +1,73 @@
+"""What start-up measures once and can reuse: the linear-kernel picker's choice per shape.
+
+The picker (layers/triton_linear.py) times cuBLAS against each Triton config for every linear shape
+a model runs, which is a large part of a start-up on a GPU. Those choices depend only on the GPU,
+the software (CUDA, torch, triton, this package) and the shape, so they are kept in
+``<cache dir>/startup/linear-<fingerprint>.json`` and offered to the picker on the next start. A
+file whose recorded fingerprint differs from this machine's (another GPU, another version) is
+ignored, never trusted; an unreadable one too. ``--no-startup-cache`` turns this off.
+(Compiled Triton kernels have their own cache, keyed by GPU and source: ``TRITON_CACHE_DIR``.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(device: torch.device) -> dict[str, Any]:
+    """What the choices depend on besides the shape."""
+    import triton
+
+    from vllm_engine import __version__
+
+    props = torch.cuda.get_device_properties(device)
+    return {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
+            "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton.__version__,
+            "vllm_engine": __version__}
+
+
+def _path(fp: dict[str, Any]) -> Path:
+    from vllm_engine.model_loader.resolve import cache_dir
+
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "startup" / f"linear-{digest}.json"
+
+
+def load_linear_choices(fp: dict[str, Any]) -> dict[str, str]:
+    """The choices recorded for exactly this fingerprint ({} when none, or the file does not match)."""
+    path = _path(fp)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        logger.warning("start-up cache %s unreadable (%s): ignored", path, e)
+        return {}
+    if not isinstance(data, dict) or data.get("fingerprint") != fp or not isinstance(data.get("linear"), dict):
+        logger.warning("start-up cache %s was made for another GPU or version: ignored", path)
+        return {}
+    return {str(k): str(v) for k, v in data["linear"].items()}
+
+
+def save_linear_choices(fp: dict[str, Any], choices: dict[str, str]) -> None:
+    """Adds ``choices`` to this fingerprint's file (written whole, then renamed into place)."""
+    if not choices:
+        return
+    path = _path(fp)
+    merged = {**load_linear_choices(fp), **choices}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"fingerprint": fp, "linear": merged}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache directory costs the next start its timing, nothing else
+        logger.warning("start-up cache %s not written: %s", path, e)
