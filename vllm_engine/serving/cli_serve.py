@@ -115,7 +115,7 @@ def run_serve(args: argparse.Namespace) -> int:
         args.model = args.model_tag
     chat_template = load_chat_template(args.chat_template)
     engine_args = EngineArgs.from_cli_args(args)
-    engine_args.create_engine_config()  # a bad setting is an error now, before the server listens
+    config = engine_args.create_engine_config()  # a bad setting is an error now, before the server listens
 
     def build_app() -> Any:
         engine = Engine.from_engine_args(engine_args)
@@ -132,6 +132,10 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.info("garbage collector: %d startup objects frozen", freeze_gc())
         return app
 
+    if config.parallel.distributed_executor_backend == "torchrun":
+        # Every torchrun process builds the engine; only rank 0 returns from it (the others serve
+        # their rank until shutdown), so only rank 0 may go on to listen.
+        return run_server(build_app(), args.host, args.port, args.log_level)
     # Listen at once: /health answers 503 ("starting") until the engine is built (serving/startup.py).
     starting = StartingApp(build_app)
     server = build_server(starting, args.host, args.port, args.log_level)
