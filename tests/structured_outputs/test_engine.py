@@ -162,9 +162,9 @@ def test_a_token_the_grammar_refuses_ends_only_its_request(smol_engine, monkeypa
 
 
 def test_constrained_requests_in_a_step_that_verifies_proposals(smollm2_gguf, smol_engine):
-    """n-gram speculation proposes for a repetitive request; a constrained request (never speculated)
-    shares its verifying steps: it keeps its grammar there, and the speculated request's tokens are
-    plain decoding's."""
+    """n-gram speculation proposes for a repetitive request; a constrained request shares its
+    verifying steps (proposing too, since f6ed14a): it keeps its grammar there, and the speculated
+    request's tokens are plain decoding's."""
     from vllm_engine import Engine
 
     from .conftest import SMOL_KWARGS
