@@ -308,10 +308,12 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput) -> None:
         kv = self.kv_cache_manager
+        pipelined = self.pipeline_depth > 1  # (no method call per request per step without a pipeline)
         i = 0
         while i < len(self.running) and self._budget > 0 and len(self._sched_reqs) < self._seq_cap:
             req = self.running[i]
-            if req.finish_pending or self._in_flight(req):  # finish_pending: its last token is in flight and ends it
+            # finish_pending: its last token is in flight and ends it
+            if req.finish_pending or (pipelined and self._in_flight(req)):
                 i += 1
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, self._budget)
