@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -64,13 +64,17 @@ def paged_metadata(starts: list[int], counts: list[int], block_tables: list[list
         max_query_len=max(counts), max_seq_len=max(seq_lens), query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
 
 
-def run_paged_steps(model, cfg, seqs: list[list[int]], schedule: list[list[int]]) -> list[list[torch.Tensor]]:
+def run_paged_steps(model, cfg, seqs: list[list[int]], schedule: list[list[int]],
+                    layer_cache: Optional[Callable[[int], torch.Tensor]] = None) -> list[list[torch.Tensor]]:
     """Feeds each sequence's tokens in the chunk sizes of ``schedule`` (one list of per-sequence counts per
-    step, 0 = not scheduled), all sequences batched; returns each sequence's logits per position."""
+    step, 0 = not scheduled), all sequences batched; returns each sequence's logits per position.
+    ``layer_cache(num_blocks)``: one layer's cache (default: the K/V layout of ``cfg``)."""
     num_blocks = len(seqs) * PAGED_BLOCKS_PER_SEQ + 1
     dtype = next(model.parameters()).dtype
-    caches = [torch.zeros(2, num_blocks, PAGED_BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
-              for _ in range(cfg.num_layers)]
+    if layer_cache is None:
+        def layer_cache(n: int) -> torch.Tensor:
+            return torch.zeros(2, n, PAGED_BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
+    caches = [layer_cache(num_blocks) for _ in range(cfg.num_layers)]
     # Non-contiguous, interleaved block tables (block 0 unused) so paging bugs show.
     tables = [[len(seqs) * j + i + 1 for j in range(PAGED_BLOCKS_PER_SEQ)] for i in range(len(seqs))]
     done = [0] * len(seqs)
@@ -138,18 +142,11 @@ def tiny_config(arch: str, vocab_size: int, bos: int, eos: int) -> Any:
     raise ValueError(f"unknown tiny arch {arch!r}; choose from {TINY_ARCHS}")
 
 
-def build_tiny_model_dir(arch: str, out_dir: Path, seed: int = 0) -> Path:
-    """A complete tiny HF checkpoint for ``arch`` in ``out_dir``.
-
-    Weights are normal(0, 0.1) (larger than HF's 0.02 init so logits are well separated and greedy
-    choices are not near-ties), norm gains 1 + normal(0, 0.1) and biases normal(0, 0.1), so a
-    misplaced norm, bias or head would change the logits.
-    """
+def save_random_hf_model(config: Any, out_dir: Path, seed: int = 0) -> Any:
+    """An HF model of ``config`` with weights normal(0, 0.1) and norm gains 1 + normal(0, 0.1),
+    saved as safetensors in ``out_dir``; returns the model."""
     from transformers import AutoModelForCausalLM
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_tokenizer(out_dir)
-    config = tiny_config(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -158,6 +155,20 @@ def build_tiny_model_dir(arch: str, out_dir: Path, seed: int = 0) -> Path:
             noise = torch.randn(p.shape, generator=gen) * 0.1
             p.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    return model
+
+
+def build_tiny_model_dir(arch: str, out_dir: Path, seed: int = 0) -> Path:
+    """A complete tiny HF checkpoint for ``arch`` in ``out_dir``.
+
+    Weights are normal(0, 0.1) (larger than HF's 0.02 init so logits are well separated and greedy
+    choices are not near-ties), norm gains 1 + normal(0, 0.1) and biases normal(0, 0.1), so a
+    misplaced norm, bias or head would change the logits.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer(out_dir)
+    config = tiny_config(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
+    save_random_hf_model(config, out_dir, seed)
     gen_cfg = {"bos_token_id": tok.bos_token_id, "eos_token_id": [tok.eos_token_id], "do_sample": True,
                "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64}
     (out_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))

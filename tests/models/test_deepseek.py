@@ -99,25 +99,11 @@ def test_yarn_table_matches_hf():
 def _run_latent_steps(model, seqs, schedule):
     """conftest's run_paged_steps with the latent layout: one [blocks, block_size, latent + rope] cache
     per layer (each token's vector stored once)."""
-    from conftest import PAGED_BLOCK_SIZE, PAGED_BLOCKS_PER_SEQ, paged_metadata
+    from conftest import PAGED_BLOCK_SIZE, run_paged_steps
 
-    caches = [torch.zeros(len(seqs) * PAGED_BLOCKS_PER_SEQ + 1, PAGED_BLOCK_SIZE, LATENT + ROPE)
-              for _ in model.model.stage_layers]
-    tables = [[len(seqs) * j + i + 1 for j in range(PAGED_BLOCKS_PER_SEQ)] for i in range(len(seqs))]
-    done, logits = [0] * len(seqs), [[] for _ in seqs]
-    for counts in schedule:
-        idx = [i for i, c in enumerate(counts) if c]
-        ids = torch.tensor([t for i in idx for t in seqs[i][done[i]: done[i] + counts[i]]])
-        pos = torch.tensor([p for i in idx for p in range(done[i], done[i] + counts[i])])
-        meta = paged_metadata([done[i] for i in idx], [counts[i] for i in idx], [tables[i] for i in idx])
-        with torch.inference_mode():
-            out = model.compute_logits(model(ids, pos, caches, meta))
-        row = 0
-        for i in idx:
-            logits[i].extend(out[row: row + counts[i]])
-            row += counts[i]
-            done[i] += counts[i]
-    return logits
+    cfg = SimpleNamespace(num_layers=len(model.model.stage_layers))
+    return run_paged_steps(model, cfg, seqs, schedule,
+                           layer_cache=lambda n: torch.zeros(n, PAGED_BLOCK_SIZE, LATENT + ROPE))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import build_tiny_tokenizer
+from tests.conftest import build_tiny_tokenizer, save_random_hf_model
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -37,7 +37,7 @@ INPUT_OF = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v
 
 
 def build_float_checkpoint(out_dir: Path, seed: int = 0) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(out_dir)
@@ -45,14 +45,7 @@ def build_float_checkpoint(out_dir: Path, seed: int = 0) -> Path:
                          num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256, rms_norm_eps=1e-6,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=0,
                          tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * 0.1
-            p.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    save_random_hf_model(config, out_dir, seed)
     return out_dir
 
 
