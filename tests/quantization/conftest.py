@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pytest
@@ -212,7 +212,6 @@ def write_compressed_tensors(float_dir: Path, out_dir: Path, bits: int, group_si
                              symmetric: bool) -> dict[str, torch.Tensor]:
     """A pack-quantized checkpoint written by the compressed-tensors library (min-max scales by its
     ``calculate_qparams``); returns the weights its own decompression gives back."""
-    from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
     from compressed_tensors.quantization.utils import calculate_qparams
@@ -235,16 +234,7 @@ def write_compressed_tensors(float_dir: Path, out_dir: Path, bits: int, group_si
             m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
             if getattr(m, "weight_zero_point", None) is not None:
                 m.weight_zero_point.data.copy_(zero.reshape(m.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(str(out_dir))
-    compressor.update_config(str(out_dir))
-    for f in float_dir.iterdir():
-        if f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, out_dir / f.name)
-    compressor.decompress_model(model)
-    return {f"{name}.weight": m.weight.data.double().clone() for name, m in model.named_modules()
-            if name.split(".", 3)[-1] in LINEARS}
+    return _compress_and_save(model, "pack-quantized", float_dir, out_dir)
 
 
 def write_compressed_tensors_actorder(float_dir: Path, out_dir: Path, bits: int, group_size: int, symmetric: bool,
@@ -293,7 +283,6 @@ def write_compressed_tensors_fp8(float_dir: Path, out_dir: Path, per_channel: bo
     """A float-quantized FP8 W8A8 checkpoint written by the compressed-tensors library: weight scales
     amax / 448 (its ``calculate_qparams``) per channel or per tensor; activations per token (dynamic)
     or with ``input_scale`` (static). Returns (the library's dequantized weights, {module: input scale})."""
-    from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
     from compressed_tensors.quantization.utils import calculate_qparams
@@ -319,17 +308,7 @@ def write_compressed_tensors_fp8(float_dir: Path, out_dir: Path, per_channel: bo
             if static:
                 m.input_scale.data.fill_(input_scale)
                 in_scales[name] = input_scale
-    compressor = ModelCompressor.from_pretrained_model(model, "float-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(str(out_dir))
-    compressor.update_config(str(out_dir))
-    for f in float_dir.iterdir():
-        if f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, out_dir / f.name)
-    compressor.decompress_model(model)
-    deq = {f"{name}.weight": m.weight.data.double().clone() for name, m in model.named_modules()
-           if name.split(".", 3)[-1] in LINEARS}
-    return deq, in_scales
+    return _compress_and_save(model, "float-quantized", float_dir, out_dir), in_scales
 
 
 def hf_reference(float_dir: Path, weights: dict[str, torch.Tensor]):
@@ -378,3 +357,21 @@ def ct_checkpoint(float_checkpoint, tmp_path_factory) -> Callable[..., tuple[Pat
         return built[key]
 
     return make
+
+
+def _compress_and_save(model: Any, fmt: str, float_dir: Path, out_dir: Path) -> dict[str, torch.Tensor]:
+    """Writes ``model`` (its quantization scheme attached and calibrated) to ``out_dir`` compressed by
+    the compressed-tensors library in ``fmt``, with ``float_dir``'s tokenizer files; returns the
+    library's own decompression of the decoder linears' weights (float64): the reference."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    compressor = ModelCompressor.from_pretrained_model(model, fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(str(out_dir))
+    compressor.update_config(str(out_dir))
+    for f in float_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out_dir / f.name)
+    compressor.decompress_model(model)
+    return {f"{name}.weight": m.weight.data.double().clone() for name, m in model.named_modules()
+            if name.split(".", 3)[-1] in LINEARS}
