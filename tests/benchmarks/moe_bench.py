@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         if args.smoke:
             diff = (fused[0]().float() - loops[0]().float()).abs().max().item()
             row["max_abs_diff"] = diff
-            assert diff < 1e-3, diff
+            assert diff < (1e-3 if dt == torch.float32 else 2e-2), diff  # bf16 on the GPU: a few ulps
         else:
             t_fused = graph_time_s(lambda: [f() for f in fused], args.reps) / args.layers * 1e6
             t_loop = graph_time_s(lambda: [f() for f in loops], args.reps) / args.layers * 1e6

@@ -130,8 +130,8 @@ def test_picker_keeps_the_fastest_config_per_shape():
     """Every candidate of the row count is timed once per shape key, the fastest kept (a fake timer:
     one GEMV config for 1 row, dequantize + cuBLAS for 64 rows)."""
     w, _ = random_weight(128, 64, 4, 32, False, "runs")
-    fastest = {"gemv 128x64 w4 s3", "dequant+cublas"}
-    for rows, want in ((1, "gemv 128x64 w4 s3"), (64, "dequant+cublas")):
+    fastest = {"gemv 64x256 w4 s3", "dequant+cublas"}
+    for rows, want in ((1, "gemv 64x256 w4 s3"), (64, "dequant+cublas")):
         names, timed = list(WNA16Picker.candidates(rows)), []
 
         def timer(fn, flush):
@@ -172,3 +172,30 @@ def test_folding_refuses_permuted_inputs():
     w, _ = random_weight(128, 32, 4, 32, False, "perm")
     with pytest.raises(ValueError, match="permuted input columns"):
         wna16_silu_mul_gemv(torch.zeros(1, 256, device=DEVICE), w)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 16)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_scale_and_min_groups_match_float64(bits, group_size, rows):
+    """GGUF-style ``q * scale + min`` groups (K-quants: 16- and 32-value groups) in the GEMV, with and
+    without split-K and the folded ops, and the GEMM, against float64."""
+    from vllm_engine.quantization.kernels.wna16_fused import wna16_silu_mul_gemv
+
+    gen = torch.Generator().manual_seed(bits + rows)
+    in_f, out_f = 256, 48
+    q = torch.randint(0, 1 << bits, (in_f, out_f), generator=gen)
+    scales = torch.rand(in_f // group_size, out_f, generator=gen, dtype=torch.float64) * 0.02
+    mins = -torch.rand(in_f // group_size, out_f, generator=gen, dtype=torch.float64) * 0.1
+    g = torch.arange(in_f) // group_size
+    ref = q.double() * scales[g] + mins[g]
+    w = k.WNA16Weight(pack_int32(q, bits, 0).to(DEVICE), scales.float().to(DEVICE), None, None, None, bits,
+                      group_size, mins=mins.float().to(DEVICE))
+    x = torch.randn(rows, in_f, generator=gen, dtype=torch.float64)
+    xd = x.float().to(DEVICE)
+    for y in (k.wna16_gemv(xd, w, config=(16, 64, 4, 2)), k.wna16_gemv(xd, w, config=(32, 128, 4, 2, 2)),
+              k.wna16_gemm(xd, w, config=(16, 16, 32, 4, 2))):
+        torch.testing.assert_close(y.double().cpu(), x @ ref, rtol=1e-4, atol=1e-4)
+    gate_up = torch.randn(rows, 2 * in_f, generator=gen, dtype=torch.float64)
+    act = torch.nn.functional.silu(gate_up[:, :in_f]) * gate_up[:, in_f:]
+    y = wna16_silu_mul_gemv(gate_up.float().to(DEVICE), w, None, config=(16, 128, 4, 2))
+    torch.testing.assert_close(y.double().cpu(), act @ ref, rtol=1e-4, atol=1e-4)

@@ -47,8 +47,8 @@ MAX_KERNEL_ROWS = 256  # above: dequantize (one Triton kernel) and let cuBLAS mu
 # (BLOCK_N, BLOCK_K, num_warps, num_stages[, split_k]) for the GEMV, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 # for the GEMM. Split-K gives a batch-1 step more programs than column tiles (an 8B model's projections
 # have 64-200 tiles of 32-64 columns for 132 SMs).
-GEMV_CONFIGS = [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 256, 4, 2),
-                (32, 128, 4, 3, 4), (64, 128, 4, 3, 4), (16, 256, 4, 3, 4), (32, 256, 4, 2, 8)]
+GEMV_CONFIGS = [(32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3), (128, 256, 8, 3),
+                (32, 512, 4, 2), (32, 256, 4, 3, 4), (64, 256, 4, 3, 4), (32, 256, 4, 3, 8), (64, 512, 8, 2, 8)]
 GEMM_CONFIGS = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 3), (32, 64, 64, 4, 4), (32, 128, 64, 4, 3),
                 (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3)]
 
@@ -116,7 +116,7 @@ if triton is not None:
         if HAS_LUT:  # S is the [N, 2**BITS] table
             w = tl.load(S + offs_n[None, :].to(tl.int64) * (1 << BITS) + q, mask=nmask[None, :], other=0.0)
             return w.to(tl.float32)
-        q = q.to(tl.float32)
+        q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # q exactly, without an int-to-float unit op
         if HAS_GIDX:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < K
@@ -145,39 +145,130 @@ if triton is not None:
         return w
 
     @triton.jit
-    def _wna16_gemv_kernel(X, QW, S, Z, GI, Bias, Y, M, N, K, group_size, stride_xm, stride_ym, k_per_split,
-                           BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr,
-                           HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _gemv_x_at(X, R, G, ResOut, row, k, mask, K, stride_xm, stride_rm, stride_om, write_res,
+                   ADD_NORM: tl.constexpr, SILU_MUL: tl.constexpr):
+        """The GEMV's input at (row, k) for vectors of both, float32, and (x + r)^2 for the norm's sum of
+        squares. Plain: x. SILU_MUL: x is [gate | up] (2K columns), the input silu(gate) * up rounded
+        as ``fused_ops.silu_and_mul`` rounds it. ADD_NORM: (x + r) rounded to x's dtype (stored to
+        ResOut by ``write_res``) times the norm weight g; the caller scales the result by 1 / RMS."""
+        x = tl.load(X + row * stride_xm + k, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        sq = tl.zeros_like(xf)
+        if SILU_MUL:
+            up = tl.load(X + row * stride_xm + K + k, mask=mask, other=0.0)
+            s = (xf / (1.0 + tl.exp(-xf))).to(X.dtype.element_ty).to(tl.float32)  # F.silu rounds here
+            xf = (s * up.to(tl.float32)).to(X.dtype.element_ty).to(tl.float32)
+        if ADD_NORM:
+            r = tl.load(R + row * stride_rm + k, mask=mask, other=0.0)
+            h = (xf + r.to(tl.float32)).to(X.dtype.element_ty)
+            if write_res:
+                tl.store(ResOut + row * stride_om + k, h, mask=mask)
+            hf = h.to(tl.float32)
+            sq = hf * hf
+            xf = hf * tl.load(G + k, mask=mask, other=0.0).to(tl.float32)
+        return xf, sq
+
+    @triton.jit
+    def _wna16_gemv_kernel(X, QW, S, Z, GI, Bias, Y, R, G, ResOut, M, N, K, group_size, stride_xm, stride_ym,
+                           stride_rm, stride_om, eps, k_per_split, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                           HAS_GIDX: tl.constexpr, HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, ADD_NORM: tl.constexpr, SILU_MUL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT_K: tl.constexpr, PDL: tl.constexpr):
         """Grid (cdiv(N, BLOCK_N), SPLIT_K): y[m, n] = sum_k x[m, k] * w[k, n] (+ bias[n]) for M <= BLOCK_M
-        rows. Program (p, s) streams the packed columns [p * BLOCK_N, (p + 1) * BLOCK_N) of the inputs
-        [s * k_per_split, (s + 1) * k_per_split) once, float32 accumulation; with SPLIT_K > 1 the
-        partial sums are added atomically into Y (float32, zeroed by the caller)."""
+        rows (x as ``_gemv_x_at`` gives it). Program (p, s) streams the packed columns
+        [p * BLOCK_N, (p + 1) * BLOCK_N) of the inputs [s * k_per_split, (s + 1) * k_per_split) once.
+
+        The tile is the packed words [BLOCK_K / PF, BLOCK_N] (PF = 32 / BITS values each), one
+        accumulator row per (input row, packed row): each value is taken out of its word in the
+        thread that loaded it (a shift and a mask), made a float by the 2**23 exponent trick instead
+        of an int-to-float conversion (a slow unit), and multiplied with float32 accumulation; the
+        scale multiplies once per word (all of a word's values share a group unless g_idx is read
+        per value), and the rows are reduced once at the end. With SPLIT_K > 1 the partial sums
+        are added atomically into Y (float32, zeroed by the caller)."""
         pdl_prologue(PDL)
+        PF: tl.constexpr = 32 // BITS
+        BLOCK_KP: tl.constexpr = BLOCK_K // PF
+        ROWS: tl.constexpr = BLOCK_M * BLOCK_KP
+        PER_WORD: tl.constexpr = not HAS_GIDX and not HAS_LUT  # scale, zero / min per packed word
         pid = tl.program_id(0)
         k_start = tl.program_id(1) * k_per_split
-        offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        mmask = offs_m < M
         nmask = offs_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        offs_r = tl.arange(0, ROWS)
+        row = offs_r // BLOCK_KP  # the input row each accumulator row serves
+        word = offs_r % BLOCK_KP
+        rmask = row < M
+        write_res = pid == 0
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([ROWS], dtype=tl.float32)
         for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-            w = _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS, HAS_ZEROS, HAS_GIDX,
-                            BLOCK_K, BLOCK_N, HAS_MINS, HAS_LUT)
-            kmask = (k0 + offs_k) < K
-            x = tl.load(X + offs_m[:, None] * stride_xm + k0 + offs_k[None, :], mask=mmask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+            kp = k0 // PF + word
+            kpmask = kp < K // PF
+            wmask = kpmask[:, None] & nmask[None, :]
+            packed = tl.load(QW + kp[:, None].to(tl.int64) * N + offs_n[None, :], mask=wmask, other=0)
+            if PER_WORD:
+                g = (kp * PF) // group_size
+                sc = tl.load(S + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    zp = tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=wmask, other=0.0)
+                    offset = zp.to(tl.float32) + 8388608.0
+                elif HAS_MINS:
+                    mins = tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=wmask, other=0.0)
+                    offset = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32) + 8388608.0
+                else:
+                    offset = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32) + (8388608.0 + (1 << (BITS - 1)))
+            part = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            xsum = tl.zeros([ROWS], dtype=tl.float32)
+            for j in tl.static_range(PF):
+                k = kp * PF + j
+                xj, sq = _gemv_x_at(X, R, G, ResOut, row, k, rmask & kpmask, K, stride_xm, stride_rm, stride_om,
+                                    write_res, ADD_NORM, SILU_MUL)
+                if ADD_NORM:
+                    ss += sq
+                q = (packed >> (j * BITS)) & ((1 << BITS) - 1)
+                if PER_WORD:  # (2**23 + q) - (2**23 + zero), exact
+                    part += xj[:, None] * ((q | 0x4B000000).to(tl.float32, bitcast=True) - offset)
+                    xsum += xj
+                else:
+                    part += xj[:, None] * _wna16_values(S, Z, GI, q, k, kpmask, offs_n, nmask, N, BITS,
+                                                        HAS_ZEROS, HAS_MINS, HAS_LUT)
+            if PER_WORD:
+                part = part * sc
+                if HAS_MINS:
+                    part += xsum[:, None] * mins.to(tl.float32)
+            acc += part
+        out = tl.sum(tl.reshape(acc, (BLOCK_M, BLOCK_KP, BLOCK_N)), axis=1)
+        offs_m = tl.arange(0, BLOCK_M)
+        mmask = offs_m < M
+        if ADD_NORM:
+            ss_m = tl.sum(tl.reshape(ss, (BLOCK_M, BLOCK_KP)), axis=1)
+            out = out * tl.math.rsqrt(ss_m / K + eps)[:, None]
         if HAS_BIAS:
             bias = tl.load(Bias + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            acc += tl.where(k_start == 0, bias, 0.0)[None, :]
-        out = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
+            out += tl.where(k_start == 0, bias, 0.0)[None, :]
+        dst = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
         if SPLIT_K == 1:
-            tl.store(out, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+            tl.store(dst, out.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
         else:
-            tl.atomic_add(out, acc, mask=mmask[:, None] & nmask[None, :])
+            tl.atomic_add(dst, out, mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _wna16_values(S, Z, GI, q, k, kmask, offs_n, nmask, N, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr):
+        """Weights [len(k), BLOCK_N] of the values q taken from packed words at input rows k, each read
+        with its own group (g_idx) or lookup table: the GEMV's path for those layouts."""
+        m2 = kmask[:, None] & nmask[None, :]
+        if HAS_LUT:  # S is the [N, 2**BITS] table
+            return tl.load(S + offs_n[None, :].to(tl.int64) * (1 << BITS) + q, mask=m2, other=0.0).to(tl.float32)
+        g = tl.load(GI + k, mask=kmask, other=0)
+        s = tl.load(S + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+        qf = q.to(tl.float32)
+        if HAS_MINS:
+            return qf * s + tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            return (qf - tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)) * s
+        return (qf - (1 << (BITS - 1))) * s
 
     @triton.jit
     def _wna16_gemm_kernel(X, QW, S, Z, GI, Bias, Y, M, N, K, group_size, stride_xm, stride_ym,
@@ -270,30 +361,45 @@ def _common_args(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor], 
 
 
 def wna16_gemv(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None,
-               config: tuple = (64, 128, 4, 3)) -> torch.Tensor:
+               config: tuple = (64, 256, 4, 3)) -> torch.Tensor:
     """x [M, K] (M <= GEMV_MAX_ROWS) -> [M, N] in x.dtype. ``config``: (BLOCK_N, BLOCK_K, num_warps,
     num_stages[, split_k]): with split_k > 1 the inputs are split over that many programs per column
     tile (more programs for a batch-1 step), their partial sums added into a float32 buffer.
-
-    More rows go to ``wna16_gemm``: at 16 float32 rows this kernel's result was wrong on an H200
-    (2026-12-02, tests/quantization/test_wna16_kernels.py), so it refuses them."""
+    More rows go to ``wna16_gemm``."""
     if x.shape[0] > GEMV_MAX_ROWS:
         raise ValueError(f"wna16_gemv takes at most {GEMV_MAX_ROWS} rows, got {x.shape[0]}: use wna16_gemm")
     x, y = _prepare(x, w)
+    return launch_gemv(x, w, bias, y, config)
+
+
+def launch_gemv(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor], y: torch.Tensor, config: tuple,
+                silu_mul: bool = False, norm: Optional[tuple] = None) -> torch.Tensor:
+    """One ``_wna16_gemv_kernel`` launch writing y [M, N] (x already in ``perm`` order); ``silu_mul`` /
+    ``norm`` = (residual, norm weight, residual out, eps) fold the op before the product
+    (kernels/wna16_fused.py; no split-K then: each program needs all of K for the RMS)."""
     if x.shape[0] == 0:
         return y
     block_n, block_k, warps, stages = config[:4]
     split_k = config[4] if len(config) > 4 else 1
-    block_k = _block_k(w, block_k)
+    if split_k > 1 and (silu_mul or norm is not None):
+        raise ValueError("wna16 GEMV: a folded op cannot split K")
+    block_k = max(block_k, 32 // w.bits)
     k_per_split = triton.cdiv(triton.cdiv(w.in_features, split_k), block_k) * block_k
     out = y if split_k == 1 else torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-    args = _common_args(x, w, bias, out)
+    residual, norm_weight, res_out, eps = norm if norm is not None else (x, x, x, 0.0)
+    s = w.lut if w.lut is not None else w.scales
+    z = w.mins if w.mins is not None else w.zeros if w.zeros is not None else s
     _wna16_gemv_kernel[(triton.cdiv(w.out_features, block_n), split_k)](
-        *args, k_per_split, BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
-        HAS_MINS=w.mins is not None, HAS_LUT=w.lut is not None, HAS_BIAS=bias is not None,
+        x, w.qweight, s, z, w.g_idx if w.g_idx is not None else w.qweight, bias if bias is not None else s, out,
+        residual, norm_weight, res_out, x.shape[0], w.out_features, w.in_features, w.group_size, x.stride(0),
+        out.stride(0), residual.stride(0), res_out.stride(0), eps, k_per_split, BITS=w.bits,
+        HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None, HAS_MINS=w.mins is not None,
+        HAS_LUT=w.lut is not None, HAS_BIAS=bias is not None, ADD_NORM=norm is not None, SILU_MUL=silu_mul,
         BLOCK_M=max(triton.next_power_of_2(x.shape[0]), 1), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
-    return y if split_k == 1 else out.to(x.dtype)
+    if split_k > 1:
+        y.copy_(out)
+    return y
 
 
 def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None,
