@@ -313,18 +313,24 @@ class EngineArgs:
         dtype = KV_CACHE_DTYPES[self.kv_cache_dtype]
         return dtype
 
-    def _speculative(self, parallel: ParallelConfig) -> Optional[Any]:
-        """The checked SpeculativeConfig (None: off), and what this engine serves of it."""
+    def _speculative(self, parallel: ParallelConfig, model: ModelConfig, device: torch.device) -> Optional[Any]:
+        """The checked SpeculativeConfig (None: off), and what this engine serves of it; a draft
+        model is resolved here (``SpeculativeConfig.with_draft_model``)."""
         from vllm_engine.spec_decode import SpeculativeConfig
 
         spec = SpeculativeConfig.from_user(self.speculative_config)
         if spec is None:
             return None
-        if not spec.is_ngram:
-            raise ValueError(f"speculative_config.method {spec.method!r} is not served yet: only 'ngram' "
-                             "(docs/speculative_decoding.md).")
+        if spec.method not in ("ngram", "draft_model"):
+            raise ValueError(f"speculative_config.method {spec.method!r} is not served yet: only 'ngram' and "
+                             "'draft_model' (docs/speculative_decoding.md).")
         if parallel.pipeline_parallel_size > 1:
             raise ValueError("speculative_config cannot be combined with pipeline_parallel_size > 1 yet.")
+        if spec.method == "draft_model":
+            if parallel.tensor_parallel_size > 1 or (spec.draft_tensor_parallel_size or 1) > 1:
+                raise ValueError("speculative_config.model: a draft model is served with tensor_parallel_size=1 "
+                                 "only so far.")
+            spec = spec.with_draft_model(model, device)
         return spec
 
     def create_engine_config(self) -> EngineConfig:
@@ -387,4 +393,4 @@ class EngineArgs:
                                              else bool(self.async_scheduling)))
         parallel = self._parallel(hf_config)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, device=dev, parallel=parallel,
-                            speculative=self._speculative(parallel))
+                            speculative=self._speculative(parallel, model, device))

@@ -115,14 +115,17 @@ class Engine:
                                    pipeline_depth=self.pipeline_depth)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.spec_config = config.speculative
-        self.proposer = None  # spec_decode.NgramProposer when speculative decoding is on
+        self.proposer = None  # spec_decode's NgramProposer or DraftSlots when speculative decoding is on
         self.adaptive = None  # spec_decode.AdaptiveSpeculation unless the config turns it off
         if self.spec_config is not None:
             from vllm_engine.spec_decode.adaptive import AdaptiveSpeculation
+            from vllm_engine.spec_decode.draft_model import DraftSlots
             from vllm_engine.spec_decode.ngram import NgramProposer
 
             spec = self.spec_config
-            self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+            # A draft model proposes on the workers: the engine only asks for slots (placeholders).
+            self.proposer = (NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+                             if spec.is_ngram else DraftSlots())
             self.scheduler.spec_stats = SpecDecodeStats()
             if spec.adaptive:
                 self.adaptive = AdaptiveSpeculation(spec.num_speculative_tokens)

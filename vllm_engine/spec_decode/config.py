@@ -15,7 +15,7 @@ Every bad value is a ``ValueError`` naming the field (``speculative_config.<fiel
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
 METHODS = ("ngram", "draft_model", "eagle", "eagle3")
@@ -55,6 +55,8 @@ class SpeculativeConfig:
     disable_by_batch_size: Optional[int] = None
     draft_tensor_parallel_size: Optional[int] = None
     adaptive: bool = True  # this engine's: propose only where it pays (spec_decode/adaptive.py)
+    # The draft model, resolved (method "draft_model", set by ``with_draft_model``): a ModelConfig.
+    draft_model_config: Optional[Any] = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_user(cls, value: Union[None, str, dict, "SpeculativeConfig"]) -> Optional["SpeculativeConfig"]:
@@ -106,6 +108,39 @@ class SpeculativeConfig:
     def is_ngram(self) -> bool:
         return self.method == "ngram"
 
+    def with_draft_model(self, target: Any, device: Any) -> "SpeculativeConfig":
+        """This config with ``draft_model_config``: the draft checkpoint at ``model`` resolved as the
+        target ``target`` (a ModelConfig) is: its dtype, max_model_len and seed; dummy weights when
+        the target has them. ValueError naming ``speculative_config.model`` when the draft cannot
+        be found or does not share the target's vocabulary, or is too short for max_model_len."""
+        from vllm_engine.config import ModelConfig
+        from vllm_engine.model_loader.resolve import resolve_model
+        from vllm_engine.quantization import get_quant_config, resolve_quantization
+
+        load_format = "dummy" if target.load_format == "dummy" else "auto"
+        try:
+            resolved = resolve_model(self.model, load_format=load_format)
+        except ValueError as e:
+            raise _error("model", f"cannot be loaded as a draft model: {e}") from e
+        hf = resolved.hf_config
+        if hf.vocab_size != target.vocab_size:
+            raise _error("model", f"{self.model!r} has vocab_size {hf.vocab_size}, the target "
+                                  f"{target.model!r} {target.vocab_size}: a draft model must share the target's "
+                                  "tokenizer.")
+        max_len = getattr(hf, "max_position_embeddings", None) or 2048
+        if max_len < target.max_model_len:
+            raise _error("model", f"{self.model!r} has max_position_embeddings {max_len} < max_model_len "
+                                  f"{target.max_model_len}: lower max_model_len.")
+        _check_same_tokenizer(self.model, resolved.tokenizer, target.tokenizer, target.vocab_size)
+        quantization = resolve_quantization(None, hf, resolved.load_format)
+        if quantization is not None and quantization != "gguf":
+            get_quant_config(hf, device, quantization)
+        draft = ModelConfig(model=self.model, model_path=resolved.model_path, load_format=resolved.load_format,
+                            hf_config=hf, dtype=target.dtype, max_model_len=target.max_model_len, seed=target.seed,
+                            served_model_name=self.model, tokenizer=resolved.tokenizer,
+                            gguf_file=resolved.gguf_file, quantization=quantization)
+        return replace(self, draft_model_config=draft)
+
     def to_dict(self) -> dict:
         """The fields that are set, as a user would write them (benchmark JSON, logs)."""
         return {f: getattr(self, f) for f in _FIELDS if getattr(self, f) is not None}
@@ -128,6 +163,22 @@ def _resolve_method(method: Any, model: Optional[str]) -> str:
     if "eagle" in name:
         return "eagle"
     return "draft_model"
+
+
+def _check_same_tokenizer(model: str, draft_source: Optional[str], target_source: Optional[str],
+                          vocab_size: int) -> None:
+    """The draft's and the target's tokenizers map the same strings to the same ids below
+    ``vocab_size`` (the ids the models read and write), when both have a tokenizer."""
+    if draft_source is None or target_source is None or str(draft_source) == str(target_source):
+        return
+    from vllm_engine.model_loader.tokenizer import get_tokenizer
+
+    def vocab(source: str) -> dict:
+        return {t: i for t, i in get_tokenizer(source).get_vocab().items() if i < vocab_size}
+
+    if vocab(draft_source) != vocab(target_source):
+        raise _error("model", f"{model!r} has a different tokenizer vocabulary from the target's: a draft model "
+                              "must share the target's tokenizer.")
 
 
 def _lookup_bounds(lo: Any, hi: Any) -> tuple[int, int]:

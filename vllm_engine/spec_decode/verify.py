@@ -88,10 +88,12 @@ class VerifiedStep:
 def verify(logits: torch.Tensor, states: list["CachedRequestState"], req_indices: list[int],
            num_drafts: list[int], spec: dict[str, list[int]], generators: dict[int, torch.Generator],
            device: torch.device, staging: Optional["HostStaging"] = None,
-           grammar: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> VerifiedStep:
+           grammar: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+           draft_probs: Optional[torch.Tensor] = None) -> VerifiedStep:
     """Verifies the sampled requests ``states`` (``num_drafts[b]`` proposals each, ``logits`` their
     rows in order: [sum(num_drafts) + B, V]); ``generators``: request index b -> seeded generator;
-    ``grammar``: (bitmask, rows) of the structured-output rows (``WorkerGrammars.fill_verify``)."""
+    ``grammar``: (bitmask, rows) of the structured-output rows (``WorkerGrammars.fill_verify``);
+    ``draft_probs``: [D, V] the proposals' distributions, in the order of the drafts (None: one-hot)."""
     params, outputs, prompts, eos, drafts = [], [], [], [], []
     for st, k in zip(states, num_drafts):
         d = spec.get(st.req_id, []) if k else []
@@ -110,7 +112,7 @@ def verify(logits: torch.Tensor, states: list["CachedRequestState"], req_indices
         meta.grammar_bitmask, meta.grammar_rows = grammar
     layout = DraftLayout.build(num_drafts, device, staging)
     draft_ids = host_to_device(torch.tensor(drafts, dtype=torch.int64), device)
-    res = rejection_sample(logits, meta, layout, draft_ids, None, generators)
+    res = rejection_sample(logits, meta, layout, draft_ids, draft_probs, generators)
     first_row = np.concatenate([[0], np.cumsum(np.asarray(num_drafts) + 1)[:-1]]).tolist()
     step = VerifiedStep(res.token_ids, states, req_indices, first_row, res.row_logprobs)
     if device.type == "cuda":

@@ -61,16 +61,17 @@ class KVCacheSpec:
 
 
 def determine_num_blocks(config: EngineConfig, spec: KVCacheSpec,
-                         profile_free_memory: Callable[[], int]) -> tuple[int, int]:
+                         profile_free_memory: Callable[[], int], extra_bytes_per_block: int = 0) -> tuple[int, int]:
     """(num_gpu_blocks, num_cpu_blocks) that fit on this rank: the override, the profiled GPU budget,
     or the CPU space setting; CPU swap blocks from ``swap_space``. May be < 1 (too little memory:
     ``KVCache.allocate`` says so once the ranks agreed on a number).
 
     ``profile_free_memory`` is only called on CUDA: it runs a warm-up forward at the largest batch
-    and returns the bytes left for KV blocks.
+    and returns the bytes left for KV blocks. ``extra_bytes_per_block``: what other caches indexed
+    by the same block ids take per block (a draft model's, spec_decode/draft_model.py).
     """
     c, s = config.cache, config.scheduler
-    per_block = spec.bytes_per_block
+    per_block = spec.bytes_per_block + extra_bytes_per_block
     if c.num_gpu_blocks_override is not None:
         num_blocks = c.num_gpu_blocks_override
     elif config.device.device.type == "cuda":

@@ -75,6 +75,12 @@ class ModelRunner:
         self.attn_backend = get_attn_backend(self.device, config.device.attention_backend)
         with self.startup("model and weights"):
             self.model = get_model(config.model, self.device, self.attn_backend)
+        self.drafter = None  # spec_decode.DraftModelRunner when a draft model proposes
+        if config.speculative is not None and config.speculative.method == "draft_model":
+            from vllm_engine.spec_decode.draft_model import DraftModelRunner
+
+            with self.startup("draft model and weights"):
+                self.drafter = DraftModelRunner(config, self.device, self.attn_backend)
         self._startup_fingerprint = self._load_startup_cache()
         # This process's place in the parallel layout, as the model was built for it.
         self.tp_group, self.pp_group = get_tp_group(), get_pp_group()
@@ -125,14 +131,18 @@ class ModelRunner:
     def determine_num_blocks(self) -> tuple[int, int]:
         """(num_gpu_blocks, num_cpu_blocks) that fit on this rank (on CUDA: after a profiling forward).
         With several ranks the executor passes the minimum over ranks to ``initialize_cache``."""
+        draft_bytes = self.drafter.kv_cache_spec().bytes_per_block if self.drafter is not None else 0
         with self.startup("memory profile"):
-            return determine_num_blocks(self.config, self.kv_cache_spec(), self._profile_free_memory)
+            return determine_num_blocks(self.config, self.kv_cache_spec(), self._profile_free_memory, draft_bytes)
 
     def initialize_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         """Allocates the KV cache, then what depends on it: CUDA graphs and kernel warm-ups."""
         with self.startup("KV cache allocation"):
             self.kv_cache = KVCache.allocate(self.config, self.kv_cache_spec(), num_gpu_blocks, num_cpu_blocks,
                                              self.device)
+        if self.drafter is not None:
+            with self.startup("draft KV cache and graphs"):
+                self.drafter.allocate(num_gpu_blocks, num_cpu_blocks)
         if self.device.type == "cuda" and not self.config.device.enforce_eager:
             from vllm_engine.worker.cuda_graphs import CUDAGraphRunner
 
@@ -244,6 +254,8 @@ class ModelRunner:
         self.kv_cache.swap_out(msg.blocks_to_swap_out)
         self.kv_cache.swap_in(msg.blocks_to_swap_in)
         self.kv_cache.copy_blocks(msg.blocks_to_copy)
+        if self.drafter is not None:
+            self.drafter.move_blocks(msg)
         out = ModelRunnerOutput(req_ids=msg.req_ids)
         if msg.new_requests and self.pp_group.is_last_rank:
             self.grammars.add(msg.new_requests, out.failed)
@@ -254,8 +266,12 @@ class ModelRunner:
         if timed:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
+        spec, draft_probs = msg.spec_token_ids, None
+        if spec and self.drafter is not None:  # the draft model fills in the proposals' placeholders
+            spec, draft_probs = self.drafter.propose(reqs, spec, self.requests.host_tables,
+                                                     lambda states: self._seeded_generators(states, handle))
         t0 = time.perf_counter()
-        inputs = self._prepare_inputs(msg, reqs)
+        inputs = self._prepare_inputs(msg, reqs, spec)
         self.last_prepare_s = time.perf_counter() - t0
         if timed:  # the GPU reaches this after the input copies; before it, it may wait for the host
             forward = torch.cuda.Event(enable_timing=True)
@@ -268,9 +284,11 @@ class ModelRunner:
         last_stage = self.pp_group.is_last_rank
         if inputs.sample_rows and last_stage:
             if inputs.num_draft_tokens is not None:
-                self._verify(reqs, inputs, hidden, handle, msg.spec_token_ids)
+                self._verify(reqs, inputs, hidden, handle, spec, draft_probs)
             else:
                 self._sample(reqs, inputs, hidden, handle)
+        if self.drafter is not None:  # the draft's K/V for the step's tokens (after sampling: it need not wait)
+            self.drafter.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         if inputs.prompt_logprob_rows and last_stage:
             self._prompt_logprobs(reqs, inputs, hidden, out)
         if timed:
@@ -320,9 +338,10 @@ class ModelRunner:
                     out.logprobs[req_index] = [_trim(result.logprobs[row], reqs[row].sampling_params.logprobs)]
 
     def _verify(self, states: list[CachedRequestState], inputs: StepInputs, hidden: torch.Tensor,
-                handle: "StepHandle", spec: dict[str, list[int]]) -> None:
+                handle: "StepHandle", spec: dict[str, list[int]], draft_probs: Optional[torch.Tensor]) -> None:
         """A step with proposals: every sampled request's rows through the rejection sampler
-        (spec_decode/verify.py); its tokens reach the request states at ``collect``."""
+        (spec_decode/verify.py); its tokens reach the request states at ``collect``. ``draft_probs``:
+        [D, V] the draft model's proposal distributions (None: deterministic proposals)."""
         logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows_dev))
         reqs = [states[i] for i in inputs.sample_req_indices]
         generators = self._seeded_generators(reqs, handle)
@@ -331,7 +350,7 @@ class ModelRunner:
             grammar = self.grammars.fill_verify(reqs, inputs.num_draft_tokens, spec, self.staging,
                                                 self._read_last_tokens, handle.output.failed)
         handle.verified = verify(logits, reqs, inputs.sample_req_indices, inputs.num_draft_tokens, spec,
-                                 generators, self.device, self.staging, grammar)
+                                 generators, self.device, self.staging, grammar, draft_probs)
 
     def _read_last_tokens(self) -> None:
         """The latest launch's sampled ids to the host now, ahead of its collect (structured outputs)."""
@@ -412,8 +431,10 @@ class ModelRunner:
         return gen
 
     # ---- flat batch ----------------------------------------------------------------------------
-    def _prepare_inputs(self, msg: ExecuteModelRequest, reqs: list[CachedRequestState]) -> StepInputs:
-        """The step's flat batch; ``reqs``: the scheduled requests' states, in ``msg.req_ids`` order."""
+    def _prepare_inputs(self, msg: ExecuteModelRequest, reqs: list[CachedRequestState],
+                        spec: Optional[dict[str, list[int]]] = None) -> StepInputs:
+        """The step's flat batch; ``reqs``: the scheduled requests' states, in ``msg.req_ids`` order;
+        ``spec``: the proposed tokens per request id (None: ``msg.spec_token_ids``; the draft model's)."""
         num_seqs = len(reqs)
         counts = np.asarray(msg.num_scheduled_tokens, dtype=np.int64)
         starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=num_seqs)
@@ -425,7 +446,7 @@ class ModelRunner:
         # positions: start_i + (0 .. count_i - 1) for each sequence, concatenated
         row_seq = np.repeat(np.arange(num_seqs), counts)
         positions = np.arange(total, dtype=np.int64) - np.repeat(query_start_loc[:-1], counts) + starts[row_seq]
-        spec = msg.spec_token_ids
+        spec = msg.spec_token_ids if spec is None else spec
         if spec:  # proposed tokens follow their requests' last tokens
             num_drafts = np.fromiter((len(spec.get(r.req_id, ())) for r in reqs), dtype=np.int64, count=num_seqs)
             token_ids = verify_input_token_ids(reqs, spec, starts, query_start_loc, total)
