@@ -261,3 +261,51 @@ def test_seeded_requests_reproduce_whatever_the_batch():
         gen = {0: torch.Generator().manual_seed(s)}
         results.add(tuple(verify_step(W, params, [[]], [[1, 2, 3]], generators=gen)[0][0]))
     assert len(results) > 1
+
+
+def test_draft_probs_with_other_support_and_greedy_rows():
+    """One verification of many requests at once: random requests propose 2 tokens from a draft
+    distribution q that has no mass on some tokens the target favours and mass on tokens the
+    target (top-k) excludes; greedy requests in the same batch have all-zero draft rows (as the
+    draft model leaves them). Each random request's first token has the target's distribution
+    (chi-square against the float64 reference); each greedy request's is the argmax."""
+    params = SamplingParams(temperature=0.9, top_k=4)
+    W = chain(seed=12)
+    last = PROMPT[-1]
+    p_first = reference_probs(W[last].numpy(), PROMPT, [], params)
+    q = torch.full((V, V), 0.0, dtype=torch.float64)
+    # Never proposes tokens 3 and 5 (p ~ 0.15, 0.3); proposes token 1, which top-k excludes (p = 0).
+    q[:] = torch.tensor([0.2, 0.2, 0.0, 0.0, 0.6, 0.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    n_random, n_greedy = 12000, 50
+    drafts, dprobs, rows_params, rows_out, rows_logits = [], [], [], [], []
+    for b in range(n_random + n_greedy):
+        greedy = b >= n_random
+        d = [int(torch.multinomial(q[last], 1, generator=g))]
+        d.append(int(torch.multinomial(q[d[0]], 1, generator=g)))
+        drafts.append(d)
+        dprobs += [torch.zeros(V)] * 2 if greedy else [q[last].float(), q[d[0]].float()]
+        for i in range(3):
+            rows_params.append(SamplingParams(temperature=0.0) if greedy else params)
+            rows_out.append(d[:i])
+            rows_logits.append(W[([last] + d)[i]])
+    meta = SamplingMetadata.from_requests(rows_params, rows_out, [PROMPT] * len(rows_params),
+                                          [{EOS}] * len(rows_params), {}, V, CPU)
+    layout = DraftLayout.build([2] * len(drafts), CPU)
+    torch.manual_seed(0)
+    res = rejection_sample(torch.stack(rows_logits).float(), meta, layout,
+                           torch.tensor([t for d in drafts for t in d]), torch.stack(dprobs), None)
+    first = res.token_ids[:, 0]
+    assert (first[n_random:] == int(W[last].argmax())).all()
+    counts = torch.bincount(first[:n_random], minlength=V).numpy()
+    support = p_first > 0
+    assert counts[~support].sum() == 0
+    assert chisquare(counts[support], p_first[support] * n_random).pvalue > 1e-3
+    # q alone never gives tokens 3 and 5: the residual max(p - q, 0) must have supplied them.
+    assert counts[[3, 5]].sum() > 0.5 * p_first[[3, 5]].sum() * n_random
+    # The first proposal is kept with probability sum_x min(p(x), q(x)) (with q taken as one-hot,
+    # as for n-gram proposals, it would be sum_x q(x) p(x): also exact, but lower).
+    kept = ((res.token_ids[:n_random] >= 0).sum(dim=1) > 1).double().mean().item()
+    rate = float(np.minimum(p_first, q[last].numpy()).sum())
+    assert abs(kept - rate) < 4 * math.sqrt(rate * (1 - rate) / n_random), (kept, rate)
+    assert rate - float((p_first * q[last].numpy()).sum()) > 0.1
