@@ -8,6 +8,17 @@ against speculation off, the acceptance metrics, and whether the greedy tokens a
 Default model: SmolLM2-135M-Instruct (the bundled GGUF). Each prompt runs alone (chat template when
 the tokenizer has one, greedy, up to --output-len tokens or EOS); a request's TPOT is (time of its
 last token - time of its first) / (tokens - 1); the row reports the median over the prompts.
+
+With --draft-model, a draft model proposes instead (speculative_config {"model": DRAFT}), and
+--acceptance forces the acceptance rate (spec_verify_cost.forced_acceptance: every proposal is
+verified, then kept with probability a until the first rejection): the study of a draft at real
+shapes with dummy weights, where the draft's proposals would otherwise never be accepted. Random
+prompts of --input-len tokens, --batch-sizes requests at once; each row: TPOT against the target
+alone, the speed-up, and the engine's mean acceptance length next to (1 - a^(k+1)) / (1 - a):
+
+    PYTHONPATH=. python tests/benchmarks/spec_decode_bench.py --model llama-3.1-8b --draft-model llama-3.2-1b \
+        --load-format dummy --num-speculative-tokens 2 4 --acceptance 0.5 0.7 0.9 --batch-sizes 1 \
+        --input-len 512 --output-len 128 --out results/spec_decode_draft_8b_1b.json
 """
 
 from __future__ import annotations
@@ -93,8 +104,15 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--draft-model", default=None, help="a draft model proposes (with --acceptance: forced)")
+    p.add_argument("--acceptance", type=float, nargs="+", default=[0.5, 0.7, 0.9],
+                   help="forced acceptance rates (--draft-model only)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="--draft-model only")
+    p.add_argument("--input-len", type=int, default=512, help="random prompts' length (--draft-model only)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.draft_model is not None:
+        return draft_model_study(args)
     texts = json.loads(Path(args.prompts).read_text())["prompts"][: args.num_prompts]
 
     rows = [run_config(args, None, texts)]
@@ -114,6 +132,50 @@ def main(argv=None) -> int:
     write_json(args.out, {"device": device_name(), "model": args.model, "output_len": args.output_len,
                           "num_prompts": len(texts), "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max],
                           "rows": rows})
+    return 0
+
+
+def draft_model_study(args) -> int:
+    """TPOT with a draft model at each k and forced acceptance rate, against the target alone."""
+    from spec_verify_cost import forced_acceptance, measure
+
+    def engine_for(k: int | None) -> Engine:
+        spec = None if k is None else {"model": args.draft_model, "num_speculative_tokens": k, "adaptive": False}
+        return Engine(model=args.model, load_format=args.load_format, dtype=args.dtype,
+                      max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, speculative_config=spec)
+
+    engine = engine_for(None)
+    vocab = engine.model_config.vocab_size
+    measure(engine, 1, args.input_len, 8, vocab, "warm")
+    base = {b: measure(engine, b, args.input_len, args.output_len, vocab, f"off{b}") for b in args.batch_sizes}
+    rows = [{"k": 0, "acceptance": None, "batch": b, "tpot_ms": 1e3 * base[b], "tpot_speedup": 1.0}
+            for b in args.batch_sizes]
+    engine.shutdown()
+    del engine
+    gc.collect()
+    for k in args.num_speculative_tokens:
+        engine = engine_for(k)
+        measure(engine, 1, args.input_len, 8, vocab, "warm")
+        for alpha in args.acceptance:
+            for b in args.batch_sizes:
+                before = engine.get_stats().spec_decode
+                with forced_acceptance(alpha):
+                    tpot = measure(engine, b, args.input_len, args.output_len, vocab, f"k{k}a{alpha}b{b}")
+                after = engine.get_stats().spec_decode
+                drafts = after.num_drafts - before.num_drafts
+                accepted = after.num_accepted_tokens - before.num_accepted_tokens
+                rows.append({"k": k, "acceptance": alpha, "batch": b, "tpot_ms": 1e3 * tpot,
+                             "tpot_speedup": base[b] / tpot,
+                             "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+                             "expected_acceptance_length": sum(alpha ** i for i in range(k + 1))})
+        engine.shutdown()
+        del engine
+        gc.collect()
+    print_table(rows, ["k", "acceptance", "batch", "tpot_ms", "tpot_speedup", "mean_acceptance_length",
+                       "expected_acceptance_length"])
+    write_json(args.out, {"device": device_name(), "model": args.model, "draft_model": args.draft_model,
+                          "load_format": args.load_format, "input_len": args.input_len,
+                          "output_len": args.output_len, "rows": rows})
     return 0
 
 

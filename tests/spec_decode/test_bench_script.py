@@ -51,3 +51,31 @@ def test_throughput_script_passes_the_speculative_config(tiny_model_dir, tmp_pat
                             "--max-model-len", "128", "--speculative-config", spec, "--out", str(out)]) == 0
     sd = json.loads(out.read_text())["engine"]["spec_decode"]
     assert sd["num_drafts"] > 0 and 0 <= sd["acceptance_rate"] <= 1
+
+
+def test_spec_decode_bench_draft_model_forced_acceptance(tiny_model_dir, tmp_path):
+    """--draft-model with --acceptance (CPU smoke run of the Llama-3.1-8B / Llama-3.2-1B study): a row
+    per (k, acceptance, batch) against the target alone; the engine's measured acceptance length
+    follows the forced rate, although this draft (the target itself) would have every token accepted."""
+    model = str(tiny_model_dir("llama"))
+    out = tmp_path / "draft.json"
+    assert spec_decode_bench.main(["--model", model, "--draft-model", model, "--num-speculative-tokens", "2",
+                                   "--acceptance", "0.5", "--batch-sizes", "2", "--input-len", "8",
+                                   "--output-len", "60", "--max-model-len", "256", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    off, forced = res["rows"]
+    assert (off["k"], forced["k"], forced["acceptance"], forced["batch"]) == (0, 2, 0.5, 2)
+    assert res["draft_model"] == model and off["tpot_ms"] > 0 and forced["tpot_speedup"] > 0
+    assert forced["expected_acceptance_length"] == 1.75
+    assert abs(forced["mean_acceptance_length"] - 1.75) < 0.3
+
+
+def test_the_8b_target_takes_the_1b_draft():
+    """The GPU study's configuration resolves (bundled configs, dummy weights, one vocabulary)."""
+    from vllm_engine.config import EngineArgs
+
+    config = EngineArgs(model="llama-3.1-8b", load_format="dummy", max_model_len=2048,
+                        speculative_config={"model": "llama-3.2-1b", "num_speculative_tokens": 4}).create_engine_config()
+    draft = config.speculative.draft_model_config
+    assert config.speculative.method == "draft_model" and draft.load_format == "dummy"
+    assert (draft.hf_config.num_hidden_layers, draft.hf_config.hidden_size) == (16, 2048)
