@@ -80,6 +80,9 @@ class CacheConfig:
     cpu_kv_cache_space_gib: float = 2.0  # KV cache size when running on the CPU
     # The attention window all layers share (Mistral v0.1, Phi-3): blocks before it are freed.
     sliding_window: Optional[int] = None
+    # Models mixing attention kinds (Gemma 2/3: sliding-window and full layers): the layers' KV cache
+    # groups (core/kv_cache_groups.py), each with its own block table per request. Empty: one group.
+    kv_cache_groups: tuple = ()
     cache_dtype: Optional[torch.dtype] = None  # None: the model's dtype; torch.float8_e4m3fn for fp8
 
 
@@ -366,7 +369,11 @@ class EngineArgs:
             quantization=quantization,
             generation_config=dict(resolved.generation_config or {}),
         )
-        from vllm_engine.models.utils import uniform_sliding_window
+        from vllm_engine.core.kv_cache_groups import make_kv_cache_groups
+        from vllm_engine.models.utils import layer_sliding_window, uniform_sliding_window
+
+        kv_cache_groups = make_kv_cache_groups([layer_sliding_window(model.hf_config, i)
+                                                for i in range(model.hf_config.num_hidden_layers)])
 
         cache = CacheConfig(
             block_size=self.block_size,
@@ -376,6 +383,7 @@ class EngineArgs:
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             cpu_kv_cache_space_gib=self.cpu_kv_cache_space,
             sliding_window=uniform_sliding_window(model.hf_config),
+            kv_cache_groups=kv_cache_groups if len(kv_cache_groups) > 1 else (),
             cache_dtype=self._kv_cache_dtype(device),
         )
         scheduler = SchedulerConfig(

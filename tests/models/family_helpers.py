@@ -131,9 +131,9 @@ def paged_logits_match_hf(path: Path, paged_vs_hf: Any, tol: float = 1e-4) -> No
     paged_vs_hf(model, cfg, hf, LENS, SCHEDULE, tol=tol)
 
 
-def engine_greedy_matches_hf(path: Path, tol: float = 1e-4) -> Any:
+def engine_greedy_matches_hf(path: Path, tol: float = 1e-4, num_gpu_blocks: int = 14) -> Any:
     """Greedy tokens and prompt logprobs of the whole engine (block size 4, an 8-token budget so
-    prompts are chunked, 14 blocks for 4 requests so some are preempted) against HF; then prompts
+    prompts are chunked, ``num_gpu_blocks`` (14) for 4 requests so some are preempted) against HF; then prompts
     again, one at a time (the repeated one finds its prefix in the cache). Returns the scheduler's stats."""
     from transformers import AutoModelForCausalLM
 
@@ -141,7 +141,7 @@ def engine_greedy_matches_hf(path: Path, tol: float = 1e-4) -> Any:
 
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     engine = Engine(model=str(path), dtype="float32", max_model_len=128, seed=0, block_size=4,
-                    max_num_batched_tokens=8, max_num_seqs=4, num_gpu_blocks_override=14,
+                    max_num_batched_tokens=8, max_num_seqs=4, num_gpu_blocks_override=num_gpu_blocks,
                     enable_prefix_caching=True)
     ids = [engine.tokenize(p) for p in PROMPTS]
     want = [hf_greedy(hf, prompt_ids, MAX_TOKENS) for prompt_ids in ids]

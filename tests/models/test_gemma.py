@@ -17,6 +17,10 @@ from tests.models.family_helpers import checkpoint_factory, engine_greedy_matche
 COMMON = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
               max_position_embeddings=512, rms_norm_eps=1e-6)
 
+# Gemma 2/3's three layers (sliding, full, sliding) form three KV cache groups of one layer: a block
+# spans one layer, so the memory of engine_greedy_matches_hf's 14 blocks of three layers is 42 blocks.
+GROUPED_BLOCKS = 42
+
 
 def gemma_config(version: str, tiny_dir):
     from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig
@@ -48,7 +52,7 @@ def test_paged_logits_match_hf(version, gemma_dir, paged_vs_hf):
 
 @pytest.mark.parametrize("version", ["gemma2", "gemma3"])
 def test_engine_greedy_matches_hf(version, gemma_dir):
-    stats = engine_greedy_matches_hf(gemma_dir(version))
+    stats = engine_greedy_matches_hf(gemma_dir(version), num_gpu_blocks=GROUPED_BLOCKS)
     assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0
 
 
@@ -143,4 +147,4 @@ def test_multimodal_gemma3_checkpoint_is_served_text_only(gemma3_multimodal_dir,
     assert type(hf).__name__ == "Gemma3ForConditionalGeneration"
     assert cfg.hf_config.model_type == "gemma3_text" and cfg.architecture == "Gemma3ForConditionalGeneration"
     paged_vs_hf(model, cfg, hf, [21, 9, 4], [[12, 0, 4], [8, 9, 0], [1, 0, 0]], tol=1e-4)
-    engine_greedy_matches_hf(gemma3_multimodal_dir)
+    engine_greedy_matches_hf(gemma3_multimodal_dir, num_gpu_blocks=GROUPED_BLOCKS)

@@ -17,12 +17,17 @@ a prefill chunk q > 1 on top of ``L - q`` cached tokens; both mix freely in one 
 Two per-layer options change which keys a query sees and how it weighs them:
 ``sliding_window`` W (Mistral, Gemma 2/3 local layers): query at position p sees keys p - W + 1 .. p;
 ``logits_soft_cap`` c (Gemma 2): each score s = scale * q.k becomes c * tanh(s / c) before the softmax.
+
+A model with several KV cache groups (core/kv_cache_groups.py: Gemma 2/3's sliding-window and full
+layers) has a block table and a slot mapping per group: ``groups[g]`` is the metadata of group g's
+layers (the same sequences, that group's ``block_tables`` and ``slot_mapping``); each ``Attention``
+layer reads its own group's (``Attention.kv_cache_group``). With one group ``groups`` is None.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -44,6 +49,15 @@ class AttentionMetadata:
     # int32 [num_seqs]: the sequences longest first, a scheduling hint for kernels that give each
     # sequence its own programs (long ones start first, short ones fill the tail). None: index order.
     decode_order: Optional[torch.Tensor] = None
+    # Several KV cache groups: the metadata of each group's layers (None: one group, this object).
+    groups: Optional[tuple["AttentionMetadata", ...]] = None
+
+    def with_groups(self, block_tables: torch.Tensor, slot_mapping: torch.Tensor) -> "AttentionMetadata":
+        """This metadata for group 0 plus ``groups``, from every group's tables [G, num_seqs, width]
+        and slot mappings [G, num_tokens]."""
+        groups = tuple(replace(self, block_tables=block_tables[g], slot_mapping=slot_mapping[g])
+                       for g in range(block_tables.shape[0]))
+        return replace(self, block_tables=block_tables[0], slot_mapping=slot_mapping[0], groups=groups)
 
     @property
     def is_decode_only(self) -> bool:

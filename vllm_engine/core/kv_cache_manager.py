@@ -246,6 +246,15 @@ class KVCacheManager:
         self.num_window_freed[rid] = first_needed
         self.changed_tables.add(rid)
 
+    def can_fork(self, parent: Request, num_tokens: int) -> bool:
+        """Whether the parent still holds the blocks a child computing the token at position
+        ``num_tokens`` reads: with a sliding window it may have freed them since."""
+        if self.sliding_window is None:
+            return parent.request_id in self.req_blocks
+        first_needed = max(0, num_tokens - self.sliding_window + 1) // self.block_size
+        return (parent.request_id in self.req_blocks
+                and self.num_window_freed.get(parent.request_id, 0) <= first_needed)
+
     def fork(self, child: Request, parent: Request, num_tokens: int) -> None:
         """Gives ``child`` (holding no blocks) the parent's blocks covering its first ``num_tokens`` tokens,
         shared (ref_cnt + 1). Whoever of the two later writes into a shared block gets a copy first."""
@@ -283,6 +292,21 @@ class KVCacheManager:
 
     def num_blocks_held(self, request: Request) -> int:
         return len(_real(self.req_blocks.get(request.request_id, ())))
+
+    def min_blocks_needed(self, num_tokens: int) -> int:
+        """The fewest blocks a sequence of ``num_tokens`` tokens holds at once."""
+        return cdiv(num_tokens, self.block_size)
+
+    def num_table_entries(self, request: Request) -> int:
+        """Entries of the request's table (window-freed ones included): it covers that many blocks of tokens."""
+        return len(self.req_block_ids.get(request.request_id, ()))
+
+    def live_block_ids(self, request: Request) -> list[int]:
+        """The ids of the blocks the request holds (window-freed entries left out)."""
+        return [b.block_id for b in _real(self.req_blocks.get(request.request_id, ()))]
+
+    # A copy of a table to send to the workers (HybridKVCacheManager: one list per group).
+    copy_block_ids = staticmethod(list)
 
     # ---- swap --------------------------------------------------------------------------------
     def swap_out(self, request: Request) -> Optional[list[tuple[int, int]]]:

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Union
 
+from vllm_engine.core.hybrid_kv_cache_manager import HybridKVCacheManager
 from vllm_engine.core.kv_cache_manager import KVCacheManager, cdiv
 from vllm_engine.core.sched_output import (
     CachedRequestData, ExecuteModelRequest, ModelRunnerOutput, NewRequestData, SchedulerOutput)
@@ -141,9 +142,15 @@ class Scheduler:
         self.pipeline_depth = pipeline_depth
         self.block_size = cache_config.block_size
         self.num_gpu_blocks = num_gpu_blocks
-        self.kv_cache_manager = KVCacheManager(num_gpu_blocks, cache_config.block_size,
-                                               cache_config.enable_prefix_caching, num_cpu_blocks,
-                                               cache_config.sliding_window)
+        groups = cache_config.kv_cache_groups
+        if len(groups) > 1:  # sliding-window and full-attention layers: a block table per group
+            self.kv_cache_manager: KVCacheManager = HybridKVCacheManager(
+                num_gpu_blocks, cache_config.block_size, cache_config.enable_prefix_caching, num_cpu_blocks,
+                [g.sliding_window for g in groups])
+        else:
+            self.kv_cache_manager = KVCacheManager(num_gpu_blocks, cache_config.block_size,
+                                                   cache_config.enable_prefix_caching, num_cpu_blocks,
+                                                   cache_config.sliding_window)
         self.priority_policy = scheduler_config.policy == "priority"
         self.swap_mode = scheduler_config.preemption_mode == "swap"
         self.requests: dict[str, Request] = {}
@@ -177,7 +184,7 @@ class Scheduler:
     # ---- requests in -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         """Queues a request (status WAITING). ValueError if its prompt plus one token can never fit the cache."""
-        needed = cdiv(request.num_prompt_tokens + 1, self.block_size)
+        needed = self.kv_cache_manager.min_blocks_needed(request.num_prompt_tokens + 1)
         if needed > self.num_gpu_blocks:
             raise ValueError(
                 f"The prompt ({request.num_prompt_tokens} tokens) needs {needed} KV cache blocks of "
@@ -275,7 +282,8 @@ class Scheduler:
                 if req.request_id not in sent:
                     new.append(NewRequestData(
                         req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                        req.sample_index, frozenset(req.eos_token_ids), list(ids), req.num_computed_tokens))
+                        req.sample_index, frozenset(req.eos_token_ids), self.kv_cache_manager.copy_block_ids(ids),
+                        req.num_computed_tokens))
                     sent[req.request_id] = ids
             new_ids = {d.req_id for d in new}
             known = [i for i, rid in enumerate(req_ids) if rid not in new_ids]
@@ -299,7 +307,7 @@ class Scheduler:
     def _resend(self, request_id: str, block_ids: list[int]) -> list[int]:
         """A table the workers must get again (changed in place, or rebuilt): a copy of it."""
         self._sent_tables[request_id] = block_ids
-        return list(block_ids)
+        return self.kv_cache_manager.copy_block_ids(block_ids)
 
     def _add_scheduled(self, req: Request, num_tokens: int) -> None:
         self._sched_reqs.append(req)
@@ -392,7 +400,9 @@ class Scheduler:
                 if not ready and parent.status in (RequestStatus.WAITING, _RUNNING):
                     skipped.append(self.waiting.pop())
                     continue
-                if not ready:  # the sibling finished or was preempted first: compute the prompt itself
+                if not ready or not self.kv_cache_manager.can_fork(parent, req.num_prompt_tokens - 1):
+                    # The sibling finished or was preempted first, or its window moved past the prompt's
+                    # last blocks: compute the prompt itself.
                     req.fork_from = parent = None
             if len(self.running) >= self.config.max_num_seqs:
                 if self._preempt_for(req, out):
@@ -665,7 +675,7 @@ class Scheduler:
             "arrival_time": r.arrival_time, "prompt_tokens": r.num_prompt_tokens,
             "computed_tokens": r.num_computed_tokens, "output_tokens": r.num_output_tokens,
             "max_tokens": r.max_tokens, "cached_tokens": max(r.num_cached_tokens, 0), "preemptions": r.num_preemptions,
-            "blocks": kv.req_block_ids.get(r.request_id, [])[kv.num_window_freed.get(r.request_id, 0):],
+            "blocks": kv.live_block_ids(r),
         } for r in self.requests.values()]
         states = "".join(("u" if b.ref_cnt == 1 else "s") if b.ref_cnt else ("c" if b.block_hash is not None else ".")
                          for b in kv.pool.blocks)
@@ -691,7 +701,7 @@ class Scheduler:
                 assert self.requests.get(r.request_id) is r, f"{r} in {name} but unknown"
                 seen.add(r.request_id)
                 if name == "running":
-                    held = len(kv.get_block_ids(r)) * self.block_size  # table entries (freed by a window too)
+                    held = kv.num_table_entries(r) * self.block_size  # table entries (freed by a window too)
                     assert held >= r.num_computed_tokens, f"{r}: blocks cover only {held} tokens"
                 elif name == "waiting":
                     assert kv.num_blocks_held(r) == 0 and r.request_id not in kv.swapped_blocks, f"{r} holds blocks"

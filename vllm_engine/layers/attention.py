@@ -28,7 +28,11 @@ class Attention(nn.Module):
     and ``q_norm`` / ``k_norm`` (owned, and named, by the model's attention module) are referenced, not
     registered. ``scale``: the score scale (default head_dim^-0.5); ``sliding_window`` and
     ``logits_soft_cap``: see attention/backend.py; ``cache_layout``: "kv", or "latent" for a layer
-    that can keep one [head_dim] vector per token (attention/mla.py)."""
+    that can keep one [head_dim] vector per token (attention/mla.py). ``kv_cache_group``: the KV cache
+    group of the layer (set by the model runner for a model with several: core/kv_cache_groups.py); a
+    layer of group g > 0 reads ``attn_metadata.groups[g]``, its group's block tables and slot mapping."""
+
+    kv_cache_group = 0
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, rotary_emb: Optional[RotaryEmbedding],
                  attn_backend: AttentionBackend, sliding_window: Optional[int] = None,
@@ -61,6 +65,8 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
+        if self.kv_cache_group:
+            attn_metadata = attn_metadata.groups[self.kv_cache_group]
         q_norm, k_norm = self.q_norm, self.k_norm
         if self.rotary_emb is None:
             t, kv_size = qkv.shape[0], self.num_kv_heads * self.head_dim

@@ -67,3 +67,32 @@ class HostBlockTables:
         if old > n:
             self.table[row, n:old] = 0
         self.lens[row] = n
+
+
+class GroupedHostBlockTables:
+    """``HostBlockTables`` for a model with several KV cache groups: one per group. A request's table
+    is a tuple of one id list per group, all of one length (the scheduler's
+    ``HybridKVCacheManager``); ``gather`` stacks the groups' rows into [groups, len(request_ids), width]."""
+
+    def __init__(self, num_groups: int, max_blocks_per_seq: int = 16, rows: int = 16) -> None:
+        self.groups = [HostBlockTables(max_blocks_per_seq, rows) for _ in range(num_groups)]
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        request_ids = list(request_ids)
+        for tables in self.groups:
+            tables.release(request_ids)
+
+    def write(self, request_id: str, block_ids: Sequence[Sequence[int]]) -> None:
+        if len(block_ids) != len(self.groups):
+            raise ValueError(f"{request_id}: {len(block_ids)} block tables for {len(self.groups)} KV cache groups")
+        for tables, ids in zip(self.groups, block_ids):
+            tables.write(request_id, ids)
+
+    def gather(self, request_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(block tables [groups, len(request_ids), width] int32, their lengths [len(request_ids)])."""
+        parts = [tables.gather(request_ids) for tables in self.groups]
+        width = max(t.shape[1] for t, _ in parts)
+        stacked = np.zeros((len(parts), len(request_ids), width), dtype=np.int32)
+        for g, (t, _) in enumerate(parts):
+            stacked[g, :, :t.shape[1]] = t
+        return stacked, parts[0][1]

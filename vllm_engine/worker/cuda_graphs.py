@@ -10,6 +10,9 @@ block 0 (a harmless read).
 The attention backend sees the same metadata on every replay of a graph: the kernels' launch plan
 may depend only on the batch size and ``max_seq_len``, which is fixed to ``max_model_len`` here.
 
+A model with several KV cache groups (Gemma 2/3) has a block-table and a slot-mapping buffer per
+group; each group's layers read their own (``AttentionMetadata.groups``).
+
 A pipeline stage captures its own layers: a stage after the first reads the previous stage's
 (hidden states, residual) from persistent buffers, and a stage before the last returns its own pair
 (``IntermediateTensors``) from the graph's output memory; the stages' send and receive stay outside
@@ -42,7 +45,7 @@ class CUDAGraphRunner:
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], max_num_seqs: int, max_model_len: int,
                  block_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
-                 stage_input: bool = False) -> None:
+                 stage_input: bool = False, num_kv_groups: int = 1) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.max_model_len = max_model_len
@@ -51,9 +54,13 @@ class CUDAGraphRunner:
         max_blocks = block_table_width(-(-max_model_len // block_size))
         self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
+        self.num_kv_groups = num_kv_groups
+        # Every group's slot mappings and tables; group 0's are also ``slot_mapping`` / ``block_tables``.
+        self.group_slot_mapping = torch.full((num_kv_groups, max_bs), -1, dtype=torch.long, device=device)
+        self.group_block_tables = torch.zeros(num_kv_groups, max_bs, max_blocks, dtype=torch.int32, device=device)
+        self.slot_mapping = self.group_slot_mapping[0]
         self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
+        self.block_tables = self.group_block_tables[0]
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         # The decode kernel's program order (longest sequence first); padding rows last, in index order.
         self.decode_order = torch.arange(max_bs, dtype=torch.int32, device=device)
@@ -65,13 +72,16 @@ class CUDAGraphRunner:
                             if stage_input else None)
 
     def _metadata(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(
+        meta = AttentionMetadata(
             num_actual_tokens=bs, num_seqs=bs, query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
             max_query_len=1, max_seq_len=self.max_model_len,
             query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[self.max_model_len] * bs,
             decode_order=self.decode_order[:bs],
         )
+        if self.num_kv_groups > 1:
+            meta = meta.with_groups(self.group_block_tables[:, :bs], self.group_slot_mapping[:, :bs])
+        return meta
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -109,6 +119,16 @@ class CUDAGraphRunner:
             return None
         return IntermediateTensors(self.stage_input.hidden_states[:bs], self.stage_input.residual[:bs])
 
+    def _copy_other_groups(self, meta: AttentionMetadata, n: int, bs: int) -> None:
+        """Groups 1.. of a model with several KV cache groups: their tables and slots into the buffers."""
+        for g in range(1, self.num_kv_groups):
+            group = meta.groups[g]
+            self.group_slot_mapping[g, :n].copy_(group.slot_mapping)
+            self.group_block_tables[g, :n, :group.block_tables.shape[1]].copy_(group.block_tables)
+            if bs > n:
+                self.group_slot_mapping[g, n:bs].fill_(-1)
+                self.group_block_tables[g, n:bs, 0].zero_()
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             stage_input: Optional[IntermediateTensors] = None) -> Union[torch.Tensor, IntermediateTensors]:
         """Decode step for ``meta.num_seqs`` sequences (one token each) by graph replay: the model's
@@ -135,6 +155,8 @@ class CUDAGraphRunner:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)
             self.block_tables[n:bs, 0].zero_()
+        if self.num_kv_groups > 1:
+            self._copy_other_groups(meta, n, bs)
         graph.replay()
         if isinstance(out, IntermediateTensors):
             return IntermediateTensors(out.hidden_states[:n], out.residual[:n])

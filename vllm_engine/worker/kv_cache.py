@@ -7,6 +7,11 @@ means the same slot range in every layer. Layers whose attention declares the la
 get ``[num_blocks, block_size, head_dim]`` instead: half the bytes of K/V slots for the same vector. The CPU swap space (for ``--preemption-mode swap``) has the
 same layout in pinned host memory.
 
+A model with several KV cache groups (core/kv_cache_groups.py: Gemma 2/3's sliding-window and full
+layers) allocates one tensor per *position in a group* rather than per layer: layer j of every group
+uses tensor j (``KVCacheSpec.layer_slots``), and a block id, which belongs to one group's table at a
+time, means that group's layers' slots. A block then costs group-size layers' bytes, not every layer's.
+
 Sizing and allocation are two steps (``determine_num_blocks``, ``KVCache.allocate``) because with
 several ranks the scheduler's one block pool must fit on every rank: the executor allocates the
 minimum over ranks.
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -29,7 +34,11 @@ GiB = 2**30
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """What one rank caches per block: its stage's layers, its share of the KV heads."""
+    """What one rank caches per block: its stage's layers, its share of the KV heads.
+
+    ``num_layers``: the KV tensors of this rank (its layers; with several KV cache groups, the group
+    positions its layers use); ``layer_slots[i]``: the tensor of the stage's i-th attention layer
+    (None: tensor i); ``num_groups``: the KV cache groups (a sequence holds a block in each)."""
 
     num_layers: int
     num_kv_heads: int
@@ -37,6 +46,8 @@ class KVCacheSpec:
     block_size: int
     dtype: torch.dtype
     layout: str = "kv"  # "kv": keys and values per KV head; "latent": one vector per token
+    layer_slots: Optional[tuple[int, ...]] = None
+    num_groups: int = 1
 
     @property
     def bytes_per_block(self) -> int:
@@ -79,7 +90,7 @@ def determine_num_blocks(config: EngineConfig, spec: KVCacheSpec,
     else:
         num_blocks = int(c.cpu_kv_cache_space_gib * GiB) // per_block
         # On the CPU, never allocate more than every sequence at full length could use.
-        num_blocks = min(num_blocks, -(-config.model.max_model_len // c.block_size) * s.max_num_seqs)
+        num_blocks = min(num_blocks, -(-config.model.max_model_len // c.block_size) * s.max_num_seqs * spec.num_groups)
     num_cpu_blocks = int(c.swap_space_gib * GiB) // per_block if s.preemption_mode == "swap" else 0
     return num_blocks, num_cpu_blocks
 
@@ -96,6 +107,13 @@ class KVCache:
     num_cpu_blocks: int
     block_size: int
     block_dim: int = 1  # the dimension of a layer's tensor that indexes blocks (0: the latent layout)
+    # The distinct GPU tensors when layers share them (several KV cache groups); None: gpu_caches.
+    gpu_tensors: Optional[list[torch.Tensor]] = None
+
+    @property
+    def _gpu_store(self) -> list[torch.Tensor]:
+        """Each GPU tensor once (the block moves' targets; ``cpu_caches`` matches it one to one)."""
+        return self.gpu_tensors if self.gpu_tensors is not None else self.gpu_caches
 
     @classmethod
     def allocate(cls, config: EngineConfig, spec: KVCacheSpec, num_blocks: int, num_cpu_blocks: int,
@@ -119,12 +137,14 @@ class KVCache:
             cpu = torch.zeros(spec.num_layers, *spec.layer_shape(num_cpu_blocks), dtype=spec.dtype,
                               pin_memory=device.type == "cuda")
             cpu_list = _split_layers(cpu, spec.num_layers)
+        tensors = _split_layers(gpu, spec.num_layers)
+        layer_caches = tensors if spec.layer_slots is None else [tensors[j] for j in spec.layer_slots]
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB), max concurrency at max_model_len=%d: %.1fx; "
             "CPU swap blocks: %d", num_blocks, c.block_size, num_blocks * c.block_size, num_blocks * per_block / GiB,
             m.max_model_len, num_blocks / blocks_per_seq, num_cpu_blocks)
-        return cls(_split_layers(gpu, spec.num_layers), cpu_list, num_blocks, num_cpu_blocks, c.block_size,
-                   spec.block_dim)
+        return cls(layer_caches, cpu_list, num_blocks, num_cpu_blocks, c.block_size, spec.block_dim,
+                   None if spec.layer_slots is None else tensors)
 
     # ---- block moves, done before the step's forward pass ------------------------------------------
     def _index(self, ids: list[int], device: torch.device) -> torch.Tensor:
@@ -145,16 +165,16 @@ class KVCache:
         src = self._index([p[0] for p in pairs], dev)
         dst = self._index([p[1] for p in pairs], dev)
         dim = self.block_dim
-        for cache in self._raw(self.gpu_caches):
+        for cache in self._raw(self._gpu_store):
             cache.index_copy_(dim, dst, cache.index_select(dim, src))
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """(gpu block, cpu block) pairs: device -> host."""
-        self._move(pairs, self.gpu_caches, self.cpu_caches)
+        self._move(pairs, self._gpu_store, self.cpu_caches)
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """(cpu block, gpu block) pairs: host -> device."""
-        self._move(pairs, self.cpu_caches, self.gpu_caches)
+        self._move(pairs, self.cpu_caches, self._gpu_store)
 
     def _move(self, pairs: list[tuple[int, int]], src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor]) -> None:
         if not pairs:
@@ -171,4 +191,4 @@ class KVCache:
             d.index_copy_(dim, dst, s.index_select(dim, src).to(dst_dev, non_blocking=dst_dev.type == "cuda"))
 
     def usage_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.gpu_caches)
+        return sum(t.numel() * t.element_size() for t in self._gpu_store)

@@ -27,7 +27,7 @@ from vllm_engine.utils import StartupPhases
 from vllm_engine.spec_decode.verify import VerifiedStep, verify, verify_rows
 from vllm_engine.spec_decode.verify import input_token_ids as verify_input_token_ids
 from vllm_engine.structured_output.worker import WorkerGrammars
-from vllm_engine.worker.block_tables import HostBlockTables
+from vllm_engine.worker.block_tables import GroupedHostBlockTables, HostBlockTables
 from vllm_engine.worker.kv_cache import KVCache, KVCacheSpec, determine_num_blocks
 from vllm_engine.worker.request_states import (
     CachedRequestState, RequestStates, append_placeholders, fill_placeholders)
@@ -87,8 +87,13 @@ class ModelRunner:
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
         self.staging = HostStaging(self.device, slots=8)  # a step's inputs, sampling arrays: a copy each
-        self.requests = RequestStates(HostBlockTables(-(-config.model.max_model_len // self.block_size),
-                                                      rows=config.scheduler.max_num_seqs))
+        # KV cache groups (core/kv_cache_groups.py): each attention layer's group and tensor; one group: None.
+        self.num_kv_groups = max(1, len(config.cache.kv_cache_groups))
+        self.layer_slots = self._bind_kv_cache_groups() if self.num_kv_groups > 1 else None
+        max_blocks = -(-config.model.max_model_len // self.block_size)
+        self.requests = RequestStates(
+            HostBlockTables(max_blocks, rows=config.scheduler.max_num_seqs) if self.num_kv_groups == 1
+            else GroupedHostBlockTables(self.num_kv_groups, max_blocks, rows=config.scheduler.max_num_seqs))
         self.kv_cache: Optional[KVCache] = None
         self.graph_runner = None  # CUDAGraphRunner for decode-only steps (CUDA, unless enforce_eager)
         self.generators: dict[str, torch.Generator] = {}
@@ -126,7 +131,30 @@ class ModelRunner:
         if dtype != self.dtype and layout != "kv":
             raise ValueError(f"kv_cache_dtype: {dtype} is not supported with the {layout} cache layout "
                              f"({type(self.model).__name__}); use kv_cache_dtype='auto'")
-        return KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, self.block_size, dtype, layout)
+        if self.layer_slots is None:
+            return KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, self.block_size, dtype, layout)
+        num_tensors = max(self.layer_slots) + 1
+        return KVCacheSpec(num_tensors, attn[0].num_kv_heads, attn[0].head_dim, self.block_size, dtype, layout,
+                           layer_slots=self.layer_slots, num_groups=self.num_kv_groups)
+
+    def _bind_kv_cache_groups(self) -> tuple[int, ...]:
+        """Several KV cache groups: tells each attention layer of this stage its group (the metadata it
+        reads) and returns each one's KV tensor, numbered from 0 over the group positions this stage
+        uses. ValueError when a layer's window is not its group's."""
+        from vllm_engine.core.kv_cache_groups import layer_group_slots
+        from vllm_engine.models.utils import DecoderStack
+
+        attn = [m for m in self.model.modules() if isinstance(m, Attention)]
+        start = next((m.start_layer for m in self.model.modules() if isinstance(m, DecoderStack)), 0)
+        groups = self.config.cache.kv_cache_groups
+        slots = layer_group_slots(groups, self.model_config.num_layers)[start: start + len(attn)]
+        for layer, (g, _) in zip(attn, slots):
+            if layer.sliding_window != groups[g].sliding_window:
+                raise ValueError(f"an attention layer's window {layer.sliding_window} differs from its KV cache "
+                                 f"group's {groups[g].sliding_window}")
+            layer.kv_cache_group = g
+        used = sorted({j for _, j in slots})
+        return tuple(used.index(j) for _, j in slots)
 
     def determine_num_blocks(self) -> tuple[int, int]:
         """(num_gpu_blocks, num_cpu_blocks) that fit on this rank (on CUDA: after a profiling forward).
@@ -150,7 +178,8 @@ class ModelRunner:
                 self.graph_runner = CUDAGraphRunner(
                     self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs,
                     self.model_config.max_model_len, self.block_size, self.model_config.hf_config.hidden_size,
-                    self.dtype, self.device, stage_input=not self.pp_group.is_first_rank)
+                    self.dtype, self.device, stage_input=not self.pp_group.is_first_rank,
+                    num_kv_groups=self.num_kv_groups)
                 self.graph_runner.capture()
         if self.device.type == "cuda" and hasattr(self.attn_backend, "warmup") and self.kv_cache.block_dim == 1:
             with self.startup("attention warm-up"):
@@ -210,7 +239,12 @@ class ModelRunner:
         # One layer's worth of cache, shared by every layer: enough to run the warm-up, small next to the budget.
         spec = self.kv_cache_spec()
         cache = torch.zeros(spec.layer_shape(num_blocks), dtype=spec.dtype, device=self.device)
-        caches = [cache] * spec.num_layers
+        reserve = self.drafter.profile_reserve() if self.drafter is not None else None  # draft distributions
+        caches = [cache] * (len(spec.layer_slots) if spec.layer_slots else spec.num_layers)
+        if self.num_kv_groups > 1:  # every group's layers on the same blocks: enough for a profile
+            g = self.num_kv_groups
+            meta = meta.with_groups(meta.block_tables.expand(g, *meta.block_tables.shape),
+                                    meta.slot_mapping.expand(g, *meta.slot_mapping.shape))
         pp = self.pp_group
         with torch.inference_mode():
             # A later pipeline stage starts from hidden states (zeros here: no other stage takes part).
@@ -223,7 +257,7 @@ class ModelRunner:
                 self.model.compute_logits(hidden[: self.config.scheduler.max_num_seqs])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - cache.numel() * cache.element_size()
-        del hidden, caches, cache
+        del hidden, caches, cache, reserve
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         # What others (other processes, the CUDA context) hold counts against our share too.
@@ -462,7 +496,8 @@ class ModelRunner:
         # Block tables: the rows kept across steps (rewritten when the scheduler sends a new table).
         block_tables, _ = self.requests.host_tables.gather(msg.req_ids)
         bs = self.block_size
-        slot_mapping = block_tables[row_seq, positions // bs].astype(np.int64) * bs + positions % bs
+        # [num_tokens], or [groups, num_tokens] for several KV cache groups ([groups, num_seqs, width] tables)
+        slot_mapping = block_tables[..., row_seq, positions // bs].astype(np.int64) * bs + positions % bs
 
         # A request is sampled when this step reaches its last token (not for a partial prompt chunk).
         num_tokens = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=num_seqs)
@@ -505,6 +540,8 @@ class ModelRunner:
             seq_lens_cpu=seq_lens.tolist(),
             decode_order=order_d if num_seqs > 1 else None,
         )
+        if self.num_kv_groups > 1:
+            meta = meta.with_groups(block_tables_d, slot_mapping_d)
         return StepInputs(
             input_ids=input_ids,
             positions=positions_d,
