@@ -65,11 +65,15 @@ class DraftModelRunner:
     def __init__(self, config: "EngineConfig", device: torch.device, attn_backend) -> None:
         from vllm_engine.model_loader import get_model
 
+        if len(getattr(config.cache, "kv_cache_groups", None) or ()) > 1:
+            raise ValueError("speculative_config.model: a draft model is not served with a target of several KV "
+                             "cache groups (sliding-window and full layers) yet.")
         self.config = config
         self.model_config = config.speculative.draft_model_config
         self.device = device
         self.block_size = config.cache.block_size
         self.vocab_size = self.model_config.vocab_size
+        self.attn_backend = attn_backend
         self.model = get_model(self.model_config, device, attn_backend)
         self.staging = HostStaging(device, slots=8)
         self.kv_cache: Optional[KVCache] = None
@@ -86,17 +90,37 @@ class DraftModelRunner:
         return KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, self.block_size, dtype)
 
     def allocate(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
-        """The draft's cache: as many blocks as the target's (same ids), and its decode graphs."""
+        """The draft's cache: as many blocks as the target's (same ids); on CUDA its decode graphs
+        and its warm-ups (attention variants of eager steps, the LM head at every proposing batch)."""
         self.kv_cache = KVCache.allocate(self.config, self.kv_cache_spec(), num_gpu_blocks, num_cpu_blocks,
                                          self.device)
-        if self.device.type == "cuda" and not self.config.device.enforce_eager:
+        if self.device.type != "cuda":
+            return
+        hf, max_len = self.model_config.hf_config, self.model_config.max_model_len
+        if not self.config.device.enforce_eager:
             from vllm_engine.worker.cuda_graphs import CUDAGraphRunner
 
             self.graph_runner = CUDAGraphRunner(
-                self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs,
-                self.model_config.max_model_len, self.block_size, self.model_config.hf_config.hidden_size,
-                self.model_config.dtype, self.device)
+                self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs, max_len, self.block_size,
+                hf.hidden_size, self.model_config.dtype, self.device)
             self.graph_runner.capture()
+        if hasattr(self.attn_backend, "warmup"):
+            self.attn_backend.warmup(self.kv_cache.gpu_caches[0], hf.num_attention_heads, max_len)
+        max_rows, b, rows = self.config.scheduler.max_num_seqs, 1, set()
+        while b < 2 * max_rows:  # the LM head's row buckets, as ModelRunner._warm_lm_head
+            rows.update(r for r in (min(b, max_rows), min(b, max_rows) - 1) if r >= 1)
+            b *= 2
+        with torch.inference_mode():
+            for n in sorted(rows):
+                self.model.compute_logits(torch.zeros(n, hf.hidden_size, dtype=self.model_config.dtype,
+                                                      device=self.device))
+
+    def profile_reserve(self) -> torch.Tensor:
+        """What a proposing step holds at most beyond the forwards: the draft distributions of
+        every request's k proposals, [max_num_seqs * k, V] float32 (the runner's memory profile
+        allocates it, so the KV budget leaves room for it)."""
+        rows = self.config.scheduler.max_num_seqs * self.config.speculative.num_speculative_tokens
+        return torch.empty(rows, self.vocab_size, dtype=torch.float32, device=self.device)
 
     def move_blocks(self, msg: "ExecuteModelRequest") -> None:
         """The step's swaps and copy-on-write copies, on the draft's cache (as on the target's)."""
