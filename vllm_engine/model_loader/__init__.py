@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from torch import nn
 from vllm_engine.attention.backend import AttentionBackend
 from vllm_engine.models.registry import get_model_class
 from vllm_engine.quantization import get_quant_config
+from vllm_engine.quantization.base import QuantizationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +23,41 @@ def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBa
     Parameters are allocated once, directly on the device (no meta -> CPU -> device round trip), and
     filled in place, each with this rank's slice (``vllm_engine.distributed``: the tensor-parallel rank
     and pipeline stage of this process): dummy weights are drawn on the device; checkpoint tensors are
-    read one at a time. Then each layer's quant method processes its weights.
+    streamed (on CUDA through pinned chunks overlapped with the reads: ``iter_safetensors``). Then each layer's quant method processes its weights.
     """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    model, quant_config = build_model(model_config, device, attn_backend)
+    load_format = model_config.load_format
+    if load_format == "dummy":
+        from vllm_engine.model_loader.weights import init_dummy_weights
+
+        init_dummy_weights(model, model_config.seed)
+    elif load_format == "safetensors":
+        from vllm_engine.model_loader.weights import iter_safetensors
+
+        path = model_config.model_path
+        load_checkpoint(model, iter_safetensors(path, device, model_config.dtype), path)
+    elif load_format == "gguf":
+        from vllm_engine.model_loader.gguf_loader import iter_gguf_weights
+
+        path = model_config.gguf_file or model_config.model_path
+        keep = frozenset(getattr(quant_config, "tensor_types", ()))
+        weights = iter_gguf_weights(path, model_config.hf_config, device, model_config.dtype, keep_quantized=keep)
+        load_checkpoint(model, weights, path)
+    else:
+        raise ValueError(f"Unknown load_format {load_format!r}; expected safetensors, gguf or dummy.")
+    process_weights_after_loading(model)
+    logger.info("loaded %s (%s weights, %.0fM parameters) in %.2fs", model_config.architecture, load_format,
+                sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - t0)
+    return model.eval()
+
+
+def build_model(model_config: Any, device: torch.device,
+                attn_backend: AttentionBackend) -> tuple[nn.Module, Optional[QuantizationConfig]]:
+    """The model of ``model_config`` for this rank, its parameters allocated on ``device`` and not
+    filled yet (what ``get_model`` loads into; the weight-loading benchmark loads into it repeatedly),
+    and the quantization config its layers were built with."""
     device = torch.device(device)
     hf_config = model_config.hf_config
     cls = get_model_class(model_config.architecture)
@@ -36,34 +70,13 @@ def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBa
         quant_config = GGUFConfig.from_gguf_file(model_config.gguf_file or model_config.model_path, device)
     else:
         quant_config = get_quant_config(hf_config, device, quantization)
-    t0 = time.perf_counter()
     with torch.device(device):
         model = cls(hf_config, attn_backend, max_position=max_position, dtype=model_config.dtype,
                     quant_config=quant_config)
-    load_format = model_config.load_format
-    if load_format == "dummy":
-        from vllm_engine.model_loader.weights import init_dummy_weights
-
-        init_dummy_weights(model, model_config.seed)
-    elif load_format == "safetensors":
-        from vllm_engine.model_loader.weights import iter_safetensors
-
-        _load(model, iter_safetensors(model_config.model_path, device, model_config.dtype), model_config.model_path)
-    elif load_format == "gguf":
-        from vllm_engine.model_loader.gguf_loader import iter_gguf_weights
-
-        path = model_config.gguf_file or model_config.model_path
-        keep = frozenset(getattr(quant_config, "tensor_types", ()))
-        _load(model, iter_gguf_weights(path, hf_config, device, model_config.dtype, keep_quantized=keep), path)
-    else:
-        raise ValueError(f"Unknown load_format {load_format!r}; expected safetensors, gguf or dummy.")
-    process_weights_after_loading(model)
-    logger.info("loaded %s (%s weights, %.0fM parameters) in %.2fs", model_config.architecture, load_format,
-                sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - t0)
-    return model.eval()
+    return model, quant_config
 
 
-def _load(model: nn.Module, weights: Any, source: str) -> None:
+def load_checkpoint(model: nn.Module, weights: Any, source: str) -> None:
     """Loads and checks that every parameter (every shard of a fused one) was filled."""
     with torch.no_grad():
         loaded = model.load_weights(weights)
@@ -83,4 +96,4 @@ def process_weights_after_loading(model: nn.Module) -> None:
             method.process_weights_after_loading(module)
 
 
-__all__ = ["get_model", "process_weights_after_loading"]
+__all__ = ["build_model", "get_model", "load_checkpoint", "process_weights_after_loading"]

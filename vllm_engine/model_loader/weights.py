@@ -66,10 +66,27 @@ def _keeps_dtype(name: str, t: torch.Tensor) -> bool:
 
 def iter_safetensors(model_dir: str | os.PathLike, device: torch.device,
                      dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (HF name, tensor) lazily, one tensor at a time, read straight onto ``device`` and cast to
-    ``dtype`` (floating tensors only), so a checkpoint never sits whole in host memory. Quantized
-    checkpoints' float8 weights and their scales (``..._scale``, ``..._scale_inv``) keep their own
-    dtype: the quant method holds them at the checkpoint's precision."""
+    """Yields (HF name, tensor) lazily, on ``device`` and cast to ``dtype`` (floating tensors only),
+    so a checkpoint never sits whole in host memory. Quantized checkpoints'
+    float8 weights and their scales (``..._scale``, ``..._scale_inv``) keep their own dtype: the
+    quant method holds them at the checkpoint's precision.
+
+    On CUDA through pinned chunks overlapped with the reads (``iter_safetensors_staged``); elsewhere
+    one tensor at a time (``iter_safetensors_per_tensor``)."""
+    if torch.device(device).type == "cuda":
+        return iter_safetensors_staged(model_dir, device, dtype)
+    return iter_safetensors_per_tensor(model_dir, device, dtype)
+
+
+def _cast(name: str, t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype and not _keeps_dtype(name, t):
+        return t.to(dtype)
+    return t
+
+
+def iter_safetensors_per_tensor(model_dir: str | os.PathLike, device: torch.device,
+                                dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``iter_safetensors`` by safetensors' own ``safe_open``, each tensor read and moved on its own."""
     from safetensors import safe_open
 
     for path in safetensors_files(model_dir):
@@ -77,14 +94,29 @@ def iter_safetensors(model_dir: str | os.PathLike, device: torch.device,
         try:
             with safe_open(str(path), framework="pt", device=_safe_open_device(device)) as f:
                 for name in f.keys():
-                    t = f.get_tensor(name)
-                    if dtype is not None and t.is_floating_point() and t.dtype != dtype and not _keeps_dtype(name, t):
-                        t = t.to(dtype)
-                    yield name, t
+                    yield name, _cast(name, f.get_tensor(name), dtype)
         except ValueError:
             raise
         except Exception as e:  # safetensors' own errors on a corrupt file
             raise ValueError(f"Cannot read safetensors file {path}: {e}") from e
+
+
+def iter_safetensors_staged(model_dir: str | os.PathLike, device: torch.device, dtype: Optional[torch.dtype] = None,
+                            chunk_bytes: int = 256 << 20, num_buffers: int = 3, pin_memory: Optional[bool] = None,
+                            read: str = "mmap", read_threads: Optional[int] = None,
+                            ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``iter_safetensors`` through ``SafetensorsStager``: files read (memory-mapped, or ``read=
+    "pread"``) in chunks of ``chunk_bytes`` into ``num_buffers`` reused host buffers (pinned on
+    CUDA), copied to the device while the next chunk is read; each tensor cast on the device."""
+    from vllm_engine.model_loader.staged_safetensors import SafetensorsStager
+
+    files = safetensors_files(model_dir)
+    for path in files:  # every file checked before the first byte moves
+        check_safetensors_file(path)
+    stager = SafetensorsStager(device, chunk_bytes=chunk_bytes, num_buffers=num_buffers, pin_memory=pin_memory,
+                               read=read, read_threads=read_threads)
+    for name, t in stager.iter_files(files):
+        yield name, _cast(name, t, dtype)
 
 
 def is_norm_param(name: str) -> bool:
