@@ -91,7 +91,7 @@ def test_16bit_activations(dtype):
     w, ref = random_weight(256, 64, 4, 64, True, "perm")
     w.scales, w.zeros = w.scales.to(dtype), w.zeros.to(dtype)
     x = torch.randn(5, 256, dtype=torch.float64).to(dtype)
-    want = x.double() @ ((k.dequantize(w, torch.float64)).to(dtype).double()[torch.argsort(w.perm.cpu())])
+    want = x.double() @ ((k.dequantize(w, torch.float64)).to(dtype).double().cpu()[torch.argsort(w.perm.cpu())])
     for y in (k.wna16_gemm(x.to(DEVICE), w, config=(16, 64, 64, 4, 2)), k.wna16_gemv(x[:2].to(DEVICE), w)):
         torch.testing.assert_close(y.double().cpu(), want[: y.shape[0]], rtol=2e-2, atol=2e-2)
 

@@ -14,7 +14,7 @@ KW = dict(dtype="float32", max_model_len=128, seed=0, block_size=4)
 
 def test_fp8_cache_quadruples_float32_blocks_and_stays_close(tiny_model_dir):
     path = str(tiny_model_dir("llama"))
-    full = Engine(model=path, **KW)
+    full = Engine(model=path, num_gpu_blocks_override=64, **KW)  # (a GPU's memory would give millions)
     fp8 = Engine(model=path, kv_cache_dtype="fp8", preemption_mode="swap", swap_space=0.001,
                  max_num_seqs=4, max_num_batched_tokens=8, num_gpu_blocks_override=14, **KW)
     cache = fp8.model_runner.kv_cache
