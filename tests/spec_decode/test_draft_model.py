@@ -104,6 +104,22 @@ def test_greedy_tokens_equal_plain_decoding(target, near_draft, expected, name):
     check_engine_state(engine)
 
 
+def test_prefix_cache_after_rejections_holds_only_verified_tokens(target, near_draft, baseline):
+    """Second round: each prompt is a first-round sequence, computed while proposals were being
+    rejected; a cached block with a rejected proposal's K/V in it (target's or draft's) would change
+    the target's tokens here."""
+    engine = Engine(model=str(target), speculative_config=spec(near_draft), block_size=4, **COMMON)
+    first = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)
+    stats = engine.get_stats().spec_decode
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    second = [{"prompt_token_ids": o.prompt_token_ids + o.outputs[0].token_ids} for o in first]
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    got = engine.generate(second, params, use_tqdm=False)
+    assert all(o.num_cached_tokens > 40 for o in got)
+    assert token_ids(got) == token_ids(baseline.generate(second, params, use_tqdm=False))
+    check_engine_state(engine)
+
+
 def test_draft_of_another_shape(target, small_draft, expected):
     """A draft with its own layer count and KV heads: its own cache tensors, the same block ids."""
     engine = Engine(model=str(target), speculative_config=spec(small_draft), block_size=4, **COMMON)
