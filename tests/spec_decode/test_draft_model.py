@@ -79,13 +79,16 @@ SCENARIOS = {
     "async": {"async_scheduling": True, "disable_by_batch_size": 4},  # overlapped steps between verifying ones
     "async-chunked-preempt": {"async_scheduling": True, "num_gpu_blocks_override": 40, "block_size": 4,
                               "max_num_batched_tokens": 16, "max_num_seqs": 4, "enable_prefix_caching": False},
+    # The adaptive policy on: whatever it decides from this machine's step times (steps without
+    # proposals still run the draft), the tokens are the same.
+    "adaptive": {"async_scheduling": True, "adaptive": True},
 }
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_greedy_tokens_equal_plain_decoding(target, near_draft, expected, name):
     kwargs = dict(SCENARIOS[name])
-    extra = {"disable_by_batch_size": kwargs.pop("disable_by_batch_size")} if "disable_by_batch_size" in kwargs else {}
+    extra = {f: kwargs.pop(f) for f in ("disable_by_batch_size", "adaptive") if f in kwargs}
     engine = Engine(model=str(target), speculative_config=spec(near_draft, **extra), **COMMON, **kwargs)
     got = engine.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False)
     assert token_ids(got) == token_ids(expected)
@@ -96,7 +99,8 @@ def test_greedy_tokens_equal_plain_decoding(target, near_draft, expected, name):
             assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4)
     stats = engine.get_stats().spec_decode
     # Proposals both accepted and rejected: the rollback path is exercised.
-    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens or name == "adaptive"
+    assert (engine.adaptive is not None) == (name == "adaptive")
     if "num_gpu_blocks_override" in kwargs:
         assert engine.get_stats().num_preemptions_total > 0
     if name == "swap":
