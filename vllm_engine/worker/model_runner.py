@@ -75,12 +75,12 @@ class ModelRunner:
         self.attn_backend = get_attn_backend(self.device, config.device.attention_backend)
         with self.startup("model and weights"):
             self.model = get_model(config.model, self.device, self.attn_backend)
-        self.drafter = None  # spec_decode.DraftModelRunner when a draft model proposes
-        if config.speculative is not None and config.speculative.method == "draft_model":
-            from vllm_engine.spec_decode.draft_model import DraftModelRunner
+        self.drafter = None  # spec_decode's DraftModelRunner / EagleProposer when a model proposes
+        if config.speculative is not None and not config.speculative.is_ngram:
+            from vllm_engine.spec_decode.draft_model import make_drafter
 
             with self.startup("draft model and weights"):
-                self.drafter = DraftModelRunner(config, self.device, self.attn_backend)
+                self.drafter = make_drafter(config, self.device, self.attn_backend, self.model)
         self._startup_fingerprint = self._load_startup_cache()
         # This process's place in the parallel layout, as the model was built for it.
         self.tp_group, self.pp_group = get_tp_group(), get_pp_group()
@@ -260,11 +260,16 @@ class ModelRunner:
         del hidden, caches, cache, reserve
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        # What others (other processes, the CUDA context) hold counts against our share too.
-        used_by_others = total - free - torch.cuda.memory_allocated()
+        # What others (other processes, the CUDA context) hold counts against our share too. Memory
+        # torch's allocator holds but has not handed out (segments that empty_cache cannot return
+        # because a live tensor sits in them, e.g. after a quantizing load's transients) is ours, as
+        # vLLM counts it: as the others' it would shrink the KV budget by the load's leftovers.
+        reserved = torch.cuda.memory_reserved()
+        used_by_others = total - free - reserved
         budget = total * self.config.cache.gpu_memory_utilization - used_by_others - peak
-        logger.info("memory profile: total %.2f GiB, peak torch %.2f GiB, others %.2f GiB, KV budget %.2f GiB",
-                    total / 2**30, peak / 2**30, used_by_others / 2**30, budget / 2**30)
+        logger.info("memory profile: total %.2f GiB, peak torch %.2f GiB, others %.2f GiB, held by torch's "
+                    "allocator unused %.2f GiB, KV budget %.2f GiB", total / 2**30, peak / 2**30,
+                    used_by_others / 2**30, (reserved - torch.cuda.memory_allocated()) / 2**30, budget / 2**30)
         return int(budget)
 
     # ---- one step ------------------------------------------------------------------------------
@@ -282,6 +287,8 @@ class ModelRunner:
         assert self.kv_cache is not None, "initialize_kv_cache() first"
         for req_id in msg.finished_req_ids:
             self.generators.pop(req_id, None)
+        if self.drafter is not None:
+            self.drafter.finish(msg.finished_req_ids)
         if self.grammars:
             self.grammars.finish(msg.finished_req_ids)
         reqs = self.requests.update(msg)
@@ -322,7 +329,7 @@ class ModelRunner:
             else:
                 self._sample(reqs, inputs, hidden, handle)
         if self.drafter is not None:  # the draft's K/V for the step's tokens (after sampling: it need not wait)
-            self.drafter.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            self.drafter.forward_step(inputs, hidden, reqs, handle.verified)
         if inputs.prompt_logprob_rows and last_stage:
             self._prompt_logprobs(reqs, inputs, hidden, out)
         if timed:
