@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vllm_engine.attention.backend import AttentionMetadata
+from vllm_engine.distributed import IntermediateTensors
 from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
 from vllm_engine.layers.attention import Attention
 from vllm_engine.layers.sampler import exponential_race
@@ -41,9 +42,12 @@ from vllm_engine.worker.kv_cache import KVCache, KVCacheSpec
 from vllm_engine.worker.staging import HostStaging
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from vllm_engine.config import EngineConfig
     from vllm_engine.core.sched_output import ExecuteModelRequest
     from vllm_engine.worker.block_tables import HostBlockTables
+    from vllm_engine.worker.model_runner import StepInputs
     from vllm_engine.worker.request_states import CachedRequestState
 
 logger = logging.getLogger(__name__)
@@ -58,13 +62,28 @@ class DraftSlots:
         return [[PLACEHOLDER_TOKEN_ID] * cap for cap in max_drafts]
 
 
+def make_drafter(config: "EngineConfig", device: torch.device, attn_backend,
+                 target: "nn.Module") -> Optional["DraftModelRunner"]:
+    """The worker's proposer model for ``config.speculative`` (None for n-gram or no speculation):
+    a ``DraftModelRunner``, or an ``EagleProposer`` (spec_decode/eagle.py) fed ``target``'s hidden states."""
+    spec = config.speculative
+    if spec is None or spec.method == "ngram":
+        return None
+    if spec.method == "eagle":
+        from vllm_engine.spec_decode.eagle import EagleProposer
+
+        return EagleProposer(config, device, attn_backend, target)
+    return DraftModelRunner(config, device, attn_backend, target)
+
+
 class DraftModelRunner:
     """The draft model on the worker: its weights, its KV cache (the target's block ids), its
     forwards. Built by the ModelRunner when ``speculative_config`` names a draft model."""
 
-    def __init__(self, config: "EngineConfig", device: torch.device, attn_backend) -> None:
-        from vllm_engine.model_loader import get_model
+    takes_hidden = False  # the model's forward takes the target's hidden states (EAGLE)
+    position_offset = 0  # the first proposing forward runs at the last token's position + this
 
+    def __init__(self, config: "EngineConfig", device: torch.device, attn_backend, target: "nn.Module") -> None:
         if len(getattr(config.cache, "kv_cache_groups", None) or ()) > 1:
             raise ValueError("speculative_config.model: a draft model is not served with a target of several KV "
                              "cache groups (sliding-window and full layers) yet.")
@@ -74,10 +93,15 @@ class DraftModelRunner:
         self.block_size = config.cache.block_size
         self.vocab_size = self.model_config.vocab_size
         self.attn_backend = attn_backend
-        self.model = get_model(self.model_config, device, attn_backend)
+        self.model = self._build_model(target)
         self.staging = HostStaging(device, slots=8)
         self.kv_cache: Optional[KVCache] = None
         self.graph_runner = None  # CUDAGraphRunner of the draft's decode steps (CUDA, unless enforce_eager)
+
+    def _build_model(self, target: "nn.Module") -> "nn.Module":
+        from vllm_engine.model_loader import get_model
+
+        return get_model(self.model_config, self.device, self.attn_backend)
 
     # ---- KV cache ------------------------------------------------------------------------------
     def kv_cache_spec(self) -> KVCacheSpec:
@@ -102,7 +126,7 @@ class DraftModelRunner:
 
             self.graph_runner = CUDAGraphRunner(
                 self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs, max_len, self.block_size,
-                hf.hidden_size, self.model_config.dtype, self.device)
+                hf.hidden_size, self.model_config.dtype, self.device, stage_input=self.takes_hidden)
             self.graph_runner.capture()
         if hasattr(self.attn_backend, "warmup"):
             self.attn_backend.warmup(self.kv_cache.gpu_caches[0], hf.num_attention_heads, max_len)
@@ -128,17 +152,24 @@ class DraftModelRunner:
         self.kv_cache.swap_in(msg.blocks_to_swap_in)
         self.kv_cache.copy_blocks(msg.blocks_to_copy)
 
+    def finish(self, req_ids) -> None:
+        """Requests that are gone (a proposer keeping per-request state drops it)."""
+
     # ---- forwards ------------------------------------------------------------------------------
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+             hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model's output hidden states [n, H]; ``hidden``: the input features (EAGLE)."""
+        stage = None if hidden is None else IntermediateTensors(hidden, hidden)
         graphs = self.graph_runner
         if graphs is not None and meta.is_decode_only and graphs.bucket(meta.num_seqs):
-            return graphs.run(input_ids, positions, meta)
-        return self.model(input_ids, positions, self.kv_cache.gpu_caches, meta)
+            return graphs.run(input_ids, positions, meta, stage)
+        return self.model(input_ids, positions, self.kv_cache.gpu_caches, meta, stage)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-        """The draft over the step's flat batch (the target's inputs and metadata): its K/V lands
-        in the same slots as the target's. The output is not used."""
-        self._run(input_ids, positions, meta)
+    def forward_step(self, inputs: "StepInputs", hidden: torch.Tensor, states: Sequence["CachedRequestState"],
+                     verified) -> None:
+        """After the target's forward of a step (``hidden``: its output): the draft over the same
+        flat batch, so its K/V lands in the same slots as the target's. Its output is not used."""
+        self._run(inputs.input_ids, inputs.positions, inputs.attn_metadata)
 
     def propose(self, states: Sequence["CachedRequestState"], spec: dict[str, list[int]],
                 host_tables: "HostBlockTables",
@@ -159,21 +190,30 @@ class DraftModelRunner:
         if (last == PLACEHOLDER_TOKEN_ID).any():
             raise RuntimeError("a draft model proposes after a token that is not known yet")
         tables, _ = host_tables.gather([st.req_id for st in props])
-        ctx = _ProposeContext(props, counts, tables, seeded(props), self.vocab_size, self.device)
+        ctx = _ProposeContext(props, counts, tables, seeded(props), self.vocab_size, self.device,
+                              self.position_offset)
         drafts = torch.zeros(len(props), int(counts.max()), dtype=torch.int64, device=self.device)
+        ctx.hidden = self._first_hidden(props, ctx)
         for j in range(drafts.shape[1]):
             self._propose_one(ctx, last, drafts, j)
         host = drafts.tolist()
         return {st.req_id: host[b][: counts[b]] for b, st in enumerate(props)}, ctx.probs
 
+    def _first_hidden(self, props: list["CachedRequestState"], ctx: "_ProposeContext") -> Optional[torch.Tensor]:
+        """The first proposing forward's input features [B, H] (None: the model takes none)."""
+        return None
+
     def _propose_one(self, ctx: "_ProposeContext", last: np.ndarray, drafts: torch.Tensor, j: int) -> None:
         """The j-th draft of every request proposing more than j: one decode forward of the draft
-        over the previous draft (the last token when j = 0), at position L - 1 + j."""
+        over the previous draft (the last token when j = 0), at position L - 1 + j (+ the offset);
+        with input features (``ctx.hidden``, [B, H]), each row's output replaces its features."""
         rows = np.flatnonzero(ctx.counts > j)
         n = rows.size
         pos = ctx.pos0[rows] + j
         bs = self.block_size
         slots = ctx.tables[rows, pos // bs].astype(np.int64) * bs + pos % bs
+        if j == 0:
+            slots[ctx.no_first_write[rows]] = -1
         random = rows[ctx.random[rows]]
         rand_idx = np.flatnonzero(ctx.random[rows])  # their index among this forward's rows
         (first_ids, pos_d, qsl_d, lens_d, tables_d, slots_d, rows_d, rand_idx_d, prob_rows_d, temps_d) = \
@@ -185,7 +225,11 @@ class DraftModelRunner:
             num_actual_tokens=n, num_seqs=n, query_start_loc=qsl_d, seq_lens=lens_d, block_tables=tables_d,
             slot_mapping=slots_d, max_query_len=1, max_seq_len=int(pos.max()) + 1,
             query_start_loc_cpu=list(range(n + 1)), seq_lens_cpu=(pos + 1).tolist())
-        logits = self.model.compute_logits(self._run(ids, pos_d, meta))
+        hidden = None if ctx.hidden is None else ctx.hidden.index_select(0, rows_d)
+        out = self._run(ids, pos_d, meta, hidden)
+        if ctx.hidden is not None:
+            ctx.hidden.index_copy_(0, rows_d, out)
+        logits = self.model.compute_logits(out)
         tokens = logits.argmax(dim=-1)
         if random.size:
             q = torch.softmax(logits.index_select(0, rand_idx_d).float() / temps_d.unsqueeze(1), dim=-1)
@@ -199,11 +243,15 @@ class _ProposeContext:
     """One ``propose`` call's per-request arrays (index b: the b-th proposing request)."""
 
     def __init__(self, props: list["CachedRequestState"], counts: np.ndarray, tables: np.ndarray,
-                 generators: dict[int, torch.Generator], vocab_size: int, device: torch.device) -> None:
+                 generators: dict[int, torch.Generator], vocab_size: int, device: torch.device,
+                 position_offset: int = 0) -> None:
         self.counts = counts
         self.tables = tables
         self.generators = generators
-        self.pos0 = np.fromiter((st.num_computed_tokens for st in props), dtype=np.int64, count=len(props))
+        self.pos0 = np.fromiter((st.num_computed_tokens + position_offset for st in props), dtype=np.int64,
+                                count=len(props))
+        self.hidden: Optional[torch.Tensor] = None  # the model's input features per request (EAGLE)
+        self.no_first_write = np.zeros(len(props), dtype=np.bool_)  # first forward's K/V not kept (slot -1)
         self.random = np.fromiter((not st.sampling_params.greedy for st in props), dtype=np.bool_, count=len(props))
         self.temperature = np.fromiter((st.sampling_params.temperature for st in props), dtype=np.float32,
                                        count=len(props))
