@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md, stage by stage (run from the repo root on the GPU machine):
 #   OUT=results bash tests/benchmarks/gpu_suite.sh check throughput latency memory prefix sweep
+#   issues 19-24:  OUT=results bash tests/benchmarks/gpu_suite.sh newtests fp8kv quant moe spec startup serving structured
 #   several GPUs:  OUT=results bash tests/benchmarks/gpu_suite.sh multigpu allreduce tpscaling llama70b
 #   then:          python tests/benchmarks/plot_scaling.py --latency results/latency_tp*.json \
 #                    --throughput results/throughput_70b_*.json --out docs/scaling.png
@@ -40,6 +41,29 @@ for stage in "$@"; do
                   --max-num-seqs 64 --out "$OUT/structured_qwen3.json"
                 python $B/structured_throughput.py --dataset nano --num-prompts 64 --max-num-seqs 64 \
                   --out "$OUT/structured_smollm2.json" ;;
+    # Issues 19-24 on one GPU. Every stage writes one log (the device tool brings back few files).
+    newtests)   python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/models/test_families_gpu.py \
+                  tests/kernels/test_fp8_kv_cache.py tests/worker/test_kv_cache_dtype.py tests/quantization/test_wna16_kernels.py \
+                  tests/quantization/test_gpu_quant.py tests/kernels/test_fused_moe.py tests/kernels/test_sliding_window_freed_blocks.py \
+                  > "$OUT/newtests.txt" 2>&1; tail -25 "$OUT/newtests.txt" ;;
+    fp8kv)      for kv in auto fp8 auto fp8; do  # issue 19: at least 1.5x with kv_cache_dtype=fp8
+                  python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 2 --kv-cache-dtype $kv \
+                    --out "$OUT/throughput_qwen3_kv_$kv.json" 2>&1 | grep -E "result:|Error"
+                done ;;
+    quant)      python $B/quant_bench.py --model llama-3.1-8b --part kernels latency --methods none gptq awq fp8 \
+                  --runs 2 --out "$OUT/quant.json" 2>&1 | tail -12 ;;
+    moe)        for m in mixtral-8x7b qwen3-30b-a3b; do python $B/moe_bench.py --model $m --out "$OUT/moe_$m.json" | tail -9; done
+                for m in qwen3-30b-a3b mixtral-8x7b gemma-2-9b deepseek-v2-lite; do  # issue 20: 70% of the roofline
+                  python $B/throughput.py --model $m --dataset nano --runs 2 --out "$OUT/throughput_$m.json" 2>&1 \
+                    | grep -E "result:|Error"
+                done ;;
+    spec)       python $B/spec_decode_bench.py --out "$OUT/spec_ngram_smollm2.json" 2>&1 | tail -8  # needs the SmolLM2 GGUF
+                python $B/spec_decode_bench.py --model llama-3.1-8b --load-format dummy --draft-model llama-3.2-1b \
+                  --num-speculative-tokens 2 4 --out "$OUT/spec_draft_8b_1b.json" 2>&1 | tail -10 ;;
+    startup)    python $B/startup.py --model llama-3.1-8b --out "$OUT/startup_llama8b.json" 2>&1 | tail -20
+                python $B/weight_load_bench.py --out "$OUT/weight_load.json" 2>&1 | tail -8 ;;
+    serving)    bash $B/serving_sweep.sh 2>&1 | tail -12
+                ROUTER=1 bash $B/serving_sweep.sh 2>&1 | tail -12 ;;
     # Several GPUs (issue 18; NVLink multicast stays off, as the machine sets it):
     multigpu)   python -m pytest -q -x tests/distributed/test_multi_gpu.py tests/worker/test_cuda_graph_stages.py 2>&1 | tail -8 ;;
     allreduce)  python $B/allreduce_bench.py --world-sizes 2 4 8 --hidden 8192 --out "$OUT/allreduce.json" ;;
