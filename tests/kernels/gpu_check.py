@@ -372,13 +372,13 @@ def compile_sm90() -> list[dict]:
 
     bf, i32, i64, f32 = "*bf16", "i32", "i64", "fp32"
     attn = dict(Q=bf, KCache=bf, VCache=bf, BlockTables="*i32", SeqLens="*i32", QueryStartLoc="*i32", Out=bf,
-                scale_log2=f32, stride_qt=i32, stride_qh=i32, stride_bt=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32,
+                scale_log2=f32, v_scale=f32, stride_qt=i32, stride_qh=i32, stride_bt=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32,
                 stride_ot=i32, stride_oh=i32, sliding_window=i32, cap_log2=f32, scale_over_cap=f32, num_seqs=i32,
                 MidO="*fp32", MidLse="*fp32",
                 stride_mo_s=i32, stride_mo_h=i32, stride_mo_p=i32, stride_ml_s=i32, stride_ml_h=i32, SeqOrder="*i32")
     dot = dict(DOT_PREC="tf32", DOT_F32=False, KV_FP8=False)
     cache_write = dict(K=bf, V=bf, KCache=bf, VCache=bf, Slots="*i64", stride_kt=i32, stride_kh=i32, stride_vt=i32,
-                       stride_vh=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32)
+                       stride_vh=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32, inv_k_scale=f32, inv_v_scale=f32)
     write_consts = dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_H=8, BLOCK_D=128)
     out = [build(K._reshape_and_cache_kernel, cache_write, dict(write_consts, KV_FP8=False))]
     # kv_cache_dtype="fp8": the cache write, a decode and a prefill over an e4m3 cache
@@ -405,7 +405,8 @@ def compile_sm90() -> list[dict]:
     out.append(build(F._silu_and_mul_kernel, dict(X=bf, Y=bf, stride_x=i32, stride_y=i32), dict(D=3072, BLOCK=2048)))
     # The fused q/k-norm + rotary + cache write: Qwen3 (norm, GQA 16/8) and Llama-8B (no norm, 32/8).
     qkv = dict(QKV=bf, Pos="*i64", CosSin="*fp32", QNormW=bf, KNormW=bf, QOut=bf, KCache=bf, VCache=bf, Slots="*i64",
-               stride_t=i32, stride_cs=i32, stride_qo=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32, eps=f32)
+               stride_t=i32, stride_cs=i32, stride_qo=i32, stride_cb=i64, stride_ct=i32, stride_ch=i32, eps=f32,
+               inv_k_scale=f32, inv_v_scale=f32)
     for hq, norm in ((16, True), (32, False)):
         out.append(build(F._qkv_rope_cache_kernel, qkv, dict(NUM_Q_HEADS=hq, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64,
                                                              BLOCK_HQ=hq, BLOCK_HK=8, BLOCK_HALF=64, BLOCK_D=128,

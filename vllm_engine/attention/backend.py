@@ -18,6 +18,10 @@ Two per-layer options change which keys a query sees and how it weighs them:
 ``sliding_window`` W (Mistral, Gemma 2/3 local layers): query at position p sees keys p - W + 1 .. p;
 ``logits_soft_cap`` c (Gemma 2): each score s = scale * q.k becomes c * tanh(s / c) before the softmax.
 
+An fp8 (e4m3) cache holds each layer's keys divided by its ``k_scale`` and values divided by its
+``v_scale`` (checkpoint ``self_attn.k_scale`` / ``v_scale``; 1 by default), clamped to +-448, and
+attention reads them multiplied back. Other caches ignore the scales.
+
 A model with several KV cache groups (core/kv_cache_groups.py: Gemma 2/3's sliding-window and full
 layers) has a block table and a slot mapping per group: ``groups[g]`` is the metadata of group g's
 layers (the same sequences, that group's ``block_tables`` and ``slot_mapping``); each ``Attention``
@@ -83,6 +87,8 @@ class AttentionBackend(ABC):
         scale: float,
         sliding_window: Optional[int] = None,
         logits_soft_cap: Optional[float] = None,
+        k_scale: float = 1.0,  # an fp8 cache's scales (see above)
+        v_scale: float = 1.0,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
         ...
 

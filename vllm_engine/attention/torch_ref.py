@@ -16,15 +16,26 @@ from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
-def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as the cache stores it: an fp8 cache (scale 1) clamps to its finite range first."""
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``x`` as the cache stores it: an fp8 cache holds ``x / scale`` (in float32, as ``x * (1 /
+    scale)``: the kernels' arithmetic) clamped to its finite range; other caches ignore ``scale``."""
     if dtype == torch.float8_e4m3fn:
-        x = x.float().clamp(-FP8_MAX, FP8_MAX)
+        x = (x.float() * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX)
     return x.to(dtype)
 
 
-def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter the new tokens' keys/values into their slots; slots < 0 (padding) are skipped."""
+def from_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Cached keys or values back in ``dtype`` for attention: an fp8 cache's times ``scale``, in
+    float32 (the kernels fold the scale into float32 arithmetic too)."""
+    if x.dtype == torch.float8_e4m3fn:
+        return x.float() * scale
+    return x.to(dtype)
+
+
+def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Scatter the new tokens' keys/values into their slots; slots < 0 (padding) are skipped. An fp8
+    cache stores key / k_scale and value / v_scale."""
     num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
     n = slot_mapping.shape[0]
     slots = slot_mapping[: key.shape[0]] if n >= key.shape[0] else slot_mapping
@@ -33,7 +44,7 @@ def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
     if not bool(valid.all()):
         slots, key, value = slots[valid], key[valid], value[valid]
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    key, value = to_cache_dtype(key, kv_cache.dtype), to_cache_dtype(value, kv_cache.dtype)
+    key, value = to_cache_dtype(key, kv_cache.dtype, k_scale), to_cache_dtype(value, kv_cache.dtype, v_scale)
     if kv_cache.dtype.itemsize == 1:  # no index_copy_ for fp8: the same bytes through uint8
         flat, key, value = flat.view(torch.uint8), key.view(torch.uint8), value.view(torch.uint8)
     flat[0].index_copy_(0, slots, key)
@@ -67,9 +78,11 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: Optional[int] = None,
         logits_soft_cap: Optional[float] = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         if key is not None:
-            write_kv_to_cache(key, value, kv_cache, metadata.slot_mapping)
+            write_kv_to_cache(key, value, kv_cache, metadata.slot_mapping, k_scale, v_scale)
         qsl = metadata.query_start_loc_cpu or metadata.query_start_loc.tolist()
         seq_lens = metadata.seq_lens_cpu or metadata.seq_lens.tolist()
         num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
@@ -90,8 +103,8 @@ class TorchAttentionBackend(AttentionBackend):
                     first = max(seq_len - q_len - sliding_window + 1, 0) // block_size * block_size
                 k, v = gather_kv(kv_cache, metadata.block_tables[i], seq_len, first // block_size)
             q = query[qs:qe].transpose(0, 1)  # [H, q_len, D]
-            k = k.transpose(0, 1).to(q.dtype).repeat_interleave(group, dim=0)  # [H, keys, D]
-            v = v.transpose(0, 1).to(q.dtype).repeat_interleave(group, dim=0)
+            k = from_cache_dtype(k.transpose(0, 1), q.dtype, k_scale).repeat_interleave(group, dim=0)  # [H, keys, D]
+            v = from_cache_dtype(v.transpose(0, 1), q.dtype, v_scale).repeat_interleave(group, dim=0)
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
             k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
             mask = k_pos <= q_pos

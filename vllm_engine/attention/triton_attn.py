@@ -101,16 +101,18 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: Optional[int] = None,
         logits_soft_cap: Optional[float] = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
         if not triton_usable(query.device):
             from vllm_engine.attention.torch_ref import TorchAttentionBackend
 
             return TorchAttentionBackend().forward(query, key, value, kv_cache, metadata, scale, sliding_window,
-                                                   logits_soft_cap)
+                                                   logits_soft_cap, k_scale, v_scale)
         from vllm_engine.attention import triton_kernels as K
 
         if key is not None:
-            K.reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
+            K.reshape_and_cache(key, value, kv_cache, metadata.slot_mapping, k_scale, v_scale)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         num_seqs = metadata.num_seqs
         qsl_cpu = metadata.query_start_loc_cpu
@@ -134,10 +136,12 @@ class TritonAttentionBackend(AttentionBackend):
             num_decodes = num_prefills = num_seqs
         if num_prefills:
             K.paged_attention_prefill(*common, skip_decodes=num_decodes > 0, block_m=self.prefill_block_m,
-                                      tile_n=self.tile_n, logits_soft_cap=logits_soft_cap)
+                                      tile_n=self.tile_n, logits_soft_cap=logits_soft_cap, k_scale=k_scale,
+                                      v_scale=v_scale)
         if num_decodes:
             splits = self.decode_splits(num_decodes, num_kv_heads, metadata.max_seq_len, query.device)
             # mixed=True: sequences with q_len != 1 (prefills, or empty padding entries) are skipped.
             K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n,
-                                     seq_order=metadata.decode_order, logits_soft_cap=logits_soft_cap)
+                                     seq_order=metadata.decode_order, logits_soft_cap=logits_soft_cap,
+                                     k_scale=k_scale, v_scale=v_scale)
         return out

@@ -29,12 +29,12 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _reshape_and_cache_kernel(
     K, V, KCache, VCache, Slots,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, inv_k_scale, inv_v_scale,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per new token: copies its [num_kv_heads, head_dim] keys and values into its slot
-    (into an fp8 cache clamped to +-448 first: scale 1)."""
+    (into an fp8 cache times ``inv_k_scale`` / ``inv_v_scale``, clamped to +-448 first)."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + t).to(tl.int64)  # step metadata: may be read before the PDL wait
     pdl_prologue(PDL)
@@ -45,22 +45,23 @@ def _reshape_and_cache_kernel(
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + offs_h * stride_ch + offs_d
     if NUM_KV_HEADS == BLOCK_H and HEAD_DIM == BLOCK_D:  # no mask: lets the compiler use 16-byte accesses
         k = tl.load(K + t * stride_kt + offs_h * stride_kh + offs_d)
-        tl.store(KCache + dst, to_cache_value(k, KCache, KV_FP8))
+        tl.store(KCache + dst, to_cache_value(k, KCache, KV_FP8, inv_k_scale))
         v = tl.load(V + t * stride_vt + offs_h * stride_vh + offs_d)
-        tl.store(VCache + dst, to_cache_value(v, VCache, KV_FP8))
+        tl.store(VCache + dst, to_cache_value(v, VCache, KV_FP8, inv_v_scale))
     else:
         mask = (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM)
         k = tl.load(K + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
-        tl.store(KCache + dst, to_cache_value(k, KCache, KV_FP8), mask=mask)
+        tl.store(KCache + dst, to_cache_value(k, KCache, KV_FP8, inv_k_scale), mask=mask)
         v = tl.load(V + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
-        tl.store(VCache + dst, to_cache_value(v, VCache, KV_FP8), mask=mask)
+        tl.store(VCache + dst, to_cache_value(v, VCache, KV_FP8, inv_v_scale), mask=mask)
 
 
 @triton.jit
-def to_cache_value(x, Cache, KV_FP8: tl.constexpr):
-    """``x`` as ``Cache`` stores it: an fp8 cache (scale 1) clamps to its finite range first."""
+def to_cache_value(x, Cache, KV_FP8: tl.constexpr, inv_scale):
+    """``x`` as ``Cache`` stores it: an fp8 cache holds ``x * inv_scale`` (the layer's 1 / k_scale or
+    1 / v_scale, in float32) clamped to its finite range; other caches ignore ``inv_scale``."""
     if KV_FP8:
-        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+        x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0)
     return x.to(Cache.dtype.element_ty)
 
 
@@ -114,7 +115,7 @@ def _log2_scores(qk, scale_log2, cap_log2, scale_over_cap):
 @triton.jit
 def _decode_kernel(
     Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out, MidO, MidLse, SeqOrder,
-    scale_log2,
+    scale_log2, v_scale,
     stride_qt, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch, stride_ot, stride_oh,
     stride_mo_s, stride_mo_h, stride_mo_p, stride_ml_s, stride_ml_h,
     sliding_window, cap_log2, scale_over_cap,
@@ -189,6 +190,8 @@ def _decode_kernel(
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty range (seq_len 0) gives zeros
+    if KV_FP8:  # the values' scale (the keys' is folded into scale_log2)
+        out = out * v_scale
     omask = gmask[:, None] & dmask[None, :]
     if NUM_SPLITS == 1:
         tl.store(Out + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -250,7 +253,7 @@ def _find_seq(QueryStartLoc, num_seqs, pid, BLOCK_M: tl.constexpr):
 @triton.jit(do_not_specialize=["num_seqs"])  # one compiled variant for any number of sequences
 def _prefill_kernel(
     Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out,
-    scale_log2, num_seqs,
+    scale_log2, v_scale, num_seqs,
     stride_qt, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch, stride_ot, stride_oh,
     sliding_window, cap_log2, scale_over_cap,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -332,6 +335,8 @@ def _prefill_kernel(
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:  # the values' scale (the keys' is folded into scale_log2)
+        out = out * v_scale
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
@@ -364,6 +369,15 @@ def _soft_cap_args(scale: float, logits_soft_cap: Optional[float]) -> tuple[floa
     return logits_soft_cap * LOG2E, scale / logits_soft_cap
 
 
+def _fold_kv_scales(kv_cache: torch.Tensor, scale: float, k_scale: float, v_scale: float) -> tuple[float, float]:
+    """(score scale, value scale) for the kernels: an fp8 cache's keys are read as cached x k_scale,
+    so q.k scales by k_scale, which joins the softmax scale (and the soft cap's); its values' scale
+    multiplies the output once (attention is linear in V). Other caches have no scales."""
+    if kv_cache.dtype != torch.float8_e4m3fn:
+        return scale, 1.0
+    return scale * k_scale, v_scale
+
+
 def _check_last_dim(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.stride(-1) != 1:
@@ -371,8 +385,9 @@ def _check_last_dim(*tensors: torch.Tensor) -> None:
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
-    """Writes key/value [T, KVH, D] into ``kv_cache`` at ``slot_mapping`` (int64 [>= T]; -1 skips).
+                      slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Writes key/value [T, KVH, D] into ``kv_cache`` at ``slot_mapping`` (int64 [>= T]; -1 skips);
+    an fp8 cache gets key / k_scale and value / v_scale (other caches ignore the scales).
 
     Only the first ``min(T, len(slot_mapping))`` tokens are written (one launch for K and V).
     """
@@ -385,7 +400,8 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
     _reshape_and_cache_kernel[(n,)](
         key, value, kc, vc, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        kc.stride(0), kc.stride(1), kc.stride(2), 1.0 / k_scale, 1.0 / v_scale, NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim), KV_FP8=kv_cache.dtype == torch.float8_e4m3fn,
         **pdl.launch_args(key.device),
@@ -414,14 +430,17 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            num_seqs: int, scale: float, sliding_window: Optional[int], num_splits: int,
                            mixed: bool, tile_n: Optional[int] = None, num_warps: Optional[int] = None,
                            seq_order: Optional[torch.Tensor] = None, num_stages: int = 3,
-                           early_v: bool = False, logits_soft_cap: Optional[float] = None) -> None:
+                           early_v: bool = False, logits_soft_cap: Optional[float] = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Attention for the sequences with q_len == 1 (every sequence unless ``mixed``), into ``out``.
+    ``k_scale`` / ``v_scale``: an fp8 cache's scales (keys and values are read as cached x scale).
 
     ``num_splits`` (a power of 2): partitions of each context, merged by a reduce kernel when > 1.
     ``seq_order``: int32 [>= num_seqs], a permutation of the sequences in the order their programs
     should start (longest first); None: index order. It changes only the schedule, never the result.
     """
     _check_last_dim(query, kv_cache, out)
+    scale, v_scale = _fold_kv_scales(kv_cache, scale, k_scale, v_scale)
     num_heads, head_dim = query.shape[1], query.shape[2]
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     group = num_heads // num_kv_heads
@@ -436,7 +455,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     _decode_kernel[(num_splits, num_kv_heads, num_seqs)](
         query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
         seq_order if seq_order is not None else seq_lens,
-        scale * LOG2E,
+        scale * LOG2E, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         out.stride(0), out.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
@@ -462,10 +481,13 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_t
                             num_seqs: int, scale: float, sliding_window: Optional[int], skip_decodes: bool,
                             block_m: Optional[int] = None, tile_n: Optional[int] = None,
                             num_warps: Optional[int] = None, num_stages: int = 2,
-                            logits_soft_cap: Optional[float] = None) -> None:
+                            logits_soft_cap: Optional[float] = None, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> None:
     """Causal attention for every query row of every sequence (those with q_len == 1 too unless
-    ``skip_decodes``), reading K/V (cached prefix and this step's tokens) from the paged cache."""
+    ``skip_decodes``), reading K/V (cached prefix and this step's tokens) from the paged cache
+    (an fp8 cache's as cached x ``k_scale`` / ``v_scale``)."""
     _check_last_dim(query, kv_cache, out)
+    scale, v_scale = _fold_kv_scales(kv_cache, scale, k_scale, v_scale)
     num_tokens, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -480,7 +502,7 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_t
     grid = (num_heads, num_tokens // block_m + num_seqs)
     _prefill_kernel[grid](
         query, kc, vc, block_tables, seq_lens, query_start_loc, out,
-        scale * LOG2E, num_seqs,
+        scale * LOG2E, v_scale, num_seqs,
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         out.stride(0), out.stride(1), sliding_window or 0, *_soft_cap_args(scale, logits_soft_cap),
         GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,

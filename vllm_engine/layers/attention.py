@@ -10,6 +10,7 @@ the backend as they are, and the backend writes K/V.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -30,9 +31,13 @@ class Attention(nn.Module):
     ``logits_soft_cap``: see attention/backend.py; ``cache_layout``: "kv", or "latent" for a layer
     that can keep one [head_dim] vector per token (attention/mla.py). ``kv_cache_group``: the KV cache
     group of the layer (set by the model runner for a model with several: core/kv_cache_groups.py); a
-    layer of group g > 0 reads ``attn_metadata.groups[g]``, its group's block tables and slot mapping."""
+    layer of group g > 0 reads ``attn_metadata.groups[g]``, its group's block tables and slot mapping.
+    ``k_scale`` / ``v_scale``: an fp8 cache's scales (keys stored as k / k_scale, read back times
+    k_scale; likewise values), 1 unless the checkpoint gives them (``load_kv_scale``)."""
 
     kv_cache_group = 0
+    k_scale = 1.0
+    v_scale = 1.0
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, rotary_emb: Optional[RotaryEmbedding],
                  attn_backend: AttentionBackend, sliding_window: Optional[int] = None,
@@ -77,7 +82,8 @@ class Attention(nn.Module):
             q = fused_ops.qkv_rope_cache(
                 positions, qkv, self.num_heads, self.num_kv_heads, self.rotary_emb.cos_sin_cache,
                 self.rotary_emb.rotary_dim, q_norm.weight if q_norm is not None else None,
-                k_norm.weight if k_norm is not None else None, self.eps, kv_cache, attn_metadata.slot_mapping)
+                k_norm.weight if k_norm is not None else None, self.eps, kv_cache, attn_metadata.slot_mapping,
+                self.k_scale, self.v_scale)
             k = v = None  # written into the cache by the fused pass
         return self.attend(q, k, v, kv_cache, attn_metadata).reshape(qkv.shape[0], self.q_size)
 
@@ -87,7 +93,20 @@ class Attention(nn.Module):
         (None: already in the cache) with this layer's scale, window and cap -> [T, num_heads, head_dim].
         For a model that prepares q/k/v itself (DeepSeek's latent attention)."""
         return self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.sliding_window,
-                                         self.logits_soft_cap)
+                                         self.logits_soft_cap, self.k_scale, self.v_scale)
+
+    def load_kv_scale(self, name: str, loaded: torch.Tensor) -> None:
+        """Sets ``k_scale`` or ``v_scale`` (``name``) from a checkpoint's per-tensor KV cache scale (one
+        value: compressed-tensors' kv_cache_scheme, HF fp8 checkpoints). ValueError("...") for another
+        name, a per-head scale or a value that is not positive and finite."""
+        if name not in ("k_scale", "v_scale"):
+            raise ValueError("is not a KV cache scale (k_scale or v_scale)")
+        if loaded.numel() != 1:
+            raise ValueError(f"has shape {tuple(loaded.shape)}: only one scale per layer is supported")
+        value = float(loaded.double().reshape(()).item())
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"is {value}: a KV cache scale must be positive and finite")
+        setattr(self, name, value)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

@@ -152,6 +152,7 @@ if triton is not None:
     @triton.jit
     def _qkv_rope_cache_kernel(QKV, Pos, CosSin, QNormW, KNormW, QOut, KCache, VCache, Slots,
                                stride_t, stride_cs, stride_qo, stride_cb, stride_ct, stride_ch, eps,
+                               inv_k_scale, inv_v_scale,
                                NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                                BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PASS: tl.constexpr,
@@ -159,7 +160,8 @@ if triton is not None:
                                PDL: tl.constexpr):
         """One program per token of the fused qkv row [q heads | k heads | v heads]: q and k are
         (normalised and) rotated; q goes to QOut, k and v to the token's slot of the paged cache
-        (slot < 0: padding, nothing written; an fp8 cache: clamped to its range first)."""
+        (slot < 0: padding, nothing written; an fp8 cache: times 1 / k_scale or 1 / v_scale and
+        clamped to its range first)."""
         t = tl.program_id(0).to(tl.int64)
         # Positions and slots are step metadata and the cos/sin cache a constant: read before the PDL wait.
         cos, sin = _cos_sin(Pos, CosSin, t, stride_cs, HALF, BLOCK_HALF)
@@ -187,14 +189,14 @@ if triton is not None:
             offs_hk = tl.arange(0, BLOCK_HK)[:, None]
             mk = (offs_hk < NUM_KV_HEADS) & cmask
             base = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + offs_hk * stride_ch
-            tl.store(KCache + base + offs_r, to_cache_value(k1, KCache, KV_FP8), mask=mk)
-            tl.store(KCache + base + HALF + offs_r, to_cache_value(k2, KCache, KV_FP8), mask=mk)
+            tl.store(KCache + base + offs_r, to_cache_value(k1, KCache, KV_FP8, inv_k_scale), mask=mk)
+            tl.store(KCache + base + HALF + offs_r, to_cache_value(k2, KCache, KV_FP8, inv_k_scale), mask=mk)
             mfull = (offs_hk < NUM_KV_HEADS) & (offs_d < HEAD_DIM)
             if HAS_PASS:
-                tl.store(KCache + base + offs_d, to_cache_value(kp, KCache, KV_FP8),
+                tl.store(KCache + base + offs_d, to_cache_value(kp, KCache, KV_FP8, inv_k_scale),
                          mask=mfull & (offs_d >= 2 * HALF))
             v = tl.load(k_src + NUM_KV_HEADS * HEAD_DIM + t * stride_t + offs_hk * HEAD_DIM + offs_d, mask=mfull)
-            tl.store(VCache + base + offs_d, to_cache_value(v, VCache, KV_FP8), mask=mfull)
+            tl.store(VCache + base + offs_d, to_cache_value(v, VCache, KV_FP8, inv_v_scale), mask=mfull)
 
 
 
@@ -244,23 +246,23 @@ def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
 def qkv_rope_cache(positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
                    cos_sin_cache: torch.Tensor, rotary_dim: Optional[int], q_norm_weight: Optional[torch.Tensor],
                    k_norm_weight: Optional[torch.Tensor], eps: float, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> torch.Tensor:
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Everything between the qkv projection and attention, in one pass per token.
 
     qkv: [T, (num_heads + 2 * num_kv_heads) * head_dim] (q | k | v heads); optional per-head RMSNorm of
     q and k (Qwen3), neox rotary of q and k, and the rotated k and v written into the paged
-    ``kv_cache`` [2, blocks, block_size, kv_heads, head_dim] at ``slot_mapping`` (-1: not written).
-    Returns q: [T, num_heads, head_dim], contiguous.
+    ``kv_cache`` [2, blocks, block_size, kv_heads, head_dim] at ``slot_mapping`` (-1: not written;
+    an fp8 cache gets k / k_scale and v / v_scale). Returns q: [T, num_heads, head_dim], contiguous.
     """
     if _use_triton(qkv):
         return triton_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache, rotary_dim,
-                                     q_norm_weight, k_norm_weight, eps, kv_cache, slot_mapping)
+                                     q_norm_weight, k_norm_weight, eps, kv_cache, slot_mapping, k_scale, v_scale)
     return torch_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache, rotary_dim,
-                                q_norm_weight, k_norm_weight, eps, kv_cache, slot_mapping)
+                                q_norm_weight, k_norm_weight, eps, kv_cache, slot_mapping, k_scale, v_scale)
 
 
 def torch_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache, rotary_dim, q_norm_weight,
-                         k_norm_weight, eps, kv_cache, slot_mapping) -> torch.Tensor:
+                         k_norm_weight, eps, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> torch.Tensor:
     """The same as composed torch ops (the reference, and the CPU path)."""
     from vllm_engine.attention.torch_ref import write_kv_to_cache
 
@@ -275,7 +277,7 @@ def torch_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache,
     cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
     rotary_dim = rotary_dim or head_dim
     q, k = _rot.apply_rotary(q, cos, sin, rotary_dim), _rot.apply_rotary(k, cos, sin, rotary_dim)
-    write_kv_to_cache(k, v, kv_cache, slot_mapping)
+    write_kv_to_cache(k, v, kv_cache, slot_mapping, k_scale, v_scale)
     return q.contiguous()
 
 
@@ -285,7 +287,7 @@ def torch_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache,
 
 
 def triton_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache, rotary_dim, q_norm_weight,
-                          k_norm_weight, eps, kv_cache, slot_mapping) -> torch.Tensor:
+                          k_norm_weight, eps, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> torch.Tensor:
     head_dim = kv_cache.shape[-1]
     rotary_dim = rotary_dim or head_dim
     if qkv.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1 or kv_cache.stride(-1) != 1:
@@ -303,7 +305,7 @@ def triton_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache
         _qkv_rope_cache_kernel[(num_tokens,)](
             qkv, positions, cos_sin_cache, q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv,
             q_out, kc, vc, slot_mapping, qkv.stride(0), cos_sin_cache.stride(0), q_out.stride(0),
-            kc.stride(0), kc.stride(1), kc.stride(2), eps,
+            kc.stride(0), kc.stride(1), kc.stride(2), eps, 1.0 / k_scale, 1.0 / v_scale,
             NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
             BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),

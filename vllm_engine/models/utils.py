@@ -17,6 +17,8 @@ from vllm_engine.quantization.base import QuantizationConfig
 
 # (our fused parameter, the HF name of one of its shards, shard id), matched on name fragments.
 StackedParamsMapping = list[tuple[str, str, Union[int, str]]]
+# An fp8 KV cache's per-layer scales, named after the attention module: model.layers.N.self_attn.k_scale
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
 
 
 class PPMissingLayer(nn.Module):
@@ -131,9 +133,14 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     the checkpoint names loaded. ValueError naming the tensor for an unknown name or a wrong shape."""
     params = dict(model.named_parameters())
     elsewhere = missing_prefixes(model)
+    attention = attention_layers(model)
     loaded: set[str] = set()
     for name, tensor in weights:
         if any(s in name for s in skip):
+            continue
+        if name.endswith(KV_SCALE_SUFFIXES):
+            if load_kv_scale(attention, name, tensor, elsewhere):
+                loaded.add(name)
             continue
         target, shard_id = name, None
         for fused, hf, sid in mapping:
@@ -155,6 +162,37 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
             raise ValueError(f"Weight {name} {e}.") from None
         loaded.add(name)
     return loaded
+
+
+def attention_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Each ``Attention`` layer of ``model`` under its own name and its parent's (checkpoints name
+    the KV cache scales after the model's attention module: ``model.layers.N.self_attn``)."""
+    from vllm_engine.layers.attention import Attention
+
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            out[name] = module
+            out.setdefault(name.rpartition(".")[0], module)
+    return out
+
+
+def load_kv_scale(attention: dict[str, nn.Module], name: str, tensor: torch.Tensor,
+                  elsewhere: tuple[str, ...]) -> bool:
+    """Gives checkpoint scale ``name`` (``<attention module>.k_scale`` / ``.v_scale``) to its layer;
+    False for a layer on another pipeline stage. ValueError naming the tensor when no attention
+    layer has that name or the scale is unusable."""
+    owner, _, which = name.rpartition(".")
+    layer = attention.get(owner)
+    if layer is None:
+        if name.startswith(elsewhere):
+            return False
+        raise ValueError(f"Checkpoint tensor {name!r} matches no attention layer of the model.")
+    try:
+        layer.load_kv_scale(which, tensor)
+    except ValueError as e:
+        raise ValueError(f"Weight {name} {e}.") from None
+    return True
 
 
 def expected_weights(model: nn.Module, mapping: StackedParamsMapping) -> set[str]:
