@@ -64,7 +64,8 @@ def test_lookup_table_kernels_match_float64(rows):
     w = k.WNA16Weight(pack_int32(q, 4, 0).to(DEVICE), None, None, None, None, 4, 128, lut=lut.float().to(DEVICE))
     x = torch.randn(rows, 128, generator=gen, dtype=torch.float64)
     xd = x.float().to(DEVICE)
-    got = [k.wna16_gemm(xd, w, config=(16, 32, 32, 4, 2)), k.dequant_linear(xd, w, use_triton=False),
+    got = [k.wna16_gemm(xd, w, config=(16, 32, 32, 4, 2)), k.wna16_gemm(xd, w, config=(16, 32, 32, 4, 2, "rows")),
+           k.dequant_linear(xd, w, use_triton=False),
            k.dequant_linear(xd, w, use_triton=True)]
     if rows <= k.GEMV_MAX_ROWS:
         got.append(k.wna16_gemv(xd, w, config=(16, 64, 4, 2)))

@@ -58,6 +58,7 @@ def test_kernels_match_float64(bits, group_size, zeros, layout, rows):
     xd, bd = x.float().to(DEVICE), bias.float().to(DEVICE)
     got = {"dequant": k.dequant_linear(xd, w, bd, use_triton=False),
            "gemm": k.wna16_gemm(xd, w, bd, config=(16, 32, 64, 4, 2)),
+           "gemm, a word per row": k.wna16_gemm(xd, w, bd, config=(16, 32, 64, 4, 2, "rows")),
            "triton dequant": k.dequant_linear(xd, w, bd, use_triton=True)}
     if rows <= k.GEMV_MAX_ROWS:
         got["gemv"] = k.wna16_gemv(xd, w, bd, config=(32, 64, 4, 2))
@@ -193,7 +194,7 @@ def test_scale_and_min_groups_match_float64(bits, group_size, rows):
     x = torch.randn(rows, in_f, generator=gen, dtype=torch.float64)
     xd = x.float().to(DEVICE)
     for y in (k.wna16_gemv(xd, w, config=(16, 64, 4, 2)), k.wna16_gemv(xd, w, config=(32, 128, 4, 2, 2)),
-              k.wna16_gemm(xd, w, config=(16, 16, 32, 4, 2))):
+              k.wna16_gemm(xd, w, config=(16, 16, 32, 4, 2)), k.wna16_gemm(xd, w, config=(16, 16, 32, 4, 2, "rows"))):
         torch.testing.assert_close(y.double().cpu(), x @ ref, rtol=1e-4, atol=1e-4)
     gate_up = torch.randn(rows, 2 * in_f, generator=gen, dtype=torch.float64)
     act = torch.nn.functional.silu(gate_up[:, :in_f]) * gate_up[:, in_f:]

@@ -50,7 +50,9 @@ MAX_KERNEL_ROWS = 256  # above: dequantize (one Triton kernel) and let cuBLAS mu
 GEMV_CONFIGS = [(32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3), (128, 256, 8, 3),
                 (32, 512, 4, 2), (32, 256, 4, 3, 4), (64, 256, 4, 3, 4), (32, 256, 4, 3, 8), (64, 512, 8, 2, 8)]
 GEMM_CONFIGS = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 3), (32, 64, 64, 4, 4), (32, 128, 64, 4, 3),
-                (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3)]
+                (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),
+                (16, 128, 64, 4, 3, "rows"), (32, 128, 64, 4, 3, "rows"), (64, 128, 64, 8, 3, "rows"),
+                (128, 128, 64, 8, 3, "rows")]
 
 
 @dataclass
@@ -102,17 +104,25 @@ if triton is not None:
     @triton.jit
     def _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS: tl.constexpr,
                     HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr):
+                    HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr, WORD_PER_ROW: tl.constexpr = False):
         """Rows [k0, k0 + BLOCK_K) x columns offs_n of the dequantized weight, float32 [BLOCK_K, BLOCK_N].
-        Each packed word is loaded once and split in registers. Without g_idx the tile lies in one
-        group (the launcher makes BLOCK_K divide group_size), so one row of scales serves it."""
+        Each packed word is loaded once and split in registers into a [BLOCK_K / PF, PF, BLOCK_N]
+        tile reshaped to rows; or (WORD_PER_ROW) every row loads its own word (the PF rows of a
+        word read it from L1) and shifts out its value, no reshape. Without g_idx the tile lies in
+        one group (the launcher makes BLOCK_K divide group_size), so one row of scales serves it."""
         PF: tl.constexpr = 32 // BITS
-        offs_kp = k0 // PF + tl.arange(0, BLOCK_K // PF)
-        m2 = (offs_kp < K // PF)[:, None] & nmask[None, :]
-        packed = tl.load(QW + offs_kp[:, None].to(tl.int64) * N + offs_n[None, :], mask=m2, other=0)
-        shifts = tl.arange(0, PF) * BITS
-        q = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-        q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+        if WORD_PER_ROW:
+            rows = k0 + tl.arange(0, BLOCK_K)
+            m2 = (rows < K)[:, None] & nmask[None, :]
+            packed = tl.load(QW + (rows // PF)[:, None].to(tl.int64) * N + offs_n[None, :], mask=m2, other=0)
+            q = (packed >> ((rows % PF) * BITS)[:, None]) & ((1 << BITS) - 1)
+        else:
+            offs_kp = k0 // PF + tl.arange(0, BLOCK_K // PF)
+            m2 = (offs_kp < K // PF)[:, None] & nmask[None, :]
+            packed = tl.load(QW + offs_kp[:, None].to(tl.int64) * N + offs_n[None, :], mask=m2, other=0)
+            shifts = tl.arange(0, PF) * BITS
+            q = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+            q = tl.reshape(q, (BLOCK_K, BLOCK_N))
         if HAS_LUT:  # S is the [N, 2**BITS] table
             w = tl.load(S + offs_n[None, :].to(tl.int64) * (1 << BITS) + q, mask=nmask[None, :], other=0.0)
             return w.to(tl.float32)
@@ -275,9 +285,11 @@ if triton is not None:
                            BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr,
                            HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
                            DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORD_PER_ROW: tl.constexpr,
+                           PDL: tl.constexpr):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y = x @ w (+ bias), each weight tile dequantized in
-        registers to x's dtype and multiplied on tensor cores, float32 accumulation."""
+        registers to x's dtype (``_wna16_tile``, WORD_PER_ROW its unpacking) and multiplied on tensor
+        cores, float32 accumulation."""
         pdl_prologue(PDL)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -292,7 +304,7 @@ if triton is not None:
             a = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + k0 + offs_k[None, :],
                         mask=mmask[:, None] & kmask[None, :], other=0.0)
             w = _wna16_tile(QW, S, Z, GI, k0, offs_n, nmask, N, K, group_size, BITS, HAS_ZEROS, HAS_GIDX,
-                            BLOCK_K, BLOCK_N, HAS_MINS, HAS_LUT)
+                            BLOCK_K, BLOCK_N, HAS_MINS, HAS_LUT, WORD_PER_ROW)
             if DOT_F32:
                 a = a.to(tl.float32)
             else:
@@ -404,18 +416,19 @@ def launch_gemv(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor], y
 
 def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: Optional[torch.Tensor] = None,
                config: tuple = (32, 64, 64, 4, 4)) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x.dtype. ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    """x [M, K] -> [M, N] in x.dtype. ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[,
+    "rows"]): with "rows" each weight row loads its own packed word (``_wna16_tile``'s WORD_PER_ROW)."""
     x, y = _prepare(x, w)
     if x.shape[0] == 0:
         return y
-    block_m, block_n, block_k, warps, stages = config
+    block_m, block_n, block_k, warps, stages = config[:5]
     # The interpreter's 16-bit dot is wrong: multiply in float32 there (as layers/triton_linear.py does).
     dot_f32 = x.dtype == torch.float32 or envs.triton_interpret()
     _wna16_gemm_kernel[(triton.cdiv(w.out_features, block_n), triton.cdiv(x.shape[0], block_m))](
         *_common_args(x, w, bias, y), BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
         HAS_MINS=w.mins is not None, HAS_LUT=w.lut is not None, HAS_BIAS=bias is not None, DOT_F32=dot_f32,
         DOT_PREC="ieee" if dot_f32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(w, block_k),
-        num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
+        WORD_PER_ROW=config[5:] == ("rows",), num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
     return y
 
 

@@ -39,7 +39,7 @@ class WNA16Picker:
         if m <= GEMV_MAX_ROWS:
             return {"gemv %dx%d w%d s%d" % c[:4] + (" k%d" % c[4] if len(c) > 4 else ""):
                     functools.partial(wna16_gemv, config=c) for c in GEMV_CONFIGS}
-        out = {"gemm %dx%dx%d w%d s%d" % c: functools.partial(wna16_gemm, config=c)
+        out = {"gemm %dx%dx%d w%d s%d" % c[:5] + "".join(" " + f for f in c[5:]): functools.partial(wna16_gemm, config=c)
                for c in GEMM_CONFIGS if c[0] <= max(16, _bucket(m))}
         out["dequant+cublas"] = dequant_linear
         return out
