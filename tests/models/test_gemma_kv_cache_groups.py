@@ -100,7 +100,8 @@ def test_long_generations_match_hf_with_window_blocks_freed(version, num_groups,
     for i in range(len(PROMPTS)):
         assert outs[str(i)] == want[i], i
     assert outs["again"] == want[0] and outs["again_cached"] > 0  # a prefix-cache hit in every group
-    print(f"{version}: peak KV in use {peak_used} layer-blocks, full attention {peak_full} ({peak_used / peak_full:.2f})")
+    print(f"{version}: peak KV in use {peak_used} layer-blocks, full attention {peak_full} "
+          f"({peak_used / peak_full:.2f})")
     assert peak_used < max_ratio * peak_full
 
 

@@ -22,6 +22,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from vllm_engine.model_loader.gguf_archs import CONFIG_TENSORS, GGUF_ARCHS, gguf_arch, unpermute_qk  # noqa: F401
+
 # ---- dequantization ------------------------------------------------------------------------------
 QK_K = 256
 
@@ -243,15 +245,13 @@ def gguf_metadata(reader: GGUFFile) -> dict[str, Any]:
     return dict(reader.metadata)
 
 
-def gguf_to_hf_config(meta: dict[str, Any], has_output: bool) -> Any:
-    """A transformers config (Llama/Mistral/Qwen2/Qwen3) from GGUF metadata; ValueError on what we cannot map."""
+def gguf_to_hf_config(meta: dict[str, Any], has_output: bool, tensors: Optional[dict[str, GGUFTensor]] = None) -> Any:
+    """A transformers config from GGUF metadata (and, for Phi-3's LongRoPE, its rope factor tensors:
+    ``tensors`` by name); ValueError on an architecture or a field we cannot map (model_loader/gguf_archs.py)."""
     from transformers import AutoConfig
 
-    from vllm_engine.models.registry import GGUF_ARCHITECTURES
-
-    arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"Unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}.")
+    spec = gguf_arch(meta)
+    arch = meta["general.architecture"]
 
     def get(key: str, default: Any = None, required: bool = True) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -259,6 +259,15 @@ def gguf_to_hf_config(meta: dict[str, Any], has_output: bool) -> Any:
             raise ValueError(f"GGUF metadata lacks {arch}.{key}.")
         return value
 
+    kwargs = _common_config(meta, arch, get, has_output)
+    kwargs["architectures"] = [spec.architecture]
+    if spec.config is not None:
+        kwargs = spec.config(get, kwargs, tensors or {})
+    return AutoConfig.for_model(spec.model_type, **kwargs)
+
+
+def _common_config(meta: dict[str, Any], arch: str, get: Any, has_output: bool) -> dict[str, Any]:
+    """The fields every architecture's metadata gives, under Llama's config names."""
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or None
@@ -266,7 +275,6 @@ def gguf_to_hf_config(meta: dict[str, Any], has_output: bool) -> Any:
         raise ValueError(f"GGUF metadata lacks {arch}.vocab_size and a token list.")
     head_dim = get("attention.key_length", None, required=False) or get("rope.dimension_count", None, False)
     kwargs: dict[str, Any] = dict(
-        architectures=[GGUF_ARCHITECTURES[arch]],
         hidden_size=hidden,
         num_hidden_layers=int(get("block_count")),
         num_attention_heads=heads,
@@ -289,60 +297,37 @@ def gguf_to_hf_config(meta: dict[str, Any], has_output: bool) -> Any:
     window = meta.get(f"{arch}.attention.sliding_window")
     if window:
         kwargs["sliding_window"] = int(window)
-    model_type = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}[arch]
-    return AutoConfig.for_model(model_type, **kwargs)
+    return kwargs
 
 
-# GGUF name (after "blk.N.") -> HF name (after "model.layers.N.")
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
-def hf_name(gguf_name: str) -> Optional[str]:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None for unknown names."""
-    base, _, suffix = gguf_name.rpartition(".")
-    if base.startswith("blk."):
-        _, layer, part = base.split(".", 2)
-        mapped = _LAYER_NAMES.get(part)
-        return f"model.layers.{layer}.{mapped}.{suffix}" if mapped else None
-    mapped = _TOP_NAMES.get(base)
-    return f"{mapped}.{suffix}" if mapped else None
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's row permutation of a q/k weight [n_heads * head_dim, ...] (or bias)."""
-    rest = w.shape[1:]
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+def hf_name(gguf_name: str, arch: str = "llama") -> Optional[str]:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (names of ``arch``, a GGUF
+    ``general.architecture``); None for unknown names."""
+    return GGUF_ARCHS[arch].hf_name(gguf_name)
 
 
 def iter_gguf_weights(path: str | os.PathLike, hf_config: Any, device: torch.device, dtype: torch.dtype,
                       keep_quantized: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (HF name, dequantized tensor in ``dtype`` on ``device``) for every tensor of the file;
-    the tensors named in ``keep_quantized`` come as their raw bytes instead, [rows, bytes per row]
-    uint8 with ``gguf_type`` and ``gguf_shape`` attributes (quantization/gguf.py decodes them)."""
+    """Yields (HF name, dequantized tensor in ``dtype`` on ``device``) for every tensor of the file,
+    with llama.cpp's changes undone (gguf_archs.py: q/k permutation, stacked experts, Gemma's 1 + w
+    norms, ...); the tensors named in ``keep_quantized`` (Llama-family files) come as their raw
+    bytes instead, [rows, bytes per row] uint8 with ``gguf_type`` and ``gguf_shape`` attributes
+    (quantization/gguf.py decodes them)."""
     reader = open_gguf(path)
-    permute = reader.metadata.get("general.architecture") in ("llama", "mistral")
+    spec = gguf_arch(reader.metadata)
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = spec.hf_name(t.name)
         if name is None:
-            if t.name.startswith("rope_freqs"):  # llama3 rope factors: we compute them from the config
+            if t.name.startswith(CONFIG_TENSORS):  # rope factors: read into the config, or computed from it
                 continue
             raise ValueError(f"GGUF tensor {t.name!r} has no counterpart in the model.")
         if name in keep_quantized:
             w = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True)).to(device).reshape(t.shape[0], -1)
-        else:
-            w = dequantize(t.data, t.type_name, t.shape, device, torch.float32)
-        if permute and ".self_attn.q_proj." in name:
-            w = unpermute_qk(w, hf_config.num_attention_heads)
-        elif permute and ".self_attn.k_proj." in name:
-            w = unpermute_qk(w, hf_config.num_key_value_heads)
-        if name in keep_quantized:
-            w.gguf_type, w.gguf_shape = t.type_name, t.shape  # rows permuted whole: the blocks run along them
+            if spec.convert is not None:  # q/k rows permuted whole: the blocks run along them
+                (name, w), = spec.convert(name, w, hf_config)
+            w.gguf_type, w.gguf_shape = t.type_name, t.shape
             yield name, w
-        else:
-            yield name, w.to(dtype)
+            continue
+        w = dequantize(t.data, t.type_name, t.shape, device, torch.float32)
+        for hf, tensor in (spec.convert(name, w, hf_config) if spec.convert is not None else [(name, w)]):
+            yield hf, tensor.to(dtype)

@@ -127,8 +127,8 @@ def _resolve_gguf(path: Path, load_format: str) -> ResolvedModel:
         raise ValueError(f"load_format='safetensors' but {path} is a GGUF file.")
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
-    hf_config = gguf_to_hf_config(meta, has_output)
+    tensors = {t.name: t for t in reader.tensors}
+    hf_config = gguf_to_hf_config(meta, "output.weight" in tensors, tensors)
     gen = read_generation_config(path.parent)
     return ResolvedModel(str(path), "dummy" if load_format == "dummy" else "gguf", hf_config, str(path),
                          str(path), gen)

@@ -39,14 +39,6 @@ _MODELS: dict[str, type[nn.Module]] = {
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
-# GGUF ``general.architecture`` -> HF architecture name (the ones our GGUF loader maps).
-GGUF_ARCHITECTURES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-
 
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)

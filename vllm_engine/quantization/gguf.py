@@ -122,6 +122,11 @@ def decode_blocks(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> 
     return q.reshape(n, k), s.float().reshape(n, k // group), m.float().reshape(n, k // group)
 
 
+# The GGUF architectures whose linear layers may keep their blocks (their tensors map one to one onto
+# our layers' weights); the others' tensors are cut, transposed or regrouped at load (gguf_archs.py).
+KEPT_QUANTIZED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
 class GGUFConfig(QuantizationConfig):
     """``tensor_types``: {HF weight name: GGUF type} of the linear weights kept quantized."""
 
@@ -146,9 +151,15 @@ class GGUFConfig(QuantizationConfig):
         """The linear weights of a GGUF file whose type is in ``GGUF_BLOCKS``, by HF name."""
         from vllm_engine.model_loader.gguf_loader import hf_name, open_gguf
 
+        reader = open_gguf(path)
+        arch = reader.metadata.get("general.architecture")
+        if arch not in KEPT_QUANTIZED_ARCHS or reader.metadata.get(f"{arch}.expert_count"):
+            raise ValueError(f"quantization='gguf' (blocks kept quantized) serves {', '.join(KEPT_QUANTIZED_ARCHS)} "
+                             f"GGUF files without experts; this one is {arch!r}: leave quantization unset (the "
+                             "weights are dequantized at load).")
         types = {}
-        for t in open_gguf(path).tensors:
-            name = hf_name(t.name)
+        for t in reader.tensors:
+            name = hf_name(t.name, arch)
             linear = name is not None and name.startswith("model.layers.") and name.endswith("_proj.weight")
             if linear and t.type_name in GGUF_BLOCKS:
                 types[name] = t.type_name
