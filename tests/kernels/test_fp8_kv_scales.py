@@ -294,3 +294,47 @@ def test_fp8_cache_with_checkpoint_scales_stays_close_to_the_float_cache(tiny_mo
     without = [abs(a - b) for a, b in zip(logprobs(big, kv_cache_dtype="fp8"), want)]
     assert max(with_scales) < 0.25 and sum(with_scales) / len(with_scales) < 0.05
     assert max(without) > 1.0 and sum(without) / len(without) > 0.2
+
+
+def compressed_tensors_with_kv_scheme(tmp_path, strategy: str = "tensor") -> tuple[str, dict[str, float]]:
+    """An FP8 W8A8 checkpoint written by the compressed-tensors library, given a ``kv_cache_scheme``
+    (the library's own QuantizationArgs, serialized as it writes them) and per-layer
+    ``self_attn.k_scale`` / ``v_scale``, as llm-compressor saves a calibrated KV cache. (The library's
+    KV-cache hooks do not recognise transformers 5's attention modules, so the scales are added
+    here.) Returns (directory, {scale name: value})."""
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from tests.quantization.conftest import build_float_checkpoint, write_compressed_tensors_fp8
+
+    out = tmp_path / "ct"
+    write_compressed_tensors_fp8(build_float_checkpoint(tmp_path / "float"), out, per_channel=True, static=False)
+    cfg = json.loads((out / "config.json").read_text())
+    kv = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy, dynamic=False)
+    cfg["quantization_config"]["kv_cache_scheme"] = kv.model_dump(mode="json")
+    (out / "config.json").write_text(json.dumps(cfg))
+    scales = {}
+    for i in range(cfg["num_hidden_layers"]):
+        scales[f"model.layers.{i}.self_attn.k_scale"] = 0.125 * (i + 1)
+        scales[f"model.layers.{i}.self_attn.v_scale"] = 2.0 + i
+    (shard,) = out.glob("*.safetensors")
+    tensors = load_file(str(shard))
+    save_file({**tensors, **{k: torch.tensor([v]) for k, v in scales.items()}}, str(shard))
+    return str(out), scales
+
+
+def test_compressed_tensors_kv_cache_scheme_scales_are_loaded(tmp_path):
+    path, scales = compressed_tensors_with_kv_scheme(tmp_path)
+    model, _ = load_tiny(path, kv_cache_dtype="fp8")
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn.attn
+        assert attn.k_scale == scales[f"model.layers.{i}.self_attn.k_scale"]
+        assert attn.v_scale == scales[f"model.layers.{i}.self_attn.v_scale"]
+
+
+def test_compressed_tensors_per_head_kv_scales_are_refused(tmp_path):
+    path, _ = compressed_tensors_with_kv_scheme(tmp_path, strategy="attn_head")
+    with pytest.raises(ValueError, match="kv_cache_scheme.strategy='attn_head'"):
+        load_tiny(path, kv_cache_dtype="fp8")

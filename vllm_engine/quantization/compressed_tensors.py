@@ -117,6 +117,21 @@ class WeightScheme:
                              f"{acts.get('dynamic')!r} is not supported (token and dynamic, or tensor and static).")
 
 
+def check_kv_cache_scheme(scheme: Optional[dict[str, Any]]) -> None:
+    """A ``kv_cache_scheme`` is served as an fp8 KV cache with the checkpoint's per-layer
+    ``self_attn.k_scale`` / ``v_scale`` (with ``kv_cache_dtype="fp8"``): only symmetric 8-bit float
+    per-tensor static scales are; anything else is refused naming the setting."""
+    if not scheme:
+        return
+    wanted = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
+    for key, value in wanted.items():
+        got = scheme.get(key, value if key in ("strategy", "dynamic") else None)
+        if got != value:
+            raise ValueError(f"quantization_config.kv_cache_scheme.{key}={got!r} is not supported: only an fp8 "
+                             "KV cache with one static scale per layer (num_bits 8, type float, strategy tensor, "
+                             "symmetric).")
+
+
 class CompressedTensorsConfig(QuantizationConfig):
     """``quant_method: "compressed-tensors"``: per module, the first config group whose targets match
     (``"Linear"`` matches every linear layer) unless ``ignore`` names it; the embedding and LM head
@@ -138,8 +153,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         groups = config.get("config_groups") or {}
         if not groups:
             raise ValueError("quantization_config.config_groups is empty: nothing to dequantize.")
-        if config.get("kv_cache_scheme"):
-            raise ValueError("quantization_config.kv_cache_scheme (a quantized KV cache) is not supported.")
+        check_kv_cache_scheme(config.get("kv_cache_scheme"))
         if config.get("sparsity_config"):
             raise ValueError("quantization_config.sparsity_config (sparse weights) is not supported.")
         schemes = [WeightScheme(name, g, config.get("format")) for name, g in groups.items()]
