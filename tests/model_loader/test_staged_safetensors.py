@@ -19,7 +19,7 @@ from vllm_engine.distributed import override_parallel_state
 from vllm_engine.model_loader import build_model, load_checkpoint
 from vllm_engine.model_loader import staged_safetensors
 from vllm_engine.model_loader.staged_safetensors import SafetensorsStager, plan_chunks, read_header
-from vllm_engine.model_loader.weights import iter_safetensors_per_tensor, iter_safetensors_staged
+from vllm_engine.model_loader.weights import iter_safetensors, iter_safetensors_per_tensor, iter_safetensors_staged
 
 CPU = torch.device("cpu")
 
@@ -161,3 +161,49 @@ def test_tp2_ranks_load_the_same_slices_as_safe_open(tiny_model_dir, tmp_path, a
         n = attn.qkv_proj.num_heads * attn.qkv_proj.head_size
         assert 0 < n < q.shape[0]  # a real slice
         assert torch.equal(attn.qkv_proj.weight[:n], q[rank * n: (rank + 1) * n])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers, a side stream and events need CUDA")
+@pytest.mark.parametrize("read", ["mmap", "pread"])
+@pytest.mark.parametrize("chunk_bytes,num_buffers", [(1000, 2), (4096, 3), (256 << 20, 3)])
+def test_cuda_stager_is_byte_exact_with_pinned_buffers(tmp_path, monkeypatch, chunk_bytes, num_buffers, read):
+    """On the GPU: every tensor equal to load_file's, whether the consumer drops each tensor at once
+    (its memory reused by the next chunk's tensors while copies may be in flight) or keeps them all;
+    a big tensor over many chunks."""
+    monkeypatch.setattr(staged_safetensors, "READ_ALIGN", 64)
+    g = torch.Generator().manual_seed(7)
+    shards = [mixed_tensors(8), {"huge.bf16": torch.randn(300, 257, generator=g).to(torch.bfloat16)},
+              {k + ".c": v for k, v in mixed_tensors(9).items()}]
+    paths = write_shards(tmp_path, shards)
+    want = {k: v for p in paths for k, v in load_file(str(p)).items()}
+    for keep in (False, True):
+        stager = SafetensorsStager("cuda", chunk_bytes=chunk_bytes, num_buffers=num_buffers, read=read,
+                                   read_threads=3)
+        assert all(b.is_pinned() for b in stager.buffers)
+        kept, seen = {}, set()
+        for name, t in stager.iter_files(paths):
+            assert t.is_cuda
+            if keep:
+                kept[name] = t
+            else:
+                assert same_bytes(t.cpu(), want[name]), name
+            seen.add(name)
+        assert seen == set(want)
+        for name, t in kept.items():
+            assert same_bytes(t.cpu(), want[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the staged path is the CUDA path")
+def test_cuda_get_model_loads_the_same_parameters_as_safe_open(tiny_model_dir):
+    src = tiny_model_dir("qwen3")
+    cfg = EngineArgs(model=str(src), dtype="bfloat16", device="cuda", max_model_len=128).create_engine_config().model
+    dev = torch.device("cuda")
+    ref, _ = build_model(cfg, dev, TorchAttentionBackend())
+    load_checkpoint(ref, iter_safetensors_per_tensor(src, dev, torch.bfloat16), str(src))
+    staged, _ = build_model(cfg, dev, TorchAttentionBackend())
+    with torch.no_grad():
+        for p in staged.parameters():
+            p.fill_(float("nan"))
+    load_checkpoint(staged, iter_safetensors(src, dev, torch.bfloat16), str(src))  # the package's CUDA path
+    want = dict(ref.named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in staged.named_parameters())
