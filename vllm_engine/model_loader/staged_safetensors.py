@@ -91,7 +91,7 @@ def read_header(path: str | os.PathLike) -> list[TensorEntry]:
     end = max((e.end for e in entries), default=0)
     if end > size:
         raise ValueError(f"Truncated safetensors file {path}: {size} bytes, its header needs {end}.")
-    return sorted(entries, key=lambda e: e.start)
+    return sorted(entries, key=lambda e: (e.start, e.end))  # an empty tensor before one at its offset
 
 
 def _entry(name: str, info: dict, data_start: int) -> TensorEntry:
