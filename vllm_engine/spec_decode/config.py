@@ -109,15 +109,18 @@ class SpeculativeConfig:
         return self.method == "ngram"
 
     def with_draft_model(self, target: Any, device: Any) -> "SpeculativeConfig":
-        """This config with ``draft_model_config``: the draft checkpoint at ``model`` resolved as the
-        target ``target`` (a ModelConfig) is: its dtype, max_model_len and seed; dummy weights when
-        the target has them. ValueError naming ``speculative_config.model`` when the draft cannot
-        be found or does not share the target's vocabulary, or is too short for max_model_len."""
+        """This config with ``draft_model_config``: the draft checkpoint (or EAGLE head) at ``model``
+        resolved as the target ``target`` (a ModelConfig) is: its dtype, max_model_len and seed;
+        dummy weights when the target has them. ValueError naming ``speculative_config.model`` when
+        it cannot be found, does not share the target's vocabulary (an EAGLE head: or its hidden
+        size, or has other than one layer), or is too short for max_model_len."""
         from vllm_engine.config import ModelConfig
         from vllm_engine.model_loader.resolve import resolve_model
         from vllm_engine.quantization import get_quant_config, resolve_quantization
 
-        load_format = "dummy" if target.load_format == "dummy" else "auto"
+        eagle = self.method == "eagle"
+        # An EAGLE head's weights are read by its own loader (spec_decode/eagle.py): the config only here.
+        load_format = "dummy" if target.load_format == "dummy" or eagle else "auto"
         try:
             resolved = resolve_model(self.model, load_format=load_format)
         except ValueError as e:
@@ -131,6 +134,12 @@ class SpeculativeConfig:
         if max_len < target.max_model_len:
             raise _error("model", f"{self.model!r} has max_position_embeddings {max_len} < max_model_len "
                                   f"{target.max_model_len}: lower max_model_len.")
+        if eagle:
+            _check_eagle_head(self.model, hf, target)
+            return replace(self, draft_model_config=ModelConfig(
+                model=self.model, model_path=resolved.model_path,
+                load_format="dummy" if target.load_format == "dummy" else "eagle", hf_config=hf, dtype=target.dtype,
+                max_model_len=target.max_model_len, seed=target.seed, served_model_name=self.model))
         _check_same_tokenizer(self.model, resolved.tokenizer, target.tokenizer, target.vocab_size)
         quantization = resolve_quantization(None, hf, resolved.load_format)
         if quantization is not None and quantization != "gguf":
@@ -163,6 +172,17 @@ def _resolve_method(method: Any, model: Optional[str]) -> str:
     if "eagle" in name:
         return "eagle"
     return "draft_model"
+
+
+def _check_eagle_head(model: str, hf: Any, target: Any) -> None:
+    """An EAGLE-1 head: one Llama-style layer over features of the target's hidden size."""
+    if getattr(hf, "model_type", "llama") not in ("llama", "mistral", "qwen2"):
+        raise _error("model", f"{model!r} is a {hf.model_type!r} head: EAGLE heads are Llama layers.")
+    if hf.num_hidden_layers != 1:
+        raise _error("model", f"{model!r} has {hf.num_hidden_layers} layers: an EAGLE-1 head has one.")
+    if hf.hidden_size != target.hf_config.hidden_size:
+        raise _error("model", f"{model!r} has hidden_size {hf.hidden_size}, the target {target.model!r} "
+                              f"{target.hf_config.hidden_size}: an EAGLE head reads the target's hidden states.")
 
 
 def _check_same_tokenizer(model: str, draft_source: Optional[str], target_source: Optional[str],
