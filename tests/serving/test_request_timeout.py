@@ -4,6 +4,7 @@ its KV blocks are freed; requests that finish in time are untouched."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import httpx
@@ -63,6 +64,22 @@ def test_a_request_past_its_deadline_is_a_408_and_frees_its_blocks(slow_server):
     _wait_idle(slow_server)
     metrics = httpx.get(f"{slow_server.url}/metrics").text
     assert 'vllm_engine:request_success_total{finished_reason="abort",model_name="tiny"}' in metrics
+
+
+def test_the_408_is_answered_without_the_server_dropping_the_connection(slow_server, caplog):
+    """The timeout becomes its response in the app (serving/api_server.ErrorResponseMiddleware): an
+    exception left to reach uvicorn makes it close the connection, which under load reached the
+    client before the 408 did (it saw a connection reset)."""
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not propagate to the root
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        r = httpx.post(f"{slow_server.url}/v1/completions", timeout=30,
+                       json={"prompt": "Hi", "max_tokens": 100, "ignore_eos": True})
+        _wait_idle(slow_server)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert r.status_code == 408
+    assert not [rec for rec in caplog.records if "Exception in ASGI application" in rec.getMessage()]
 
 
 def test_a_stream_past_its_deadline_ends_with_an_error_event(slow_server):

@@ -273,6 +273,37 @@ async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[
                 close()
 
 
+class ErrorResponseMiddleware:
+    """An exception an endpoint raises before its response started becomes that error's JSON
+    response here (``to_api_error``: the engine's timeouts 408, overload and death 503, bad values
+    400, the rest 500). Starlette's handler for ``Exception`` would send the response and then
+    re-raise, and uvicorn closes the connection on that, which raced the response out of the
+    client's hands under load (the client saw a connection reset instead of a 408)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - every error gets its HTTP answer
+            if started:
+                raise
+            err = to_api_error(exc)
+            if err.status >= 500:
+                logger.exception("request failed", exc_info=exc)
+            await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
+
+
 class APIKeyMiddleware:
     """Bearer-token check on every route except /health, /metrics and the dashboard (pure ASGI, so streaming
     responses and disconnect detection pass through untouched).
@@ -340,6 +371,7 @@ def create_app(async_engine: AsyncEngine, chat_template: Optional[str] = None, a
     app = FastAPI(title="vllm-engine", version=__version__, lifespan=_lifespan(async_engine, owns_engine),
                   description="An OpenAI-compatible API serving one model (docs/serving.md).")
     app.state.ctx, app.state.async_engine, app.state.metrics = ctx, async_engine, metrics
+    app.add_middleware(ErrorResponseMiddleware)  # inside the API-key check, outside the routes
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
@@ -356,13 +388,6 @@ def create_app(async_engine: AsyncEngine, chat_template: Optional[str] = None, a
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, exc.status_code),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        err = to_api_error(exc)
-        if err.status >= 500:
-            logger.exception("request failed", exc_info=exc)
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.get("/health", response_class=Response, responses={
         200: {"description": "The engine is running (empty body).", "content": None},
