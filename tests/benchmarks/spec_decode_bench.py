@@ -19,6 +19,9 @@ alone, the speed-up, and the engine's mean acceptance length next to (1 - a^(k+1
     PYTHONPATH=. python tests/benchmarks/spec_decode_bench.py --model llama-3.1-8b --draft-model llama-3.2-1b \
         --load-format dummy --num-speculative-tokens 2 4 --acceptance 0.5 0.7 0.9 --batch-sizes 1 \
         --input-len 512 --output-len 128 --out results/spec_decode_draft_8b_1b.json
+
+The same with an EAGLE-1 head of the 8B's shapes (bundled config eagle-llama-3.1-8b): --draft-model
+eagle-llama-3.1-8b (the name says EAGLE; --draft-method eagle for a path that does not).
 """
 
 from __future__ import annotations
@@ -105,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--draft-model", default=None, help="a draft model proposes (with --acceptance: forced)")
+    p.add_argument("--draft-method", default=None, choices=["draft_model", "eagle"],
+                   help="what --draft-model is (default: from its name, as vLLM: 'eagle' in it means an EAGLE head)")
     p.add_argument("--acceptance", type=float, nargs="+", default=[0.5, 0.7, 0.9],
                    help="forced acceptance rates (--draft-model only)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="--draft-model only")
@@ -141,6 +146,8 @@ def draft_model_study(args) -> int:
 
     def engine_for(k: int | None) -> Engine:
         spec = None if k is None else {"model": args.draft_model, "num_speculative_tokens": k, "adaptive": False}
+        if spec is not None and args.draft_method:
+            spec["method"] = args.draft_method
         return Engine(model=args.model, load_format=args.load_format, dtype=args.dtype,
                       max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, speculative_config=spec)
 
@@ -174,6 +181,7 @@ def draft_model_study(args) -> int:
     print_table(rows, ["k", "acceptance", "batch", "tpot_ms", "tpot_speedup", "mean_acceptance_length",
                        "expected_acceptance_length"])
     write_json(args.out, {"device": device_name(), "model": args.model, "draft_model": args.draft_model,
+                          "draft_method": args.draft_method,
                           "load_format": args.load_format, "input_len": args.input_len,
                           "output_len": args.output_len, "rows": rows})
     return 0

@@ -79,3 +79,32 @@ def test_the_8b_target_takes_the_1b_draft():
     draft = config.speculative.draft_model_config
     assert config.speculative.method == "draft_model" and draft.load_format == "dummy"
     assert (draft.hf_config.num_hidden_layers, draft.hf_config.hidden_size) == (16, 2048)
+
+
+def test_spec_decode_bench_eagle_head(tiny_model_dir, tmp_path):
+    """--draft-method eagle: an EAGLE-1 head (a tiny one in the published layout) proposes, forced to 0.5."""
+    from tests.spec_decode.test_eagle import head_tensors, save_head
+
+    model = tiny_model_dir("llama")
+    cfg = json.loads((model / "config.json").read_text())
+    head = save_head(tmp_path / "head", cfg, head_tensors(cfg))
+    out = tmp_path / "eagle.json"
+    assert spec_decode_bench.main(["--model", str(model), "--draft-model", str(head), "--draft-method", "eagle",
+                                   "--num-speculative-tokens", "2", "--acceptance", "0.5", "--batch-sizes", "1",
+                                   "--input-len", "8", "--output-len", "60", "--max-model-len", "256",
+                                   "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    off, forced = res["rows"]
+    assert res["draft_method"] == "eagle" and forced["k"] == 2 and forced["tpot_ms"] > 0
+    assert abs(forced["mean_acceptance_length"] - 1.75) < 0.35
+
+
+def test_the_8b_target_takes_the_eagle_head_config():
+    from vllm_engine.config import EngineArgs
+
+    config = EngineArgs(model="llama-3.1-8b", load_format="dummy", max_model_len=2048,
+                        speculative_config={"model": "eagle-llama-3.1-8b", "num_speculative_tokens": 3}
+                        ).create_engine_config()
+    head = config.speculative.draft_model_config
+    assert config.speculative.method == "eagle" and head.load_format == "dummy"
+    assert (head.hf_config.num_hidden_layers, head.hf_config.hidden_size) == (1, 4096)
