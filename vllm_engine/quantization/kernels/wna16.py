@@ -190,17 +190,19 @@ if triton is not None:
         [p * BLOCK_N, (p + 1) * BLOCK_N) of the inputs [s * k_per_split, (s + 1) * k_per_split) once.
 
         The tile is the packed words [BLOCK_K / PF, BLOCK_N] (PF = 32 / BITS values each), one
-        accumulator row per (input row, packed row): each value is taken out of its word in the
-        thread that loaded it (a shift and a mask), made a float by the 2**23 exponent trick instead
-        of an int-to-float conversion (a slow unit), and multiplied with float32 accumulation; the
-        scale multiplies once per word (all of a word's values share a group unless g_idx is read
-        per value), and the rows are reduced once at the end. With SPLIT_K > 1 the partial sums
+        accumulator row per (input row, packed row): each value is masked out of its word in the
+        thread that loaded it and made a float by the 2**23 exponent trick (``_in_place_value``: no
+        shift, no int-to-float conversion, whose unit runs at a quarter rate), multiplied with x
+        scaled to its bit position, float32 accumulation; the zero point, scale and min apply once
+        per word (a word's values share a group unless g_idx is read per value), and the rows are
+        reduced once at the end. With SPLIT_K > 1 the partial sums
         are added atomically into Y (float32, zeroed by the caller)."""
         pdl_prologue(PDL)
         PF: tl.constexpr = 32 // BITS
         BLOCK_KP: tl.constexpr = BLOCK_K // PF
         ROWS: tl.constexpr = BLOCK_M * BLOCK_KP
         PER_WORD: tl.constexpr = not HAS_GIDX and not HAS_LUT  # scale, zero / min per packed word
+        LOW: tl.constexpr = 23 // BITS  # a word's values 0 .. LOW - 1 lie below bit 23 where they are
         pid = tl.program_id(0)
         k_start = tl.program_id(1) * k_per_split
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -220,14 +222,9 @@ if triton is not None:
             if PER_WORD:
                 g = (kp * PF) // group_size
                 sc = tl.load(S + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
-                if HAS_ZEROS:
-                    zp = tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=wmask, other=0.0)
-                    offset = zp.to(tl.float32) + 8388608.0
-                elif HAS_MINS:
-                    mins = tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=wmask, other=0.0)
-                    offset = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32) + 8388608.0
-                else:
-                    offset = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32) + (8388608.0 + (1 << (BITS - 1)))
+                if HAS_ZEROS or HAS_MINS:  # Z holds the zero points, or the mins
+                    zm = tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=wmask, other=0.0)
+                high = packed >> (LOW * BITS)  # the values that do not fit in place, moved down
             part = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
             xsum = tl.zeros([ROWS], dtype=tl.float32)
             for j in tl.static_range(PF):
@@ -236,17 +233,28 @@ if triton is not None:
                                     write_res, ADD_NORM, SILU_MUL)
                 if ADD_NORM:
                     ss += sq
-                q = (packed >> (j * BITS)) & ((1 << BITS) - 1)
-                if PER_WORD:  # (2**23 + q) - (2**23 + zero), exact
-                    part += xj[:, None] * ((q | 0x4B000000).to(tl.float32, bitcast=True) - offset)
+                if PER_WORD:
+                    # The value masked in place, at bit jj * BITS below 2**23: or-ing in the exponent of
+                    # 2**23 and subtracting 2**23 gives q * 2**(jj * BITS) exactly; x scaled by the
+                    # inverse power of 2 (exact) makes the product x * q.
+                    if j < LOW:
+                        v = _in_place_value(packed, j, BITS)
+                        part += (xj * (1.0 / (1 << (j * BITS))))[:, None] * v
+                    else:
+                        v = _in_place_value(high, j - LOW, BITS)
+                        part += (xj * (1.0 / (1 << ((j - LOW) * BITS))))[:, None] * v
                     xsum += xj
                 else:
+                    q = (packed >> (j * BITS)) & ((1 << BITS) - 1)
                     part += xj[:, None] * _wna16_values(S, Z, GI, q, k, kpmask, offs_n, nmask, N, BITS,
                                                         HAS_ZEROS, HAS_MINS, HAS_LUT)
-            if PER_WORD:
-                part = part * sc
-                if HAS_MINS:
-                    part += xsum[:, None] * mins.to(tl.float32)
+            if PER_WORD:  # part = sum x q over the word's values: the zero point, scale and min per word
+                if HAS_ZEROS:
+                    part = (part - xsum[:, None] * zm.to(tl.float32)) * sc
+                elif HAS_MINS:
+                    part = part * sc + xsum[:, None] * zm.to(tl.float32)
+                else:
+                    part = (part - xsum[:, None] * (1 << (BITS - 1))) * sc
             acc += part
         out = tl.sum(tl.reshape(acc, (BLOCK_M, BLOCK_KP, BLOCK_N)), axis=1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -262,6 +270,13 @@ if triton is not None:
             tl.store(dst, out.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
         else:
             tl.atomic_add(dst, out, mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _in_place_value(words, j: tl.constexpr, BITS: tl.constexpr):
+        """Value j of each word kept at its bits (j * BITS + BITS <= 23), as the float q * 2**(j * BITS):
+        one and-or (the mask, and the exponent of 2**23) and one subtraction, no shift."""
+        bits = (words & (((1 << BITS) - 1) << (j * BITS))) | 0x4B000000
+        return bits.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
     def _wna16_values(S, Z, GI, q, k, kmask, offs_n, nmask, N, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
