@@ -133,8 +133,8 @@ def model_config(path: Path):
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_tp2_ranks_load_the_same_slices_as_safe_open(tiny_model_dir, tmp_path, arch):
     """Each rank of tp=2 built and filled once through safe_open and once through the stager (tiny
-    chunks, two shards): every parameter equal, and the fused q|k|v rows are the rank's slice of
-    the checkpoint's tensors."""
+    chunks, two shards) reading only the rows the rank's loaders take (``checkpoint_row_ranges``):
+    every parameter equal, and the fused q|k|v rows are the rank's slice of the checkpoint's."""
     src = tiny_model_dir(arch)
     tensors = load_file(str(src / "model.safetensors"))
     d = tmp_path / "ckpt"
@@ -143,6 +143,7 @@ def test_tp2_ranks_load_the_same_slices_as_safe_open(tiny_model_dir, tmp_path, a
     names = sorted(tensors)
     write_shards(d, [{n: tensors[n] for n in names[::2]}, {n: tensors[n] for n in names[1::2]}])
     cfg = model_config(d)
+    total = sum(t.nbytes for t in tensors.values())
     for rank in range(2):
         with override_parallel_state(tp_rank=rank, tp_size=2):
             ref, _ = build_model(cfg, CPU, TorchAttentionBackend())
@@ -151,8 +152,9 @@ def test_tp2_ranks_load_the_same_slices_as_safe_open(tiny_model_dir, tmp_path, a
             with torch.no_grad():
                 for p in staged.parameters():
                     p.fill_(float("nan"))  # whatever the loader leaves unwritten differs from the reference
-            weights = iter_safetensors_staged(d, CPU, torch.float32, chunk_bytes=700, num_buffers=2, pin_memory=False)
-            load_checkpoint(staged, weights, str(d))
+            rows = staged.checkpoint_row_ranges()
+            stager = SafetensorsStager(CPU, chunk_bytes=700, num_buffers=2, pin_memory=False)
+            load_checkpoint(staged, stager.iter_files(sorted(d.glob("*.safetensors")), rows), str(d))
         want = dict(ref.named_parameters())
         for name, p in staged.named_parameters():
             assert torch.equal(p, want[name]), (rank, name)
@@ -161,6 +163,28 @@ def test_tp2_ranks_load_the_same_slices_as_safe_open(tiny_model_dir, tmp_path, a
         n = attn.qkv_proj.num_heads * attn.qkv_proj.head_size
         assert 0 < n < q.shape[0]  # a real slice
         assert torch.equal(attn.qkv_proj.weight[:n], q[rank * n: (rank + 1) * n])
+        assert rows["model.layers.0.self_attn.q_proj.weight"] == (rank * n, (rank + 1) * n)
+        for part in ("self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            assert f"model.layers.1.{part}.weight" in rows
+        assert "model.embed_tokens.weight" in rows and "lm_head.weight" in rows
+        assert not any(k.endswith(("o_proj.weight", "down_proj.weight", "norm.weight")) for k in rows)
+        assert stager.bytes_read < 0.8 * total  # the column-parallel halves and half the vocabulary
+
+
+def test_stager_reads_only_the_rows_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(staged_safetensors, "MAX_GAP", 0)  # never read through a gap
+    paths = write_shards(tmp_path, [mixed_tensors(10)])
+    want = load_file(str(paths[0]))
+    rows = {"big.bf16": (5, 17), "w.f32": (13, 13), "qweight.i32": (0, 99), "norm.f16": (2, 3)}
+    stager = SafetensorsStager(CPU, chunk_bytes=256, num_buffers=2, pin_memory=False)
+    got = dict(stager.iter_files(paths, rows))
+    assert set(got) == set(want)
+    assert torch.equal(got["big.bf16"][5:17], want["big.bf16"][5:17])
+    assert torch.equal(got["norm.f16"][2:3], want["norm.f16"][2:3])
+    assert same_bytes(got["qweight.i32"], want["qweight.i32"])  # not a range of its rows: read whole
+    assert got["w.f32"].shape == (13, 7)  # no rows: nothing read, the shape kept
+    skipped = (37 - 12) * 41 * 2 + 13 * 7 * 4 + 10 * 2
+    assert stager.bytes_read == sum(t.nbytes for t in want.values()) - skipped
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers, a side stream and events need CUDA")
@@ -207,3 +231,42 @@ def test_cuda_get_model_loads_the_same_parameters_as_safe_open(tiny_model_dir):
     load_checkpoint(staged, iter_safetensors(src, dev, torch.bfloat16), str(src))  # the package's CUDA path
     want = dict(ref.named_parameters())
     assert all(torch.equal(p, want[n]) for n, p in staged.named_parameters())
+
+
+QUANTIZED = {
+    "gptq-4bit-g32": lambda q, f, o: q.write_gptq(f, o, 4, 32, False, True),
+    "gptq-act-order": lambda q, f, o: q.write_gptq(f, o, 4, 32, True, True),
+    "awq": lambda q, f, o: q.write_awq(f, o, 32),
+    "compressed-tensors-w4a16": lambda q, f, o: q.write_compressed_tensors(f, o, 4, 32, True),
+    "compressed-tensors-w4a16-asym": lambda q, f, o: q.write_compressed_tensors(f, o, 4, 32, False),  # packed rows
+    "compressed-tensors-fp8": lambda q, f, o: q.write_compressed_tensors_fp8(f, o, True, True),
+}
+
+
+@pytest.mark.parametrize("fmt", list(QUANTIZED))
+def test_tp2_quantized_ranks_read_only_their_rows(tmp_path, fmt):
+    """Quantized layers (packed words, group scales, act order, static scales): at tp=2 the stager
+    reading only ``checkpoint_row_ranges`` fills every parameter as safe_open's whole tensors do."""
+    q = pytest.importorskip("tests.quantization.conftest")
+    if "compressed" in fmt:
+        pytest.importorskip("compressed_tensors")
+    float_dir = q.build_float_checkpoint(tmp_path / "float")
+    out = tmp_path / fmt
+    QUANTIZED[fmt](q, float_dir, out)
+    cfg = model_config(out)
+    files = sorted(out.glob("*.safetensors"))
+    for rank in range(2):
+        with override_parallel_state(tp_rank=rank, tp_size=2):
+            ref, _ = build_model(cfg, CPU, TorchAttentionBackend())
+            staged, _ = build_model(cfg, CPU, TorchAttentionBackend())
+            with torch.no_grad():  # the same sentinel in both: a parameter no loader fills stays equal
+                for p in [*ref.parameters(), *staged.parameters()]:
+                    p.fill_(float("nan") if p.is_floating_point() else -7)
+            load_checkpoint(ref, iter_safetensors_per_tensor(out, CPU, torch.float32), str(out))
+            rows = staged.checkpoint_row_ranges()
+            stager = SafetensorsStager(CPU, chunk_bytes=4096, num_buffers=2, pin_memory=False)
+            load_checkpoint(staged, stager.iter_files(files, rows), str(out))
+        assert rows
+        want = dict(ref.named_parameters())
+        for name, p in staged.named_parameters():
+            assert same_bytes(p.data, want[name].data), (fmt, rank, name)

@@ -71,6 +71,12 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: ShardId = None) -> None:
         raise NotImplementedError
 
+    def checkpoint_rows(self, param: nn.Parameter, shard_id: ShardId = None) -> Optional[tuple[int, int]]:
+        """Rows [start, stop) of dim 0 of the checkpoint tensor (shard ``shard_id`` of ``param``) that
+        ``weight_loader`` reads on this rank, when only those (a loader may leave the rest unread);
+        None: it reads the whole tensor."""
+        return None
+
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, tp={self.tp_rank}/{self.tp_size}"
 
@@ -134,6 +140,15 @@ class ColumnParallelLinear(LinearBase):
         if getattr(param, "packed_dim", None) == output_dim:  # int32 words holding pack_factor rows each
             offset, size = offset // param.pack_factor, size // param.pack_factor
         param.data.narrow(output_dim, offset, size).copy_(loaded_weight.narrow(output_dim, src_rank * size, size))
+
+    def checkpoint_rows(self, param: nn.Parameter, shard_id: ShardId = None) -> Optional[tuple[int, int]]:
+        """The rows ``weight_loader`` narrows to, when it splits dim 0 (see ``LinearBase``)."""
+        if self.tp_size == 1 or getattr(param, "output_dim", None) != 0:
+            return None
+        _, size, src_rank = self._shard(shard_id)
+        if getattr(param, "packed_dim", None) == 0:
+            size //= param.pack_factor
+        return src_rank * size, (src_rank + 1) * size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quant_method.apply(self, x, self.bias)

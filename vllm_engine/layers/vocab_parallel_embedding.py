@@ -68,6 +68,14 @@ class VocabParallelEmbedding(nn.Module):
         if n < param.shape[0]:
             param.data[n:].zero_()
 
+    def checkpoint_rows(self, param: nn.Parameter, shard_id: Optional[str] = None) -> Optional[tuple[int, int]]:
+        """Rows [start, stop) of the checkpoint tensor ``weight_loader`` reads: this rank's vocabulary
+        (None at one rank: all of it)."""
+        if self.tp_size == 1:
+            return None
+        start = min(self.vocab_start_index, self.org_vocab_size)  # a rank of padding only reads none
+        return start, max(self.vocab_end_index, start)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)

@@ -37,7 +37,8 @@ def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBa
         from vllm_engine.model_loader.weights import iter_safetensors
 
         path = model_config.model_path
-        load_checkpoint(model, iter_safetensors(path, device, model_config.dtype), path)
+        rows = model.checkpoint_row_ranges() if hasattr(model, "checkpoint_row_ranges") else None
+        load_checkpoint(model, iter_safetensors(path, device, model_config.dtype, rows=rows), path)
     elif load_format == "gguf":
         from vllm_engine.model_loader.gguf_loader import iter_gguf_weights
 

@@ -16,14 +16,15 @@ Tensors are yielded whole, on the device, in the file's dtype (the caller casts)
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -36,21 +37,34 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     **({"F8_E8M0": torch.float8_e8m0fnu} if hasattr(torch, "float8_e8m0fnu") else {}),
 }
 READ_ALIGN = 1 << 20  # a pread thread's share of a chunk: a multiple of this
+MAX_GAP = 64 << 10  # unread bytes (other ranks' rows) a chunk reads through rather than start a new one
 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor of a safetensors file: its bytes are ``[start, end)`` of the file (absolute offsets)."""
+    """One tensor of a safetensors file: the bytes to read are ``[start, end)`` of the file (absolute
+    offsets), bytes ``[skip, skip + end - start)`` of the tensor (all of them unless ``only_rows``)."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     start: int
     end: int
+    skip: int = 0
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.start
+        """The whole tensor's bytes."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def only_rows(self, rows: Optional[tuple[int, int]]) -> "TensorEntry":
+        """This entry reading only rows ``[start, stop)`` of dim 0 (contiguous bytes); itself when
+        ``rows`` is None or not a range of its rows."""
+        if rows is None or not self.shape or not 0 <= rows[0] <= rows[1] <= self.shape[0]:
+            return self
+        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
+        first, last = rows[0] * row_bytes, rows[1] * row_bytes
+        return replace(self, start=self.start + first, end=self.start + last, skip=first)
 
 
 @dataclass(frozen=True)
@@ -100,10 +114,7 @@ def _entry(name: str, info: dict, data_start: int) -> TensorEntry:
         raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']!r}")
     shape = tuple(int(d) for d in info["shape"])
     begin, stop = (int(x) for x in info["data_offsets"])
-    numel = 1
-    for d in shape:
-        numel *= d
-    if stop - begin != numel * dtype.itemsize or begin < 0:
+    if stop - begin != math.prod(shape) * dtype.itemsize or begin < 0:
         raise ValueError(f"tensor {name!r}: {stop - begin} bytes at offsets {begin}..{stop} for shape {shape} "
                          f"of {info['dtype']}")
     return TensorEntry(name, dtype, shape, data_start + begin, data_start + stop)
@@ -111,18 +122,20 @@ def _entry(name: str, info: dict, data_start: int) -> TensorEntry:
 
 def plan_chunks(entries: list[TensorEntry], chunk_bytes: int) -> list[Chunk]:
     """Reads of at most ``chunk_bytes`` covering ``entries`` (sorted by offset) in file order: small
-    tensors share a chunk, a tensor larger than a chunk spans several. Empty tensors are completed by
-    the chunk they sit in (or one of their own with nothing to read)."""
+    tensors share a chunk, a tensor larger than a chunk spans several, and a gap of more than
+    ``MAX_GAP`` unread bytes starts a new chunk. Empty tensors are completed by the chunk they sit in
+    (or one of their own with nothing to read)."""
     chunks: list[Chunk] = []
     for i, e in enumerate(entries):
         off = e.start
         while True:
-            if not chunks or off - chunks[-1].start >= chunk_bytes or off < chunks[-1].end:
+            if (not chunks or off - chunks[-1].start >= chunk_bytes or off < chunks[-1].end
+                    or off - chunks[-1].end > MAX_GAP):
                 chunks.append(Chunk(start=off, end=off))
             c = chunks[-1]
             stop = min(e.end, c.start + chunk_bytes)
             if stop > off:
-                c.pieces.append(Piece(i, off - c.start, off - e.start, stop - off))
+                c.pieces.append(Piece(i, off - c.start, off - e.start + e.skip, stop - off))
             c.end = max(c.end, stop)
             off = stop
             if off >= e.end:
@@ -205,24 +218,31 @@ class SafetensorsStager:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.buffer_free: list[Optional[torch.cuda.Event]] = [None] * num_buffers
         self.num_chunks = 0  # chunks read so far, over every file: picks the next buffer
+        self.bytes_read = 0
 
-    def iter_files(self, paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor on the device, in the file's dtype) for every tensor of every file, in order."""
+    def iter_files(self, paths: Iterable[str | os.PathLike],
+                   rows: Optional[Mapping[str, tuple[int, int]]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor on the device, in the file's dtype) for every tensor of every file, in order.
+        ``rows``: {name: (start, stop)} for tensors of which only those rows (dim 0) are read (this
+        rank's under tensor parallelism); the yielded tensor has its full shape, the other rows
+        uninitialized: the consumer must read no others."""
         pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="safetensors-read") \
             if self.read == "pread" else None
         try:
             for path in paths:
-                yield from self.iter_file(path, pool)
+                yield from self.iter_file(path, pool, rows)
         finally:
             if self.stream is not None:  # no copy still writing into a tensor the consumer dropped
                 self.stream.synchronize()
             if pool is not None:
                 pool.shutdown()
 
-    def iter_file(self, path: str | os.PathLike,
-                  pool: Optional[ThreadPoolExecutor] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_file(self, path: str | os.PathLike, pool: Optional[ThreadPoolExecutor] = None,
+                  rows: Optional[Mapping[str, tuple[int, int]]] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for each tensor of one file, each yielded as soon as its last chunk is copied."""
         entries = read_header(path)
+        if rows:
+            entries = sorted((e.only_rows(rows.get(e.name)) for e in entries), key=lambda e: (e.start, e.end))
         reader = MappedFile(path) if pool is None else PreadFile(path, pool, self.read_threads)
         try:
             dst: dict[int, torch.Tensor] = {}
@@ -238,9 +258,9 @@ class SafetensorsStager:
                     dst: dict[int, torch.Tensor]) -> None:
         """Reads ``chunk`` into the next free buffer and copies its pieces into their tensors' bytes
         (allocated on the device at their first piece); orders them before the current stream's work."""
-        for i in chunk.completes:  # empty tensors have no piece
-            if i not in dst and entries[i].nbytes == 0:
-                dst[i] = torch.empty(0, dtype=torch.uint8, device=self.device)
+        for i in chunk.completes:  # nothing to read (an empty tensor, or no rows of it): no piece
+            if i not in dst and entries[i].start == entries[i].end:
+                dst[i] = torch.empty(entries[i].nbytes, dtype=torch.uint8, device=self.device)
         if not chunk.pieces:
             return
         k = self.num_chunks % len(self.buffers)
@@ -249,6 +269,7 @@ class SafetensorsStager:
             self.buffer_free[k].synchronize()  # its previous chunk's copies are done
         buf = self.buffers[k]
         reader.read_into(buf[: chunk.end - chunk.start], chunk.start)  # page cache -> host buffer
+        self.bytes_read += chunk.end - chunk.start
         for p in chunk.pieces:
             if p.entry not in dst:
                 dst[p.entry] = torch.empty(entries[p.entry].nbytes, dtype=torch.uint8, device=self.device)

@@ -7,7 +7,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -64,17 +64,18 @@ def _keeps_dtype(name: str, t: torch.Tensor) -> bool:
     return t.element_size() == 1 or name.endswith(("_scale", "_scale_inv"))
 
 
-def iter_safetensors(model_dir: str | os.PathLike, device: torch.device,
-                     dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(model_dir: str | os.PathLike, device: torch.device, dtype: Optional[torch.dtype] = None,
+                     rows: Optional[Mapping[str, tuple[int, int]]] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF name, tensor) lazily, on ``device`` and cast to ``dtype`` (floating tensors only),
     so a checkpoint never sits whole in host memory. Quantized checkpoints'
     float8 weights and their scales (``..._scale``, ``..._scale_inv``) keep their own dtype: the
     quant method holds them at the checkpoint's precision.
 
-    On CUDA through pinned chunks overlapped with the reads (``iter_safetensors_staged``); elsewhere
-    one tensor at a time (``iter_safetensors_per_tensor``)."""
+    On CUDA through pinned chunks overlapped with the reads (``iter_safetensors_staged``; ``rows``:
+    {name: (start, stop)}, the only rows of dim 0 this rank's loaders read, the rest of those tensors
+    left unread); elsewhere one tensor at a time (``iter_safetensors_per_tensor``), whole."""
     if torch.device(device).type == "cuda":
-        return iter_safetensors_staged(model_dir, device, dtype)
+        return iter_safetensors_staged(model_dir, device, dtype, rows=rows)
     return iter_safetensors_per_tensor(model_dir, device, dtype)
 
 
@@ -104,10 +105,12 @@ def iter_safetensors_per_tensor(model_dir: str | os.PathLike, device: torch.devi
 def iter_safetensors_staged(model_dir: str | os.PathLike, device: torch.device, dtype: Optional[torch.dtype] = None,
                             chunk_bytes: int = 256 << 20, num_buffers: int = 3, pin_memory: Optional[bool] = None,
                             read: str = "mmap", read_threads: Optional[int] = None,
+                            rows: Optional[Mapping[str, tuple[int, int]]] = None,
                             ) -> Iterator[tuple[str, torch.Tensor]]:
     """``iter_safetensors`` through ``SafetensorsStager``: files read (memory-mapped, or ``read=
     "pread"``) in chunks of ``chunk_bytes`` into ``num_buffers`` reused host buffers (pinned on
-    CUDA), copied to the device while the next chunk is read; each tensor cast on the device."""
+    CUDA), copied to the device while the next chunk is read; each tensor cast on the device.
+    ``rows``: see ``SafetensorsStager.iter_files``."""
     from vllm_engine.model_loader.staged_safetensors import SafetensorsStager
 
     files = safetensors_files(model_dir)
@@ -115,7 +118,7 @@ def iter_safetensors_staged(model_dir: str | os.PathLike, device: torch.device, 
         check_safetensors_file(path)
     stager = SafetensorsStager(device, chunk_bytes=chunk_bytes, num_buffers=num_buffers, pin_memory=pin_memory,
                                read=read, read_threads=read_threads)
-    for name, t in stager.iter_files(files):
+    for name, t in stager.iter_files(files, rows):
         yield name, _cast(name, t, dtype)
 
 

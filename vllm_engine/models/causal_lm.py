@@ -118,6 +118,14 @@ class CausalLM(nn.Module):
 
         return utils.load_weights(self, renamed(), self.stacked_params_mapping, skip=("rotary_emb.",))
 
+    def checkpoint_row_ranges(self) -> dict[str, tuple[int, int]]:
+        """{checkpoint name: rows this rank's loaders read} (``utils.checkpoint_row_ranges``), so a
+        loader may read only those; empty for a family that renames, regroups or loads the
+        checkpoint's tensors its own way (its rows are not the file's)."""
+        own = (type(self).checkpoint_weights is CausalLM.checkpoint_weights
+               and type(self).load_weights is CausalLM.load_weights)
+        return utils.checkpoint_row_ranges(self, self.stacked_params_mapping) if own else {}
+
     def expected_weights(self) -> set[str]:
         """The checkpoint names ``load_weights`` must report for this rank's parameters to be complete."""
         return utils.expected_weights(self, self.stacked_params_mapping)

@@ -195,6 +195,28 @@ def load_kv_scale(attention: dict[str, nn.Module], name: str, tensor: torch.Tens
     return True
 
 
+def checkpoint_row_ranges(model: nn.Module, mapping: StackedParamsMapping) -> dict[str, tuple[int, int]]:
+    """{checkpoint name: rows [start, stop)} of the tensors of which this rank's weight loaders read
+    only a range of rows (``checkpoint_rows`` of column-parallel layers and the vocabulary under
+    tensor parallelism): a loader may skip the others. For checkpoints whose names ``load_weights``
+    matches as they are (a fused parameter's shards through ``mapping``)."""
+    out: dict[str, tuple[int, int]] = {}
+    for module_name, module in model.named_modules():
+        rows_of = getattr(module, "checkpoint_rows", None)
+        if rows_of is None:
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if getattr(param, "weight_loader", None) != module.weight_loader:  # a quant method's own loader
+                continue
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            shards = [(name.replace(fused, hf), sid) for fused, hf, sid in mapping if fused in name]
+            for hf_name, shard_id in shards or [(name, None)]:
+                rows = rows_of(param, shard_id)
+                if rows is not None:
+                    out[hf_name] = rows
+    return out
+
+
 def expected_weights(model: nn.Module, mapping: StackedParamsMapping) -> set[str]:
     """The checkpoint names ``load_weights`` must see for every parameter on this stage to be filled."""
     names: set[str] = set()
