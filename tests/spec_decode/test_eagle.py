@@ -97,9 +97,10 @@ def reference_head(t: dict, cfg: dict, embed: torch.Tensor, ids: list[int], feat
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(T, H)
     x = x + attn @ d["layers.0.self_attn.o_proj.weight"].T
-    n = x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg["rms_norm_eps"]) * d["layers.0.post_attention_layernorm.weight"]
-    mlp = (torch.nn.functional.silu(n @ d["layers.0.mlp.gate_proj.weight"].T) * (n @ d["layers.0.mlp.up_proj.weight"].T))
-    return x + mlp @ d["layers.0.mlp.down_proj.weight"].T
+    n = x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg["rms_norm_eps"])
+    n = n * d["layers.0.post_attention_layernorm.weight"]
+    gate, up = n @ d["layers.0.mlp.gate_proj.weight"].T, n @ d["layers.0.mlp.up_proj.weight"].T
+    return x + (torch.nn.functional.silu(gate) * up) @ d["layers.0.mlp.down_proj.weight"].T
 
 
 @pytest.mark.parametrize("as_bin, with_bias", [(False, True), (True, True), (False, False)],

@@ -27,7 +27,6 @@ replacement from max(p - q, 0) normalised: every output token keeps the target's
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
@@ -49,8 +48,6 @@ if TYPE_CHECKING:
     from vllm_engine.worker.block_tables import HostBlockTables
     from vllm_engine.worker.model_runner import StepInputs
     from vllm_engine.worker.request_states import CachedRequestState
-
-logger = logging.getLogger(__name__)
 
 
 class DraftSlots:
@@ -190,7 +187,7 @@ class DraftModelRunner:
         if (last == PLACEHOLDER_TOKEN_ID).any():
             raise RuntimeError("a draft model proposes after a token that is not known yet")
         tables, _ = host_tables.gather([st.req_id for st in props])
-        ctx = _ProposeContext(props, counts, tables, seeded(props), self.vocab_size, self.device,
+        ctx = ProposeContext(props, counts, tables, seeded(props), self.vocab_size, self.device,
                               self.position_offset)
         drafts = torch.zeros(len(props), int(counts.max()), dtype=torch.int64, device=self.device)
         ctx.hidden = self._first_hidden(props, ctx)
@@ -199,11 +196,11 @@ class DraftModelRunner:
         host = drafts.tolist()
         return {st.req_id: host[b][: counts[b]] for b, st in enumerate(props)}, ctx.probs
 
-    def _first_hidden(self, props: list["CachedRequestState"], ctx: "_ProposeContext") -> Optional[torch.Tensor]:
+    def _first_hidden(self, props: list["CachedRequestState"], ctx: "ProposeContext") -> Optional[torch.Tensor]:
         """The first proposing forward's input features [B, H] (None: the model takes none)."""
         return None
 
-    def _propose_one(self, ctx: "_ProposeContext", last: np.ndarray, drafts: torch.Tensor, j: int) -> None:
+    def _propose_one(self, ctx: "ProposeContext", last: np.ndarray, drafts: torch.Tensor, j: int) -> None:
         """The j-th draft of every request proposing more than j: one decode forward of the draft
         over the previous draft (the last token when j = 0), at position L - 1 + j (+ the offset);
         with input features (``ctx.hidden``, [B, H]), each row's output replaces its features."""
@@ -239,7 +236,7 @@ class DraftModelRunner:
         drafts[:, j].index_copy_(0, rows_d, tokens)
 
 
-class _ProposeContext:
+class ProposeContext:
     """One ``propose`` call's per-request arrays (index b: the b-th proposing request)."""
 
     def __init__(self, props: list["CachedRequestState"], counts: np.ndarray, tables: np.ndarray,

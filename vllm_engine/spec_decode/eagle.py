@@ -28,7 +28,6 @@ value there is the one the step's own forward writes).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
@@ -42,15 +41,13 @@ from vllm_engine.layers.rotary import get_rope
 from vllm_engine.models import utils
 from vllm_engine.models.causal_lm import LLAMA_STYLE_MAPPING
 from vllm_engine.models.llama import LlamaDecoderLayer
-from vllm_engine.spec_decode.draft_model import DraftModelRunner, _ProposeContext
+from vllm_engine.spec_decode.draft_model import DraftModelRunner, ProposeContext
 
 if TYPE_CHECKING:
     from vllm_engine.config import EngineConfig, ModelConfig
     from vllm_engine.distributed import IntermediateTensors
     from vllm_engine.worker.model_runner import StepInputs
     from vllm_engine.worker.request_states import CachedRequestState
-
-logger = logging.getLogger(__name__)
 
 _VERIFIED = -2  # a kept feature's position after a verifying step: len(token_ids) - 2 at its next use
 
@@ -190,7 +187,7 @@ class EagleProposer(DraftModelRunner):
             out[i] = row
         return out
 
-    def _first_hidden(self, props: list["CachedRequestState"], ctx: _ProposeContext) -> torch.Tensor:
+    def _first_hidden(self, props: list["CachedRequestState"], ctx: ProposeContext) -> torch.Tensor:
         """h_(L-2) of each proposing request; zeros (and no K/V kept) where it is not known."""
         valid = np.fromiter((self._feature_position(st) == st.num_computed_tokens - 1 for st in props),
                             dtype=np.bool_, count=len(props))
@@ -198,7 +195,7 @@ class EagleProposer(DraftModelRunner):
         rows_d, valid_d = self.staging.stage(self._rows(props), valid)
         return self.features.index_select(0, rows_d) * valid_d.unsqueeze(1).to(self.features.dtype)
 
-    def _propose_one(self, ctx: _ProposeContext, last: np.ndarray, drafts: torch.Tensor, j: int) -> None:
+    def _propose_one(self, ctx: ProposeContext, last: np.ndarray, drafts: torch.Tensor, j: int) -> None:
         if j == 0 and (ctx.pos0 < 0).any():  # a one-token prompt: no position before it
             ctx.no_first_write |= ctx.pos0 < 0
             ctx.pos0 = np.maximum(ctx.pos0, 0)
