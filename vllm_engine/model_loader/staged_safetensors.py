@@ -9,8 +9,9 @@ bounce), a chunk packs many small tensors (norms) into one copy or splits a larg
 embedding) into several, and chunks run across file boundaries, so the next file's first read
 overlaps the previous file's last copy.
 
-Tensors are yielded whole, on the device, in the file's dtype (the caller casts): each layer's
-``weight_loader`` then copies its rank's slice device to device.
+Tensors are yielded on the device in the file's dtype (the caller casts), whole, or under tensor
+parallelism with only the rows this rank's loaders read (``iter_files(rows=...)``, from the layers'
+``checkpoint_rows``); each layer's ``weight_loader`` then copies its slice device to device.
 """
 
 from __future__ import annotations
