@@ -60,14 +60,14 @@ def hf_tokens(gemma_dir):
     return get
 
 
-def run(path, num_blocks: int, mode: str = "recompute"):
+def run(path, num_blocks: int, mode: str = "recompute", **parallel):
     """Generates PROMPTS (then PROMPTS[0] again: a prefix-cache hit); returns (outputs, engine, peak
     layer-blocks in use, peak layer-blocks a full-attention cache would hold at the same steps)."""
     from vllm_engine import Engine, SamplingParams
 
     engine = Engine(model=str(path), dtype="float32", block_size=BLOCK, max_model_len=256, max_num_batched_tokens=24,
                     max_num_seqs=8, num_gpu_blocks_override=num_blocks, seed=0, enable_prefix_caching=True,
-                    preemption_mode=mode, swap_space=0.01, async_scheduling=False)
+                    preemption_mode=mode, swap_space=0.01, async_scheduling=False, **parallel)
     groups = engine.config.cache.kv_cache_groups
     group_size = len(groups[0].layer_ids)
     num_layers = engine.config.model.num_layers
@@ -119,3 +119,18 @@ def test_preempted_generations_match_hf(version, num_blocks, mode, gemma_dir, hf
     for i in range(len(PROMPTS)):
         assert outs[str(i)] == want[i], i
     assert outs["again"] == want[0]
+
+
+@pytest.mark.parametrize("version, parallel", [("gemma2", dict(pipeline_parallel_size=2)),
+                                               ("gemma3", dict(tensor_parallel_size=2))])
+def test_parallel_ranks_match_hf(version, parallel, gemma_dir, hf_tokens):
+    """Two ranks (one process each): Gemma 2 split in two pipeline stages (each stage's layers use
+    their own group positions' tensors), Gemma 3 over two tensor-parallel ranks."""
+    outs, engine, _, _ = run(gemma_dir(version), num_blocks=90, **parallel)
+    try:
+        want = hf_tokens(version)
+        for i in range(len(PROMPTS)):
+            assert outs[str(i)] == want[i], i
+        assert outs["again"] == want[0]
+    finally:
+        engine.shutdown()
