@@ -19,7 +19,7 @@ from vllm_engine.distributed import override_parallel_state
 from vllm_engine.model_loader import build_model, load_checkpoint
 from vllm_engine.model_loader import staged_safetensors
 from vllm_engine.model_loader.staged_safetensors import SafetensorsStager, plan_chunks, read_header
-from vllm_engine.model_loader.weights import iter_safetensors, iter_safetensors_per_tensor, iter_safetensors_staged
+from vllm_engine.model_loader.weights import iter_safetensors, iter_safetensors_per_tensor
 
 CPU = torch.device("cpu")
 

@@ -23,7 +23,8 @@ def get_model(model_config: Any, device: torch.device, attn_backend: AttentionBa
     Parameters are allocated once, directly on the device (no meta -> CPU -> device round trip), and
     filled in place, each with this rank's slice (``vllm_engine.distributed``: the tensor-parallel rank
     and pipeline stage of this process): dummy weights are drawn on the device; checkpoint tensors are
-    streamed (on CUDA through pinned chunks overlapped with the reads: ``iter_safetensors``). Then each layer's quant method processes its weights.
+    streamed (on CUDA through pinned chunks overlapped with the reads, each rank reading only its
+    rows: ``iter_safetensors``). Then each layer's quant method processes its weights.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
