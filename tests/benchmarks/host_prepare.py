@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     requests = RequestStates(HostBlockTables())
     runner = types.SimpleNamespace(block_size=args.block_size, device=device, _last_sample_row={},
                                    _last_sampled=None, _prompt_logprob_rows=ModelRunner._prompt_logprob_rows,
-                                   staging=HostStaging(device), requests=requests)
+                                   staging=HostStaging(device), requests=requests, num_kv_groups=1)
     # The worker keeps block-table rows across steps: the first message writes them all; in a decode
     # step after it, one request in block_size moves into a new block (the scheduler sends its table).
     states = requests.update(msg)

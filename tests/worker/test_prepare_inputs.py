@@ -14,7 +14,7 @@ import torch
 from vllm_engine.attention.backend import block_table_width
 from vllm_engine.core.sched_output import CachedRequestData, ExecuteModelRequest, NewRequestData
 from vllm_engine.sampling_params import SamplingParams
-from vllm_engine.worker.block_tables import HostBlockTables
+from vllm_engine.worker.block_tables import GroupedHostBlockTables, HostBlockTables
 from vllm_engine.worker.model_runner import ModelRunner
 from vllm_engine.worker.request_states import (
     CachedRequestState, RequestStates, append_placeholders, fill_placeholders)
@@ -31,27 +31,31 @@ class Step:
     runner: types.SimpleNamespace  # the attributes of ModelRunner that _prepare_inputs reads
 
 
-def make_step(counts: list[int], seed: int, partial: set[int] = frozenset()) -> Step:
+def make_step(counts: list[int], seed: int, partial: set[int] = frozenset(), num_groups: int = 1) -> Step:
     """Requests with random lengths, sent to the worker as new; request i computes counts[i] tokens
-    ending at its last token (or one short of it when i is in ``partial``: a prompt chunk, not sampled)."""
+    ending at its last token (or one short of it when i is in ``partial``: a prompt chunk, not sampled).
+    ``num_groups`` > 1: KV cache groups, a table per group per request (``tables[i]`` is then a tuple)."""
     rng = random.Random(seed)
     new, tables, nb = [], [], 0
     for i, c in enumerate(counts):
         length = rng.randint(c + 1, c + 200)
         end = length - 1 if i in partial else length
         n = (length + BS - 1) // BS
-        ids = rng.sample(range(nb, nb + 3 * n), n)  # block ids out of order, as after frees
+        per_group = []
+        for _ in range(num_groups):
+            per_group.append(rng.sample(range(nb, nb + 3 * n), n))  # block ids out of order, as after frees
+            nb += 3 * n
+        ids = per_group[0] if num_groups == 1 else tuple(per_group)
         tables.append(ids)
-        nb += 3 * n
         new.append(NewRequestData(str(i), [rng.randrange(1000) for _ in range(length)], [],
                                   SamplingParams(max_tokens=4), 0, frozenset(), ids, end - c))
     msg = ExecuteModelRequest(req_ids=[d.req_id for d in new], num_scheduled_tokens=counts,
                               total_num_scheduled_tokens=sum(counts), new_requests=new)
-    requests = RequestStates(HostBlockTables())
+    requests = RequestStates(HostBlockTables() if num_groups == 1 else GroupedHostBlockTables(num_groups))
     states = requests.update(msg)
     runner = types.SimpleNamespace(block_size=BS, device=torch.device("cpu"), _last_sample_row={}, _last_sampled=None,
                                    _prompt_logprob_rows=ModelRunner._prompt_logprob_rows, staging=HostStaging("cpu"),
-                                   requests=requests)
+                                   requests=requests, num_kv_groups=num_groups)
     return Step(msg, states, tables, runner)
 
 
@@ -94,6 +98,27 @@ def test_prepare_inputs_matches_a_per_sequence_reference(counts, partial):
         lens = meta.seq_lens.numpy()
         assert sorted(meta.decode_order.tolist(), key=lambda i: (-lens[i], i)) == meta.decode_order.tolist()
         assert sorted(meta.decode_order.tolist()) == list(range(len(counts)))
+
+
+def test_kv_cache_groups_get_their_own_tables_and_slots():
+    """Three KV cache groups (Gemma 3's kinds of layers): group g's metadata holds each request's
+    group-g table and the slots of its new tokens in that table; the top-level metadata is group 0's."""
+    counts = [5, 1, 1, 40, 1]
+    step = make_step(counts, seed=5, partial={3}, num_groups=3)
+    meta = ModelRunner._prepare_inputs(step.runner, step.msg, step.states).attn_metadata
+    assert len(meta.groups) == 3
+    for g, group in enumerate(meta.groups):
+        slots = []
+        for r, c, tables in zip(step.states, counts, step.tables):
+            positions = range(r.num_computed_tokens, r.num_computed_tokens + c)
+            slots.extend(tables[g][p // BS] * BS + p % BS for p in positions)
+        assert group.slot_mapping.tolist() == slots
+        bt = group.block_tables.numpy()
+        for i, tables in enumerate(step.tables):
+            assert bt[i, :len(tables[g])].tolist() == tables[g] and not bt[i, len(tables[g]):].any()
+        assert group.seq_lens is meta.seq_lens and group.query_start_loc is meta.query_start_loc
+    assert meta.slot_mapping.tolist() == meta.groups[0].slot_mapping.tolist()
+    assert torch.equal(meta.block_tables, meta.groups[0].block_tables)
 
 
 def test_placeholder_tokens_come_from_the_previous_launch_on_the_device():
