@@ -126,15 +126,19 @@ def test_corrupt_header_and_truncated_file_are_refused(tmp_path):
         read_header(path)
 
 
-def model_config(path: Path):
-    return EngineArgs(model=str(path), dtype="float32", device="cpu", max_model_len=128).create_engine_config().model
+def model_config(path: Path, device: str = "cpu"):
+    return EngineArgs(model=str(path), dtype="float32", device=device, max_model_len=128).create_engine_config().model
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA: pinned buffers and a side stream"))])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_tp2_ranks_load_the_same_slices_as_safe_open(tiny_model_dir, tmp_path, arch):
+def test_tp2_ranks_load_the_same_slices_as_safe_open(tiny_model_dir, tmp_path, arch, device):
     """Each rank of tp=2 built and filled once through safe_open and once through the stager (tiny
     chunks, two shards) reading only the rows the rank's loaders take (``checkpoint_row_ranges``):
-    every parameter equal, and the fused q|k|v rows are the rank's slice of the checkpoint's."""
+    every parameter equal, and the fused q|k|v rows are the rank's slice of the checkpoint's. (One
+    process plays both ranks, on the CPU or one GPU.)"""
+    dev = torch.device(device)
     src = tiny_model_dir(arch)
     tensors = load_file(str(src / "model.safetensors"))
     d = tmp_path / "ckpt"
@@ -142,24 +146,24 @@ def test_tp2_ranks_load_the_same_slices_as_safe_open(tiny_model_dir, tmp_path, a
     (d / "model.safetensors").unlink()
     names = sorted(tensors)
     write_shards(d, [{n: tensors[n] for n in names[::2]}, {n: tensors[n] for n in names[1::2]}])
-    cfg = model_config(d)
+    cfg = model_config(d, device)
     total = sum(t.nbytes for t in tensors.values())
     for rank in range(2):
         with override_parallel_state(tp_rank=rank, tp_size=2):
-            ref, _ = build_model(cfg, CPU, TorchAttentionBackend())
-            load_checkpoint(ref, iter_safetensors_per_tensor(d, CPU, torch.float32), str(d))
-            staged, _ = build_model(cfg, CPU, TorchAttentionBackend())
+            ref, _ = build_model(cfg, dev, TorchAttentionBackend())
+            load_checkpoint(ref, iter_safetensors_per_tensor(d, dev, torch.float32), str(d))
+            staged, _ = build_model(cfg, dev, TorchAttentionBackend())
             with torch.no_grad():
                 for p in staged.parameters():
                     p.fill_(float("nan"))  # whatever the loader leaves unwritten differs from the reference
             rows = staged.checkpoint_row_ranges()
-            stager = SafetensorsStager(CPU, chunk_bytes=700, num_buffers=2, pin_memory=False)
+            stager = SafetensorsStager(dev, chunk_bytes=700, num_buffers=2)
             load_checkpoint(staged, stager.iter_files(sorted(d.glob("*.safetensors")), rows), str(d))
         want = dict(ref.named_parameters())
         for name, p in staged.named_parameters():
             assert torch.equal(p, want[name]), (rank, name)
         attn = staged.model.layers[0].self_attn
-        q = tensors["model.layers.0.self_attn.q_proj.weight"].float()
+        q = tensors["model.layers.0.self_attn.q_proj.weight"].float().to(dev)
         n = attn.qkv_proj.num_heads * attn.qkv_proj.head_size
         assert 0 < n < q.shape[0]  # a real slice
         assert torch.equal(attn.qkv_proj.weight[:n], q[rank * n: (rank + 1) * n])
