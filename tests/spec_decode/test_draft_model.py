@@ -228,7 +228,7 @@ def test_kv_cache_sized_with_both_models(target, small_draft):
     """The cache space holds the target's and the draft's bytes for every block."""
     space_gib = 0.0002
     engine = Engine(model=str(target), speculative_config=spec(small_draft), cpu_kv_cache_space=space_gib,
-                    block_size=4, **COMMON)
+                    block_size=4, device="cpu", **COMMON)
     runner = engine.model_runner
     per_block = runner.kv_cache_spec().bytes_per_block + runner.drafter.kv_cache_spec().bytes_per_block
     assert engine.num_gpu_blocks == int(space_gib * 2**30) // per_block
