@@ -45,6 +45,8 @@ for stage in "$@"; do
     newtests)   python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/models/test_families_gpu.py \
                   tests/kernels/test_fp8_kv_cache.py tests/worker/test_kv_cache_dtype.py tests/quantization/test_wna16_kernels.py \
                   tests/quantization/test_gpu_quant.py tests/kernels/test_fused_moe.py tests/kernels/test_sliding_window_freed_blocks.py \
+                  tests/model_loader/test_staged_safetensors.py tests/model_loader/test_checkpoint_rows.py \
+                  tests/kernels/test_fp8_kv_scales.py \
                   > "$OUT/newtests.txt" 2>&1; tail -25 "$OUT/newtests.txt" ;;
     fp8kv)      for kv in auto fp8 auto fp8; do  # issue 19: at least 1.5x with kv_cache_dtype=fp8
                   python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 2 --kv-cache-dtype $kv \
@@ -61,7 +63,7 @@ for stage in "$@"; do
                 python $B/spec_decode_bench.py --model llama-3.1-8b --load-format dummy --draft-model llama-3.2-1b \
                   --num-speculative-tokens 2 4 --out "$OUT/spec_draft_8b_1b.json" 2>&1 | tail -10 ;;
     startup)    python $B/startup.py --model llama-3.1-8b --out "$OUT/startup_llama8b.json" 2>&1 | tail -20
-                python $B/weight_load_bench.py --out "$OUT/weight_load.json" 2>&1 | tail -8 ;;
+                python $B/weight_load_bench.py --dir /tmp/wl-llama8b --out "$OUT/weight_load.json" 2>&1 | tail -8 ;;
     serving)    bash $B/serving_sweep.sh 2>&1 | tail -12
                 ROUTER=1 bash $B/serving_sweep.sh 2>&1 | tail -12 ;;
     # Several GPUs (issue 18; NVLink multicast stays off, as the machine sets it):
