@@ -60,8 +60,10 @@ for stage in "$@"; do
                     | grep -E "result:|Error"
                 done ;;
     spec)       python $B/spec_decode_bench.py --out "$OUT/spec_ngram_smollm2.json" 2>&1 | tail -8  # needs the SmolLM2 GGUF
-                python $B/spec_decode_bench.py --model llama-3.1-8b --load-format dummy --draft-model llama-3.2-1b \
-                  --num-speculative-tokens 2 4 --out "$OUT/spec_draft_8b_1b.json" 2>&1 | tail -10 ;;
+                for d in llama-3.2-1b eagle-llama-3.1-8b; do  # forced acceptance 0.5 / 0.7 / 0.9
+                  python $B/spec_decode_bench.py --model llama-3.1-8b --load-format dummy --draft-model $d \
+                    --num-speculative-tokens 2 4 --input-len 512 --output-len 128 --out "$OUT/spec_$d.json" 2>&1 | tail -8
+                done ;;
     startup)    python $B/startup.py --model llama-3.1-8b --out "$OUT/startup_llama8b.json" 2>&1 | tail -20
                 python $B/weight_load_bench.py --dir /tmp/wl-llama8b --out "$OUT/weight_load.json" 2>&1 | tail -8 ;;
     serving)    bash $B/serving_sweep.sh 2>&1 | tail -12
