@@ -229,3 +229,35 @@ def test_a_sibling_that_moved_on_is_not_forked():
         step(s, runner)
     assert child.output_token_ids == reference(child.prompt_token_ids, 24, windows, 1)
     assert parent.output_token_ids == reference(parent.prompt_token_ids, 24, windows, 0)
+
+
+def test_one_window_sibling_that_moved_on_is_not_forked():
+    """The same fork rule with one shared window (Mistral v0.1's KVCacheManager): sharing the blocks
+    the sibling freed would make the second sample read other requests' K/V."""
+    from tests.core.test_scheduler import FakeRunner
+    from tests.core.test_scheduler import make as make_one_group
+    from tests.core.test_scheduler import reference as one_window_reference
+    from tests.core.test_scheduler import step as one_group_step
+
+    s, runner = make_one_group(num_blocks=64, budget=16, sliding_window=6), FakeRunner(window=6)
+    parent = req("p", prompts(1, 10, seed=5)[0], max_tokens=24, n=2)
+    child = Request("p#1", parent.prompt_token_ids, parent.sampling_params, max_tokens=24, sample_index=1,
+                    fork_from=parent)
+    s.add_request(parent)
+    for _ in range(12):
+        one_group_step(s, runner)
+    assert not s.kv_cache_manager.can_fork(parent, parent.num_prompt_tokens - 1)
+    s.add_request(child)
+    while s.has_unfinished_requests():
+        one_group_step(s, runner)
+    assert child.output_token_ids == one_window_reference(child.prompt_token_ids, 24, 1, 6)
+
+
+def test_a_prompt_no_group_layout_can_hold_is_refused_at_once():
+    """Admission counts every group: a full group holds the whole prompt, a sliding group its window."""
+    s = make((None, 8), num_blocks=10)
+    kv = s.kv_cache_manager
+    assert kv.min_blocks_needed(33) == 9 + 2  # cdiv(33, 4) in the full group, the window's 2 blocks
+    s.add_request(req("fits", list(range(20)), max_tokens=2))  # 6 + 2 blocks
+    with pytest.raises(ValueError, match="needs 11 KV cache blocks"):
+        s.add_request(req("too long", list(range(32)), max_tokens=2))
