@@ -1,4 +1,5 @@
-"""Gemma 2 and 3 free the KV blocks their sliding-window layers no longer need (KV cache groups).
+"""Gemma 2 and 3 free the KV blocks their sliding-window layers no longer need (KV cache groups);
+so does Qwen2 with ``use_sliding_window`` (full layers below ``max_window_layers``, sliding above).
 
 Tiny checkpoints (transformers' own config classes, ``save_pretrained``) with a 16-token window:
 Gemma 2 alternates sliding and full layers (2 groups of 2 layers), Gemma 3 has five sliding layers
@@ -28,6 +29,12 @@ def config_for(version: str, tiny_dir):
     from transformers import Gemma2Config, Gemma3TextConfig
 
     ids = tokenizer_ids(tiny_dir)
+    if version == "qwen2":  # use_sliding_window: layers from max_window_layers on are sliding
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**{k: v for k, v in COMMON.items() if k != "head_dim"}, **ids,
+                           num_hidden_layers=4, use_sliding_window=True, max_window_layers=2,
+                           architectures=["Qwen2ForCausalLM"])
     if version == "gemma2":
         return Gemma2Config(**COMMON, **ids, num_hidden_layers=4, query_pre_attn_scalar=16,
                             attn_logit_softcapping=20.0, final_logit_softcapping=30.0,
@@ -39,7 +46,9 @@ def config_for(version: str, tiny_dir):
 
 @pytest.fixture(scope="module")
 def gemma_dir(tiny_model_dir, tmp_path_factory):
-    return checkpoint_factory(tiny_model_dir, tmp_path_factory, config_for, norm_center=0.0)
+    gemma = checkpoint_factory(tiny_model_dir, tmp_path_factory, config_for, norm_center=0.0)
+    qwen2 = checkpoint_factory(tiny_model_dir, tmp_path_factory, config_for)  # norm gains about 1
+    return lambda version: qwen2(version) if version == "qwen2" else gemma(version)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +101,8 @@ def run(path, num_blocks: int, mode: str = "recompute", **parallel):
     return outs, engine, peak_used, peak_full
 
 
-@pytest.mark.parametrize("version, num_groups, max_ratio", [("gemma2", 2, 0.75), ("gemma3", 6, 0.45)])
+@pytest.mark.parametrize("version, num_groups, max_ratio", [("gemma2", 2, 0.75), ("gemma3", 6, 0.45),
+                                                          ("qwen2", 2, 0.75)])
 def test_long_generations_match_hf_with_window_blocks_freed(version, num_groups, max_ratio, gemma_dir, hf_tokens):
     outs, engine, peak_used, peak_full = run(gemma_dir(version), num_blocks=512)
     assert len(engine.config.cache.kv_cache_groups) == num_groups
