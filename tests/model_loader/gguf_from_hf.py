@@ -27,7 +27,49 @@ def _arch_enum(arch: str):
     return next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
 
 
-def _metadata(w: Any, arch: str, cfg: Any) -> None:
+def _deepseek_metadata(w: Any, cfg: Any, absorbed: bool = True) -> None:
+    """DeepSeek-V2/V3: latent attention as one KV head of kv_lora_rank + rope dims (llama.cpp's MQA
+    view), the per-head sizes as the ``*_mla`` lengths, experts, routing, YaRN."""
+    import gguf
+
+    rope = cfg.qk_rope_head_dim
+    if absorbed:
+        w.add_head_count_kv(1)
+        w.add_key_length(cfg.kv_lora_rank + rope)
+        w.add_value_length(cfg.kv_lora_rank)
+        w.add_key_length_mla(cfg.qk_nope_head_dim + rope)
+        w.add_value_length_mla(cfg.v_head_dim)
+    else:  # the converter before the absorbed layout: per-head sizes, kv_b_proj whole
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_key_length(cfg.qk_nope_head_dim + rope)
+        w.add_value_length(cfg.v_head_dim)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    if cfg.q_lora_rank is not None:
+        w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_rope_dimension_count(rope)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+    sigmoid = cfg.model_type == "deepseek_v3"
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+    if sigmoid or getattr(cfg, "topk_method", "greedy") == "group_limited_greedy":
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
+    rope_params = cfg.rope_parameters or {}
+    w.add_rope_freq_base(rope_params.get("rope_theta", 10000.0))
+    if rope_params.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope_params["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope_params["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * rope_params["mscale_all_dim"])
+
+
+def _metadata(w: Any, arch: str, cfg: Any, absorbed: bool = True) -> None:
     """The hyperparameters llama.cpp's converter writes for ``arch``."""
     if arch == "gpt2":
         w.add_context_length(cfg.n_positions)
@@ -54,6 +96,9 @@ def _metadata(w: Any, arch: str, cfg: Any) -> None:
         w.add_parallel_residual(cfg.use_parallel_residual)
         return
     if arch == "gpt2":
+        return
+    if arch == "deepseek2":
+        _deepseek_metadata(w, cfg, absorbed)
         return
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
@@ -86,7 +131,7 @@ def _metadata(w: Any, arch: str, cfg: Any) -> None:
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
 
-def _converted(arch: str, cfg: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _converted(arch: str, cfg: Any, tensors: dict[str, torch.Tensor], absorbed: bool = True) -> dict[str, torch.Tensor]:
     """The converter's changes to the HF tensors (names still HF's; stacked experts under ``...experts``)."""
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
@@ -105,6 +150,14 @@ def _converted(arch: str, cfg: Any, tensors: dict[str, torch.Tensor]) -> dict[st
         elif arch == "gptneox" and ".query_key_value." in name:
             heads = cfg.num_attention_heads
             t = t.reshape(heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
+        elif arch == "deepseek2" and absorbed and name.endswith("kv_b_proj.weight"):  # MLA absorption
+            kv = t.reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, -1)
+            k_b, v_b = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
+            out[name.replace("kv_b_proj", "k_b_proj")] = k_b.transpose(1, 2).contiguous()
+            out[name.replace("kv_b_proj", "v_b_proj")] = v_b.contiguous()
+            continue
+        elif name.endswith("e_score_correction_bias"):
+            name = name.replace("e_score_correction_bias", "e_score_correction.bias")
         m = _EXPERT.match(name)
         if m:
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
@@ -115,18 +168,19 @@ def _converted(arch: str, cfg: Any, tensors: dict[str, torch.Tensor]) -> dict[st
     return out
 
 
-def write_gguf(hf_dir: Path, out: Path, arch: str, qtype: str = "F32") -> Path:
+def write_gguf(hf_dir: Path, out: Path, arch: str, qtype: str = "F32", absorbed: bool = True) -> Path:
     """``hf_dir``'s model.safetensors and config as a GGUF of ``arch``; 2-D and 3-D weights in ``qtype``
-    (F32, F16, Q8_0), norms, biases and rope factors in F32."""
+    (F32, F16, Q8_0), norms, biases and rope factors in F32. ``absorbed=False``: DeepSeek as the
+    converter wrote it before the absorbed-MLA layout (kv_b_proj whole, per-head key/value lengths)."""
     import gguf
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(hf_dir))
-    tensors = _converted(arch, cfg, load_file(str(hf_dir / "model.safetensors")))
+    tensors = _converted(arch, cfg, load_file(str(hf_dir / "model.safetensors")), absorbed)
     names = gguf.get_tensor_name_map(_arch_enum(arch), cfg.num_hidden_layers)
     w = gguf.GGUFWriter(str(out), arch)
-    _metadata(w, arch, cfg)
+    _metadata(w, arch, cfg, absorbed)
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type") == "longrope":
         w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32))

@@ -62,6 +62,10 @@ def family_config(variant: str, tiny_dir: Path):
                                            intermediate_size=128, max_position_embeddings=256, rope_parameters=rope,
                                            hidden_act="gelu", tie_word_embeddings=False,
                                            architectures=["GPTNeoXForCausalLM"], **ids)
+    if variant.startswith("deepseek"):
+        from tests.models.test_deepseek import deepseek_config
+
+        return "deepseek2", deepseek_config(variant.split("_")[1], tiny_dir)
     if variant == "mixtral":
         return "llama", tf.MixtralConfig(**COMMON, **ids, intermediate_size=64, num_local_experts=4,
                                          num_experts_per_tok=2, architectures=["MixtralForCausalLM"])
@@ -75,7 +79,8 @@ def family_config(variant: str, tiny_dir: Path):
                                          architectures=["Qwen3MoeForCausalLM"])
 
 
-VARIANTS = ["gemma", "gemma2", "gemma3", "phi3", "phi3-longrope", "gpt2", "gptneox", "mixtral", "qwen2moe", "qwen3moe"]
+VARIANTS = ["gemma", "gemma2", "gemma3", "phi3", "phi3-longrope", "gpt2", "gptneox", "mixtral", "qwen2moe", "qwen3moe",
+            "deepseek_v2", "deepseek_v3"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +96,7 @@ def gguf_pair(tiny_model_dir, tmp_path_factory):
             arch, config = family_config(variant, tiny)
             root = tmp_path_factory.mktemp(f"{variant}-{qtype}")
             hf_dir = tiny_checkpoint(config, root / "hf", tiny, norm_center=0.0 if "gemma" in variant else 1.0)
-            if "moe" in variant or variant == "mixtral":
+            if "moe" in variant or variant in ("mixtral", "deepseek_v2", "deepseek_v3"):
                 spread_the_router(hf_dir)
             exact = exact_checkpoint(hf_dir, root / "exact", arch, qtype)
             built[(variant, qtype)] = (write_gguf(exact, root / f"model-{qtype}.gguf", arch, qtype), exact)
@@ -122,10 +127,16 @@ def test_gguf_logits_match_hf(variant, qtype, gguf_pair, paged_vs_hf):
     gguf_file, hf_dir = gguf_pair(variant, qtype)
     model, cfg, hf = load_from_gguf(gguf_file, hf_dir)
     assert cfg.architecture == hf.config.architectures[0]
+    if variant.startswith("deepseek"):  # the cache holds one [latent | rope] vector per token and layer
+        from types import SimpleNamespace
+
+        hf_cfg = cfg.hf_config
+        cfg = SimpleNamespace(num_kv_heads=1, head_dim=hf_cfg.kv_lora_rank + hf_cfg.qk_rope_head_dim,
+                              num_layers=cfg.num_layers, vocab_size=cfg.vocab_size)
     paged_vs_hf(model, cfg, hf, LENS, SCHEDULE, tol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["gemma2", "gemma3", "phi3", "gpt2", "gptneox", "qwen3moe"])
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3", "phi3", "gpt2", "gptneox", "qwen3moe", "deepseek_v3"])
 def test_gguf_engine_greedy_matches_hf(variant, gguf_pair):
     """The whole engine on an F16 GGUF (chunked prefill, prefix caching): HF's greedy tokens."""
     from tests.e2e.test_engine_vs_hf import hf_greedy
@@ -145,21 +156,35 @@ def test_gguf_engine_greedy_matches_hf(variant, gguf_pair):
     engine.scheduler.check_integrity()
 
 
+def test_deepseek_file_of_the_older_layout_loads(gguf_pair, tmp_path, paged_vs_hf):
+    """A deepseek2 file from before the absorbed-MLA layout: kv_b_proj whole (``attn_kv_b``), per-head
+    key/value lengths, no ``*_mla`` keys."""
+    from types import SimpleNamespace
+
+    _, hf_dir = gguf_pair("deepseek_v2", "F32")
+    path = write_gguf(hf_dir, tmp_path / "old.gguf", "deepseek2", "F32", absorbed=False)
+    model, cfg, hf = load_from_gguf(path, hf_dir)
+    h = cfg.hf_config
+    cache = SimpleNamespace(num_kv_heads=1, head_dim=h.kv_lora_rank + h.qk_rope_head_dim, num_layers=cfg.num_layers,
+                            vocab_size=cfg.vocab_size)
+    paged_vs_hf(model, cache, hf, LENS, SCHEDULE, tol=1e-4)
+
+
 def test_unmapped_architectures_are_refused_by_name(tmp_path):
-    """GGUF architectures we do not map (DeepSeek-V2's latent attention, ...) are a ValueError naming them."""
+    """GGUF architectures we do not map (StarCoder's, ...) are a ValueError naming them."""
     import gguf
 
     from vllm_engine.config import EngineArgs
 
-    path = tmp_path / "deepseek.gguf"
-    w = gguf.GGUFWriter(str(path), "deepseek2")
+    path = tmp_path / "starcoder.gguf"
+    w = gguf.GGUFWriter(str(path), "starcoder")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", torch.zeros(8, 32).numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match="Unsupported GGUF architecture 'deepseek2'.*gemma2.*gptneox.*qwen3moe"):
+    with pytest.raises(ValueError, match="Unsupported GGUF architecture 'starcoder'.*deepseek2.*gemma2.*qwen3moe"):
         EngineArgs(model=str(path), dtype="float32", device="cpu").create_engine_config()
 
 

@@ -11,15 +11,19 @@ changes, undone here:
 * gemma, gemma2, gemma3: every RMSNorm gain stored as 1 + w (HF stores w);
 * gpt2: Conv1D weights stored transposed ([out, in]);
 * gptneox: the per-head interleaved query_key_value regrouped into q | k | v;
-* MoE (Mixtral, qwen2moe, qwen3moe): each projection's experts stacked in one tensor
-  ``ffn_{gate,up,down}_exps`` [experts, out, in], cut back into per-expert tensors.
+* MoE (Mixtral, qwen2moe, qwen3moe, deepseek2): each projection's experts stacked in one tensor
+  ``ffn_{gate,up,down}_exps`` [experts, out, in], cut back into per-expert tensors;
+* deepseek2: ``kv_b_proj`` split for absorbed MLA into ``attn_k_b`` (transposed) and ``attn_v_b``,
+  joined back; the latent attention written as one KV head of kv_lora_rank + rope dims (the per-head
+  sizes in ``attention.key_length_mla`` / ``value_length_mla``); sigmoid gating means V3.
 
 Settings llama.cpp fixes in code rather than metadata are fixed here the same way: Gemma 2 layers
 alternate sliding (even) and full (odd); Gemma 3 has a full layer every sixth (unless the file gives
 ``attention.sliding_window_pattern``), local rope base 10k (unless ``rope.freq_base_swa``); the
 score scale is head_dim**-0.5 except for the 27B models (hidden / heads). Qwen3-MoE renormalizes its
-top-k expert weights, Qwen2-MoE does not. Architectures GGUF has but we do not map (deepseek2, ...)
-are refused by name.
+top-k expert weights, Qwen2-MoE does not. DeepSeek's YaRN mscale comes from ``yarn_log_multiplier``
+(0.1 x mscale_all_dim; mscale taken equal, as in the released models). Architectures GGUF has but we
+do not map (starcoder, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -74,8 +78,9 @@ class GGUFArch:
     top_names: dict[str, str] = field(default_factory=lambda: LLAMA_TOP)
     # (get, common config kwargs, tensors by name) -> the config kwargs of this architecture.
     config: Optional[Callable[[Getter, dict, dict], dict]] = None
-    # (HF name, tensor, hf_config) -> the HF tensors it holds (undoing the converter's changes).
-    convert: Optional[Callable[[str, torch.Tensor, Any], Converted]] = None
+    # (HF name, tensor, hf_config, pending) -> the HF tensors it holds (undoing the converter's changes);
+    # ``pending``: one dict per file, for tensors that come in parts (DeepSeek's k_b and v_b).
+    convert: Optional[Callable[[str, torch.Tensor, Any, dict], Converted]] = None
 
     def hf_name(self, gguf_name: str) -> Optional[str]:
         """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None for unknown names."""
@@ -101,15 +106,15 @@ def split_experts(name: str, w: torch.Tensor) -> Converted:
         yield name.replace(".*.", f".{e}."), w[e]
 
 
-def convert_llama(name: str, w: torch.Tensor, cfg: Any) -> Converted:
+def convert_llama(name: str, w: torch.Tensor, cfg: Any, pending: Optional[dict] = None) -> Converted:
     if ".self_attn.q_proj." in name:
         w = unpermute_qk(w, cfg.num_attention_heads)
     elif ".self_attn.k_proj." in name:
         w = unpermute_qk(w, cfg.num_key_value_heads)
-    return convert_moe(name, w, cfg)
+    return convert_moe(name, w, cfg, pending)
 
 
-def convert_moe(name: str, w: torch.Tensor, cfg: Any) -> Converted:
+def convert_moe(name: str, w: torch.Tensor, cfg: Any, pending: Optional[dict] = None) -> Converted:
     if ".*." in name:
         return split_experts(name, w)
     if name.endswith("shared_expert_gate.weight"):
@@ -117,24 +122,46 @@ def convert_moe(name: str, w: torch.Tensor, cfg: Any) -> Converted:
     return [(name, w)]
 
 
-def convert_gemma(name: str, w: torch.Tensor, cfg: Any) -> Converted:
+def convert_gemma(name: str, w: torch.Tensor, cfg: Any, pending: Optional[dict] = None) -> Converted:
     return [(name, w - 1.0 if name.endswith("norm.weight") else w)]
 
 
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
 
-def convert_gpt2(name: str, w: torch.Tensor, cfg: Any) -> Converted:
+def convert_gpt2(name: str, w: torch.Tensor, cfg: Any, pending: Optional[dict] = None) -> Converted:
     return [(name, w.t().contiguous() if name.endswith(_CONV1D) else w)]
 
 
-def convert_gpt_neox(name: str, w: torch.Tensor, cfg: Any) -> Converted:
+def convert_gpt_neox(name: str, w: torch.Tensor, cfg: Any, pending: Optional[dict] = None) -> Converted:
     """q | k | v rows (the file) -> each head's q, k, v rows in turn (HF's query_key_value)."""
     if ".query_key_value." in name:
         heads = cfg.num_attention_heads
         rest = w.shape[1:]
         w = w.reshape(3, heads, w.shape[0] // 3 // heads, *rest).transpose(0, 1).reshape(w.shape).contiguous()
     return [(name, w)]
+
+
+def convert_deepseek(name: str, w: torch.Tensor, cfg: Any, pending: Optional[dict] = None) -> Converted:
+    """Stacked experts cut; ``e_score_correction.bias`` renamed; the absorbed-MLA halves ``k_b_proj``
+    ([heads, kv_lora_rank, qk_nope], transposed) and ``v_b_proj`` ([heads, v_head_dim, kv_lora_rank])
+    joined back into HF's ``kv_b_proj`` [heads * (qk_nope + v_head_dim), kv_lora_rank] once both came."""
+    if name.endswith(".e_score_correction.bias"):
+        return [(name.replace(".e_score_correction.bias", ".e_score_correction_bias"), w)]
+    for half in (".k_b_proj.", ".v_b_proj."):
+        if half in name:
+            pending = pending if pending is not None else {}
+            kv_name = name.replace(half, ".kv_b_proj.")
+            parts = pending.setdefault(kv_name, {})
+            heads = cfg.num_attention_heads
+            parts[half] = w.reshape(heads, -1, cfg.kv_lora_rank) if half == ".v_b_proj." else \
+                w.reshape(heads, cfg.kv_lora_rank, -1).transpose(1, 2)
+            if len(parts) < 2:
+                return []
+            del pending[kv_name]
+            kv = torch.cat((parts[".k_b_proj."], parts[".v_b_proj."]), dim=1)
+            return [(kv_name, kv.reshape(-1, cfg.kv_lora_rank).contiguous())]
+    return convert_moe(name, w, cfg, pending)
 
 
 # ---- config ----------------------------------------------------------------------------------------
@@ -233,6 +260,52 @@ def gpt_neox_config(get: Getter, kw: dict, tensors: dict) -> dict:
             "use_parallel_residual": bool(get("use_parallel_residual", True, False))}
 
 
+def deepseek2_config(get: Getter, kw: dict, tensors: dict) -> dict:
+    """DeepSeek-V2 / V3 (sigmoid gating: V3): llama.cpp writes MLA as one KV head of kv_lora_rank +
+    rope dims; the per-head sizes are the ``*_mla`` lengths."""
+    rope = int(get("rope.dimension_count"))
+    # Files from before the absorbed-MLA layout (attn_kv_b whole) give the per-head sizes as key/value_length.
+    key_length = get("attention.key_length_mla", None, False) or get("attention.key_length")
+    value_length = get("attention.value_length_mla", None, False) or get("attention.value_length")
+    groups = int(get("expert_group_count", 1, False))
+    v3 = int(get("expert_gating_func", 1, False)) == 2
+    out = {k: v for k, v in kw.items() if k not in ("head_dim", "rope_scaling", "sliding_window")}
+    out.update(
+        architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        num_key_value_heads=kw["num_attention_heads"], kv_lora_rank=int(get("attention.kv_lora_rank")),
+        q_lora_rank=get("attention.q_lora_rank", None, False), qk_rope_head_dim=rope,
+        qk_nope_head_dim=int(key_length) - rope, v_head_dim=int(value_length),
+        n_routed_experts=int(get("expert_count")), n_shared_experts=int(get("expert_shared_count", 0, False)),
+        num_experts_per_tok=int(get("expert_used_count")), moe_intermediate_size=int(get("expert_feed_forward_length")),
+        first_k_dense_replace=int(get("leading_dense_block_count", 0, False)),
+        routed_scaling_factor=float(get("expert_weights_scale", 1.0, False)),
+        norm_topk_prob=bool(get("expert_weights_norm", False, False)), n_group=groups,
+        topk_group=int(get("expert_group_used_count", groups, False)))
+    if v3:
+        out["model_type"] = "deepseek_v3"
+    else:
+        out["topk_method"] = "group_limited_greedy" if groups > 1 else "greedy"
+    if get("rope.scaling.type", None, False) == "yarn":
+        mscale = float(get("rope.scaling.yarn_log_multiplier", 0.0, False)) / 0.1
+        out["rope_parameters"] = {
+            "rope_type": "yarn", "rope_theta": kw["rope_theta"], "factor": float(get("rope.scaling.factor")),
+            "original_max_position_embeddings": int(get("rope.scaling.original_context_length")),
+            "beta_fast": float(get("rope.scaling.yarn_beta_fast", 32.0, False)),
+            "beta_slow": float(get("rope.scaling.yarn_beta_slow", 1.0, False)), "mscale": mscale,
+            "mscale_all_dim": mscale}
+        del out["rope_theta"]
+    return out
+
+
+DEEPSEEK2_LAYER = {
+    **LLAMA_LAYER, "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj", "attn_k_b": "self_attn.k_b_proj",
+    "attn_v_b": "self_attn.v_b_proj", "ffn_gate_inp": "mlp.gate", "exp_probs_b": "mlp.gate.e_score_correction",
+    "ffn_gate_exps": "mlp.experts.*.gate_proj", "ffn_up_exps": "mlp.experts.*.up_proj",
+    "ffn_down_exps": "mlp.experts.*.down_proj", "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj", "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+
 GGUF_ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("LlamaForCausalLM", "llama", convert=convert_llama),
     "mistral": GGUFArch("MistralForCausalLM", "mistral", convert=convert_llama),
@@ -251,6 +324,8 @@ GGUF_ARCHS: dict[str, GGUFArch] = {
     "gpt2": GGUFArch("GPT2LMHeadModel", "gpt2", "transformer.h", GPT2_LAYER, GPT2_TOP, gpt2_config, convert_gpt2),
     "gptneox": GGUFArch("GPTNeoXForCausalLM", "gpt_neox", "gpt_neox.layers", NEOX_LAYER, NEOX_TOP, gpt_neox_config,
                         convert_gpt_neox),
+    "deepseek2": GGUFArch("DeepseekV2ForCausalLM", "deepseek_v2", layer_names=DEEPSEEK2_LAYER,
+                          config=deepseek2_config, convert=convert_deepseek),
 }
 # A llama file with experts (expert_count > 0) is Mixtral.
 MIXTRAL = GGUFArch("MixtralForCausalLM", "mixtral", layer_names=MIXTRAL_LAYER, config=mixtral_config,

@@ -263,7 +263,7 @@ def gguf_to_hf_config(meta: dict[str, Any], has_output: bool, tensors: Optional[
     kwargs["architectures"] = [spec.architecture]
     if spec.config is not None:
         kwargs = spec.config(get, kwargs, tensors or {})
-    return AutoConfig.for_model(spec.model_type, **kwargs)
+    return AutoConfig.for_model(kwargs.pop("model_type", spec.model_type), **kwargs)
 
 
 def _common_config(meta: dict[str, Any], arch: str, get: Any, has_output: bool) -> dict[str, Any]:
@@ -315,6 +315,7 @@ def iter_gguf_weights(path: str | os.PathLike, hf_config: Any, device: torch.dev
     (quantization/gguf.py decodes them)."""
     reader = open_gguf(path)
     spec = gguf_arch(reader.metadata)
+    pending: dict = {}  # tensors that come in parts (gguf_archs.convert_deepseek)
     for t in reader.tensors:
         name = spec.hf_name(t.name)
         if name is None:
@@ -324,10 +325,12 @@ def iter_gguf_weights(path: str | os.PathLike, hf_config: Any, device: torch.dev
         if name in keep_quantized:
             w = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True)).to(device).reshape(t.shape[0], -1)
             if spec.convert is not None:  # q/k rows permuted whole: the blocks run along them
-                (name, w), = spec.convert(name, w, hf_config)
+                (name, w), = spec.convert(name, w, hf_config, pending)
             w.gguf_type, w.gguf_shape = t.type_name, t.shape
             yield name, w
             continue
         w = dequantize(t.data, t.type_name, t.shape, device, torch.float32)
-        for hf, tensor in (spec.convert(name, w, hf_config) if spec.convert is not None else [(name, w)]):
+        for hf, tensor in (spec.convert(name, w, hf_config, pending) if spec.convert is not None else [(name, w)]):
             yield hf, tensor.to(dtype)
+    if pending:
+        raise ValueError(f"GGUF file {path} lacks the other halves of {sorted(pending)}.")
