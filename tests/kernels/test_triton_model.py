@@ -59,11 +59,11 @@ class InterpretedTritonConfig(UnquantizedConfig):
 class LongestFirst(TritonAttentionBackend):
     """The Triton backend, with the decode order the model runner passes."""
 
-    def forward(self, query, key, value, kv_cache, metadata, scale, sliding_window=None, logits_soft_cap=None):
+    def forward(self, query, key, value, kv_cache, metadata, *args, **kwargs):
         if metadata.decode_order is None:
             metadata.decode_order = torch.argsort(metadata.seq_lens.cpu(), descending=True,
                                                   stable=True).to(torch.int32)
-        return super().forward(query, key, value, kv_cache, metadata, scale, sliding_window, logits_soft_cap)
+        return super().forward(query, key, value, kv_cache, metadata, *args, **kwargs)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])  # q/k norm + GQA; sliding window
