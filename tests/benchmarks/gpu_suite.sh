@@ -46,7 +46,7 @@ for stage in "$@"; do
                   tests/kernels/test_fp8_kv_cache.py tests/worker/test_kv_cache_dtype.py tests/quantization/test_wna16_kernels.py \
                   tests/quantization/test_gpu_quant.py tests/kernels/test_fused_moe.py tests/kernels/test_sliding_window_freed_blocks.py \
                   tests/model_loader/test_staged_safetensors.py tests/model_loader/test_checkpoint_rows.py \
-                  tests/kernels/test_fp8_kv_scales.py \
+                  tests/kernels/test_fp8_kv_scales.py tests/models/test_gemma_kv_cache_groups.py tests/spec_decode \
                   > "$OUT/newtests.txt" 2>&1; tail -25 "$OUT/newtests.txt" ;;
     fp8kv)      for kv in auto fp8 auto fp8; do  # issue 19: at least 1.5x with kv_cache_dtype=fp8
                   python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 2 --kv-cache-dtype $kv \
