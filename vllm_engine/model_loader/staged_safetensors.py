@@ -16,11 +16,9 @@ parallelism with only the rows this rank's loaders read (``iter_files(rows=...)`
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
-import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -28,6 +26,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
+
+from vllm_engine.model_loader.weights import read_safetensors_header
 
 # safetensors' dtype names (the format's spec) -> torch dtypes
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -92,16 +92,10 @@ class Chunk:
 def read_header(path: str | os.PathLike) -> list[TensorEntry]:
     """The tensors of safetensors file ``path`` in the order their bytes are stored. ValueError naming
     the file for a truncated file, a corrupt header, an unknown dtype or a size that does not match."""
-    path = Path(path)
-    size = path.stat().st_size
+    header, data_start, size = read_safetensors_header(path)
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header length past the end of the file")
-            header = json.loads(f.read(n))
-        entries = [_entry(name, info, 8 + n) for name, info in header.items() if name != "__metadata__"]
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        entries = [_entry(name, info, data_start) for name, info in header.items()]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
         raise ValueError(f"Corrupt safetensors file {path}: {e}") from None
     end = max((e.end for e in entries), default=0)
     if end > size:

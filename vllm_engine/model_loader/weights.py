@@ -36,8 +36,9 @@ def safetensors_files(model_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
-def check_safetensors_file(path: str | os.PathLike) -> None:
-    """Cheap integrity check (header only): ValueError if the file is truncated or its header corrupt."""
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int, int]:
+    """(the header's tensor entries, without ``__metadata__``; the offset where the data starts; the
+    file's size). ValueError naming the file when the header is truncated or not a JSON object."""
     path = Path(path)
     size = path.stat().st_size
     try:
@@ -46,11 +47,23 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
             if n > size - 8:
                 raise ValueError("header length past the end of the file")
             header = json.loads(f.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (struct.error, ValueError) as e:
         raise ValueError(f"Corrupt safetensors file {path}: {e}") from None
-    if 8 + n + end > size:
-        raise ValueError(f"Truncated safetensors file {path}: {size} bytes, its header needs {8 + n + end}.")
+    header.pop("__metadata__", None)
+    return header, 8 + n, size
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Cheap integrity check (header only): ValueError if the file is truncated or its header corrupt."""
+    header, data_start, size = read_safetensors_header(path)
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"Corrupt safetensors file {path}: {e}") from None
+    if data_start + end > size:
+        raise ValueError(f"Truncated safetensors file {path}: {size} bytes, its header needs {data_start + end}.")
 
 
 def _safe_open_device(device: torch.device) -> str:
