@@ -22,7 +22,6 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
