@@ -41,6 +41,47 @@ def test_wna16_at_llama_8b_shapes(layer, bits, act_order):
         assert err < 2e-2, (rows, float(err), picker.decisions)
 
 
+@pytest.mark.parametrize("layer", ["gate_up", "down"])
+def test_every_wna16_kernel_config_at_llama_8b_shapes(layer):
+    """Not only the picker's choice: every GEMV config (1 and 3 rows, split-K too), the folded
+    norm / activation GEMVs, and every GEMM config (16 and 48 rows) against float64, W4 with zero
+    points in bf16 (the path the picker may take on another GPU)."""
+    from vllm_engine.quantization.kernels import wna16 as k
+    from vllm_engine.quantization.kernels.wna16_fused import wna16_add_norm_gemv, wna16_silu_mul_gemv
+    from vllm_engine.quantization.utils import pack_int32
+
+    n, kk = LLAMA_8B[layer]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randint(0, 16, (kk, n), device="cuda", generator=gen)
+    scales = (torch.rand(kk // 128, n, device="cuda", generator=gen) * 0.01).bfloat16()
+    zeros = torch.randint(0, 16, (kk // 128, n), device="cuda", generator=gen).bfloat16()
+    w = k.WNA16Weight(pack_int32(q, 4, 0), scales, zeros, None, None, 4, 128)
+    g = torch.arange(kk, device="cuda") // 128
+    ref = (q.double() - zeros.double()[g]) * scales.double()[g]
+
+    def check(got, want, what):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < 2e-2, (what, float(err))
+
+    for rows in (1, 3):
+        x = torch.randn(rows, kk, device="cuda", generator=gen).bfloat16()
+        for config in k.GEMV_CONFIGS:
+            check(k.wna16_gemv(x, w, config=config), x.double() @ ref, ("gemv", rows, config))
+    x = torch.randn(1, kk, device="cuda", generator=gen).bfloat16()
+    r, gain = torch.randn_like(x), (1 + 0.1 * torch.randn(kk, device="cuda", generator=gen)).bfloat16()
+    h = (x.double() + r.double())
+    h = h / torch.sqrt((h * h).mean(-1, keepdim=True) + 1e-6) * gain.double()
+    gate_up = torch.randn(1, 2 * kk, device="cuda", generator=gen).bfloat16()
+    act = torch.nn.functional.silu(gate_up[:, :kk].double()) * gate_up[:, kk:].double()
+    for config in [c for c in k.GEMV_CONFIGS if len(c) == 4]:
+        check(wna16_add_norm_gemv(x, r, gain, 1e-6, w, config=config)[0], h @ ref, ("add_norm", config))
+        check(wna16_silu_mul_gemv(gate_up, w, config=config), act @ ref, ("silu_mul", config))
+    for rows in (16, 48):
+        x = torch.randn(rows, kk, device="cuda", generator=gen).bfloat16()
+        for config in k.GEMM_CONFIGS:
+            check(k.wna16_gemm(x, w, config=config), x.double() @ ref, ("gemm", rows, config))
+
+
 @pytest.mark.parametrize("layer", sorted(LLAMA_8B))
 def test_fp8_at_llama_8b_shapes(layer):
     from vllm_engine.quantization.fp8 import fp8_linear, quantize_weight_per_channel, scaled_mm_supported
