@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md, stage by stage (run from the repo root on the GPU machine):
 #   OUT=results bash tests/benchmarks/gpu_suite.sh check throughput latency memory prefix sweep
-#   issues 19-24:  OUT=results bash tests/benchmarks/gpu_suite.sh newtests fp8kv quant moe spec startup serving structured
+#   issues 19-24:  OUT=results bash tests/benchmarks/gpu_suite.sh newkernels newmodels newspec fp8kv quant moe spec \
+#                    startup serving structured   (a few stages per device call)
 #   several GPUs:  OUT=results bash tests/benchmarks/gpu_suite.sh multigpu allreduce tpscaling llama70b
 #   then:          python tests/benchmarks/plot_scaling.py --latency results/latency_tp*.json \
 #                    --throughput results/throughput_70b_*.json --out docs/scaling.png
@@ -42,12 +43,16 @@ for stage in "$@"; do
                 python $B/structured_throughput.py --dataset nano --num-prompts 64 --max-num-seqs 64 \
                   --out "$OUT/structured_smollm2.json" ;;
     # Issues 19-24 on one GPU. Every stage writes one log (the device tool brings back few files).
-    newtests)   python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/models/test_families_gpu.py \
-                  tests/kernels/test_fp8_kv_cache.py tests/worker/test_kv_cache_dtype.py tests/quantization/test_wna16_kernels.py \
+    # (each under the 10-minute limit of one device call; families and spec decode build many engines)
+    newkernels) python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/kernels/test_fp8_kv_cache.py \
+                  tests/kernels/test_fp8_kv_scales.py tests/worker/test_kv_cache_dtype.py tests/quantization/test_wna16_kernels.py \
                   tests/quantization/test_gpu_quant.py tests/kernels/test_fused_moe.py tests/kernels/test_sliding_window_freed_blocks.py \
                   tests/model_loader/test_staged_safetensors.py tests/model_loader/test_checkpoint_rows.py \
-                  tests/kernels/test_fp8_kv_scales.py tests/models/test_gemma_kv_cache_groups.py tests/spec_decode \
-                  > "$OUT/newtests.txt" 2>&1; tail -25 "$OUT/newtests.txt" ;;
+                  > "$OUT/newkernels.txt" 2>&1; tail -25 "$OUT/newkernels.txt" ;;
+    newmodels)  python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/models/test_families_gpu.py \
+                  tests/models/test_gemma_kv_cache_groups.py > "$OUT/newmodels.txt" 2>&1; tail -25 "$OUT/newmodels.txt" ;;
+    newspec)    python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/spec_decode > "$OUT/newspec.txt" 2>&1
+                tail -25 "$OUT/newspec.txt" ;;
     fp8kv)      for kv in auto fp8 auto fp8; do  # issue 19: at least 1.5x with kv_cache_dtype=fp8
                   python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 2 --kv-cache-dtype $kv \
                     --out "$OUT/throughput_qwen3_kv_$kv.json" 2>&1 | grep -E "result:|Error"
