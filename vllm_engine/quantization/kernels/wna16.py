@@ -123,35 +123,21 @@ if triton is not None:
             shifts = tl.arange(0, PF) * BITS
             q = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
             q = tl.reshape(q, (BLOCK_K, BLOCK_N))
-        if HAS_LUT:  # S is the [N, 2**BITS] table
-            w = tl.load(S + offs_n[None, :].to(tl.int64) * (1 << BITS) + q, mask=nmask[None, :], other=0.0)
-            return w.to(tl.float32)
-        q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # q exactly, without an int-to-float unit op
-        if HAS_GIDX:
+        if HAS_LUT or HAS_GIDX:  # a table or a group per row
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            kmask = offs_k < K
-            g = tl.load(GI + offs_k, mask=kmask, other=0)
-            gm = kmask[:, None] & nmask[None, :]
-            s = tl.load(S + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=gm, other=0.0).to(tl.float32)
-            if HAS_MINS:
-                m = tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=gm, other=0.0).to(tl.float32)
-                w = q * s + m
-            elif HAS_ZEROS:
-                z = tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=gm, other=0.0).to(tl.float32)
-                w = (q - z) * s
-            else:
-                w = (q - (1 << (BITS - 1))) * s
+            return _wna16_values(S, Z, GI, q, offs_k, offs_k < K, offs_n, nmask, N, BITS, HAS_ZEROS, HAS_MINS,
+                                 HAS_LUT)
+        q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # q exactly, without an int-to-float unit op
+        g = k0 // group_size
+        s = tl.load(S + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        if HAS_MINS:
+            m = tl.load(Z + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            w = q * s[None, :] + m[None, :]
+        elif HAS_ZEROS:
+            z = tl.load(Z + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            w = (q - z[None, :]) * s[None, :]
         else:
-            g = k0 // group_size
-            s = tl.load(S + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            if HAS_MINS:
-                m = tl.load(Z + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-                w = q * s[None, :] + m[None, :]
-            elif HAS_ZEROS:
-                z = tl.load(Z + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-                w = (q - z[None, :]) * s[None, :]
-            else:
-                w = (q - (1 << (BITS - 1))) * s[None, :]
+            w = (q - (1 << (BITS - 1))) * s[None, :]
         return w
 
     @triton.jit
@@ -281,14 +267,14 @@ if triton is not None:
     @triton.jit
     def _wna16_values(S, Z, GI, q, k, kmask, offs_n, nmask, N, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       HAS_MINS: tl.constexpr, HAS_LUT: tl.constexpr):
-        """Weights [len(k), BLOCK_N] of the values q taken from packed words at input rows k, each read
-        with its own group (g_idx) or lookup table: the GEMV's path for those layouts."""
+        """Weights [rows of k, BLOCK_N] of the values q at input rows k, each read with its own group
+        (g_idx) or lookup table: the GEMV's, GEMM's and dequantization's path for those layouts."""
         m2 = kmask[:, None] & nmask[None, :]
         if HAS_LUT:  # S is the [N, 2**BITS] table
             return tl.load(S + offs_n[None, :].to(tl.int64) * (1 << BITS) + q, mask=m2, other=0.0).to(tl.float32)
         g = tl.load(GI + k, mask=kmask, other=0)
         s = tl.load(S + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
-        qf = q.to(tl.float32)
+        qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # q exactly (no int-to-float op)
         if HAS_MINS:
             return qf * s + tl.load(Z + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_ZEROS:
