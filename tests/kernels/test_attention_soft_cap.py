@@ -17,8 +17,9 @@ from vllm_engine.attention.torch_ref import TorchAttentionBackend
 from vllm_engine.attention.triton_attn import TritonAttentionBackend
 
 
-def capped_reference(case: Case, scale: float, cap: float, window: Optional[int]) -> torch.Tensor:
-    """float64 attention from the per-sequence K/V with capped scores (never read back from the cache)."""
+def capped_reference(case: Case, scale: float, cap: Optional[float], window: Optional[int]) -> torch.Tensor:
+    """float64 attention from the per-sequence K/V with capped scores (never read back from the cache;
+    ``cap`` None: no cap)."""
     q = case.query.double().cpu()
     out = torch.zeros_like(q)
     row = 0
@@ -27,7 +28,8 @@ def capped_reference(case: Case, scale: float, cap: float, window: Optional[int]
         kk = k.repeat_interleave(group, dim=1).transpose(0, 1)
         vv = v.repeat_interleave(group, dim=1).transpose(0, 1)
         s = q[row: row + q_len].transpose(0, 1) @ kk.transpose(1, 2) * scale
-        s = cap * torch.tanh(s / cap)
+        if cap:
+            s = cap * torch.tanh(s / cap)
         q_pos = torch.arange(ctx, ctx + q_len)[:, None]
         k_pos = torch.arange(ctx + q_len)[None, :]
         mask = k_pos <= q_pos

@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.kernels.test_attention_soft_cap import capped_reference
 from tests.kernels.test_triton_attention import DEVICE, MIXED, TOL, make_case
 from vllm_engine.attention import triton_kernels as K
 from vllm_engine.attention.torch_ref import TorchAttentionBackend
@@ -72,24 +73,7 @@ def scaled_case(dtype: torch.dtype, seed: int, cache_new_tokens: bool):
 
 def reference(case, scale: float, window, cap) -> torch.Tensor:
     """float64 attention over ``full_k`` / ``full_v`` (optionally windowed and soft-capped)."""
-    q = case.query.double().cpu()
-    out = torch.zeros_like(q)
-    row = 0
-    for (ctx, q_len), k, v in zip(case.specs, case.full_k, case.full_v):
-        group = q.shape[1] // k.shape[1]
-        kk = k.repeat_interleave(group, dim=1).transpose(0, 1)
-        vv = v.repeat_interleave(group, dim=1).transpose(0, 1)
-        s = q[row: row + q_len].transpose(0, 1) @ kk.transpose(1, 2) * scale
-        if cap:
-            s = cap * torch.tanh(s / cap)
-        q_pos = torch.arange(ctx, ctx + q_len)[:, None]
-        k_pos = torch.arange(ctx + q_len)[None, :]
-        mask = k_pos <= q_pos
-        if window is not None:
-            mask &= k_pos > q_pos - window
-        out[row: row + q_len] = (torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vv).transpose(0, 1)
-        row += q_len
-    return out
+    return capped_reference(case, scale, cap, window)
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
