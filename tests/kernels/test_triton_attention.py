@@ -327,3 +327,17 @@ def test_warmup_launches_every_variant_an_eager_step_can_choose_and_only_reads_t
     assert n == len(want) + 2
     assert sorted(calls["decode"]) == sorted(want) and sorted(calls["prefill"]) == [False, True]
     assert torch.equal(cache, before)
+
+
+def test_warmup_launches_with_the_model_dtype_for_an_fp8_cache(monkeypatch):
+    """An fp8 cache's kernels take queries in the model's dtype: warm-up must compile those variants
+    (fp8 queries would be a variant no step launches, and fp8 dots need head_dim >= 32 on a GPU)."""
+    from vllm_engine.attention import triton_kernels as K
+
+    seen = []
+    real = K.paged_attention_prefill
+    monkeypatch.setattr(K, "paged_attention_prefill", lambda q, *a, **kw: (seen.append(q.dtype), real(q, *a, **kw))[1])
+    monkeypatch.setattr(K, "paged_attention_decode", lambda q, *a, **kw: seen.append(q.dtype))
+    cache = torch.zeros(2, 4, 16, 2, 32, device=DEVICE).to(torch.float8_e4m3fn)
+    TritonAttentionBackend().warmup(cache, num_heads=4, max_model_len=64, query_dtype=torch.float32)
+    assert seen and set(seen) == {torch.float32}

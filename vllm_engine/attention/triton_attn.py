@@ -63,18 +63,20 @@ class TritonAttentionBackend(AttentionBackend):
         return [1 << i for i in range(top.bit_length())]
 
     @torch.inference_mode()
-    def warmup(self, kv_cache: torch.Tensor, num_heads: int, max_model_len: int) -> int:
+    def warmup(self, kv_cache: torch.Tensor, num_heads: int, max_model_len: int,
+               query_dtype: Optional[torch.dtype] = None) -> int:
         """Compiles, before any request, every kernel variant an eager (mixed or uncaptured) step can
         launch: the prefill kernel with and without decodes beside it, and the decode kernel and its
         reduce at each split count the plan can choose (Triton compiles one variant per value of a
         constexpr). Otherwise the first requests would wait for these compiles (seconds on an H100
         host). Launches on a 2-sequence batch (a 2-token prompt and a decode) that only reads
-        ``kv_cache``. Returns the number of launches."""
+        ``kv_cache``. ``query_dtype``: the model's dtype (default: the cache's; an fp8 cache's kernels
+        take queries in the model's dtype). Returns the number of launches."""
         from vllm_engine.attention import triton_kernels as K
 
         dev = kv_cache.device
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-        query = torch.zeros(3, num_heads, head_dim, dtype=kv_cache.dtype, device=dev)
+        query = torch.zeros(3, num_heads, head_dim, dtype=query_dtype or kv_cache.dtype, device=dev)
         out = torch.empty_like(query)
         block_tables = torch.zeros(2, block_table_width(1), dtype=torch.int32, device=dev)
         seq_lens = torch.tensor([2, 1], dtype=torch.int32, device=dev)

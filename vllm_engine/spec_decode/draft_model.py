@@ -126,7 +126,8 @@ class DraftModelRunner:
                 hf.hidden_size, self.model_config.dtype, self.device, stage_input=self.takes_hidden)
             self.graph_runner.capture()
         if hasattr(self.attn_backend, "warmup"):
-            self.attn_backend.warmup(self.kv_cache.gpu_caches[0], hf.num_attention_heads, max_len)
+            self.attn_backend.warmup(self.kv_cache.gpu_caches[0], hf.num_attention_heads, max_len,
+                                     query_dtype=self.model_config.dtype)
         max_rows, b, rows = self.config.scheduler.max_num_seqs, 1, set()
         while b < 2 * max_rows:  # the LM head's row buckets, as ModelRunner._warm_lm_head
             rows.update(r for r in (min(b, max_rows), min(b, max_rows) - 1) if r >= 1)

@@ -184,7 +184,8 @@ class ModelRunner:
         if self.device.type == "cuda" and hasattr(self.attn_backend, "warmup") and self.kv_cache.block_dim == 1:
             with self.startup("attention warm-up"):
                 num_heads = self.model_config.num_heads // self.tp_group.world_size  # this rank's query heads
-                n = self.attn_backend.warmup(self.kv_cache.gpu_caches[0], num_heads, self.model_config.max_model_len)
+                n = self.attn_backend.warmup(self.kv_cache.gpu_caches[0], num_heads, self.model_config.max_model_len,
+                                             query_dtype=self.dtype)
             logger.info("attention kernels warmed up for eager steps (%d variants)", n)
         picker = linear_picker(self.model)
         if picker is not None and self.pp_group.is_last_rank:  # layers.triton_linear.LinearPicker
