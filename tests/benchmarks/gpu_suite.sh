@@ -7,7 +7,7 @@
 #   then:          python tests/benchmarks/plot_scaling.py --latency results/latency_tp*.json \
 #                    --throughput results/throughput_70b_*.json --out docs/scaling.png
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # keeps wheels carried to the device (/tmp/site)
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 B=tests/benchmarks

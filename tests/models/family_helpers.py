@@ -106,10 +106,18 @@ def tokenizer_ids(tiny_dir: Path) -> dict:
     return dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=0)
 
 
-def load_ours_and_hf(path: Path, max_model_len: int = 256) -> tuple[Any, Any, Any]:
-    """(our model on the CPU in float32 with the torch attention backend, its ModelConfig, HF's model)."""
+def load_hf_reference(path: Path, **overrides: Any) -> Any:
+    """HF transformers' model of ``path`` in float32 with its eager attention: the reference
+    implementation of every family. (transformers 5.17 picks SDPA for Gemma 2 by default, which
+    drops the attention soft cap; later releases refuse SDPA there.)"""
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager",
+                                                **overrides).eval()
+
+
+def load_ours_and_hf(path: Path, max_model_len: int = 256) -> tuple[Any, Any, Any]:
+    """(our model on the CPU in float32 with the torch attention backend, its ModelConfig, HF's model)."""
     from vllm_engine.attention.torch_ref import TorchAttentionBackend
     from vllm_engine.config import EngineArgs
     from vllm_engine.model_loader import get_model
@@ -117,8 +125,7 @@ def load_ours_and_hf(path: Path, max_model_len: int = 256) -> tuple[Any, Any, An
     cfg = EngineArgs(model=str(path), dtype="float32", device="cpu",
                      max_model_len=max_model_len).create_engine_config().model
     model = get_model(cfg, torch.device("cpu"), TorchAttentionBackend())
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    return model, cfg, hf
+    return model, cfg, load_hf_reference(path)
 
 
 # Three sequences: chunks on cached prefixes, whole prompts and decodes mixed in each step.
@@ -135,11 +142,9 @@ def engine_greedy_matches_hf(path: Path, tol: float = 1e-4, num_gpu_blocks: int 
     """Greedy tokens and prompt logprobs of the whole engine (block size 4, an 8-token budget so
     prompts are chunked, ``num_gpu_blocks`` (14) for 4 requests so some are preempted) against HF; then prompts
     again, one at a time (the repeated one finds its prefix in the cache). Returns the scheduler's stats."""
-    from transformers import AutoModelForCausalLM
-
     from vllm_engine import Engine, SamplingParams
 
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = load_hf_reference(path)
     engine = Engine(model=str(path), dtype="float32", max_model_len=128, seed=0, block_size=4,
                     max_num_batched_tokens=8, max_num_seqs=4, num_gpu_blocks_override=num_gpu_blocks,
                     enable_prefix_caching=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.models.family_helpers import LENS, SCHEDULE, checkpoint_factory, engine_greedy_matches_hf, \
-    load_ours_and_hf, parallel_matches_one_rank_and_hf, spread_the_router, tokenizer_ids
+    load_hf_reference, load_ours_and_hf, parallel_matches_one_rank_and_hf, spread_the_router, tokenizer_ids
 
 LATENT, ROPE = 32, 8
 
@@ -64,11 +64,9 @@ def test_tp2_matches_one_rank_and_hf(deepseek_dir, tmp_path):
 
 def test_grouped_routing_matches_hf_routers(deepseek_dir):
     """Our routing (float32 router, grouped top-k, bias, scaling) picks HF's experts with HF's weights."""
-    from transformers import AutoModelForCausalLM
-
     for version in ("v2", "v3"):
         path = deepseek_dir(version)
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        hf = load_hf_reference(path)
         ours, _, _ = load_ours_and_hf(path)
         x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -109,15 +107,13 @@ def _run_latent_steps(model, seqs, schedule):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_the_latent_cache_layout_gives_hf_logits(backend, deepseek_dir):
     """With one vector per token in the cache (attention/mla.py; the Triton kernel under the interpreter)."""
-    from transformers import AutoModelForCausalLM
-
     from vllm_engine.attention.backend import get_attn_backend
     from vllm_engine.config import EngineArgs
     from vllm_engine.models.deepseek import DeepseekV2ForCausalLM
 
     path = deepseek_dir("v2")
     cfg = EngineArgs(model=str(path), dtype="float32", device="cpu", max_model_len=256).create_engine_config().model
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = load_hf_reference(path)
     model = DeepseekV2ForCausalLM(cfg.hf_config, get_attn_backend(torch.device("cpu"), backend), max_position=256)
     from safetensors.torch import load_file
 
@@ -135,7 +131,7 @@ def test_engine_caches_one_latent_vector_per_token_and_swaps_it(deepseek_dir):
     """The runner allocates the latent layout the attention declares ([blocks, block_size, L + rope]
     per layer): twice the blocks of K/V slots in the same space. Swap preemption moves those blocks
     (indexed on dim 0) and the greedy tokens stay HF's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from tests.models.family_helpers import MAX_TOKENS, PROMPTS, hf_greedy
     from vllm_engine import Engine, SamplingParams
@@ -149,7 +145,7 @@ def test_engine_caches_one_latent_vector_per_token_and_swaps_it(deepseek_dir):
     dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     assert cache.shape == (engine.num_gpu_blocks, 4, dim)
     assert engine.num_gpu_blocks == int(space * 2**30) // (4 * dim * 4 * cfg.num_hidden_layers)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = load_hf_reference(path)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = engine.generate(PROMPTS * 3, params, use_tqdm=False)
     for out in outs[: len(PROMPTS)]:

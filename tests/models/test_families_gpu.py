@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.e2e.test_engine_vs_hf import hf_greedy
-from tests.models.family_helpers import PROMPTS, tiny_checkpoint
+from tests.models.family_helpers import PROMPTS, load_hf_reference, tiny_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -46,15 +46,13 @@ def family_dir(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype,eager", [("float32", True), ("float32", False), ("bfloat16", False)])
 def test_gpu_engine_matches_hf(family, dtype, eager, family_dir):
-    from transformers import AutoModelForCausalLM
-
     from vllm_engine import Engine, SamplingParams
 
     if dtype == "bfloat16" and family in MOE:
         pytest.skip("bf16 rounding flips near-tie expert choices against HF's float32 (prompt logprobs off by "
                     "up to ~1 on the CPU too); float32 covers the MoE path")
     path = family_dir(family)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = load_hf_reference(path)
     engine = Engine(model=str(path), dtype=dtype, device="cuda", max_model_len=128, seed=0, enforce_eager=eager,
                     block_size=16, max_num_batched_tokens=32, max_num_seqs=8)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=1)

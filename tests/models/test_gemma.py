@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.family_helpers import checkpoint_factory, engine_greedy_matches_hf, paged_logits_match_hf, \
-    parallel_matches_one_rank_and_hf, tiny_checkpoint, tokenizer_ids
+from tests.models.family_helpers import checkpoint_factory, engine_greedy_matches_hf, load_hf_reference, \
+    paged_logits_match_hf, parallel_matches_one_rank_and_hf, tiny_checkpoint, tokenizer_ids
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
               max_position_embeddings=512, rms_norm_eps=1e-6)
@@ -59,16 +59,14 @@ def test_engine_greedy_matches_hf(version, gemma_dir):
 def test_the_soft_caps_and_window_change_the_logits(gemma_dir):
     """The Gemma 2 checkpoint's caps and window matter (so the test above can fail): without them
     HF's own logits move."""
-    from transformers import AutoModelForCausalLM
-
     path = gemma_dir("gemma2")
     ids = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(0))
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = load_hf_reference(path)
     with torch.no_grad():
         base = hf(ids).logits
         for field in ("attn_logit_softcapping", "sliding_window"):
             kw = {field: 10_000 if field == "sliding_window" else None}
-            changed = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw).eval()
+            changed = load_hf_reference(path, **kw)
             assert (changed(ids).logits - base).abs().max() > 1e-2, field
     assert base.abs().max() <= 3.0  # the final cap
 
@@ -94,8 +92,6 @@ def test_unsupported_settings_are_refused(gemma_dir):
 def test_the_gpu_path_through_the_interpreter_matches_hf(version, gemma_dir, paged_vs_hf, monkeypatch):
     """The kernels a GPU runs (fused (1 + w) norms and q/k norms with the rotary pass, the soft-capped,
     windowed Triton attention, our GEMV/GEMM with the norm folded in) under the Triton interpreter."""
-    from transformers import AutoModelForCausalLM
-
     from tests.kernels.test_triton_model import InterpretedTritonConfig, LongestFirst
     from vllm_engine.config import EngineArgs
     from vllm_engine.layers import fused_ops
@@ -104,7 +100,7 @@ def test_the_gpu_path_through_the_interpreter_matches_hf(version, gemma_dir, pag
     monkeypatch.setattr(fused_ops, "_use_triton", lambda x: True)
     path = gemma_dir(version)
     cfg = EngineArgs(model=str(path), dtype="float32", device="cpu", max_model_len=256).create_engine_config().model
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = load_hf_reference(path)
     model = GemmaForCausalLM(cfg.hf_config, LongestFirst(prefill_block_m=16, tile_n=16), max_position=256,
                              dtype=torch.float32, quant_config=InterpretedTritonConfig())
     model.load_weights(iter(_checkpoint(path)))

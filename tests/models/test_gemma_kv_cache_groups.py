@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.e2e.test_engine_vs_hf import hf_greedy
-from tests.models.family_helpers import checkpoint_factory, tokenizer_ids
+from tests.models.family_helpers import checkpoint_factory, load_hf_reference, tokenizer_ids
 
 WINDOW, BLOCK, MAX_TOKENS = 16, 4, 64
 PROMPTS = ["The quick brown fox jumps over the lazy dog and keeps running far away",
@@ -54,7 +54,7 @@ def gemma_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_tokens(gemma_dir):
     """HF's greedy continuations of PROMPTS, per version (computed once)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     cache = {}
 
@@ -62,7 +62,7 @@ def hf_tokens(gemma_dir):
         if version not in cache:
             path = gemma_dir(version)
             tok = AutoTokenizer.from_pretrained(str(path))
-            hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+            hf = load_hf_reference(path)
             cache[version] = [hf_greedy(hf, tok(p).input_ids, MAX_TOKENS)[0] for p in PROMPTS]
         return cache[version]
 

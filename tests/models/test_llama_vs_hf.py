@@ -6,18 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.models.family_helpers import load_hf_reference
 from vllm_engine.attention.torch_ref import TorchAttentionBackend
 from vllm_engine.config import EngineArgs
 from vllm_engine.model_loader import get_model
 
 @pytest.mark.parametrize("arch", ["llama", "llama3_rope", "tied", "mistral", "qwen2", "qwen3"])
 def test_logits_match_hf(arch, tiny_model_dir, paged_vs_hf):
-    from transformers import AutoModelForCausalLM
-
     path = tiny_model_dir(arch)
     cfg = EngineArgs(model=str(path), dtype="float32", device="cpu", max_model_len=256).create_engine_config().model
     model = get_model(cfg, torch.device("cpu"), TorchAttentionBackend())
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = load_hf_reference(path)
     # Lengths past the Mistral window (16) and past llama3's original context (32).
     lens = [39, 21, 7]
     schedule = [
