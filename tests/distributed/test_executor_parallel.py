@@ -27,7 +27,7 @@ def references(tiny_model_dir):
     def get(arch: str):
         if arch not in built:
             path = tiny_model_dir(arch)
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
             single = Engine(model=str(path), **ENGINE_KWARGS)
             prompt_ids = [single.tokenize(p) for p in PROMPTS]
             outs = single.generate(PROMPTS, _greedy(logprobs=2, prompt_logprobs=1), use_tqdm=False)

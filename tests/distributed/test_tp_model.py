@@ -163,7 +163,7 @@ def check_against_one_rank_and_hf(got: dict, path: str, load_format: str = "auto
         return
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     for prompt, toks, g in zip(PROMPTS, got["tokens"], got["logits"]):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt + toks[:-1]])).logits[0]

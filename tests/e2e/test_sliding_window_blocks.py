@@ -46,6 +46,6 @@ def test_long_generations_match_hf_with_blocks_freed(tiny_model_dir, async_sched
     full = sum(-(-(len(p) + 64) // BLOCK) for p in ids)
     print(f"peak KV blocks in use: {peak_used} (full attention: {full})")
     assert peak_used <= 3 * 12 < full
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     for i, p in enumerate(ids):
         assert outs[str(i)] == hf_greedy(hf, p, 64)[0], i

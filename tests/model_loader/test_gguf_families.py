@@ -117,7 +117,7 @@ def load_from_gguf(gguf_file: Path, hf_dir: Path):
                      max_model_len=256).create_engine_config().model
     assert cfg.load_format == "gguf"
     model = get_model(cfg, torch.device("cpu"), TorchAttentionBackend())
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager").eval()
     return model, cfg, hf
 
 
@@ -145,7 +145,7 @@ def test_gguf_engine_greedy_matches_hf(variant, gguf_pair):
     gguf_file, hf_dir = gguf_pair(variant, "F16")
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager").eval()
     engine = Engine(model=str(gguf_file), tokenizer=str(hf_dir), dtype="float32", max_model_len=128, seed=0,
                     block_size=4, max_num_batched_tokens=8, max_num_seqs=4, enable_prefix_caching=True)
     prompts = ["Hello, my name is", "The capital of France is a city that", "Hello, my name is"]
