@@ -324,12 +324,9 @@ class EngineArgs:
         spec = SpeculativeConfig.from_user(self.speculative_config)
         if spec is None:
             return None
-        if spec.method not in ("ngram", "draft_model", "eagle"):
-            raise ValueError(f"speculative_config.method {spec.method!r} is not served yet: only 'ngram', "
-                             "'draft_model' and 'eagle' (docs/speculative_decoding.md).")
         if parallel.pipeline_parallel_size > 1:
             raise ValueError("speculative_config cannot be combined with pipeline_parallel_size > 1 yet.")
-        if spec.method in ("draft_model", "eagle"):
+        if spec.method in ("draft_model", "eagle", "eagle3"):
             if parallel.tensor_parallel_size > 1 or (spec.draft_tensor_parallel_size or 1) > 1:
                 raise ValueError("speculative_config.model: a draft model is served with tensor_parallel_size=1 "
                                  "only so far.")

@@ -99,7 +99,9 @@ def test_cli_flag_reaches_the_engine_config(tiny_model_dir):
 @pytest.mark.parametrize("spec, kwargs, match", [
     ({"model": "/no/draft", "num_speculative_tokens": 2}, {}, r"speculative_config\.model cannot be loaded"),
     ({"model": "/no/draft", "num_speculative_tokens": 2}, {"tensor_parallel_size": 2}, r"speculative_config\.model"),
-    ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, {}, r"speculative_config\.method 'eagle3'"),
+    ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, {}, r"speculative_config\.model cannot be loaded"),
+    ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, {"tensor_parallel_size": 2},
+     r"speculative_config\.model: a draft model is served with tensor_parallel_size=1"),
     ({"method": "ngram", "num_speculative_tokens": 2}, {"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
     ('{"method": "ngram"}', {}, r"speculative_config\.num_speculative_tokens"),
 ])

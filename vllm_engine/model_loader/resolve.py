@@ -66,8 +66,11 @@ def bundled_configs() -> dict[str, Path]:
     return {p.stem.lower(): p for p in sorted(CONFIG_DIR.glob("*.json"))}
 
 
-def resolve_model(model: str, load_format: str = "auto", tokenizer: Optional[str] = None) -> ResolvedModel:
-    """See the module docstring. Raises ValueError with the reason for anything it cannot use."""
+def resolve_model(model: str, load_format: str = "auto", tokenizer: Optional[str] = None,
+                  check_architecture: bool = True) -> ResolvedModel:
+    """See the module docstring. Raises ValueError with the reason for anything it cannot use.
+    ``check_architecture`` False: the config's architecture need not be a served model (an EAGLE
+    head's, e.g. LlamaForCausalLMEagle3, which its own loader builds)."""
     if load_format not in _LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {load_format!r}.")
     if not model:
@@ -89,7 +92,8 @@ def resolve_model(model: str, load_format: str = "auto", tokenizer: Optional[str
         )
     if tokenizer is not None:
         resolved.tokenizer = tokenizer
-    _check_architecture(resolved.hf_config)
+    if check_architecture:
+        _check_architecture(resolved.hf_config)
     return resolved
 
 

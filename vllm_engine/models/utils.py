@@ -4,7 +4,7 @@ checkpoint-name bookkeeping of ``load_weights``."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -47,10 +47,15 @@ class DecoderStack(nn.Module):
     residual) -> (out, _)``. On a stage other than the first, ``intermediate_tensors`` is the
     previous stage's output (``input_ids`` is unused); a stage other than the last returns
     ``IntermediateTensors``.
+
+    Auxiliary hidden states (EAGLE-3): after ``keep_aux_hidden_states``, each forward also copies
+    the residual stream entering chosen layers into a buffer the stack owns; without that call the
+    layer loop is the plain one.
     """
 
     final_norm: nn.Module  # the last stage's norm (add_final_norm), a plain attribute: no Module lookup per step
     stage_layers: list[nn.Module]  # this stage's layers (stage_modules), a plain list: fast to iterate
+    aux_hidden: Optional[torch.Tensor] = None  # keep_aux_hidden_states' buffer; None: nothing kept
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -58,6 +63,8 @@ class DecoderStack(nn.Module):
         self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
         self.start_layer, self.end_layer = get_pp_indices(config.num_hidden_layers, pp.rank, pp.world_size)
         self.num_hidden_layers = config.num_hidden_layers
+        self.hidden_size = getattr(config, "hidden_size", None)
+        self._aux_columns: dict[int, torch.Tensor] = {}  # layer index -> its view of aux_hidden
 
     def first_stage_only(self, build: Callable[[], nn.Module]) -> nn.Module:
         return build() if self.is_first_stage else PPMissingLayer()
@@ -92,12 +99,55 @@ class DecoderStack(nn.Module):
             hidden, residual = self.embed(input_ids, positions), None
         else:
             hidden, residual = intermediate_tensors.hidden_states, intermediate_tensors.residual
-        for i, layer in enumerate(self.stage_layers):
-            hidden, residual = layer(positions, hidden, residual, kv_caches[i], attn_metadata)
+        if self.aux_hidden is None:
+            for i, layer in enumerate(self.stage_layers):
+                hidden, residual = layer(positions, hidden, residual, kv_caches[i], attn_metadata)
+        else:
+            hidden, residual = self._layers_keeping_aux(positions, hidden, residual, kv_caches, attn_metadata)
         if not self.is_last_stage:
             return IntermediateTensors(hidden, residual)
         hidden, _ = self.final_norm(hidden, residual)
         return hidden
+
+    def keep_aux_hidden_states(self, layer_ids: Sequence[int], max_tokens: int, dtype: torch.dtype,
+                               device: torch.device) -> torch.Tensor:
+        """From now on every forward also writes, for each token row r < T (its T tokens) and the j-th
+        id of ``layer_ids``, the residual stream entering that layer (hidden + residual, vLLM's
+        EAGLE-3 auxiliary hidden state; HF's ``output_hidden_states[id]``; layer 0: the embedding)
+        into row r, columns [j * H, (j + 1) * H) of the returned buffer [max_tokens, len(ids) * H].
+
+        The buffer is allocated here, once, and written in place (one copy or add per chosen layer,
+        no allocation): a CUDA graph captured after this call writes it on replay. One pipeline
+        stage only; a forward of more than ``max_tokens`` tokens is a RuntimeError. ValueError for
+        ids outside [0, num_hidden_layers) or repeated."""
+        if not (self.is_first_stage and self.is_last_stage):
+            raise ValueError("auxiliary hidden states are kept with one pipeline stage only")
+        ids = [int(i) for i in layer_ids]
+        if not ids or len(set(ids)) != len(ids) or not all(0 <= i < self.num_hidden_layers for i in ids):
+            raise ValueError(f"auxiliary hidden state layers {ids} must be distinct layer indices in "
+                             f"[0, {self.num_hidden_layers})")
+        h = self.hidden_size
+        self.aux_hidden = torch.zeros(max_tokens, len(ids) * h, dtype=dtype, device=device)
+        self._aux_columns = {i: self.aux_hidden[:, j * h: (j + 1) * h] for j, i in enumerate(ids)}
+        return self.aux_hidden
+
+    def _layers_keeping_aux(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                            kv_caches: list[torch.Tensor], attn_metadata: AttentionMetadata
+                            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The layer loop of ``forward``, writing ``aux_hidden`` on the way (``keep_aux_hidden_states``)."""
+        n = hidden.shape[0]
+        if n > self.aux_hidden.shape[0]:
+            raise RuntimeError(f"a forward of {n} tokens exceeds the auxiliary hidden state buffer "
+                               f"({self.aux_hidden.shape[0]} rows)")
+        for i, layer in enumerate(self.stage_layers):
+            out = self._aux_columns.get(self.start_layer + i)
+            if out is not None:
+                if residual is None:
+                    out[:n].copy_(hidden)
+                else:
+                    torch.add(hidden, residual, out=out[:n])
+            hidden, residual = layer(positions, hidden, residual, kv_caches[i], attn_metadata)
+        return hidden, residual
 
 
 def layer_sliding_window(config: Any, layer_idx: int) -> Optional[int]:

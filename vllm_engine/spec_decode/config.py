@@ -113,16 +113,18 @@ class SpeculativeConfig:
         resolved as the target ``target`` (a ModelConfig) is: its dtype, max_model_len and seed;
         dummy weights when the target has them. ValueError naming ``speculative_config.model`` when
         it cannot be found, does not share the target's vocabulary (an EAGLE head: or its hidden
-        size, or has other than one layer), or is too short for max_model_len."""
+        size, or has other than one layer; an EAGLE-3 head: see ``_check_eagle3_head``), or is too
+        short for max_model_len."""
         from vllm_engine.config import ModelConfig
         from vllm_engine.model_loader.resolve import resolve_model
         from vllm_engine.quantization import get_quant_config, resolve_quantization
 
-        eagle = self.method == "eagle"
-        # An EAGLE head's weights are read by its own loader (spec_decode/eagle.py): the config only here.
+        eagle = self.method in ("eagle", "eagle3")
+        # An EAGLE head's weights are read by its own loader (spec_decode/eagle.py): the config only
+        # here; its architecture (LlamaForCausalLMEagle3...) is the head's, not a served model's.
         load_format = "dummy" if target.load_format == "dummy" or eagle else "auto"
         try:
-            resolved = resolve_model(self.model, load_format=load_format)
+            resolved = resolve_model(self.model, load_format=load_format, check_architecture=not eagle)
         except ValueError as e:
             raise _error("model", f"cannot be loaded as a draft model: {e}") from e
         hf = resolved.hf_config
@@ -135,7 +137,7 @@ class SpeculativeConfig:
             raise _error("model", f"{self.model!r} has max_position_embeddings {max_len} < max_model_len "
                                   f"{target.max_model_len}: lower max_model_len.")
         if eagle:
-            _check_eagle_head(self.model, hf, target)
+            _check_eagle_head(self.model, hf, target, eagle3=self.method == "eagle3")
             return replace(self, draft_model_config=ModelConfig(
                 model=self.model, model_path=resolved.model_path,
                 load_format="dummy" if target.load_format == "dummy" else "eagle", hf_config=hf, dtype=target.dtype,
@@ -174,15 +176,59 @@ def _resolve_method(method: Any, model: Optional[str]) -> str:
     return "draft_model"
 
 
-def _check_eagle_head(model: str, hf: Any, target: Any) -> None:
-    """An EAGLE-1 head: one Llama-style layer over features of the target's hidden size."""
+def _check_eagle_head(model: str, hf: Any, target: Any, eagle3: bool = False) -> None:
+    """An EAGLE head: one Llama-style layer over features of the target's hidden size (EAGLE-3:
+    and ``_check_eagle3_head``)."""
+    kind = "an EAGLE-3" if eagle3 else "an EAGLE-1"
     if getattr(hf, "model_type", "llama") not in ("llama", "mistral", "qwen2"):
         raise _error("model", f"{model!r} is a {hf.model_type!r} head: EAGLE heads are Llama layers.")
     if hf.num_hidden_layers != 1:
-        raise _error("model", f"{model!r} has {hf.num_hidden_layers} layers: an EAGLE-1 head has one.")
+        raise _error("model", f"{model!r} has num_hidden_layers {hf.num_hidden_layers}: {kind} head has one.")
     if hf.hidden_size != target.hf_config.hidden_size:
         raise _error("model", f"{model!r} has hidden_size {hf.hidden_size}, the target {target.model!r} "
                               f"{target.hf_config.hidden_size}: an EAGLE head reads the target's hidden states.")
+    if eagle3:
+        _check_eagle3_head(model, hf, target)
+
+
+def _check_eagle3_head(model: str, hf: Any, target: Any) -> None:
+    """An EAGLE-3 head's own fields: ``target_hidden_size`` (when given) the target's hidden size,
+    ``draft_vocab_size`` (when given) in [1, vocab_size], the auxiliary layers (``eagle3_aux_layer_ids``)
+    layers of the target, and no ``eagle_config.use_aux_hidden_state`` false (a head without fc)."""
+    width = getattr(hf, "target_hidden_size", None)
+    if width is not None and width != target.hf_config.hidden_size:
+        raise _error("model", f"{model!r} has target_hidden_size {width}, the target {target.model!r} "
+                              f"hidden_size {target.hf_config.hidden_size}.")
+    draft_vocab = getattr(hf, "draft_vocab_size", None)
+    if draft_vocab is not None and (not isinstance(draft_vocab, int) or not 1 <= draft_vocab <= hf.vocab_size):
+        raise _error("model", f"{model!r} has draft_vocab_size {draft_vocab!r}: it must be in [1, vocab_size "
+                              f"{hf.vocab_size}].")
+    eagle_config = getattr(hf, "eagle_config", None) or {}
+    if isinstance(eagle_config, dict) and eagle_config.get("use_aux_hidden_state", True) is False:
+        raise _error("model", f"{model!r} has eagle_config.use_aux_hidden_state false: only EAGLE-3 heads over "
+                              "the target's auxiliary hidden states are served.")
+    eagle3_aux_layer_ids(model, hf, target.hf_config.num_hidden_layers)
+
+
+def eagle3_aux_layer_ids(model: str, hf: Any, num_target_layers: int) -> tuple[int, ...]:
+    """The target layers whose entering residual stream an EAGLE-3 head reads, low to high: the
+    head config's ``eagle_aux_hidden_state_layer_ids`` (top level, or in ``eagle_config``), else
+    vLLM's default (2, L // 2, L - 3) for a target of L layers. ValueError naming
+    ``speculative_config.model`` unless they are distinct layers in [0, L)."""
+    eagle_config = getattr(hf, "eagle_config", None)
+    ids = getattr(hf, "eagle_aux_hidden_state_layer_ids", None)
+    if ids is None and isinstance(eagle_config, dict):
+        ids = eagle_config.get("eagle_aux_hidden_state_layer_ids")
+    field = "eagle_aux_hidden_state_layer_ids"
+    if ids is None:
+        L = num_target_layers
+        ids, field = (2, L // 2, L - 3), f"the default auxiliary layers (2, L // 2, L - 3) for L = {L}"
+    if (not isinstance(ids, (list, tuple)) or not ids or len(set(ids)) != len(ids)
+            or not all(isinstance(i, int) and 0 <= i < num_target_layers for i in ids)):
+        raise _error("model", f"{model!r}: {field} {list(ids) if isinstance(ids, (list, tuple)) else ids!r} "
+                              f"must be distinct layers of the target's {num_target_layers}: set "
+                              "eagle_aux_hidden_state_layer_ids in the head's config.json.")
+    return tuple(ids)
 
 
 def _check_same_tokenizer(model: str, draft_source: Optional[str], target_source: Optional[str],

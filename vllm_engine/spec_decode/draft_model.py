@@ -62,7 +62,8 @@ class DraftSlots:
 def make_drafter(config: "EngineConfig", device: torch.device, attn_backend,
                  target: "nn.Module") -> Optional["DraftModelRunner"]:
     """The worker's proposer model for ``config.speculative`` (None for n-gram or no speculation):
-    a ``DraftModelRunner``, or an ``EagleProposer`` (spec_decode/eagle.py) fed ``target``'s hidden states."""
+    a ``DraftModelRunner``, an ``EagleProposer`` (spec_decode/eagle.py) fed ``target``'s hidden
+    states, or an ``Eagle3Proposer`` (spec_decode/eagle3.py) fed three of its layers' states."""
     spec = config.speculative
     if spec is None or spec.method == "ngram":
         return None
@@ -70,6 +71,10 @@ def make_drafter(config: "EngineConfig", device: torch.device, attn_backend,
         from vllm_engine.spec_decode.eagle import EagleProposer
 
         return EagleProposer(config, device, attn_backend, target)
+    if spec.method == "eagle3":
+        from vllm_engine.spec_decode.eagle3 import Eagle3Proposer
+
+        return Eagle3Proposer(config, device, attn_backend, target)
     return DraftModelRunner(config, device, attn_backend, target)
 
 

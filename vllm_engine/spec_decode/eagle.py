@@ -106,7 +106,6 @@ class EagleHead(nn.Module):
 
 def load_eagle_head(model_config: "ModelConfig", target: nn.Module, device: torch.device, attn_backend) -> EagleHead:
     """The head of ``model_config`` (its checkpoint, or dummy weights) over ``target``."""
-    from vllm_engine.model_loader import process_weights_after_loading
     from vllm_engine.quantization import get_quant_config
 
     quant_config = get_quant_config(model_config.hf_config, device, None)
@@ -115,13 +114,32 @@ def load_eagle_head(model_config: "ModelConfig", target: nn.Module, device: torc
                          model_config.dtype, quant_config)
     with torch.no_grad():
         head.fc.bias.zero_()  # heads without one
+    return load_head(head, model_config, device, optional={"fc.bias"})
+
+
+def load_head(head: nn.Module, model_config: "ModelConfig", device: torch.device,
+              optional: frozenset[str] | set[str] = frozenset()) -> nn.Module:
+    """``head`` (built on ``device``; its ``load_weights`` takes the checkpoint's (name, tensor)
+    pairs and returns the names it loaded) filled from ``model_config``'s checkpoint, or with dummy
+    weights when its load_format is "dummy"; processed after loading, in eval mode. A tensor the
+    head refuses, or a parameter left without one (but those in ``optional``), is a ValueError
+    naming ``speculative_config.model``."""
+    from vllm_engine.model_loader import process_weights_after_loading
+
+    with torch.no_grad():
         if model_config.load_format == "dummy":
             from vllm_engine.model_loader.weights import init_dummy_weights
 
             init_dummy_weights(head, model_config.seed)
         else:
-            loaded = head.load_weights(_checkpoint_tensors(Path(model_config.model_path), device, model_config.dtype))
-            missing = sorted(utils.expected_weights(head, LLAMA_STYLE_MAPPING) - loaded - {"fc.bias"})
+            try:
+                loaded = head.load_weights(_checkpoint_tensors(Path(model_config.model_path), device,
+                                                               model_config.dtype))
+            except ValueError as e:
+                if str(e).startswith("speculative_config."):
+                    raise
+                raise ValueError(f"speculative_config.model: {model_config.model!r}: {e}") from e
+            missing = sorted(utils.expected_weights(head, LLAMA_STYLE_MAPPING) - loaded - set(optional))
             if missing:
                 raise ValueError(f"speculative_config.model: {model_config.model!r} lacks the EAGLE head's "
                                  f"{', '.join(missing[:6])}.")
@@ -130,6 +148,8 @@ def load_eagle_head(model_config: "ModelConfig", target: nn.Module, device: torc
 
 
 def _checkpoint_tensors(path: Path, device: torch.device, dtype: torch.dtype) -> Iterable[tuple[str, torch.Tensor]]:
+    """The checkpoint's (name, tensor) pairs on ``device``, floating tensors cast to ``dtype``
+    (integer ones, an EAGLE-3 head's ``d2t``, keep theirs)."""
     if any(path.glob("*.safetensors")):
         from vllm_engine.model_loader.weights import iter_safetensors
 
@@ -140,7 +160,7 @@ def _checkpoint_tensors(path: Path, device: torch.device, dtype: torch.dtype) ->
         raise ValueError(f"speculative_config.model: no *.safetensors or *.bin weights in {str(path)!r}.")
     for f in bins:
         for name, tensor in torch.load(f, map_location="cpu", weights_only=True).items():
-            yield name, tensor.to(device=device, dtype=dtype)
+            yield name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
 
 
 class EagleProposer(DraftModelRunner):
