@@ -17,7 +17,10 @@ from safetensors.torch import load_file, save_file
 from tests.spec_decode.test_engine_spec import PARAMS, PROMPTS, check_engine_state, token_ids
 from vllm_engine import Engine, SamplingParams
 
-COMMON = dict(dtype="float32", max_model_len=256, seed=0)
+# On a GPU, fixed pools: several engines live at once in these tests (a profiled one takes most of
+# the device, and the next finds no memory for its KV cache).
+COMMON = dict(dtype="float32", max_model_len=256, seed=0,
+              **({"num_gpu_blocks_override": 1024} if torch.cuda.is_available() else {}))
 
 
 def eagle_spec(head, k: int = 3) -> dict:
@@ -157,7 +160,7 @@ def bigram(target, target_cfg, tmp_path_factory):
                          ids=["default", "chunked"])
 def test_a_head_that_predicts_gets_accepted(bigram, kwargs):
     model, head = bigram
-    engine = Engine(model=str(model), speculative_config=eagle_spec(head, k=4), **COMMON, **kwargs)
+    engine = Engine(model=str(model), speculative_config=eagle_spec(head, k=4), **{**COMMON, **kwargs})
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     got = engine.generate(PROMPTS[:3], params, use_tqdm=False)
     stats = engine.get_stats().spec_decode
@@ -240,7 +243,7 @@ def test_features_are_the_targets_hidden_states(bigram):
      "max_num_seqs": 4, "enable_prefix_caching": False},
 ], ids=["default", "chunked", "preempt", "async-chunked-preempt"])
 def test_greedy_tokens_equal_plain_decoding(target, head, baseline, kwargs):
-    engine = Engine(model=str(target), speculative_config=eagle_spec(head), **COMMON, **kwargs)
+    engine = Engine(model=str(target), speculative_config=eagle_spec(head), **{**COMMON, **kwargs})
     got = engine.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False)
     assert token_ids(got) == token_ids(baseline.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False))
     assert engine.get_stats().spec_decode.num_draft_tokens > 0

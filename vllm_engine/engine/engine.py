@@ -143,7 +143,9 @@ class Engine:
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Stops the executor's ranks (worker processes); the engine cannot step afterwards. Idempotent."""
+        """Stops the executor's ranks (worker processes, or the in-process rank, whose device memory
+        is released); the engine cannot step afterwards. Idempotent."""
+        self.model_runner = None
         executor = getattr(self, "executor", None)
         if executor is not None:
             executor.shutdown()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
+
+import torch
 
 from vllm_engine.config import EngineConfig
 from vllm_engine.core.sched_output import ModelRunnerOutput
@@ -32,4 +35,14 @@ class UniProcExecutor(Executor):
         return self.model_runner.execute_model(request)
 
     def shutdown(self) -> None:
+        """Leaves the process group and lets go of the rank (model, KV cache, CUDA graphs): on CUDA
+        their memory goes back to the device once nothing else holds them, so another engine can
+        start in this process. Idempotent."""
+        if self.worker is None:
+            return
         self.worker.shutdown()
+        device = self.model_runner.device
+        self.worker = self.model_runner = None
+        if device.type == "cuda":
+            gc.collect()  # the runner's reference cycles (graphs, hooks) hold device tensors
+            torch.cuda.empty_cache()
