@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from tests.conftest import build_tiny_tokenizer, save_random_hf_model, tiny_config
-from tests.spec_decode.test_engine_spec import PARAMS, PROMPTS, check_engine_state, token_ids
+from tests.spec_decode.test_engine_spec import GPU_POOL, PARAMS, PROMPTS, check_engine_state, token_ids
 from vllm_engine import Engine, SamplingParams
 
 K = 3
-COMMON = dict(dtype="float32", max_model_len=256, seed=0)
+COMMON = dict(dtype="float32", max_model_len=256, seed=0, **GPU_POOL)
 
 
 def spec(draft, **extra) -> dict:
@@ -89,7 +89,7 @@ SCENARIOS = {
 def test_greedy_tokens_equal_plain_decoding(target, near_draft, expected, name):
     kwargs = dict(SCENARIOS[name])
     extra = {f: kwargs.pop(f) for f in ("disable_by_batch_size", "adaptive") if f in kwargs}
-    engine = Engine(model=str(target), speculative_config=spec(near_draft, **extra), **COMMON, **kwargs)
+    engine = Engine(model=str(target), speculative_config=spec(near_draft, **extra), **{**COMMON, **kwargs})
     got = engine.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False)
     assert token_ids(got) == token_ids(expected)
     assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
@@ -228,7 +228,7 @@ def test_kv_cache_sized_with_both_models(target, small_draft):
     """The cache space holds the target's and the draft's bytes for every block."""
     space_gib = 0.0002
     engine = Engine(model=str(target), speculative_config=spec(small_draft), cpu_kv_cache_space=space_gib,
-                    block_size=4, device="cpu", **COMMON)
+                    block_size=4, device="cpu", **{**COMMON, "num_gpu_blocks_override": None})
     runner = engine.model_runner
     per_block = runner.kv_cache_spec().bytes_per_block + runner.drafter.kv_cache_spec().bytes_per_block
     assert engine.num_gpu_blocks == int(space_gib * 2**30) // per_block

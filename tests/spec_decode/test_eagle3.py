@@ -15,13 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.spec_decode.test_engine_spec import PARAMS, PROMPTS, check_engine_state, token_ids
+from tests.spec_decode.test_engine_spec import GPU_POOL, PARAMS, PROMPTS, check_engine_state, token_ids
 from vllm_engine import Engine, SamplingParams
 
-# On a GPU, fixed pools: several engines live at once in these tests (a profiled one takes most of
-# the device, and the next finds no memory for its KV cache).
-COMMON = dict(dtype="float32", max_model_len=256, seed=0,
-              **({"num_gpu_blocks_override": 1024} if torch.cuda.is_available() else {}))
+COMMON = dict(dtype="float32", max_model_len=256, seed=0, **GPU_POOL)
 NUM_LAYERS = 8  # vLLM's default auxiliary layers: (2, 4, 5)
 
 

@@ -5,6 +5,7 @@ strings, stop token ids, logprobs, async scheduling and max_tokens ending inside
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import CORPUS
 from vllm_engine import Engine, SamplingParams
@@ -22,6 +23,11 @@ PARAMS[2] = SamplingParams(temperature=0.0, max_tokens=23, repetition_penalty=1.
 PARAMS[3] = SamplingParams(temperature=0.0, max_tokens=28, min_tokens=22, logit_bias={5: 2.0})
 
 
+# On a GPU, a fixed block pool: these tests keep several engines alive at once (a profiled one takes
+# most of the device, and the next finds no memory for its KV cache).
+GPU_POOL = {"num_gpu_blocks_override": 1024} if torch.cuda.is_available() else {}
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     return str(tiny_model_dir("llama"))
@@ -29,7 +35,7 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def baseline(tiny):
-    return Engine(model=tiny, dtype="float32", max_model_len=256, seed=0)
+    return Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, **GPU_POOL)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +69,7 @@ def check_engine_state(engine: Engine) -> None:
 def test_greedy_tokens_equal_plain_decoding(tiny, expected, kwargs):
     kwargs = dict(kwargs)
     spec = {**NGRAM, **{f: kwargs.pop(f) for f in ("disable_by_batch_size", "adaptive") if f in kwargs}}
-    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=spec, **kwargs)
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=spec, **{**GPU_POOL, **kwargs})
     got = engine.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False)
     assert token_ids(got) == token_ids(expected)
     assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
@@ -83,7 +89,7 @@ def test_greedy_tokens_equal_plain_decoding(tiny, expected, kwargs):
 def test_prefix_cache_after_speculation_holds_only_verified_tokens(tiny, baseline):
     """Second round: each prompt is the first round's whole sequence, so it hits the blocks computed
     while speculating; a block cached with a rejected proposal's K/V in it would change the tokens."""
-    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, block_size=4, speculative_config=NGRAM)
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, block_size=4, speculative_config=NGRAM, **GPU_POOL)
     params = SamplingParams(temperature=0.0, max_tokens=40)
     first = engine.generate(PROMPTS, params, use_tqdm=False)
     assert engine.get_stats().spec_decode.num_draft_tokens > engine.get_stats().spec_decode.num_accepted_tokens
@@ -98,7 +104,7 @@ def test_prefix_cache_after_speculation_holds_only_verified_tokens(tiny, baselin
 def test_stop_strings_end_inside_a_step(tiny, baseline):
     """A stop string completed by a token that a verifying step gave before its last one: the text,
     tokens and logprobs end there, as in the plain run (which gets that token alone)."""
-    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=NGRAM)
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=NGRAM, **GPU_POOL)
     # Which tokens arrive inside a multi-token step, from the streamed outputs of an unstopped run.
     engine.add_request("probe", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=50))
     seen, inner = 0, []
@@ -128,7 +134,7 @@ def test_stop_strings_end_inside_a_step(tiny, baseline):
 
 
 def test_seeded_sampling_reproduces(tiny):
-    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=NGRAM)
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=NGRAM, **GPU_POOL)
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=30, seed=7, repetition_penalty=1.1)
     a = engine.generate(PROMPTS[:3], params, use_tqdm=False)
     b = engine.generate(PROMPTS[:3], params, use_tqdm=False)
@@ -142,7 +148,7 @@ def test_smollm2_gguf_greedy_equal(smollm2_gguf):
     msgs = [{"role": "user", "content": f"Repeat this sentence exactly: {passage}"}]
     params = SamplingParams(temperature=0.0, max_tokens=24)
     # float32 on a GPU too: bf16 rounding differs between the decode and the multi-token kernels.
-    engine = Engine(model=str(smollm2_gguf), max_model_len=256, dtype="float32", speculative_config=NGRAM)
+    engine = Engine(model=str(smollm2_gguf), max_model_len=256, dtype="float32", speculative_config=NGRAM, **GPU_POOL)
     spec = engine.chat(msgs, params, use_tqdm=False)
     # The reference: the same engine with nothing proposing, which decodes plainly (one model load).
     engine.proposer = None
@@ -161,7 +167,7 @@ def test_structured_output_requests_propose_and_keep_their_grammar(tiny, baselin
 
     from vllm_engine.sampling_params import StructuredOutputsParams
 
-    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=NGRAM)
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=NGRAM, **GPU_POOL)
     greedy = SamplingParams(temperature=0.0, max_tokens=120,
                             structured_outputs=StructuredOutputsParams(regex=r"(The quick brown fox\. ){4}"))
     prompt = "The quick brown fox. The quick"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.spec_decode.test_engine_spec import GPU_POOL
 from vllm_engine import Engine, SamplingParams
 from vllm_engine.serving.metrics import ServerMetrics
 
 
 def test_metrics_expose_the_engine_counters(tiny_model_dir):
-    engine = Engine(model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=128, seed=0,
+    engine = Engine(model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=128, seed=0, **GPU_POOL,
                     speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
     engine.generate(["One two three four five six seven eight one two three four five six"],
                     SamplingParams(temperature=0.0, max_tokens=30), use_tqdm=False)
@@ -31,13 +32,13 @@ def test_metrics_expose_the_engine_counters(tiny_model_dir):
 
 
 def test_no_spec_metrics_when_off(tiny_model_dir):
-    engine = Engine(model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=128, seed=0)
+    engine = Engine(model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=128, seed=0, **GPU_POOL)
     assert engine.get_stats().spec_decode is None
     assert "spec_decode" not in ServerMetrics("m", engine.get_stats).render().decode()
 
 
 def test_step_profile_counts_the_proposed_tokens(tiny_model_dir):
-    engine = Engine(model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=128, seed=0,
+    engine = Engine(model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=128, seed=0, **GPU_POOL,
                     speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
                                         "adaptive": False})
     profile = engine.enable_step_profile()
