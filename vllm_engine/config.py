@@ -161,7 +161,7 @@ class EngineArgs:
     kv_cache_dtype: str = field(default="auto", metadata=_arg(
         "KV cache element type: auto (the model's dtype) or fp8 (e4m3, per-tensor scale 1, values clamped to "
         "+-448: half the bytes per block).", choices=list(KV_CACHE_DTYPES)))
-    gpu_memory_utilization: float = field(default=0.9, metadata=_arg("Fraction of GPU memory for weights, activations and KV cache."))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_arg("This engine's fraction of GPU memory (weights, activations, KV cache), as in vLLM: two engines at 0.45 share a GPU."))
     swap_space: float = field(default=4.0, metadata=_arg("CPU swap space for preempted requests' KV blocks, GiB."))
     cpu_kv_cache_space: float = field(default=2.0, metadata=_arg("KV cache size on the CPU, GiB."))
     num_gpu_blocks_override: Optional[int] = field(default=None, metadata=_arg("Use this many KV blocks instead of profiling."))

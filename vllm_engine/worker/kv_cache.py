@@ -95,6 +95,59 @@ def determine_num_blocks(config: EngineConfig, spec: KVCacheSpec,
     return num_blocks, num_cpu_blocks
 
 
+@dataclass(frozen=True)
+class DeviceMemory:
+    """The CUDA device's memory as this process sees it, in bytes: ``allocated`` (live torch
+    tensors), ``reserved`` (held by torch's caching allocator, live or not), ``free``, ``total``."""
+
+    allocated: int
+    reserved: int
+    free: int
+    total: int
+
+    @classmethod
+    def now(cls) -> "DeviceMemory":
+        free, total = torch.cuda.mem_get_info()
+        return cls(torch.cuda.memory_allocated(), torch.cuda.memory_reserved(), free, total)
+
+    @property
+    def outside_torch(self) -> int:
+        """Held outside torch's allocator: other processes, the CUDA context, libraries' workspaces."""
+        return self.total - self.free - self.reserved
+
+
+def kv_budget(start: DeviceMemory, after: DeviceMemory, peak_allocated: int, utilization: float) -> int:
+    """Bytes for this engine's KV blocks, from its memory profile (may be <= 0: nothing fits).
+
+    As in vLLM, ``utilization`` is this engine's own share of the device (weights, activations, KV
+    cache), whatever else runs there: two engines at 0.45 share one GPU. ``start``: the device when
+    the engine began (what others held then: other processes, another engine in this process);
+    ``after``: after its profiling forward, whose torch peak was ``peak_allocated``. The engine's
+    own use is that peak less what was allocated at ``start``, plus what grew outside torch since
+    (cuBLAS workspaces...). Memory torch's allocator holds but has not handed out (segments a live
+    tensor pins, e.g. after a quantizing load) is reusable, not used.
+
+    ValueError when the share is more than the device has free for it (free memory plus that
+    reusable part, less the activations the next forwards take again), naming the setting.
+    """
+    own_peak = peak_allocated - start.allocated
+    own_outside = max(0, after.outside_torch - start.outside_torch)
+    share = after.total * utilization - own_peak - own_outside
+    room = after.free + (after.reserved - after.allocated) - (peak_allocated - after.allocated)
+    held_by_others = start.allocated + start.outside_torch
+    logger.info("memory profile: total %.2f GiB, this engine's peak %.2f GiB (+%.2f GiB outside torch), held "
+                "before it %.2f GiB; KV budget %.2f GiB (free for it %.2f GiB)", after.total / GiB, own_peak / GiB,
+                own_outside / GiB, held_by_others / GiB, share / GiB, room / GiB)
+    if share > room:
+        raise ValueError(
+            f"gpu_memory_utilization={utilization} gives this engine {after.total * utilization / GiB:.1f} GiB of "
+            f"the device's {after.total / GiB:.1f} GiB, but {held_by_others / GiB:.1f} GiB were in use when it "
+            f"started (other processes or engines): its KV cache would need {share / GiB:.1f} GiB and "
+            f"{room / GiB:.1f} GiB are free; lower gpu_memory_utilization to at most "
+            f"{utilization - (share - room) / after.total:.2f}, or free the device.")
+    return int(share)
+
+
 def _split_layers(buf: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
     return [buf[i] for i in range(num_layers)]
 

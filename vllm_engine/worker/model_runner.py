@@ -28,7 +28,7 @@ from vllm_engine.spec_decode.verify import VerifiedStep, verify, verify_rows
 from vllm_engine.spec_decode.verify import input_token_ids as verify_input_token_ids
 from vllm_engine.structured_output.worker import WorkerGrammars
 from vllm_engine.worker.block_tables import GroupedHostBlockTables, HostBlockTables
-from vllm_engine.worker.kv_cache import KVCache, KVCacheSpec, determine_num_blocks
+from vllm_engine.worker.kv_cache import DeviceMemory, KVCache, KVCacheSpec, determine_num_blocks, kv_budget
 from vllm_engine.worker.request_states import (
     CachedRequestState, RequestStates, append_placeholders, fill_placeholders)
 from vllm_engine.worker.staging import HostStaging
@@ -73,6 +73,8 @@ class ModelRunner:
         self.startup = StartupPhases(logger, self.device)
         torch.manual_seed(config.model.seed)
         self.attn_backend = get_attn_backend(self.device, config.device.attention_backend)
+        # What the device holds before this engine: others' (kv_cache.kv_budget).
+        self._memory_at_start = DeviceMemory.now() if self.device.type == "cuda" else None
         with self.startup("model and weights"):
             self.model = get_model(config.model, self.device, self.attn_backend)
         self.drafter = None  # spec_decode's DraftModelRunner / EagleProposer when a model proposes
@@ -260,18 +262,7 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated() - cache.numel() * cache.element_size()
         del hidden, caches, cache, reserve
         torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info()
-        # What others (other processes, the CUDA context) hold counts against our share too. Memory
-        # torch's allocator holds but has not handed out (segments that empty_cache cannot return
-        # because a live tensor sits in them, e.g. after a quantizing load's transients) is ours, as
-        # vLLM counts it: as the others' it would shrink the KV budget by the load's leftovers.
-        reserved = torch.cuda.memory_reserved()
-        used_by_others = total - free - reserved
-        budget = total * self.config.cache.gpu_memory_utilization - used_by_others - peak
-        logger.info("memory profile: total %.2f GiB, peak torch %.2f GiB, others %.2f GiB, held by torch's "
-                    "allocator unused %.2f GiB, KV budget %.2f GiB", total / 2**30, peak / 2**30,
-                    used_by_others / 2**30, (reserved - torch.cuda.memory_allocated()) / 2**30, budget / 2**30)
-        return int(budget)
+        return kv_budget(self._memory_at_start, DeviceMemory.now(), peak, self.config.cache.gpu_memory_utilization)
 
     # ---- one step ------------------------------------------------------------------------------
     def execute_model(self, msg: ExecuteModelRequest) -> ModelRunnerOutput:
