@@ -72,7 +72,8 @@ for stage in "$@"; do
     startup)    python $B/startup.py --model llama-3.1-8b --out "$OUT/startup_llama8b.json" 2>&1 | tail -20
                 python $B/weight_load_bench.py --dir /tmp/wl-llama8b --out "$OUT/weight_load.json" 2>&1 | tail -8 ;;
     serving)    bash $B/serving_sweep.sh 2>&1 | tail -12
-                ROUTER=1 bash $B/serving_sweep.sh 2>&1 | tail -12 ;;
+                ROUTER=1 bash $B/serving_sweep.sh 2>&1 | tail -12
+                SHARED=2 bash $B/serving_sweep.sh 2>&1 | tail -12 ;;  # two replicas on this one GPU
     # Several GPUs (issue 18; NVLink multicast stays off, as the machine sets it):
     multigpu)   python -m pytest -q -x tests/distributed/test_multi_gpu.py tests/worker/test_cuda_graph_stages.py 2>&1 | tail -8 ;;
     allreduce)  python $B/allreduce_bench.py --world-sizes 2 4 8 --hidden 8192 --out "$OUT/allreduce.json" ;;
