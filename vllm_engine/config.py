@@ -146,6 +146,27 @@ def _arg(help: str, flag: Optional[str] = None, **kw) -> Any:
     return {"help": help, "flag": flag, **kw}
 
 
+def _check_heads_split(hf_config: Any, tp: int, prefix: str = "") -> None:
+    """ValueError (``prefix`` + what is wrong) unless ``tp`` ranks can split the model's attention
+    heads evenly and its KV heads either split evenly or are replicated (``tp`` a multiple of them)."""
+    heads = getattr(hf_config, "num_attention_heads", 1)
+    if heads % tp:
+        raise ValueError(f"{prefix}tensor_parallel_size={tp} must divide the model's {heads} attention heads.")
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(f"{prefix}tensor_parallel_size={tp} and the model's {kv_heads} KV heads must divide "
+                         "one another.")
+
+
+def _check_draft_tp(draft_tp: Optional[int], tp: int) -> None:
+    """A draft model or EAGLE head runs on the target's ranks, sharded as the target is (vLLM V1's
+    rule): ``draft_tensor_parallel_size`` unset or equal to ``tensor_parallel_size``; any other
+    value (1 under a tp > 1 target included) is a ValueError naming the field."""
+    if draft_tp is not None and draft_tp != tp:
+        raise ValueError(f"speculative_config.draft_tensor_parallel_size must be unset or equal to "
+                         f"tensor_parallel_size ({tp}): the draft runs on the target's ranks, got {draft_tp}.")
+
+
 @dataclass
 class EngineArgs:
     model: Optional[str] = field(default=None, metadata=_arg(
@@ -266,12 +287,7 @@ class EngineArgs:
         import os
 
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
-        heads = getattr(hf_config, "num_attention_heads", 1)
-        if heads % tp:
-            raise ValueError(f"tensor_parallel_size={tp} must divide the model's {heads} attention heads.")
-        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-        if kv_heads % tp and tp % kv_heads:
-            raise ValueError(f"tensor_parallel_size={tp} and the model's {kv_heads} KV heads must divide one another.")
+        _check_heads_split(hf_config, tp)
         layers = getattr(hf_config, "num_hidden_layers", 1)
         if pp > layers:
             raise ValueError(f"pipeline_parallel_size={pp} is more than the model's {layers} layers.")
@@ -327,10 +343,10 @@ class EngineArgs:
         if parallel.pipeline_parallel_size > 1:
             raise ValueError("speculative_config cannot be combined with pipeline_parallel_size > 1 yet.")
         if spec.method in ("draft_model", "eagle", "eagle3"):
-            if parallel.tensor_parallel_size > 1 or (spec.draft_tensor_parallel_size or 1) > 1:
-                raise ValueError("speculative_config.model: a draft model is served with tensor_parallel_size=1 "
-                                 "only so far.")
+            _check_draft_tp(spec.draft_tensor_parallel_size, parallel.tensor_parallel_size)
             spec = spec.with_draft_model(model, device)
+            _check_heads_split(spec.draft_model_config.hf_config, parallel.tensor_parallel_size,
+                               f"speculative_config.model: the draft {spec.model!r}: ")
         return spec
 
     def create_engine_config(self) -> EngineConfig:

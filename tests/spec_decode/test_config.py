@@ -100,8 +100,14 @@ def test_cli_flag_reaches_the_engine_config(tiny_model_dir):
     ({"model": "/no/draft", "num_speculative_tokens": 2}, {}, r"speculative_config\.model cannot be loaded"),
     ({"model": "/no/draft", "num_speculative_tokens": 2}, {"tensor_parallel_size": 2}, r"speculative_config\.model"),
     ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, {}, r"speculative_config\.model cannot be loaded"),
+    # At tp > 1 the head is resolved as at tp = 1 (tests/spec_decode/test_spec_tp.py serves it) ...
     ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, {"tensor_parallel_size": 2},
-     r"speculative_config\.model: a draft model is served with tensor_parallel_size=1"),
+     r"speculative_config\.model cannot be loaded"),
+    # ... on the target's ranks only: draft_tensor_parallel_size unset or the target's.
+    ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1},
+     {"tensor_parallel_size": 2}, r"speculative_config\.draft_tensor_parallel_size must be unset or equal"),
+    ({"model": "/x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2}, {},
+     r"speculative_config\.draft_tensor_parallel_size"),
     ({"method": "ngram", "num_speculative_tokens": 2}, {"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
     ('{"method": "ngram"}', {}, r"speculative_config\.num_speculative_tokens"),
 ])

@@ -23,6 +23,12 @@ Draft tokens: the argmax for a greedy request; for a random one, a draw from
 q = softmax(draft logits / temperature) (from its own generator when seeded), and q goes to the
 rejection sampler, which accepts d with probability min(1, p(d) / q(d)) and draws a rejection's
 replacement from max(p - q, 0) normalised: every output token keeps the target's distribution.
+
+Tensor parallelism. Every rank of the target builds its drafter after joining the tensor-parallel
+group, so the draft (or head) is sharded as the target is, its cache holds this rank's KV heads, and
+its logits are all-gathered: every rank sees the same full logits and the same generators (seeded
+per request, or the rank's global one, drawn in the same order everywhere), so every rank proposes
+the same drafts and keeps the same tokens without sending them (the target's own rule for sampling).
 """
 
 from __future__ import annotations
@@ -80,7 +86,8 @@ def make_drafter(config: "EngineConfig", device: torch.device, attn_backend,
 
 class DraftModelRunner:
     """The draft model on the worker: its weights, its KV cache (the target's block ids), its
-    forwards. Built by the ModelRunner when ``speculative_config`` names a draft model."""
+    forwards. Built by the ModelRunner when ``speculative_config`` names a draft model, on every
+    tensor-parallel rank (this rank's shard; ``propose`` returns the same drafts on every rank)."""
 
     takes_hidden = False  # the model's forward takes the target's hidden states (EAGLE)
     position_offset = 0  # the first proposing forward runs at the last token's position + this
