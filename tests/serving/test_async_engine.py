@@ -24,7 +24,8 @@ def engine(tiny_dir):
 
 
 class ProxyEngine:
-    """Wraps an Engine: optional delay per step, and a step that raises once armed."""
+    """Wraps the module's Engine: optional delay per step, a step that raises once armed; its
+    shutdown leaves the engine to the next test."""
 
     def __init__(self, inner: Engine, step_delay: float = 0.0) -> None:
         self.inner, self.step_delay, self.explode = inner, step_delay, False
@@ -35,6 +36,9 @@ class ProxyEngine:
         if self.step_delay:
             time.sleep(self.step_delay)
         return self.inner.step()
+
+    def shutdown(self) -> None:
+        """The module's engine outlives each AsyncEngine (Engine.shutdown would release it)."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -54,7 +58,7 @@ def test_streams_cumulative_outputs_equal_to_the_offline_api(engine):
     params = SamplingParams(max_tokens=12, **GREEDY)
 
     async def main():
-        ae = AsyncEngine(engine)
+        ae = AsyncEngine(ProxyEngine(engine))
         try:
             streamed = [o async for o in ae.generate(PROMPTS[0], params.clone(), "r-stream")]
             finals = await asyncio.gather(*(ae.generate_async(p, params.clone()) for p in PROMPTS))
@@ -78,7 +82,7 @@ def test_closing_or_cancelling_a_stream_aborts_and_frees_every_block(engine):
     params = SamplingParams(max_tokens=200, **GREEDY)
 
     async def main():
-        ae = AsyncEngine(engine)
+        ae = AsyncEngine(ProxyEngine(engine))
         try:
             gen = ae.generate(PROMPTS[1], params.clone(), "r-close")
             first = await gen.__anext__()
@@ -146,7 +150,7 @@ def test_max_waiting_requests_rejects_with_queue_full(tiny_dir):
     engine = Engine(model=str(tiny_dir), max_num_seqs=1, max_waiting_requests=1, **ENGINE_KWARGS)
 
     async def main():
-        ae = AsyncEngine(engine)
+        ae = AsyncEngine(ProxyEngine(engine))
         try:
             long = SamplingParams(max_tokens=100, **GREEDY)
             running = await ae.add_request(PROMPTS[0], long.clone(), "running")
@@ -168,7 +172,7 @@ def test_max_waiting_requests_rejects_with_queue_full(tiny_dir):
 
 def test_invalid_requests_raise_value_error_naming_the_problem(engine):
     async def main():
-        ae = AsyncEngine(engine)
+        ae = AsyncEngine(ProxyEngine(engine))
         try:
             with pytest.raises(ValueError, match="maximum context length is 256"):
                 await ae.add_request(list(range(5, 305)), SamplingParams(max_tokens=2))

@@ -82,8 +82,9 @@ def test_unknown_model_and_route_are_404(server, client):
     _error(httpx.get(f"{server}/v1/nothing-here"), 404)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny_engine(tiny_dir):
+    """One engine per test: a ThreadServer's exit shuts its engine down (and releases it)."""
     return Engine(model=str(tiny_dir), served_model_name="tiny", **ENGINE_KWARGS)
 
 
