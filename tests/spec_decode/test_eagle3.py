@@ -8,14 +8,17 @@ prefill, preemption, prefix caching and async scheduling; bad heads name the fie
 from __future__ import annotations
 
 import json
-import math
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from tests.spec_decode.test_engine_spec import GPU_POOL, PARAMS, PROMPTS, check_engine_state, token_ids
+from tests.spec_decode.test_engine_spec import GPU_POOL, HEAD_SETTINGS, PROMPTS, check_engine_state, check_lossless, \
+    token_ids
+from tests.spec_decode.test_eagle import HEAD_PREDICTS_SETTINGS, check_head_predicts, reference_attention, \
+    transparent_copy
+from tests.spec_decode.test_eagle import check_second_round
+from tests.spec_decode.test_eagle import save_head as save_eagle_head
 from vllm_engine import Engine, SamplingParams
 
 COMMON = dict(dtype="float32", max_model_len=256, seed=0, **GPU_POOL)
@@ -83,15 +86,9 @@ def head_tensors(cfg: dict, ids: torch.Tensor, seed: int = 3, own_embed: bool = 
 def save_head(out, cfg: dict, tensors: dict, as_bin: bool = False, **fields):
     """The head's directory: the target's config with one layer, the EAGLE-3 architecture,
     ``draft_vocab_size`` from lm_head (and ``fields``), and its tensors."""
-    out.mkdir(parents=True, exist_ok=True)
     draft_vocab = tensors["lm_head.weight"].shape[0] if "lm_head.weight" in tensors else cfg["vocab_size"]
-    head_cfg = dict(cfg, num_hidden_layers=1, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft_vocab)
-    (out / "config.json").write_text(json.dumps(dict(head_cfg, **fields)))
-    if as_bin:
-        torch.save(tensors, out / "pytorch_model.bin")
-    else:
-        save_file(tensors, str(out / "model.safetensors"))
-    return out
+    return save_eagle_head(out, cfg, tensors, as_bin,
+                           **{"architectures": ["LlamaForCausalLMEagle3"], "draft_vocab_size": draft_vocab, **fields})
 
 
 @pytest.fixture(scope="module")
@@ -142,26 +139,10 @@ def reference_layer(d: dict, cfg: dict, embeds: torch.Tensor, feats: torch.Tenso
                     ) -> torch.Tensor:
     """The head's output g over one sequence from position 0, float64 (module docstring of eagle3.py):
     x = [rmsnorm(e); rmsnorm(h)] -> causal rope GQA attention -> + residual -> + mlp(rmsnorm(.))."""
-    H, nh, nkv, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
-    hd, T = H // nh, embeds.shape[0]
+    eps = cfg["rms_norm_eps"]
     normed = rms(feats, d["midlayer.hidden_norm.weight"], eps)
     x = torch.cat([rms(embeds, d["midlayer.input_layernorm.weight"], eps), normed], dim=-1)
-    q = (x @ d["midlayer.self_attn.q_proj.weight"].T).view(T, nh, hd)
-    k = (x @ d["midlayer.self_attn.k_proj.weight"].T).view(T, nkv, hd)
-    v = (x @ d["midlayer.self_attn.v_proj.weight"].T).view(T, nkv, hd)
-    theta = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]  # transformers 4.x / 5.x spelling
-    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
-    cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
-
-    def rope(z):
-        return z * cos + torch.cat([-z[..., hd // 2:], z[..., : hd // 2]], dim=-1) * sin
-
-    q, k = rope(q), rope(k)
-    k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(T, H)
+    attn = reference_attention(x, d, "midlayer.self_attn.", cfg)
     r = attn @ d["midlayer.self_attn.o_proj.weight"].T + (normed if norm_before_residual else feats)
     n = rms(r, d["midlayer.post_attention_layernorm.weight"], eps)
     gate, up = n @ d["midlayer.mlp.gate_proj.weight"].T, n @ d["midlayer.mlp.up_proj.weight"].T
@@ -261,15 +242,7 @@ def bigram(target, target_cfg, tmp_path_factory):
     f(f(t_p)) from position p (for all but a few tokens, counted here), if it reads the right
     auxiliary states at the right positions and maps its ids back to the target's."""
     out = tmp_path_factory.mktemp("eagle3-bigram")
-    for f in target.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, out / f.name)
-    tensors = load_file(str(next(target.glob("*.safetensors"))))
-    for name in tensors:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            tensors[name] = torch.zeros_like(tensors[name])
-    tensors["model.norm.weight"] = torch.ones_like(tensors["model.norm.weight"])
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tensors = transparent_copy(target, out)
     eps = target_cfg["rms_norm_eps"]
     e = rms(tensors["model.embed_tokens.weight"].double(), 1.0, eps)
     f = (e @ tensors["lm_head.weight"].double().T).argmax(-1)
@@ -289,56 +262,25 @@ def bigram(target, target_cfg, tmp_path_factory):
     return out, save_head(tmp_path_factory.mktemp("eagle3-bigram-head"), target_cfg, head)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"max_num_batched_tokens": 8, "max_num_seqs": 2, "block_size": 4}],
-                         ids=["default", "chunked"])
+@HEAD_PREDICTS_SETTINGS
 def test_a_head_that_predicts_gets_accepted(bigram, kwargs):
     """One proposal a step (the head's own output g = e(t_p) does not predict further): nearly all
     kept, and the outputs are plain decoding's."""
     model, head = bigram
-    engine = Engine(model=str(model), speculative_config=eagle3_spec(head, k=1), **{**COMMON, **kwargs})
-    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    got = engine.generate(PROMPTS[:3], params, use_tqdm=False)
-    stats = engine.get_stats().spec_decode
-    assert stats.num_draft_tokens > 30 and stats.acceptance_rate > 0.98, stats
-    engine.proposer = None  # the same engine decoding plainly
-    assert token_ids(got) == token_ids(engine.generate(PROMPTS[:3], params, use_tqdm=False))
-    check_engine_state(engine)
+    check_head_predicts(Engine(model=str(model), speculative_config=eagle3_spec(head, k=1), **{**COMMON, **kwargs}))
 
 
 # ---- the engine ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [
-    {},
-    {"max_num_batched_tokens": 16, "max_num_seqs": 4, "block_size": 4},
-    {"num_gpu_blocks_override": 40, "block_size": 4, "enable_prefix_caching": False},
-    {"async_scheduling": True, "num_gpu_blocks_override": 40, "block_size": 4, "max_num_batched_tokens": 16,
-     "max_num_seqs": 4, "enable_prefix_caching": False},
-], ids=["default", "chunked", "preempt", "async-chunked-preempt"])
+@HEAD_SETTINGS
 def test_greedy_tokens_equal_plain_decoding(target, head, baseline, kwargs):
     engine = Engine(model=str(target), speculative_config=eagle3_spec(head), **{**COMMON, **kwargs})
-    got = engine.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False)
-    assert token_ids(got) == token_ids(baseline.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False))
-    assert engine.get_stats().spec_decode.num_draft_tokens > 0
-    if "num_gpu_blocks_override" in kwargs:
-        assert engine.get_stats().num_preemptions_total > 0
-    check_engine_state(engine)
+    check_lossless(engine, baseline, kwargs)
 
 
 def test_prefix_cache_second_round(bigram):
     """Prompts that hit blocks cached in a first round: outputs unchanged, proposals still mostly kept."""
     model, head = bigram
-    engine = Engine(model=str(model), speculative_config=eagle3_spec(head, k=1), block_size=4, **COMMON)
-    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    first = engine.generate(PROMPTS[:2], params, use_tqdm=False)
-    second = [{"prompt_token_ids": o.prompt_token_ids + o.outputs[0].token_ids} for o in first]
-    before = engine.get_stats().spec_decode
-    got = engine.generate(second, params, use_tqdm=False)
-    assert all(o.num_cached_tokens > 20 for o in got)
-    after = engine.get_stats().spec_decode
-    assert after.num_accepted_tokens - before.num_accepted_tokens > \
-        0.9 * (after.num_draft_tokens - before.num_draft_tokens) > 0
-    engine.proposer = None
-    assert token_ids(got) == token_ids(engine.generate(second, params, use_tqdm=False))
-    check_engine_state(engine)
+    check_second_round(Engine(model=str(model), speculative_config=eagle3_spec(head, k=1), block_size=4, **COMMON))
 
 
 def test_dummy_weights(target, head):

@@ -54,6 +54,29 @@ def check_engine_state(engine: Engine) -> None:
     assert kv.num_free_blocks == engine.num_gpu_blocks
 
 
+# The engine settings under which a model proposer's greedy tokens must equal plain decoding's
+# (test_eagle.py, test_eagle3.py): the default, chunked prefill, preemption, all with async scheduling.
+HEAD_SETTINGS = pytest.mark.parametrize("kwargs", [
+    {},
+    {"max_num_batched_tokens": 16, "max_num_seqs": 4, "block_size": 4},
+    {"num_gpu_blocks_override": 40, "block_size": 4, "enable_prefix_caching": False},
+    {"async_scheduling": True, "num_gpu_blocks_override": 40, "block_size": 4, "max_num_batched_tokens": 16,
+     "max_num_seqs": 4, "enable_prefix_caching": False},
+], ids=["default", "chunked", "preempt", "async-chunked-preempt"])
+
+
+def check_lossless(engine: Engine, baseline: Engine, kwargs: dict) -> None:
+    """``engine`` (speculating, built with ``kwargs``) gives ``baseline``'s greedy tokens on PROMPTS
+    and a repeated prompt, made proposals, was preempted where ``kwargs`` shrank its block pool, and
+    left every block free and consistent."""
+    got = engine.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False)
+    assert token_ids(got) == token_ids(baseline.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False))
+    assert engine.get_stats().spec_decode.num_draft_tokens > 0
+    if "num_gpu_blocks_override" in kwargs:
+        assert engine.get_stats().num_preemptions_total > 0
+    check_engine_state(engine)
+
+
 @pytest.mark.parametrize("kwargs", [
     {},  # prefix caching on, one step for everything
     {"max_num_batched_tokens": 16, "max_num_seqs": 4, "block_size": 4},  # chunked prefill, proposals cut short
