@@ -5,7 +5,8 @@ Per request, the chance that a proposed token is accepted, alpha, is estimated f
 steps: accepted tokens over accepted tokens plus the first rejection, both as moving sums (weight
 ``ewma`` on the newest step; ``prior_acceptance`` before any). A step of n tokens takes T(n) = a + b n, fitted by least
 squares on recent steps, one line for steps with proposals and one for steps without (a step with
-proposals has multi-token queries: on a GPU it runs eager, without the decode CUDA graphs).
+proposals has multi-token queries and waits for its tokens: it has its own cost even in its CUDA
+graphs, worker/cuda_graphs.py's verify graphs).
 
 Plan of a step with B requests that could propose, n tokens without proposals:
 - request r's j-th proposed token adds alpha_r^j expected tokens for b_spec seconds; it is proposed

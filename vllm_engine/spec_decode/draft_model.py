@@ -105,7 +105,7 @@ class DraftModelRunner:
         self.model = self._build_model(target)
         self.staging = HostStaging(device, slots=8)
         self.kv_cache: Optional[KVCache] = None
-        self.graph_runner = None  # CUDAGraphRunner of the draft's decode steps (CUDA, unless enforce_eager)
+        self.graph_runner = None  # CUDAGraphRunner of the draft's decode and verify steps (CUDA, unless enforce_eager)
 
     def _build_model(self, target: "nn.Module") -> "nn.Module":
         from vllm_engine.model_loader import get_model
@@ -135,7 +135,9 @@ class DraftModelRunner:
 
             self.graph_runner = CUDAGraphRunner(
                 self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs, max_len, self.block_size,
-                hf.hidden_size, self.model_config.dtype, self.device, stage_input=self.takes_hidden)
+                hf.hidden_size, self.model_config.dtype, self.device, stage_input=self.takes_hidden,
+                verify_query_len=self.config.speculative.num_speculative_tokens + 1,
+                max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens)
             self.graph_runner.capture()
         if hasattr(self.attn_backend, "warmup"):
             self.attn_backend.warmup(self.kv_cache.gpu_caches[0], hf.num_attention_heads, max_len,
@@ -171,7 +173,7 @@ class DraftModelRunner:
         """The model's output hidden states [n, H]; ``hidden``: the input features (EAGLE)."""
         stage = None if hidden is None else IntermediateTensors(hidden, hidden)
         graphs = self.graph_runner
-        if graphs is not None and meta.is_decode_only and graphs.bucket(meta.num_seqs):
+        if graphs is not None and graphs.fits(meta):
             return graphs.run(input_ids, positions, meta, stage)
         return self.model(input_ids, positions, self.kv_cache.gpu_caches, meta, stage)
 

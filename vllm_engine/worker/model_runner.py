@@ -97,7 +97,7 @@ class ModelRunner:
             HostBlockTables(max_blocks, rows=config.scheduler.max_num_seqs) if self.num_kv_groups == 1
             else GroupedHostBlockTables(self.num_kv_groups, max_blocks, rows=config.scheduler.max_num_seqs))
         self.kv_cache: Optional[KVCache] = None
-        self.graph_runner = None  # CUDAGraphRunner for decode-only steps (CUDA, unless enforce_eager)
+        self.graph_runner = None  # CUDAGraphRunner for decode and verify steps (CUDA, unless enforce_eager)
         self.generators: dict[str, torch.Generator] = {}
         # Structured outputs; the engine hands over its StructuredOutputManager when in the same process.
         self.grammars = WorkerGrammars(config.model)
@@ -181,7 +181,9 @@ class ModelRunner:
                     self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs,
                     self.model_config.max_model_len, self.block_size, self.model_config.hf_config.hidden_size,
                     self.dtype, self.device, stage_input=not self.pp_group.is_first_rank,
-                    num_kv_groups=self.num_kv_groups)
+                    num_kv_groups=self.num_kv_groups, verify_query_len=self._verify_query_len(),
+                    max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
+                    token_row_buffers=self._token_row_buffers())
                 self.graph_runner.capture()
         if self.device.type == "cuda" and hasattr(self.attn_backend, "warmup") and self.kv_cache.block_dim == 1:
             with self.startup("attention warm-up"):
@@ -198,6 +200,18 @@ class ModelRunner:
             from vllm_engine.worker.startup_cache import save_linear_choices
 
             save_linear_choices(self._startup_fingerprint, picker.choices())
+
+    def _verify_query_len(self) -> int:
+        """Query tokens per sequence of a verifying step (k proposals + 1): its CUDA graphs' q; 0
+        without speculative decoding."""
+        spec = self.config.speculative
+        return spec.num_speculative_tokens + 1 if spec is not None else 0
+
+    def _token_row_buffers(self) -> list[torch.Tensor]:
+        """Buffers the model fills one row per input token (EAGLE-3's auxiliary hidden states)."""
+        from vllm_engine.models.utils import DecoderStack
+
+        return [m.aux_hidden for m in self.model.modules() if isinstance(m, DecoderStack) and m.aux_hidden is not None]
 
     def _load_startup_cache(self) -> Optional[dict]:
         """Offers the picker the choices of earlier starts on this GPU and software; returns the
@@ -423,7 +437,7 @@ class ModelRunner:
             stage_input = IntermediateTensors(pp.recv(shape, self.dtype, self.device),
                                               pp.recv(shape, self.dtype, self.device))
         graphs = self.graph_runner
-        if graphs is not None and meta.is_decode_only and graphs.bucket(meta.num_seqs):
+        if graphs is not None and graphs.fits(meta):
             out = graphs.run(inputs.input_ids, inputs.positions, meta, stage_input)
         else:
             out = self.model(inputs.input_ids, inputs.positions, self.kv_cache.gpu_caches, meta, stage_input)
