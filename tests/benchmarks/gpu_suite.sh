@@ -53,6 +53,9 @@ for stage in "$@"; do
                   tests/models/test_gemma_kv_cache_groups.py > "$OUT/newmodels.txt" 2>&1; tail -25 "$OUT/newmodels.txt" ;;
     newspec)    python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/spec_decode > "$OUT/newspec.txt" 2>&1
                 tail -25 "$OUT/newspec.txt" ;;
+    verifygraphs) python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/worker/test_verify_graphs.py \
+                  tests/spec_decode/test_engine_spec.py tests/spec_decode/test_draft_model.py tests/spec_decode/test_eagle.py \
+                  tests/spec_decode/test_eagle3.py > "$OUT/verifygraphs.txt" 2>&1; tail -25 "$OUT/verifygraphs.txt" ;;
     fp8kv)      for kv in auto fp8 auto fp8; do  # issue 19: at least 1.5x with kv_cache_dtype=fp8
                   python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 2 --kv-cache-dtype $kv \
                     --out "$OUT/throughput_qwen3_kv_$kv.json" 2>&1 | grep -E "result:|Error"
