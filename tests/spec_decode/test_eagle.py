@@ -208,17 +208,18 @@ def test_features_are_the_targets_hidden_states(bigram):
     run_head, first_hidden = EagleProposer._run_head, EagleProposer._first_hidden
 
     def record_run(self, inputs, hidden, states, *args):
-        model_forward = self.model.forward
+        # The head's inputs as given to its forward, eager or a CUDA graph's replay alike.
+        forward = self._run
 
-        def spy(input_ids, positions, kv_caches, meta, stage):
-            joint.append((positions.tolist(), input_ids.tolist(), stage.hidden_states.float().cpu().clone()))
-            return model_forward(input_ids, positions, kv_caches, meta, stage)
+        def spy(input_ids, positions, meta, feats):
+            joint.append((positions.tolist(), input_ids.tolist(), feats.float().cpu().clone()))
+            return forward(input_ids, positions, meta, feats)
 
-        self.model.forward = spy
+        self._run = spy
         try:
             return run_head(self, inputs, hidden, states, *args)
         finally:
-            del self.model.forward
+            del self._run
 
     def record_first(self, props, ctx):
         h = first_hidden(self, props, ctx)
