@@ -7,8 +7,8 @@ until the first rejection), against speculation off. Dummy weights at a real mod
 
 Benchmark-only machinery, here and not in the package: a proposer that proposes k tokens for every
 request every step (no draft model: the proposing cost is ~0, so this is the target's side of a
-draft-model setup), and a wrapper around the rejection sampler that runs it (its cost counts) and
-then replaces its decisions with the forced ones. Runs in the engine's process (uni executor).
+draft-model setup), and a wrapper around the runner's verification that runs it (its cost counts)
+and then replaces its decisions with the forced ones. Runs in the engine's process (uni executor).
 The row's ``mean_acceptance_length`` is the engine's own counter: (1 - a^(k+1)) / (1 - a) expected.
 """
 
@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, print_table, write_json  # noqa: E402
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
-from vllm_engine.spec_decode import verify as verify_module  # noqa: E402
-from vllm_engine.spec_decode.rejection_sampler import RejectionOutput  # noqa: E402
+from vllm_engine.worker import model_runner as model_runner_module  # noqa: E402
 
 
 class FixedProposer:
@@ -45,32 +44,44 @@ class FixedProposer:
 
 @contextlib.contextmanager
 def forced_acceptance(alpha: float, seed: int = 0):
-    """Within: every verification runs, then keeps each request's proposals up to the first of
-    independent Bernoulli(alpha) rejections (device-side, no sync), then one more token."""
-    real = verify_module.rejection_sample
+    """Within: every verification runs (its cost counts, greedy path or rejection sampler), then its
+    result is replaced: each request keeps its proposals up to the first of independent
+    Bernoulli(alpha) rejections, then one more token (a real one: its first row's result)."""
+    real = model_runner_module.verify
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def forced(target_logits, meta, layout, draft_token_ids, draft_probs=None, generators=None):
-        out = real(target_logits, meta, layout, draft_token_ids, draft_probs, generators)
-        B, K = len(layout.num_draft_tokens), layout.max_drafts
-        device = out.token_ids.device
-        ok = (torch.rand(B, K, generator=gen) < alpha).to(device)
-        cols = torch.arange(K, device=device).unsqueeze(0)
-        ok &= cols < layout.num_drafts.unsqueeze(1)
+    def forced(logits, states, req_indices, num_drafts, spec, *args, **kwargs):
+        step = real(logits, states, req_indices, num_drafts, spec, *args, **kwargs)
+        device = logits.device
+        B, K = len(num_drafts), max(num_drafts, default=0)
+        ok = torch.rand(B, K, generator=gen) < alpha
+        cols = torch.arange(K).unsqueeze(0)
+        ok &= cols < torch.tensor(num_drafts).unsqueeze(1)
         num_accepted = ok.to(torch.int64).cumprod(dim=1).sum(dim=1)
-        drafts = torch.zeros(B, K, dtype=torch.int64, device=device)
-        drafts[layout.draft_req, layout.draft_pos] = draft_token_ids
-        tokens = torch.full((B, K + 1), -1, dtype=torch.int64, device=device)
+        drafts = torch.zeros(B, K, dtype=torch.int64)
+        for b, (st, k) in enumerate(zip(states, num_drafts)):
+            drafts[b, :k] = torch.tensor(spec.get(st.req_id, [])[:k], dtype=torch.int64)
+        tokens = torch.full((B, K + 1), -1, dtype=torch.int64)
         tokens[:, :K] = torch.where(cols < num_accepted.unsqueeze(1), drafts, -1)
-        final = out.token_ids[:, 0].clamp_min(0)  # a real sampled token as the last one
+        tokens, num_accepted = tokens.to(device), num_accepted.to(device)
+        if step.greedy_ids is not None:
+            final = step.greedy_ids[torch.tensor(step.first_row, device=device)]
+        else:
+            final = step.token_ids[:, 0].clamp_min(0)
         tokens.scatter_(1, num_accepted.unsqueeze(1), final.unsqueeze(1))
-        return RejectionOutput(tokens, out.row_logprobs)
+        step.token_ids, step.greedy_ids, step.drafts = tokens, None, None
+        if step.copied is not None:  # the host copy of the forced tokens instead
+            step.host = torch.empty(tokens.shape, dtype=torch.int64, pin_memory=True)
+            step.host.copy_(tokens, non_blocking=True)
+            step.copied = torch.cuda.Event()
+            step.copied.record()
+        return step
 
-    verify_module.rejection_sample = forced
+    model_runner_module.verify = forced
     try:
         yield
     finally:
-        verify_module.rejection_sample = real
+        model_runner_module.verify = real
 
 
 def measure(engine: Engine, batch: int, input_len: int, output_len: int, vocab: int, tag: str) -> float:

@@ -74,3 +74,57 @@ def test_rows_and_input_tokens():
     # a: its last token and 2 proposals; b: the first 3 prompt tokens (a chunk, no proposals).
     ids = input_token_ids([a, b], {"a": [10, 11]}, np.array([3, 0]), np.array([0, 3, 6]), 6)
     assert ids.tolist() == [4, 10, 11, 5, 6, 7]
+
+
+def _reference_greedy(logits: torch.Tensor, drafts: list[list[int]]) -> list[list[int]]:
+    """Greedy verification from float64 argmaxes, request by request (an independent loop)."""
+    best = logits.double().argmax(dim=-1).tolist()
+    out, row = [], 0
+    for d in drafts:
+        tokens = []
+        for i in range(len(d) + 1):
+            tokens.append(best[row + i])
+            if i == len(d) or d[i] != best[row + i]:
+                break
+        out.append(tokens)
+        row += len(d) + 1
+    return out
+
+
+def test_greedy_path_equals_argmax_decoding_and_the_rejection_sampler():
+    """All-greedy steps take the host-side greedy path: the tokens of a float64 argmax loop, the same
+    as the rejection sampler's (the path a logprobs request takes), over random batches whose
+    proposals are partly the argmaxes; its device accepted counts (EAGLE) match too."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        batch = 1 + trial % 5
+        k = [int(x) for x in torch.randint(0, 5, (batch,), generator=gen)]
+        logits = torch.randn(sum(k) + batch, V, generator=gen)
+        best = logits.argmax(dim=-1).tolist()
+        drafts, row = [], 0
+        for kb in k:
+            keep = int(torch.randint(0, kb + 1, (1,), generator=gen))  # this many proposals are the argmaxes
+            drafts.append([best[row + i] if i < keep else (best[row + i] + 1) % V for i in range(kb)])
+            row += kb + 1
+        greedy = SamplingParams(temperature=0.0)
+        states = [state(f"r{b}", [1, 2], [3], greedy) for b in range(batch)]
+        spec = {s.req_id: d for s, d in zip(states, drafts) if d}
+        step = verify(logits, states, list(range(batch)), k, spec, {}, CPU)
+        assert step.greedy_ids is not None and step.token_ids is None  # the greedy path was taken
+        counts = step.accepted_counts().tolist()
+        out = ModelRunnerOutput(req_ids=[s.req_id for s in states], sampled_token_ids=[[] for _ in states],
+                                logprobs=[[] for _ in states])
+        step.write(out)
+        want = _reference_greedy(logits, drafts)
+        assert out.sampled_token_ids == want
+        assert counts == [len(t) - 1 for t in want]
+        # The same requests asking for logprobs go through the rejection sampler: the same tokens.
+        with_lp = SamplingParams(temperature=0.0, logprobs=1)
+        states = [state(f"r{b}", [1, 2], [3], with_lp) for b in range(batch)]
+        step = verify(logits, states, list(range(batch)), k, spec, {}, CPU)
+        assert step.token_ids is not None
+        assert step.accepted_counts().tolist() == counts
+        out = ModelRunnerOutput(req_ids=[s.req_id for s in states], sampled_token_ids=[[] for _ in states],
+                                logprobs=[[] for _ in states])
+        step.write(out)
+        assert out.sampled_token_ids == want

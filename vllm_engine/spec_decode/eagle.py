@@ -284,7 +284,7 @@ class EagleProposer(DraftModelRunner):
                 self._pos[states[i].req_id] = _VERIFIED
         src_d, rows_d = self.staging.stage(src, rows)
         if verified is not None:
-            accepted = (verified.token_ids >= 0).sum(dim=1) - 1  # [B verified], on the device
+            accepted = verified.accepted_counts()  # [B verified], on the device
             idx_d = self.staging.stage(idx)[0]
             src_d = src_d.clone().index_add_(0, idx_d, accepted)
         self.features.index_copy_(0, rows_d, hidden.index_select(0, src_d).to(self.features.dtype))
