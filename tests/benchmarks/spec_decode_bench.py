@@ -7,7 +7,9 @@ against speculation off, the acceptance metrics, and whether the greedy tokens a
 
 Default model: SmolLM2-135M-Instruct (the bundled GGUF). Each prompt runs alone (chat template when
 the tokenizer has one, greedy, up to --output-len tokens or EOS); a request's TPOT is (time of its
-last token - time of its first) / (tokens - 1); the row reports the median over the prompts.
+last token - time of its first) / (tokens - 1); the row reports the median over the prompts. Each row also has the median phases of the steps that verified proposals and of
+the plain decode steps (``verify_step`` / ``plain_step``: the engine's step profile, and on CUDA the
+GPU time of each from its start to its last launched work).
 
 With --draft-model, a draft model proposes instead (speculative_config {"model": DRAFT}), and
 --acceptance forces the acceptance rate (spec_verify_cost.forced_acceptance: every proposal is
@@ -36,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, print_table, write_json  # noqa: E402
+import torch  # noqa: E402
+from common import STEP_PHASES, device_name, print_table, write_json  # noqa: E402
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 
@@ -73,6 +76,10 @@ def run_config(args, spec: dict | None, texts: list[str]) -> dict:
                     speculative_config=spec)
     prompts = [encode(engine, t) for t in texts]
     run_one(engine, prompts[0], 8, "warmup")  # compiles, graphs, allocator
+    profile = engine.enable_step_profile()
+    runner = engine.model_runner
+    if runner is not None and runner.device.type == "cuda":
+        runner.gpu_timeline = []
     outputs, tpots = [], []
     for i, p in enumerate(prompts):
         tokens, tpot = run_one(engine, p, args.output_len, f"p{i}")
@@ -82,7 +89,8 @@ def run_config(args, spec: dict | None, texts: list[str]) -> dict:
     row = {"k": spec["num_speculative_tokens"] if spec else 0,
            "tpot_ms_p50": 1e3 * statistics.median(t for t in tpots if t == t),
            "tpot_ms_mean": 1e3 * statistics.fmean(t for t in tpots if t == t),
-           "output_tokens": sum(len(o) for o in outputs), "outputs": outputs}
+           "output_tokens": sum(len(o) for o in outputs), "outputs": outputs,
+           **step_costs(profile, runner.gpu_timeline if runner is not None else None)}
     if stats is not None:
         row.update(acceptance_rate=stats.acceptance_rate, mean_acceptance_length=stats.mean_acceptance_length,
                    num_drafts=stats.num_drafts, accepted_per_position=list(stats.accepted_per_position),
@@ -92,6 +100,25 @@ def run_config(args, spec: dict | None, texts: list[str]) -> dict:
     del engine
     gc.collect()
     return row
+
+
+def step_costs(profile: list[dict], timeline: list | None) -> dict:
+    """Median phases (the engine's step profile, ms) of the steps that verified proposals and of
+    the plain decode steps, and each kind's median GPU time from step start to its last launched
+    work (the runner's CUDA events; absent off CUDA): where a verifying step's time goes."""
+    out = {}
+    kinds = {"verify_step": lambda r: r["num_draft_tokens"] > 0,
+             "plain_step": lambda r: r["num_draft_tokens"] == 0 and r["num_tokens"] == r["num_seqs"]}
+    for name, is_kind in kinds.items():
+        steps = [r for r in profile if is_kind(r)]
+        out[name] = {"steps": len(steps), **({k: statistics.median(r[k] for r in steps) for k in STEP_PHASES}
+                                              if steps else {})}
+    if timeline:
+        torch.cuda.synchronize()
+        for name, multi in (("verify_step", True), ("plain_step", False)):
+            gpu = [start.elapsed_time(end) for n, t, start, _, end in timeline if (t > n) == multi]
+            out[name]["gpu_ms"] = statistics.median(gpu) if gpu else None
+    return out
 
 
 def main(argv=None) -> int:
@@ -129,9 +156,13 @@ def main(argv=None) -> int:
     for r in rows:
         r["tpot_speedup"] = base["tpot_ms_p50"] / r["tpot_ms_p50"]
         r["same_tokens_as_off"] = r["outputs"] == base["outputs"]
+    for r in rows:  # the step costs in the table: the verifying step's and the plain one's
+        for name in ("verify_step", "plain_step"):
+            r[name + "_ms"] = r[name].get("total_ms")
+            r[name + "_gpu_ms"] = r[name].get("gpu_ms")
     print_table([{k: v for k, v in r.items() if k not in ("outputs", "accepted_per_position")} for r in rows],
                 ["k", "tpot_ms_p50", "tpot_speedup", "acceptance_rate", "mean_acceptance_length",
-                 "same_tokens_as_off"])
+                 "same_tokens_as_off", "verify_step_ms", "verify_step_gpu_ms", "plain_step_ms", "plain_step_gpu_ms"])
     for r in rows:
         del r["outputs"]
     write_json(args.out, {"device": device_name(), "model": args.model, "output_len": args.output_len,

@@ -26,6 +26,9 @@ def test_spec_decode_bench_script(tiny_model_dir, tmp_path):
     assert k2["same_tokens_as_off"] is True and k2["num_drafts"] > 0
     assert 0 <= k2["acceptance_rate"] <= 1 and len(k2["per_position_acceptance"]) <= 2
     assert "acceptance_rate" not in off
+    # Where the steps' time goes: verifying steps only with speculation, plain steps in both.
+    assert off["verify_step"]["steps"] == 0 and off["plain_step"]["steps"] > 0
+    assert k2["verify_step"]["steps"] > 0 and k2["verify_step"]["total_ms"] >= k2["verify_step"]["host_ms"] > 0
 
 
 def test_spec_verify_cost_script_forces_the_acceptance(tiny_model_dir, tmp_path):
