@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Iterable, Optional
+
+import numpy as np
 
 from vllm_engine.sampling_params import SamplingParamsError, StructuredOutputsParams
 from vllm_engine.structured_output.bitmask import bitmask_width
@@ -59,6 +62,7 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(set(stop_token_ids))
         self.bitmask_width = bitmask_width(vocab_size)
+        self.stop_row = stop_token_row(self.stop_token_ids, self.bitmask_width)  # a terminated grammar's mask
         self.cache_size, self.cache_bytes = cache_size, cache_bytes
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._sizes: dict[tuple[str, str], int] = {}  # memory of the compiled ones in the cache
@@ -153,7 +157,7 @@ class StructuredOutputManager:
     def new_grammar(self, params: StructuredOutputsParams) -> "RequestGrammar":
         """A fresh matcher for one request (the compile is normally done by now: a cache hit)."""
         xgr = _import_xgrammar()
-        return RequestGrammar(xgr.GrammarMatcher(self.compile(params)), self.stop_token_ids)
+        return RequestGrammar(xgr.GrammarMatcher(self.compile(params)), self.stop_token_ids, self.stop_row)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -164,30 +168,40 @@ class RequestGrammar:
 
     The model runner calls ``advance(output_token_ids)`` (the whole list: the grammar remembers how
     many it has taken) before ``fill_bitmask``. Once the grammar has accepted a stop token it is
-    terminated: its mask then allows only the stop tokens (a request that ignores EOS runs on until
-    max_tokens), and later tokens are not fed to it.
+    terminated (``is_terminated``): its mask then allows only the stop tokens (``stop_row``; a request
+    that ignores EOS runs on until max_tokens), and later tokens are not fed to it.
     """
 
-    def __init__(self, matcher: Any, stop_token_ids: list[int]) -> None:
+    def __init__(self, matcher: Any, stop_token_ids: list[int], stop_row: np.ndarray) -> None:
         self.matcher = matcher
         self.stop_token_ids = stop_token_ids
+        self.stop_row = stop_row  # [W] int32: the mask of a terminated grammar
+        self._stops = frozenset(stop_token_ids)
         self.num_accepted = 0  # output tokens taken in so far
+        self.is_terminated = False  # a stop token was taken in (kept here: no call into xgrammar to ask)
         self.rejected: Optional[int] = None  # a token the grammar refused (a bug elsewhere: the mask allows none)
-
-    @property
-    def is_terminated(self) -> bool:
-        return self.matcher.is_terminated()
 
     def advance(self, output_token_ids: list[int]) -> None:
         """Feeds the tokens after ``num_accepted`` (all must be real ids, no placeholders)."""
-        matcher = self.matcher
-        for token in output_token_ids[self.num_accepted:]:
-            if not matcher.is_terminated() and not matcher.accept_token(token) and self.rejected is None:
-                self.rejected = token
-                logger.warning("grammar refused token %d (output so far: %d tokens)", token, self.num_accepted)
+        start = self.num_accepted
+        if start == len(output_token_ids):
+            return
         self.num_accepted = len(output_token_ids)
+        matcher = self.matcher
+        for token in output_token_ids[start:]:
+            if self.is_terminated:
+                return
+            if not matcher.accept_token(token):
+                self._refused(token, start)
+            elif token in self._stops:
+                self.is_terminated = matcher.is_terminated()
 
-    def fill_draft_bitmasks(self, draft_token_ids: list[int], bitmask: Any, row: int) -> None:
+    def _refused(self, token: int, position: int) -> None:
+        if self.rejected is None:
+            self.rejected = token
+            logger.warning("grammar refused token %d (output so far: %d tokens)", token, position)
+
+    def fill_draft_bitmasks(self, draft_token_ids: list[int], bitmask: np.ndarray, row: int) -> None:
         """For speculative decoding: rows ``row .. row + len(draft_token_ids)`` get the masks after
         accepting ``draft_token_ids[:j]`` (j = 0 .. k), so each proposed token, and the bonus token
         after them, can be checked against the grammar; the grammar's state is left as it was. From
@@ -203,49 +217,85 @@ class RequestGrammar:
         if taken:
             matcher.rollback(taken)
 
-    def fill_bitmask(self, bitmask: Any, row: int) -> None:
-        """Writes the allowed next tokens into ``bitmask[row]`` (an int32 CPU tensor or array [R, W])."""
+    def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
+        """Writes the allowed next tokens into ``bitmask[row]`` (an int32 array [R, W]), for the
+        matcher's state as it is (proposals taken in or not)."""
         if self.matcher.is_terminated():
-            bitmask[row] = 0
-            for t in self.stop_token_ids:
-                bitmask[row, t // 32] |= _bit(t % 32)
-            return
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+            bitmask[row] = self.stop_row
+        else:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
 
 
 class BatchFiller:
-    """Advances many grammars and fills their bitmask rows in a few calls into xgrammar (its batch
-    matcher spreads the masks over threads): the per-step path of a batch of constrained requests.
-    Gives the same rows as ``advance`` + ``fill_bitmask`` on each grammar."""
+    """One step of many grammars, split into parts of consecutive rows: the calling thread takes in
+    each part's new tokens (one call into xgrammar per token), writes its terminated grammars' rows
+    (the stop-token row, one array assignment), and hands its live grammars' masks to xgrammar in
+    one call, on a worker thread while it goes on to the next part (xgrammar releases the GIL; the
+    last part is filled on the calling thread). Gives the same rows as ``advance`` + ``fill_bitmask``
+    on each grammar.
 
-    def __init__(self) -> None:
-        self._batch = _import_xgrammar().BatchGrammarMatcher()
+    Threads of our own, kept: xgrammar's batch matcher would start its threads afresh on every call
+    (on the H200 machine's host 150-500 us a call with its default count, more than 64 masks take on
+    one thread). ``max_parts``: at most this many parts (default: a quarter of the CPUs this process
+    may run on, 1 to 4); ``rows_per_part``: the fewest rows that make a part of their own.
+    """
 
-    def fill(self, grammars: list[RequestGrammar], outputs: list[list[int]], bitmask: Any) -> None:
-        """``grammars[k]`` takes the new tokens of ``outputs[k]`` and fills ``bitmask[k]``."""
+    def __init__(self, max_parts: Optional[int] = None, rows_per_part: int = 16) -> None:
+        if max_parts is None:
+            max_parts = min(4, max(1, len(os.sched_getaffinity(0)) // 4))
+        self.max_parts, self.rows_per_part = max_parts, rows_per_part
         xgr = _import_xgrammar()
-        if all(len(out) - g.num_accepted <= 1 for g, out in zip(grammars, outputs)):  # a decode step
-            step = [k for k, (g, out) in enumerate(zip(grammars, outputs))
-                    if len(out) > g.num_accepted and not g.is_terminated]
-            accepted = xgr.BatchGrammarMatcher.batch_accept_token([grammars[k].matcher for k in step],
-                                                                  [outputs[k][-1] for k in step])
-            for k, ok in zip(step, accepted):
-                if not ok and grammars[k].rejected is None:
-                    grammars[k].rejected = outputs[k][-1]
-                    logger.warning("grammar refused token %d", outputs[k][-1])
-            for g, out in zip(grammars, outputs):
-                g.num_accepted = len(out)
-        else:
-            for g, out in zip(grammars, outputs):
+        self._batches = [xgr.BatchGrammarMatcher(1) for _ in range(max_parts)]  # one a part: no sharing
+        self._pool: Optional[ThreadPoolExecutor] = None  # max_parts - 1 workers, made on first use
+
+    def fill(self, grammars: list[RequestGrammar], outputs: list[list[int]], bitmask: np.ndarray) -> None:
+        """``grammars[k]`` takes the new tokens of ``outputs[k]`` and fills ``bitmask[k]`` (int32 [R, W],
+        R >= len(grammars); the grammars share one stop-token row, as those of one manager do)."""
+        n = len(grammars)
+        parts = max(1, min(self.max_parts, n // self.rows_per_part))
+        futures: list[Future] = []
+        try:
+            for p in range(parts):
+                live, rows = self._take_tokens(grammars, outputs, bitmask, n * p // parts, n * (p + 1) // parts)
+                if not live:
+                    continue
+                if p < parts - 1:
+                    futures.append(self._workers().submit(self._batches[p].batch_fill_next_token_bitmask,
+                                                          live, bitmask, rows))
+                else:
+                    self._batches[p].batch_fill_next_token_bitmask(live, bitmask, rows)
+        finally:
+            wait(futures)  # no worker writes into bitmask after this returns or raises
+        for f in futures:
+            f.result()
+
+    @staticmethod
+    def _take_tokens(grammars: list[RequestGrammar], outputs: list[list[int]], bitmask: np.ndarray, lo: int,
+                     hi: int) -> tuple[list[Any], list[int]]:
+        """Rows ``lo:hi``: advances the grammars and writes the terminated ones' rows; returns the live
+        matchers and their rows."""
+        live, rows, done = [], [], []
+        for k in range(lo, hi):
+            g, out = grammars[k], outputs[k]
+            if len(out) != g.num_accepted:
                 g.advance(out)
-        live = [k for k, g in enumerate(grammars) if not g.is_terminated]
-        if live:
-            self._batch.batch_fill_next_token_bitmask([grammars[k].matcher for k in live], bitmask, indices=live)
-        if len(live) < len(grammars):
-            for k in set(range(len(grammars))) - set(live):
-                grammars[k].fill_bitmask(bitmask, k)
+            if g.is_terminated:
+                done.append(k)
+            else:
+                live.append(g.matcher)
+                rows.append(k)
+        if done:
+            bitmask[done] = grammars[done[0]].stop_row
+        return live, rows
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.max_parts - 1, thread_name_prefix="vllm-engine-grammar-fill")
+        return self._pool
 
 
-def _bit(i: int) -> int:
-    """Bit ``i`` of an int32 word as a signed value (bit 31 is the sign bit)."""
-    return (1 << i) - (1 << 32) if i == 31 else 1 << i
+def stop_token_row(stop_token_ids: Iterable[int], width: int) -> np.ndarray:
+    """The bitmask row [width] int32 that allows exactly ``stop_token_ids``."""
+    bits = np.zeros(width * 32, dtype=np.uint8)
+    bits[list(stop_token_ids)] = 1
+    return np.packbits(bits, bitorder="little").view(np.int32).copy()

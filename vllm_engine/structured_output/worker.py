@@ -30,14 +30,16 @@ logger = logging.getLogger(__name__)
 
 class WorkerGrammars:
     """Grammars by request id. ``manager``: the engine's (same process) or None (built on first use
-    from ``model_config``, e.g. in a worker process: its first compile of a grammar then waits)."""
+    from ``model_config``, e.g. in a worker process: its first compile of a grammar then waits).
+    ``filler``: the step's batch path (default: ``BatchFiller()``, made on first use)."""
 
-    def __init__(self, model_config: Any, manager: Optional[StructuredOutputManager] = None) -> None:
+    def __init__(self, model_config: Any, manager: Optional[StructuredOutputManager] = None,
+                 filler: Optional[BatchFiller] = None) -> None:
         self.model_config = model_config
         self.manager = manager
         self.grammars: dict[str, RequestGrammar] = {}
         self._bitmask: Optional[np.ndarray] = None  # [rows, words] int32, grown as needed
-        self._filler: Optional[BatchFiller] = None
+        self._filler = filler
         # When a list (benchmarks): one (constrained rows, seconds) per step: advancing the grammars,
         # filling and staging the mask (not the wait for the previous step's tokens).
         self.fill_seconds: Optional[list[tuple[int, float]]] = None
@@ -70,22 +72,29 @@ class WorkerGrammars:
         sampled ids to the host (written over the placeholders), called only when a grammar needs one.
         A grammar that refused a token (none should reach it) is its request's fault (``failed``)."""
         grammars = self.grammars
-        rows = [i for i, r in enumerate(reqs) if r.req_id in grammars]
+        rows, step_grammars, outputs, pending = [], [], [], False
+        for i, r in enumerate(reqs):
+            g = grammars.get(r.req_id)
+            if g is not None:
+                out = r.output_token_ids
+                rows.append(i)
+                step_grammars.append(g)
+                outputs.append(out)
+                # A request's last token may be the previous launch's, still on the device (async scheduling).
+                pending = pending or (bool(out) and out[-1] == PLACEHOLDER_TOKEN_ID)
         if not rows:
             return
-        # A request's last token may be the previous launch's, still on the device (async scheduling).
-        if any(reqs[i].output_token_ids[-1:] == [PLACEHOLDER_TOKEN_ID] for i in rows):
+        if pending:
             read_pending_tokens()
         t0 = time.perf_counter() if self.fill_seconds is not None else 0.0
         bitmask = self._rows(len(rows), self.manager.bitmask_width)
         if self._filler is None:
             self._filler = BatchFiller()
-        rows_grammars = [grammars[reqs[i].req_id] for i in rows]
-        self._filler.fill(rows_grammars, [reqs[i].output_token_ids for i in rows], bitmask)
-        for i, g in zip(rows, rows_grammars):
+        self._filler.fill(step_grammars, outputs, bitmask)
+        for i, g in zip(rows, step_grammars):
             if g.rejected is not None:
                 failed[reqs[i].req_id] = f"the grammar refused token {g.rejected}"
-        meta.grammar_bitmask, meta.grammar_rows = staging.stage(bitmask, np.asarray(rows, dtype=np.int64))
+        meta.grammar_bitmask, meta.grammar_rows = staging.stage(bitmask, np.array(rows, dtype=np.int64))
         if self.fill_seconds is not None:
             self.fill_seconds.append((len(rows), time.perf_counter() - t0))
 
