@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.worker.metadata_helpers import step_metadata
 from vllm_engine.attention.backend import AttentionMetadata, get_attn_backend
 from vllm_engine.config import EngineArgs
 from vllm_engine.model_loader import get_model
@@ -20,19 +21,7 @@ Q = 3  # two proposals and the last token
 
 
 def _metadata(starts: list[int], counts: list[int], tables: list[list[int]], device) -> AttentionMetadata:
-    seq_lens = [s + c for s, c in zip(starts, counts)]
-    qsl = [0]
-    for c in counts:
-        qsl.append(qsl[-1] + c)
-    slots = [tables[i][p // BLOCK] * BLOCK + p % BLOCK for i, (s, c) in enumerate(zip(starts, counts))
-             for p in range(s, s + c)]
-    return AttentionMetadata(
-        num_actual_tokens=qsl[-1], num_seqs=len(starts),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        max_query_len=max(counts), max_seq_len=max(seq_lens), query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+    return step_metadata(starts, counts, tables, BLOCK, device)
 
 
 def _setup(tiny_model_dir, device: torch.device, backend: str, num_seqs: int):
