@@ -186,6 +186,25 @@ def decode_step_medians(profile: list[dict], min_seqs: int, max_seqs: Optional[i
     return {"steps": len(steps), **{k: statistics.median(r[k] for r in steps) for k in STEP_PHASES}}
 
 
+def step_costs(profile: list[dict], timeline: list | None) -> dict:
+    """Median phases (the engine's step profile, ms) of the steps that verified proposals and of
+    the plain decode steps, and each kind's median GPU time from step start to its last launched
+    work (the runner's CUDA events; absent off CUDA): where a verifying step's time goes."""
+    out = {}
+    kinds = {"verify_step": lambda r: r["num_draft_tokens"] > 0,
+             "plain_step": lambda r: r["num_draft_tokens"] == 0 and r["num_tokens"] == r["num_seqs"]}
+    for name, is_kind in kinds.items():
+        steps = [r for r in profile if is_kind(r)]
+        out[name] = {"steps": len(steps), **({k: statistics.median(r[k] for r in steps) for k in STEP_PHASES}
+                                              if steps else {})}
+    if timeline:
+        torch.cuda.synchronize()
+        for name, multi in (("verify_step", True), ("plain_step", False)):
+            gpu = [start.elapsed_time(end) for n, t, start, _, end in timeline if (t > n) == multi]
+            out[name]["gpu_ms"] = statistics.median(gpu) if gpu else None
+    return out
+
+
 def write_json(path: Optional[str], data: dict) -> None:
     data = {"device": device_name(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **data}
     text = json.dumps(data, indent=2, default=str)

@@ -38,8 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from common import STEP_PHASES, device_name, print_table, write_json  # noqa: E402
+from common import device_name, print_table, step_costs, write_json  # noqa: E402
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 
@@ -100,25 +99,6 @@ def run_config(args, spec: dict | None, texts: list[str]) -> dict:
     del engine
     gc.collect()
     return row
-
-
-def step_costs(profile: list[dict], timeline: list | None) -> dict:
-    """Median phases (the engine's step profile, ms) of the steps that verified proposals and of
-    the plain decode steps, and each kind's median GPU time from step start to its last launched
-    work (the runner's CUDA events; absent off CUDA): where a verifying step's time goes."""
-    out = {}
-    kinds = {"verify_step": lambda r: r["num_draft_tokens"] > 0,
-             "plain_step": lambda r: r["num_draft_tokens"] == 0 and r["num_tokens"] == r["num_seqs"]}
-    for name, is_kind in kinds.items():
-        steps = [r for r in profile if is_kind(r)]
-        out[name] = {"steps": len(steps), **({k: statistics.median(r[k] for r in steps) for k in STEP_PHASES}
-                                              if steps else {})}
-    if timeline:
-        torch.cuda.synchronize()
-        for name, multi in (("verify_step", True), ("plain_step", False)):
-            gpu = [start.elapsed_time(end) for n, t, start, _, end in timeline if (t > n) == multi]
-            out[name]["gpu_ms"] = statistics.median(gpu) if gpu else None
-    return out
 
 
 def main(argv=None) -> int:
@@ -197,20 +177,23 @@ def draft_model_study(args) -> int:
         for alpha in args.acceptance:
             for b in args.batch_sizes:
                 before = engine.get_stats().spec_decode
+                costs: dict = {}
                 with forced_acceptance(alpha):
-                    tpot = measure(engine, b, args.input_len, args.output_len, vocab, f"k{k}a{alpha}b{b}")
+                    tpot = measure(engine, b, args.input_len, args.output_len, vocab, f"k{k}a{alpha}b{b}", costs)
                 after = engine.get_stats().spec_decode
                 drafts = after.num_drafts - before.num_drafts
                 accepted = after.num_accepted_tokens - before.num_accepted_tokens
                 rows.append({"k": k, "acceptance": alpha, "batch": b, "tpot_ms": 1e3 * tpot,
                              "tpot_speedup": base[b] / tpot,
                              "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
-                             "expected_acceptance_length": sum(alpha ** i for i in range(k + 1))})
+                             "expected_acceptance_length": sum(alpha ** i for i in range(k + 1)),
+                             "verify_step_ms": costs["verify_step"].get("total_ms"),
+                             "verify_step_gpu_ms": costs["verify_step"].get("gpu_ms"), **costs})
         engine.shutdown()
         del engine
         gc.collect()
     print_table(rows, ["k", "acceptance", "batch", "tpot_ms", "tpot_speedup", "mean_acceptance_length",
-                       "expected_acceptance_length"])
+                       "expected_acceptance_length", "verify_step_ms", "verify_step_gpu_ms"])
     write_json(args.out, {"device": device_name(), "model": args.model, "draft_model": args.draft_model,
                           "draft_method": args.draft_method,
                           "load_format": args.load_format, "input_len": args.input_len,

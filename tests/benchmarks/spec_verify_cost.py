@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, print_table, write_json  # noqa: E402
+from common import device_name, print_table, step_costs, write_json  # noqa: E402
 
 from vllm_engine import Engine, SamplingParams  # noqa: E402
 from vllm_engine.worker import model_runner as model_runner_module  # noqa: E402
@@ -84,9 +84,16 @@ def forced_acceptance(alpha: float, seed: int = 0):
         model_runner_module.verify = real
 
 
-def measure(engine: Engine, batch: int, input_len: int, output_len: int, vocab: int, tag: str) -> float:
-    """Median TPOT (seconds) of ``batch`` requests run together to ``output_len`` tokens."""
+def measure(engine: Engine, batch: int, input_len: int, output_len: int, vocab: int, tag: str,
+            costs: dict | None = None) -> float:
+    """Median TPOT (seconds) of ``batch`` requests run together to ``output_len`` tokens; ``costs``:
+    filled with the verifying and plain steps' costs (common.step_costs) when given."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    runner = engine.model_runner
+    if costs is not None:
+        profile = engine.enable_step_profile()
+        if runner is not None and runner.device.type == "cuda":
+            runner.gpu_timeline = []
     g = torch.Generator().manual_seed(0)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", torch.randint(0, vocab, (input_len,), generator=g).tolist(), params)
@@ -100,6 +107,11 @@ def measure(engine: Engine, batch: int, input_len: int, output_len: int, vocab: 
                 first.setdefault(o.request_id, (now, n))
                 last[o.request_id], count[o.request_id] = now, n
     tpots = [(last[r] - first[r][0]) / (count[r] - first[r][1]) for r in first if count[r] > first[r][1]]
+    if costs is not None:
+        costs.update(step_costs(profile, runner.gpu_timeline if runner is not None else None))
+        engine.step_profile = None
+        if runner is not None:
+            runner.gpu_timeline = None
     return statistics.median(tpots)
 
 
@@ -132,9 +144,13 @@ def main(argv=None) -> int:
     engine = make_engine(args, None)
     vocab = engine.model_config.vocab_size
     measure(engine, 1, args.input_len, 8, vocab, "warm")
-    base = {b: measure(engine, b, args.input_len, args.output_len, vocab, f"off{b}") for b in args.batch_sizes}
+    base, base_costs = {}, {}
     for b in args.batch_sizes:
-        rows.append({"k": 0, "acceptance": None, "batch": b, "tpot_ms": 1e3 * base[b], "tpot_speedup": 1.0})
+        base_costs[b] = {}
+        base[b] = measure(engine, b, args.input_len, args.output_len, vocab, f"off{b}", base_costs[b])
+        rows.append({"k": 0, "acceptance": None, "batch": b, "tpot_ms": 1e3 * base[b], "tpot_speedup": 1.0,
+                     "plain_step_ms": base_costs[b]["plain_step"].get("total_ms"),
+                     "plain_step_gpu_ms": base_costs[b]["plain_step"].get("gpu_ms"), **base_costs[b]})
     engine.shutdown()
     del engine
     gc.collect()
@@ -145,19 +161,23 @@ def main(argv=None) -> int:
             for b in args.batch_sizes:
                 before = engine.get_stats().spec_decode
                 drafts0, acc0 = before.num_drafts, before.num_accepted_tokens
+                costs: dict = {}
                 with forced_acceptance(alpha):
-                    tpot = measure(engine, b, args.input_len, args.output_len, vocab, f"k{k}a{alpha}b{b}")
+                    tpot = measure(engine, b, args.input_len, args.output_len, vocab, f"k{k}a{alpha}b{b}", costs)
                 st = engine.get_stats().spec_decode
                 drafts, accepted = st.num_drafts - drafts0, st.num_accepted_tokens - acc0
                 rows.append({"k": k, "acceptance": alpha, "batch": b, "tpot_ms": 1e3 * tpot,
                              "tpot_speedup": base[b] / tpot,
                              "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
-                             "expected_acceptance_length": (1 - alpha ** (k + 1)) / (1 - alpha)})
+                             "expected_acceptance_length": (1 - alpha ** (k + 1)) / (1 - alpha),
+                             "verify_step_ms": costs["verify_step"].get("total_ms"),
+                             "verify_step_gpu_ms": costs["verify_step"].get("gpu_ms"), **costs})
         engine.shutdown()
         del engine
         gc.collect()
     print_table(rows, ["k", "acceptance", "batch", "tpot_ms", "tpot_speedup", "mean_acceptance_length",
-                       "expected_acceptance_length"])
+                       "expected_acceptance_length", "plain_step_ms", "plain_step_gpu_ms", "verify_step_ms",
+                       "verify_step_gpu_ms"])
     write_json(args.out, {"device": device_name(), "model": args.model, "input_len": args.input_len,
                           "output_len": args.output_len, "rows": rows})
     return 0

@@ -42,6 +42,9 @@ def test_spec_verify_cost_script_forces_the_acceptance(tiny_model_dir, tmp_path)
     assert off["k"] == 0 and forced["k"] == 3 and forced["tpot_ms"] > 0
     # The engine's own counter agrees with the forced rate: 1 + 0.6 + 0.36 + 0.216 = 2.18 tokens a step.
     assert abs(forced["mean_acceptance_length"] - forced["expected_acceptance_length"]) < 0.3
+    # Every step of the forced run verifies; the run without speculation has only plain steps.
+    assert forced["verify_step"]["steps"] > 0 and forced["verify_step_ms"] > 0
+    assert off["plain_step"]["steps"] > 0 and off["verify_step"]["steps"] == 0
 
 
 def test_throughput_script_passes_the_speculative_config(tiny_model_dir, tmp_path):
