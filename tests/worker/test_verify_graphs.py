@@ -12,6 +12,7 @@ import torch
 from tests.worker.metadata_helpers import step_metadata
 from vllm_engine.attention.backend import AttentionMetadata, get_attn_backend
 from vllm_engine.config import EngineArgs
+from vllm_engine.layers.attention import Attention
 from vllm_engine.model_loader import get_model
 from vllm_engine.worker.cuda_graphs import CUDAGraphRunner
 
@@ -114,3 +115,40 @@ def test_verify_bucket_refuses_what_no_graph_holds(tiny_model_dir):
     assert not runner.fits(_metadata([5], [3], tables, cpu))  # nothing captured
     plain = CUDAGraphRunner(model, caches, 16, MAX_LEN, BLOCK, cfg.hf_config.hidden_size, torch.float32, cpu)
     assert plain.verify_batch_sizes == [] and plain.verify_bucket(_metadata([5], [3], tables, cpu)) is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_verify_forward_with_two_kv_cache_groups(tiny_model_dir, backend):
+    """A model with two KV cache groups (as Gemma 2/3's sliding and full layers): the last layer
+    reads group 1, whose blocks are numbered differently; the padded forward copies each group's
+    slots and tables, so outputs and every layer's K/V equal the unpadded forward's."""
+    cpu = torch.device("cpu")
+    starts, counts = [5, 9, 14], [3, 1, 2]
+    cfg, model, caches, tables = _setup(tiny_model_dir, cpu, backend, len(starts))
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    layers[-1].kv_cache_group = 1
+    top = max(b for row in tables for b in row)
+    group1 = [[top + 1 - b for b in row] for row in tables]  # the same blocks, numbered backwards
+
+    def grouped(meta, s, c):
+        other = _metadata(s, c, group1, cpu)
+        return meta.with_groups(torch.stack([meta.block_tables, other.block_tables]),
+                                torch.stack([meta.slot_mapping, other.slot_mapping]))
+
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, cfg.vocab_size, (MAX_LEN,), generator=gen).tolist() for _ in starts]
+    ids = torch.tensor([t for s, n in zip(seqs, starts) for t in s[:n]])
+    pos = torch.tensor([p for n in starts for p in range(n)])
+    with torch.inference_mode():
+        model(ids, pos, caches, grouped(_metadata([0] * 3, starts, tables, cpu), [0] * 3, starts))
+    ref_caches = [c.clone() for c in caches]
+    runner = CUDAGraphRunner(model, caches, 8, MAX_LEN, BLOCK, cfg.hf_config.hidden_size, torch.float32, cpu,
+                             num_kv_groups=2, verify_query_len=Q, max_num_batched_tokens=64)
+    ids, pos, meta = _step(seqs, starts, counts, tables, cpu)
+    meta = grouped(meta, starts, counts)
+    with torch.inference_mode():
+        ref = model(ids, pos, ref_caches, meta)
+        out = runner.run_verify_eager(ids, pos, meta)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(caches, ref_caches):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
