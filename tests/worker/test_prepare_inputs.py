@@ -175,6 +175,29 @@ def test_host_staging_packs_arrays_into_one_buffer_and_reuses_its_slots():
         HostStaging("cpu", slots=0)
 
 
+def test_host_staging_fills_an_array_in_place_before_the_others():
+    st = HostStaging("cpu", slots=2, initial_bytes=64)
+    st.stage(np.full(64, 9, dtype=np.int64))  # slot 0 holds other values: the fill must write every element
+    mask = np.arange(12, dtype=np.int32).reshape(3, 4) - 5
+
+    def fill(view):
+        assert view.shape == (3, 4) and view.dtype == np.int32
+        view[:] = mask
+
+    rows = np.array([0, 2, 5], dtype=np.int64)
+    tm, tr = st.stage_filled((3, 4), np.int32, fill, rows)
+    assert (tm.dtype, tm.shape) == (torch.int32, (3, 4)) and tm.tolist() == mask.tolist()
+    assert tr.tolist() == rows.tolist() and tr.untyped_storage().data_ptr() == tm.untyped_storage().data_ptr()
+    (empty, none) = st.stage_filled((0, 4), np.int32, lambda view: None, np.empty(0, dtype=np.int64))
+    assert empty.shape == (0, 4) and none.numel() == 0
+
+    def broken(view):
+        raise RuntimeError("grammar")
+
+    with pytest.raises(RuntimeError, match="grammar"):
+        st.stage_filled((2, 2), np.int32, broken)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory and the copy need CUDA")
 def test_host_staging_on_cuda_is_one_copy_per_step():
     st = HostStaging("cuda", slots=2)
@@ -183,4 +206,6 @@ def test_host_staging_on_cuda_is_one_copy_per_step():
         got = st.stage(*arrays)
         assert all(t.is_cuda for t in got)
         assert [t.cpu().numpy().tolist() for t in got] == [a.tolist() for a in arrays]
-    assert st.num_copies == 5
+    filled = st.stage_filled((3, 4), np.int32, lambda view: view.fill(-3), steps[0][0])
+    assert [t.cpu().tolist() for t in filled] == [[[-3] * 4] * 3, steps[0][0].tolist()]
+    assert st.num_copies == 6

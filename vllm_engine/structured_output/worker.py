@@ -87,14 +87,15 @@ class WorkerGrammars:
         if pending:
             read_pending_tokens()
         t0 = time.perf_counter() if self.fill_seconds is not None else 0.0
-        bitmask = self._rows(len(rows), self.manager.bitmask_width)
         if self._filler is None:
             self._filler = BatchFiller()
-        self._filler.fill(step_grammars, outputs, bitmask)
+        # The masks go straight into the staging buffer (no host copy of up to a few MB a step).
+        meta.grammar_bitmask, meta.grammar_rows = staging.stage_filled(
+            (len(rows), self.manager.bitmask_width), np.int32,
+            lambda bitmask: self._filler.fill(step_grammars, outputs, bitmask), np.array(rows, dtype=np.int64))
         for i, g in zip(rows, step_grammars):
             if g.rejected is not None:
                 failed[reqs[i].req_id] = f"the grammar refused token {g.rejected}"
-        meta.grammar_bitmask, meta.grammar_rows = staging.stage(bitmask, np.array(rows, dtype=np.int64))
         if self.fill_seconds is not None:
             self.fill_seconds.append((len(rows), time.perf_counter() - t0))
 

@@ -15,7 +15,7 @@ stream). Off CUDA the "device" buffer is the host buffer itself: the same packin
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -52,16 +52,36 @@ class HostStaging:
     def stage(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """The arrays on the device, in order, same dtypes and shapes (C-contiguous copies)."""
         arrays = [np.ascontiguousarray(a) for a in arrays]
+        return self._stage([(a.shape, a.dtype) for a in arrays], arrays, None)
+
+    def stage_filled(self, shape: tuple[int, ...], dtype: np.dtype, fill: Callable[[np.ndarray], None],
+                     *arrays: np.ndarray) -> list[torch.Tensor]:
+        """``stage`` of an array of ``shape`` / ``dtype`` that ``fill(view)`` writes straight into the
+        staging buffer (every element: the view is not cleared), then ``arrays``: no host copy of the
+        first (a step's structured-output bitmask, up to a few MB). If ``fill`` raises, nothing is
+        copied and the exception propagates."""
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        layout = [(tuple(shape), np.dtype(dtype))] + [(a.shape, a.dtype) for a in arrays]
+        return self._stage(layout, [None, *arrays], fill)
+
+    def _stage(self, layout: list[tuple[tuple[int, ...], np.dtype]], arrays: list[Optional[np.ndarray]],
+               fill: Optional[Callable[[np.ndarray], None]]) -> list[torch.Tensor]:
+        """``layout``: each array's (shape, dtype); ``arrays``: each one's values, or None for the one
+        ``fill`` writes in place."""
         offsets, total = [], 0
-        for a in arrays:
+        for shape, dtype in layout:
             offsets.append(total)
-            total += -(-a.nbytes // _ALIGN) * _ALIGN
+            total += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // _ALIGN) * _ALIGN
         slot = self._next
         self._next = (slot + 1) % len(self._host)
         host, dev = self._buffers(slot, max(total, 1))
         host_np = host.numpy()
-        for a, off in zip(arrays, offsets):
-            host_np[off: off + a.nbytes] = a.reshape(-1).view(np.uint8)
+        for (shape, dtype), a, off in zip(layout, arrays, offsets):
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if a is None:
+                fill(host_np[off: off + size].view(dtype).reshape(shape))
+            else:
+                host_np[off: off + size] = a.reshape(-1).view(np.uint8)
         if self.cuda:
             dev[:total].copy_(host[:total], non_blocking=True)
             event = torch.cuda.Event()
@@ -72,12 +92,20 @@ class HostStaging:
         # three torch ops each: tens of microseconds per step on a slow host).
         typed = self._typed[slot]
         out = []
-        for a, off in zip(arrays, offsets):
-            base = typed.get(a.dtype)
+        for (shape, dtype), off in zip(layout, offsets):
+            base = typed.get(dtype)
             if base is None:
-                base = typed[a.dtype] = dev.view(_TORCH_DTYPES[a.dtype])
-            out.append(base.as_strided(a.shape, [s // a.itemsize for s in a.strides], off // a.itemsize))
+                base = typed[dtype] = dev.view(_TORCH_DTYPES[dtype])
+            out.append(base.as_strided(shape, _contiguous_strides(shape), off // dtype.itemsize))
         return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return strides[::-1]
 
 
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32,
