@@ -397,7 +397,15 @@ def compile_sm90() -> list[dict]:
                                                       BLOCK_SIZE=16, TILE_N=64, NUM_SPLITS=splits, MIXED=True, HAS_ORDER=True,
                                                       EARLY_V=False,
                                                       **dot)))
-    out.append(build(K._decode_reduce_kernel, attn, dict(NUM_SPLITS=16, HEAD_DIM=128, BLOCK_D=128, MIXED=True)))
+    out.append(build(K._decode_reduce_kernel, attn, dict(NUM_SPLITS=16, HEAD_DIM=128, BLOCK_D=128, MIXED=True,
+                                                         BY_ROW=False)))
+    # A verifying step (k = 4) of Llama-8B's heads: 5 rows x GQA 4 per program, and its per-row reduce.
+    multi = dict(attn, stride_mo_t=i32, stride_ml_t=i32)
+    out.append(build(K._multi_query_decode_kernel, multi, dict(GROUP=4, BLOCK_G=4, QUERIES=5, BLOCK_M=32, HEAD_DIM=128,
+                                                                BLOCK_D=128, BLOCK_SIZE=16, TILE_N=64, NUM_SPLITS=16,
+                                                                **dot)))
+    out.append(build(K._decode_reduce_kernel, attn, dict(NUM_SPLITS=16, HEAD_DIM=128, BLOCK_D=128, MIXED=False,
+                                                         BY_ROW=True)))
     out.append(build(K._prefill_kernel, attn, dict(GROUP=4, BLOCK_M=64, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16,
                                                    TILE_N=64, SKIP_DECODES=True, **dot), num_warps=4, num_stages=2))
     out.append(build(F._rms_norm_kernel, dict(X=bf, R=bf, W=bf, Y=bf, ResOut=bf, stride_x=i32, stride_r=i32, stride_y=i32,

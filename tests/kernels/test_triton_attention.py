@@ -232,6 +232,52 @@ def test_decode_only_graph_style_plan():
     run_and_check(case, backend)
 
 
+# A verifying step: each sequence's last token and up to k proposals (1..k + 1 rows), long contexts.
+VERIFY = [(36, 5), (149, 1), (299, 3), (0, 2), (70, 5), (5, 4)]
+
+
+@pytest.mark.parametrize(
+    "dtype,num_kv_heads,group,head_dim,num_sms,window,cap",
+    [
+        (torch.float32, 2, 2, 32, 64, None, None),  # several splits per sequence
+        (torch.float32, 1, 3, 96, 4, None, None),  # odd group, padded head dim, one split
+        (torch.bfloat16, 2, 4, 64, 64, 40, None),  # GQA 4, a sliding window
+        (torch.float16, 2, 1, 32, 64, None, 30.0),  # MHA, a soft cap (Gemma 2)
+    ],
+)
+def test_verifying_step_takes_the_split_kv_decode(dtype, num_kv_heads, group, head_dim, num_sms, window, cap):
+    """Steps of up to multi_query_len rows per sequence run the multi-query decode kernel (causal among
+    a sequence's rows, split over its context, partial results merged per row) and equal the
+    float64 reference; CUDA-graph padding rows stay zeros; the prefill kernel is not launched."""
+    case = make_case(VERIFY, 16, num_kv_heads, group, head_dim, dtype, seed=11, num_pad_tokens=3,
+                     max_seq_len=2048 if num_sms == 64 else None)
+    backend = TritonAttentionBackend(num_sms=num_sms, min_tokens_per_split=32, tile_n=16, multi_query_len=5)
+    splits = backend.decode_splits(len(VERIFY), num_kv_heads, case.meta.max_seq_len, case.query.device)
+    assert (splits > 1) == (num_sms == 64)
+    launched = []
+    real = K.paged_attention_prefill
+    K.paged_attention_prefill = lambda *a, **kw: (launched.append(1), real(*a, **kw))[1]
+    try:
+        if cap is None:
+            run_and_check(case, backend, sliding_window=window)
+        else:
+            scale = 1.0 / math.sqrt(head_dim)
+            out = backend.forward(case.query, case.key, case.value, case.kv_cache, case.meta, scale,
+                                  logits_soft_cap=cap)
+            ref = TorchAttentionBackend().forward(case.query, case.key, case.value, case.kv_cache, case.meta,
+                                                  scale, logits_soft_cap=cap)
+            n = case.meta.num_actual_tokens
+            assert (out.double().cpu()[:n] - ref.double().cpu()[:n]).abs().max().item() < 2 * TOL[dtype]
+            assert (out.double().cpu()[n:] == 0).all()
+    finally:
+        K.paged_attention_prefill = real
+    assert not launched
+    # A step with a longer query (a prompt chunk) goes back to the prefill and decode kernels.
+    case = make_case(VERIFY + [(10, 6)], 16, num_kv_heads, group, head_dim, dtype, seed=12)
+    if cap is None:
+        run_and_check(case, backend, sliding_window=window)
+
+
 def test_reshape_and_cache_strided_views():
     """K/V as column slices of a fused qkv projection (non-contiguous rows); -1 slots are skipped."""
     g = torch.Generator().manual_seed(7)
@@ -279,8 +325,8 @@ def test_kernels_compile_for_sm90():
     rows = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{'kernel'")]
     from vllm_engine.layers.triton_linear import GEMM_CONFIGS, GEMV_CONFIGS
 
-    # 8: attention and fused ops, 3: the fp8-cache write, decode and prefill
-    assert len(rows) == 8 + 3 + 2 + 2 * len(GEMV_CONFIGS) + 3 + len(GEMM_CONFIGS) + 2
+    # 8: attention and fused ops, 3: the fp8-cache write, decode and prefill, 2: a verifying step's decode
+    assert len(rows) == 8 + 3 + 2 + 2 + 2 * len(GEMV_CONFIGS) + 3 + len(GEMM_CONFIGS) + 2
     for row in rows:
         # chunk argmax reads a handful of floats per row; the GEMM's tiles go through cp.async instead
         if row["kernel"] not in ("_chunk_argmax_kernel", "_matmul_kernel_impl"):
@@ -289,7 +335,7 @@ def test_kernels_compile_for_sm90():
         if row["kernel"] in ("_qkv_rope_cache_kernel", "_gumbel_argmax_kernel", "_rms_norm_kernel",
                              "_silu_and_mul_kernel", "_reshape_and_cache_kernel"):
             assert row["spill_bytes"] == 0, row
-        if row["kernel"] in ("_decode_kernel", "_prefill_kernel", "_matmul_kernel_impl"):
+        if row["kernel"] in ("_decode_kernel", "_multi_query_decode_kernel", "_prefill_kernel", "_matmul_kernel_impl"):
             assert row["cp_async"] > 0, row
         # every kernel but the sampler's waits for its predecessor under PDL (layers/pdl.py)
         assert row["pdl"] == (row["kernel"] not in ("_gumbel_argmax_kernel", "_chunk_argmax_kernel")), row
@@ -327,6 +373,24 @@ def test_warmup_launches_every_variant_an_eager_step_can_choose_and_only_reads_t
     assert n == len(want) + 2
     assert sorted(calls["decode"]) == sorted(want) and sorted(calls["prefill"]) == [False, True]
     assert torch.equal(cache, before)
+
+
+def test_warmup_compiles_the_verifying_variant_at_every_split_count(monkeypatch):
+    """With speculative decoding (multi_query_len = k + 1) warm-up also launches the multi-query decode
+    at each split count; without it, never."""
+    calls = []
+    real = K.paged_attention_decode
+    monkeypatch.setattr(K, "paged_attention_decode",
+                        lambda *a, **kw: (calls.append((kw["num_splits"], kw.get("queries", 1))), real(*a, **kw))[1])
+    cache = torch.randn(2, 4, 16, 2, 32, device=DEVICE)
+    for multi in (0, 3):
+        calls.clear()
+        backend = TritonAttentionBackend(num_sms=8, min_tokens_per_split=64, max_decode_splits=8, prefill_block_m=16,
+                                         tile_n=16, multi_query_len=multi)
+        splits = backend.mixed_step_splits(2, 600, torch.device(DEVICE))
+        n = backend.warmup(cache, num_heads=4, max_model_len=600)
+        want = [(p, 1) for p in splits] + ([(p, 3) for p in splits] if multi else [])
+        assert sorted(calls) == sorted(want) and n == len(want) + 2
 
 
 def test_warmup_launches_with_the_model_dtype_for_an_fp8_cache(monkeypatch):

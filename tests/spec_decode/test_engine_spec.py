@@ -208,3 +208,26 @@ def test_structured_output_requests_propose_and_keep_their_grammar(tiny, baselin
     for o in outs:
         assert re.fullmatch(pattern, o.outputs[0].text), o.outputs[0].text
     check_engine_state(engine)
+
+
+def test_verifying_steps_through_the_triton_kernels(tiny):
+    """With the Triton attention backend (interpreted on the CPU), verifying steps take its split-KV
+    multi-query decode path (k + 1 rows a sequence) and give plain decoding's greedy tokens."""
+    from vllm_engine.attention import triton_kernels as K
+
+    common = dict(model=tiny, dtype="float32", max_model_len=256, seed=0, attention_backend="triton", **GPU_POOL)
+    params = [SamplingParams(temperature=0.0, max_tokens=12), SamplingParams(temperature=0.0, max_tokens=9)]
+    plain = Engine(**common).generate(PROMPTS[:2], params, use_tqdm=False)
+    engine = Engine(**common, speculative_config=NGRAM)
+    assert engine.model_runner.attn_backend.multi_query_len == NGRAM["num_speculative_tokens"] + 1
+    calls = []
+    real = K.paged_attention_decode
+    K.paged_attention_decode = lambda *a, **kw: (calls.append(kw.get("queries", 1)), real(*a, **kw))[1]
+    try:
+        got = engine.generate(PROMPTS[:2], params, use_tqdm=False)
+    finally:
+        K.paged_attention_decode = real
+    assert token_ids(got) == token_ids(plain)
+    assert engine.get_stats().spec_decode.num_accepted_tokens > 0
+    assert NGRAM["num_speculative_tokens"] + 1 in calls  # verifying steps went through the multi-query kernel
+    check_engine_state(engine)

@@ -101,8 +101,9 @@ def block_table_width(max_blocks_per_seq: int) -> int:
     return -(-max(max_blocks_per_seq, 1) // 16) * 16
 
 
-def get_attn_backend(device: torch.device, name: Optional[str] = None) -> AttentionBackend:
-    """``name``: "torch" (reference, any device) or "triton" (CUDA). Default: triton on CUDA."""
+def get_attn_backend(device: torch.device, name: Optional[str] = None, multi_query_len: int = 0) -> AttentionBackend:
+    """``name``: "torch" (reference, any device) or "triton" (CUDA). Default: triton on CUDA.
+    ``multi_query_len``: k + 1 with speculative decoding (the Triton backend's verifying steps)."""
     if name is None:
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
@@ -112,5 +113,5 @@ def get_attn_backend(device: torch.device, name: Optional[str] = None) -> Attent
     if name == "triton":
         from vllm_engine.attention.triton_attn import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(multi_query_len=multi_query_len)
     raise ValueError(f"Unknown attention backend {name!r}; choose 'torch' or 'triton'.")

@@ -5,6 +5,10 @@ One ``forward`` = one cache-write launch, then
     plan has more than one split). The plan depends only on ``num_seqs`` and ``max_seq_len`` (the
     CUDA-graph runner pins it to ``max_model_len``), so a captured graph replays correctly for any
     real lengths; the kernel re-divides each sequence's actual length among the splits on device.
+  * verifying steps (speculative decoding; ``max_query_len`` up to ``multi_query_len``, k + 1): the
+    split-KV decode kernel over every sequence's few query rows, causal among them, so a long
+    context is still spread over many programs (the prefill kernel gives a sequence one program
+    per head). Its plan depends only on ``num_seqs`` and ``max_seq_len``, as the decode plan.
   * mixed batches: the tiled prefill kernel for sequences with q_len > 1 and the decode kernel for
     those with q_len == 1 (each kernel skips the other's sequences on device; with the host copy of
     ``query_start_loc`` we launch only the kernels that have work).
@@ -33,10 +37,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self, num_sms: Optional[int] = None, max_decode_splits: int = 64,
                  min_tokens_per_split: int = 256, prefill_block_m: Optional[int] = None,
-                 tile_n: Optional[int] = None) -> None:
+                 tile_n: Optional[int] = None, multi_query_len: int = 0) -> None:
         """``num_sms``: multiprocessor count for the split plan (read from the device when None).
         ``prefill_block_m`` / ``tile_n``: tile sizes (queries per prefill program, keys per loop
-        step); None picks per head_dim. Tests shrink them to cover many tiles with tiny shapes."""
+        step); None picks per head_dim. Tests shrink them to cover many tiles with tiny shapes.
+        ``multi_query_len``: the most query rows per sequence that a step may have to take the
+        split-KV decode path (k + 1 with speculative decoding; 0: that path is off)."""
+        self.multi_query_len = multi_query_len if multi_query_len > 1 else 0
         self._num_sms = num_sms
         self.max_decode_splits = max_decode_splits
         self.min_tokens_per_split = min_tokens_per_split
@@ -91,6 +98,10 @@ class TritonAttentionBackend(AttentionBackend):
         for splits in self.mixed_step_splits(num_kv_heads, max_model_len, dev):
             K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n, seq_order=order)
             launches += 1
+            if self.multi_query_len:  # a verifying step's variant at this split count
+                K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n,
+                                         queries=self.multi_query_len)
+                launches += 1
         return launches
 
     def forward(
@@ -128,6 +139,12 @@ class TritonAttentionBackend(AttentionBackend):
         common = (query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, out,
                   num_seqs, scale, sliding_window)
 
+        if 1 < metadata.max_query_len <= self.multi_query_len:  # a verifying step
+            splits = self.decode_splits(num_seqs, num_kv_heads, metadata.max_seq_len, query.device)
+            K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n,
+                                     logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale,
+                                     queries=self.multi_query_len)
+            return out
         if metadata.max_query_len <= 1:
             num_decodes, num_prefills = num_seqs, 0
         elif qsl_cpu is not None:

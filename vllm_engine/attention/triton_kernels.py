@@ -205,21 +205,115 @@ def _decode_kernel(
 
 
 @triton.jit
+def _multi_query_decode_kernel(
+    Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out, MidO, MidLse,
+    scale_log2, v_scale,
+    stride_qt, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch, stride_ot, stride_oh,
+    stride_mo_t, stride_mo_h, stride_mo_p, stride_ml_t, stride_ml_h,
+    sliding_window, cap_log2, scale_over_cap,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, QUERIES: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
+):
+    """Grid (NUM_SPLITS, num_kv_heads, num_seqs): split-KV decoding of sequences with 1..QUERIES query
+    rows (a verifying step: the last token and its proposals). Row m of the [BLOCK_M] tile is query
+    row m // BLOCK_G of the sequence for head m % BLOCK_G of the kv head's GROUP, so every row of
+    every head of the group shares each K/V tile; row j of a sequence with q_len q and seq_len L is
+    at position L - q + j and sees the keys up to it (and, with a window W, after its position - W).
+
+    Split ``p`` covers an equal, TILE_N-aligned share of the keys the sequence's rows see, as in
+    ``_decode_kernel``; partial results go to MidO/MidLse per query row (token), merged by
+    ``_decode_reduce_kernel`` with BY_ROW. Sequences with no rows or more than QUERIES are skipped.
+    """
+    split = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(QueryStartLoc + seq)  # step metadata: before the PDL wait
+    q_len = tl.load(QueryStartLoc + seq + 1) - q_start
+    seq_len = tl.load(SeqLens + seq)
+    ctx = seq_len - q_len  # tokens before the first query row
+    kv_start = seq_len * 0
+    if sliding_window > 0:
+        kv_start = tl.maximum(ctx + 1 - sliding_window, 0)
+    span = tl.maximum(seq_len - kv_start, 0)
+    chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), TILE_N) * TILE_N
+    lo = kv_start + split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+    pdl_prologue(PDL)
+    if q_len < 1 or q_len > QUERIES:  # an empty padding entry, or a prefill: not ours
+        return
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, TILE_N)
+    j = offs_m // BLOCK_G
+    g = offs_m % BLOCK_G
+    rmask = (g < GROUP) & (j < q_len)
+    dmask = offs_d < HEAD_DIM
+    rows = (q_start + j).to(tl.int64)
+    heads = kvh * GROUP + g
+    pos = ctx + j
+    q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    if not KV_FP8:  # (an fp8 cache's tiles come as the query's type instead)
+        q = q.to(KCache.dtype.element_ty)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for t0 in range(lo, hi, TILE_N):
+        toks = t0 + offs_n
+        nmask = toks < hi
+        k = _load_kv_tile(KCache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
+        qk = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), scale_log2, cap_log2, scale_over_cap)
+        visible = nmask[None, :] & (toks[None, :] <= pos[:, None])
+        if sliding_window > 0:
+            visible = visible & (toks[None, :] > pos[:, None] - sliding_window)
+        qk = tl.where(visible, qk, float("-inf"))
+        v = _load_kv_tile(VCache, BlockTables, seq, kvh, toks, nmask, offs_d,
+                          stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
+        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:  # the values' scale (the keys' is folded into scale_log2)
+        out = out * v_scale
+    omask = rmask[:, None] & dmask[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(Out + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=omask)
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(MidLse + rows * stride_ml_t + heads * stride_ml_h + split, lse, mask=rmask)
+        if hi > lo:  # empty splits leave MidO unwritten; the reduce masks them out by their lse
+            tl.store(MidO + rows[:, None] * stride_mo_t + heads[:, None] * stride_mo_h + split * stride_mo_p
+                     + offs_d[None, :], out, mask=omask)
+
+
+@triton.jit
 def _decode_reduce_kernel(
     MidO, MidLse, QueryStartLoc, Out,
     stride_mo_s, stride_mo_h, stride_mo_p, stride_ml_s, stride_ml_h, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIXED: tl.constexpr, PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIXED: tl.constexpr,
+    BY_ROW: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Grid (num_seqs, num_heads): merges the splits' partial results by their log-sum-exp weights."""
+    """Grid (num_seqs, num_heads): merges the splits' partial results by their log-sum-exp weights.
+    BY_ROW (``_multi_query_decode_kernel``'s): grid (query rows, num_heads), partial results per row."""
     seq = tl.program_id(0)
     h = tl.program_id(1)
-    row = tl.load(QueryStartLoc + seq)  # step metadata: before the PDL wait
-    q_end = row + 1
-    if MIXED:
-        q_end = tl.load(QueryStartLoc + seq + 1)
-    pdl_prologue(PDL)
-    if q_end - row != 1:
-        return
+    if BY_ROW:
+        row = seq
+        pdl_prologue(PDL)
+    else:
+        row = tl.load(QueryStartLoc + seq)  # step metadata: before the PDL wait
+        q_end = row + 1
+        if MIXED:
+            q_end = tl.load(QueryStartLoc + seq + 1)
+        pdl_prologue(PDL)
+        if q_end - row != 1:
+            return
     offs_p = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
@@ -431,9 +525,12 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            mixed: bool, tile_n: Optional[int] = None, num_warps: Optional[int] = None,
                            seq_order: Optional[torch.Tensor] = None, num_stages: int = 3,
                            early_v: bool = False, logits_soft_cap: Optional[float] = None,
-                           k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                           k_scale: float = 1.0, v_scale: float = 1.0, queries: int = 1) -> None:
     """Attention for the sequences with q_len == 1 (every sequence unless ``mixed``), into ``out``.
     ``k_scale`` / ``v_scale``: an fp8 cache's scales (keys and values are read as cached x scale).
+    ``queries`` > 1: the sequences with 1 to ``queries`` query rows instead, causal among them
+    (``_multi_query_decode_kernel``: a verifying step; ``mixed``, ``seq_order`` and ``early_v``
+    do not apply).
 
     ``num_splits`` (a power of 2): partitions of each context, merged by a reduce kernel when > 1.
     ``seq_order``: int32 [>= num_seqs], a permutation of the sequences in the order their programs
@@ -447,6 +544,11 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     block_d = max(16, triton.next_power_of_2(head_dim))
     tile_n = tile_n or (64 if block_d <= 128 else 32)
     kc, vc = kv_cache[0], kv_cache[1]
+    if queries > 1:
+        _multi_query_decode(query, kc, vc, block_tables, seq_lens, query_start_loc, out, num_seqs, scale, v_scale,
+                            sliding_window, num_splits, group, block_d, block_size, tile_n, queries, num_warps,
+                            num_stages, logits_soft_cap)
+        return
     if num_splits > 1:
         mid_o = torch.empty(num_seqs, num_heads, num_splits, block_d, dtype=torch.float32, device=query.device)
         mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
@@ -471,7 +573,45 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
             mid_o, mid_lse, query_start_loc, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, MIXED=mixed, num_warps=4,
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, MIXED=mixed, BY_ROW=False, num_warps=4,
+            **pdl.launch_args(query.device),
+        )
+
+
+def _multi_query_decode(query: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor, num_seqs: int,
+                        scale: float, v_scale: float, sliding_window: Optional[int], num_splits: int, group: int,
+                        block_d: int, block_size: int, tile_n: int, queries: int, num_warps: Optional[int],
+                        num_stages: int, logits_soft_cap: Optional[float]) -> None:
+    """``paged_attention_decode`` with ``queries`` > 1 (its scales already folded)."""
+    num_tokens, num_heads, head_dim = query.shape
+    block_q = triton.next_power_of_2(queries)
+    block_g = triton.next_power_of_2(group)
+    if num_splits > 1:  # partial results per query row
+        mid_o = torch.empty(num_tokens, num_heads, num_splits, block_d, dtype=torch.float32, device=query.device)
+        # -inf: a row no program writes (padding past the sequences) merges to zeros
+        mid_lse = torch.full((num_tokens, num_heads, num_splits), float("-inf"), dtype=torch.float32,
+                             device=query.device)
+    else:
+        mid_o = mid_lse = out  # unused
+    _multi_query_decode_kernel[(num_splits, kc.shape[2], num_seqs)](
+        query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
+        scale * LOG2E, v_scale,
+        query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
+        out.stride(0), out.stride(1),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        sliding_window or 0, *_soft_cap_args(scale, logits_soft_cap),
+        GROUP=group, BLOCK_G=block_g, QUERIES=queries, BLOCK_M=max(16, block_q * block_g), HEAD_DIM=head_dim,
+        BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n, NUM_SPLITS=num_splits,
+        **_dot_args(query.dtype, kc.dtype), num_warps=num_warps or 4, num_stages=num_stages,
+        **pdl.launch_args(query.device),
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_tokens, num_heads)](
+            mid_o, mid_lse, query_start_loc, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+            out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, MIXED=False, BY_ROW=True, num_warps=4,
             **pdl.launch_args(query.device),
         )
 

@@ -72,7 +72,8 @@ class ModelRunner:
         # Start-up phases of this rank (seconds), logged one line each (issue 24's breakdown).
         self.startup = StartupPhases(logger, self.device)
         torch.manual_seed(config.model.seed)
-        self.attn_backend = get_attn_backend(self.device, config.device.attention_backend)
+        self.attn_backend = get_attn_backend(self.device, config.device.attention_backend,
+                                             multi_query_len=self._verify_query_len())
         # What the device holds before this engine: others' (kv_cache.kv_budget).
         self._memory_at_start = DeviceMemory.now() if self.device.type == "cuda" else None
         with self.startup("model and weights"):
