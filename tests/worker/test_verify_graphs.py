@@ -2,7 +2,8 @@
 padded to q rows per sequence and to the batch bucket, gives the unpadded eager forward's hidden
 states and writes the same K/V (and nothing for the padded rows). On the CPU the padded forward
 runs eagerly (``run_verify_eager``, what a replay computes) with the torch reference and the Triton
-kernels (interpreted); on a GPU the captured graphs replay it."""
+kernels (interpreted; the backend as a speculating engine builds it: its multi-query decode for up
+to q rows a sequence); on a GPU the captured graphs replay it."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _setup(tiny_model_dir, device: torch.device, backend: str, num_seqs: int):
     cfg = EngineArgs(model=str(tiny_model_dir("llama")), dtype="float32", device=device.type,
                      max_model_len=MAX_LEN).create_engine_config().model
     torch.manual_seed(0)
-    model = get_model(cfg, device, get_attn_backend(device, backend))
+    model = get_model(cfg, device, get_attn_backend(device, backend, multi_query_len=Q))
     num_blocks = (MAX_LEN // BLOCK) * num_seqs + 1
     layers = sum(1 for _ in model.model.stage_layers)
     caches = [torch.zeros(2, num_blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim, device=device) for _ in range(layers)]
