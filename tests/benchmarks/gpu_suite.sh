@@ -2,7 +2,7 @@
 # The GPU measurements of docs/benchmarks.md, stage by stage (run from the repo root on the GPU machine):
 #   OUT=results bash tests/benchmarks/gpu_suite.sh check throughput latency memory prefix sweep
 #   issues 19-24:  OUT=results bash tests/benchmarks/gpu_suite.sh newkernels newmodels newspec fp8kv quant moe spec \
-#                    startup serving structured   (a few stages per device call)
+#                    specnano verifygraphs startup serving structured   (a few stages per device call)
 #   several GPUs:  OUT=results bash tests/benchmarks/gpu_suite.sh multigpu allreduce tpscaling llama70b
 #   then:          python tests/benchmarks/plot_scaling.py --latency results/latency_tp*.json \
 #                    --throughput results/throughput_70b_*.json --out docs/scaling.png
@@ -71,6 +71,11 @@ for stage in "$@"; do
                 for d in llama-3.2-1b eagle-llama-3.1-8b; do  # forced acceptance 0.5 / 0.7 / 0.9
                   python $B/spec_decode_bench.py --model llama-3.1-8b --load-format dummy --draft-model $d \
                     --num-speculative-tokens 2 4 --input-len 512 --output-len 128 --out "$OUT/spec_$d.json" 2>&1 | tail -8
+                done ;;
+    specnano)   for spec in off on off on; do  # issue 21: nano with n-gram speculation on >= 0.98x off
+                  cfg=""; [ $spec = on ] && cfg='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+                  python $B/throughput.py --model qwen3-0.6b --dataset nano --runs 2 ${cfg:+--speculative-config "$cfg"} \
+                    --out "$OUT/throughput_qwen3_spec_$spec.json" 2>&1 | grep -E "result:|Error"
                 done ;;
     startup)    python $B/startup.py --model llama-3.1-8b --out "$OUT/startup_llama8b.json" 2>&1 | tail -20
                 python $B/weight_load_bench.py --dir /tmp/wl-llama8b --out "$OUT/weight_load.json" 2>&1 | tail -8 ;;
