@@ -113,6 +113,36 @@ def _log2_scores(qk, scale_log2, cap_log2, scale_over_cap):
 
 
 @triton.jit
+def _load_queries(ptrs, mask, KCache, DOT_F32: tl.constexpr, KV_FP8: tl.constexpr):
+    """A decode program's query tile in the dots' operand type: the cache's (an fp8 cache's tiles come
+    as the query's type instead), float32 under DOT_F32."""
+    q = tl.load(ptrs, mask=mask, other=0.0)
+    if not KV_FP8:
+        q = q.to(KCache.dtype.element_ty)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _store_split(acc, m_i, l_i, v_scale, out_ptrs, lse_ptrs, mid_ptrs, omask, lmask, nonempty, Out,
+                 NUM_SPLITS: tl.constexpr, KV_FP8: tl.constexpr):
+    """A decode program's result: with one split, normalized into Out; otherwise (normalized acc,
+    log2-sum-exp) for the reduce kernel (an empty split writes only its lse, -inf). Rows with no
+    visible key (seq_len 0) give zeros."""
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:  # the values' scale (the keys' is folded into scale_log2)
+        out = out * v_scale
+    if NUM_SPLITS == 1:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=omask)
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptrs, lse, mask=lmask)
+        if nonempty:  # empty splits leave MidO unwritten; the reduce masks them out by their lse
+            tl.store(mid_ptrs, out, mask=omask)
+
+
+@triton.jit
 def _decode_kernel(
     Q, KCache, VCache, BlockTables, SeqLens, QueryStartLoc, Out, MidO, MidLse, SeqOrder,
     scale_log2, v_scale,
@@ -164,12 +194,8 @@ def _decode_kernel(
     gmask = offs_g < GROUP
     dmask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
-    q = tl.load(Q + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
-    if not KV_FP8:  # (an fp8 cache's tiles come as the query's type instead)
-        q = q.to(KCache.dtype.element_ty)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    q = _load_queries(Q + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                      gmask[:, None] & dmask[None, :], KCache, DOT_F32, KV_FP8)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -189,19 +215,10 @@ def _decode_kernel(
                               stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty range (seq_len 0) gives zeros
-    if KV_FP8:  # the values' scale (the keys' is folded into scale_log2)
-        out = out * v_scale
-    omask = gmask[:, None] & dmask[None, :]
-    if NUM_SPLITS == 1:
-        tl.store(Out + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=omask)
-    else:
-        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(MidLse + seq * stride_ml_s + heads * stride_ml_h + split, lse, mask=gmask)
-        if hi > lo:  # empty splits leave MidO unwritten; the reduce masks them out by their lse
-            tl.store(MidO + seq * stride_mo_s + heads[:, None] * stride_mo_h + split * stride_mo_p
-                     + offs_d[None, :], out, mask=omask)
+    _store_split(acc, m_i, l_i, v_scale, Out + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 MidLse + seq * stride_ml_s + heads * stride_ml_h + split,
+                 MidO + seq * stride_mo_s + heads[:, None] * stride_mo_h + split * stride_mo_p + offs_d[None, :],
+                 gmask[:, None] & dmask[None, :], gmask, hi > lo, Out, NUM_SPLITS, KV_FP8)
 
 
 @triton.jit
@@ -253,12 +270,8 @@ def _multi_query_decode_kernel(
     rows = (q_start + j).to(tl.int64)
     heads = kvh * GROUP + g
     pos = ctx + j
-    q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
-    if not KV_FP8:  # (an fp8 cache's tiles come as the query's type instead)
-        q = q.to(KCache.dtype.element_ty)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    q = _load_queries(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                      rmask[:, None] & dmask[None, :], KCache, DOT_F32, KV_FP8)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -277,19 +290,10 @@ def _multi_query_decode_kernel(
                           stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_F32, Q, KV_FP8)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PREC)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if KV_FP8:  # the values' scale (the keys' is folded into scale_log2)
-        out = out * v_scale
-    omask = rmask[:, None] & dmask[None, :]
-    if NUM_SPLITS == 1:
-        tl.store(Out + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=omask)
-    else:
-        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(MidLse + rows * stride_ml_t + heads * stride_ml_h + split, lse, mask=rmask)
-        if hi > lo:  # empty splits leave MidO unwritten; the reduce masks them out by their lse
-            tl.store(MidO + rows[:, None] * stride_mo_t + heads[:, None] * stride_mo_h + split * stride_mo_p
-                     + offs_d[None, :], out, mask=omask)
+    _store_split(acc, m_i, l_i, v_scale, Out + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 MidLse + rows * stride_ml_t + heads * stride_ml_h + split,
+                 MidO + rows[:, None] * stride_mo_t + heads[:, None] * stride_mo_h + split * stride_mo_p + offs_d[None, :],
+                 rmask[:, None] & dmask[None, :], rmask, hi > lo, Out, NUM_SPLITS, KV_FP8)
 
 
 @triton.jit
