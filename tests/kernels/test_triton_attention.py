@@ -272,6 +272,22 @@ def test_verifying_step_takes_the_split_kv_decode(dtype, num_kv_heads, group, he
     finally:
         K.paged_attention_prefill = real
     assert not launched
+    # A tile past MAX_MULTI_QUERY_ROWS (many proposals, a wide kv group) takes the prefill kernel.
+    assert backend.multi_query_rows(group) == 5 and backend.multi_query_rows(32) == 0
+    assert TritonAttentionBackend(multi_query_len=16).multi_query_rows(8) == 16
+    assert TritonAttentionBackend(multi_query_len=17).multi_query_rows(8) == 0
+    assert TritonAttentionBackend(multi_query_len=1).multi_query_rows(1) == 0  # k + 1 >= 2, or off
+    wide = TritonAttentionBackend(num_sms=num_sms, min_tokens_per_split=32, tile_n=16, prefill_block_m=16,
+                                  multi_query_len=100)
+    if cap is None and group > 1:
+        real_prefill = K.paged_attention_prefill
+        K.paged_attention_prefill = lambda *a, **kw: (launched.append(1), real_prefill(*a, **kw))[1]
+        try:
+            run_and_check(make_case(VERIFY, 16, num_kv_heads, group, head_dim, dtype, seed=13), wide,
+                          sliding_window=window)
+        finally:
+            K.paged_attention_prefill = real_prefill
+        assert launched
     # A step with a longer query (a prompt chunk) goes back to the prefill and decode kernels.
     case = make_case(VERIFY + [(10, 6)], 16, num_kv_heads, group, head_dim, dtype, seed=12)
     if cap is None:

@@ -32,6 +32,15 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# The most rows (query rows x the kv group's heads, each a power of 2) of a multi-query decode
+# program's tile; a verifying step beyond it (many proposals, a wide group) takes the prefill kernel.
+MAX_MULTI_QUERY_ROWS = 128
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
@@ -61,6 +70,12 @@ class TritonAttentionBackend(AttentionBackend):
 
         return num_decode_splits(num_seqs, num_kv_heads, max_seq_len, self._sms(device),
                                  self.min_tokens_per_split, self.max_decode_splits)
+
+    def multi_query_rows(self, group: int) -> int:
+        """``multi_query_len`` when a multi-query decode tile for it and ``group`` query heads per kv
+        head fits ``MAX_MULTI_QUERY_ROWS`` rows, else 0 (verifying steps then take the prefill kernel)."""
+        q = self.multi_query_len
+        return q if q and _pow2(q) * _pow2(group) <= MAX_MULTI_QUERY_ROWS else 0
 
     def mixed_step_splits(self, num_kv_heads: int, max_model_len: int, device: torch.device) -> list[int]:
         """Every split count ``forward`` can choose for the decodes of an eager step: the plan is a
@@ -98,7 +113,7 @@ class TritonAttentionBackend(AttentionBackend):
         for splits in self.mixed_step_splits(num_kv_heads, max_model_len, dev):
             K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n, seq_order=order)
             launches += 1
-            if self.multi_query_len:  # a verifying step's variant at this split count
+            if self.multi_query_rows(num_heads // num_kv_heads):  # a verifying step's variant at this split count
                 K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n,
                                          queries=self.multi_query_len)
                 launches += 1
@@ -139,7 +154,7 @@ class TritonAttentionBackend(AttentionBackend):
         common = (query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, out,
                   num_seqs, scale, sliding_window)
 
-        if 1 < metadata.max_query_len <= self.multi_query_len:  # a verifying step
+        if 1 < metadata.max_query_len <= self.multi_query_rows(query.shape[1] // num_kv_heads):  # a verifying step
             splits = self.decode_splits(num_seqs, num_kv_heads, metadata.max_seq_len, query.device)
             K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n,
                                      logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale,

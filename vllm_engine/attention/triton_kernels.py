@@ -591,6 +591,7 @@ def _multi_query_decode(query: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     num_tokens, num_heads, head_dim = query.shape
     block_q = triton.next_power_of_2(queries)
     block_g = triton.next_power_of_2(group)
+    block_m = max(16, block_q * block_g)
     if num_splits > 1:  # partial results per query row
         mid_o = torch.empty(num_tokens, num_heads, num_splits, block_d, dtype=torch.float32, device=query.device)
         # -inf: a row no program writes (padding past the sequences) merges to zeros
@@ -605,9 +606,9 @@ def _multi_query_decode(query: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
         out.stride(0), out.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         sliding_window or 0, *_soft_cap_args(scale, logits_soft_cap),
-        GROUP=group, BLOCK_G=block_g, QUERIES=queries, BLOCK_M=max(16, block_q * block_g), HEAD_DIM=head_dim,
+        GROUP=group, BLOCK_G=block_g, QUERIES=queries, BLOCK_M=block_m, HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n, NUM_SPLITS=num_splits,
-        **_dot_args(query.dtype, kc.dtype), num_warps=num_warps or 4, num_stages=num_stages,
+        **_dot_args(query.dtype, kc.dtype), num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages,
         **pdl.launch_args(query.device),
     )
     if num_splits > 1:
