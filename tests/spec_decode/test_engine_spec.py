@@ -231,3 +231,20 @@ def test_verifying_steps_through_the_triton_kernels(tiny):
     assert engine.get_stats().spec_decode.num_accepted_tokens > 0
     assert NGRAM["num_speculative_tokens"] + 1 in calls  # verifying steps went through the multi-query kernel
     check_engine_state(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_verifying_steps_replay_cuda_graphs(tiny, expected):
+    """On a GPU the verifying steps replay the verify graphs (k + 1 rows a sequence), and the greedy
+    tokens are plain decoding's."""
+    engine = Engine(model=tiny, dtype="float32", max_model_len=256, seed=0, speculative_config=NGRAM, **GPU_POOL)
+    graphs = engine.model_runner.graph_runner
+    assert graphs.verify_graphs and graphs.verify_query_len == NGRAM["num_speculative_tokens"] + 1
+    replayed = []
+    real = graphs.run
+    graphs.run = lambda ids, pos, meta, stage=None: (replayed.append(meta.max_query_len), real(ids, pos, meta, stage))[1]
+    got = engine.generate(PROMPTS + [PROMPTS[0]], PARAMS, use_tqdm=False)
+    assert token_ids(got) == token_ids(expected)
+    assert any(q > 1 for q in replayed)  # verifying steps, not only decodes
+    check_engine_state(engine)
