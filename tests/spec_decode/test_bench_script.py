@@ -114,3 +114,14 @@ def test_the_8b_target_takes_the_eagle_head_config():
     head = config.speculative.draft_model_config
     assert config.speculative.method == "eagle" and head.load_format == "dummy"
     assert (head.hf_config.num_hidden_layers, head.hf_config.hidden_size) == (1, 4096)
+
+
+def test_ngram_bench_script_times_both_and_checks_the_proposals(tmp_path):
+    import ngram_bench
+
+    out = tmp_path / "ngram.json"
+    assert ngram_bench.main(["--batch-sizes", "1", "3", "--context-len", "120", "--seconds", "0.01", "--rounds", "1",
+                             "--baseline-rev", "HEAD", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["same"] and r["ms_p50"] > 0 and r["baseline_ms_p50"] > 0 for r in rows)

@@ -4,8 +4,9 @@ For each request, the longest suffix of its tokens (``prompt_lookup_max`` down t
 ``prompt_lookup_min`` tokens) that also occurs earlier in its tokens (prompt and output) is looked
 up; the up to k tokens that followed its earliest occurrence are the proposal (as vLLM's n-gram
 proposer: longest match, then earliest). Runs on the host in numpy, over the whole batch at once:
-the contexts are concatenated, and a match of length n ending at each position is built from the
-match of length n - 1 with one vectorised comparison, so one step costs O(total tokens x max_n).
+the contexts are concatenated, the positions holding each context's last token are found in one
+pass, and only those candidates' matches are extended backwards: O(total tokens + candidates x
+max_n) a step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ def propose_ngrams(contexts: Sequence[np.ndarray], min_n: int, max_n: int,
     ``max_drafts[i]`` the most tokens to propose for it (0: none). Returns one list per request:
     the tokens after the earliest earlier occurrence of its longest matching suffix of length
     ``min_n..max_n``, at most ``max_drafts[i]`` of them (fewer when the context ends first); [] when
-    no suffix of ``min_n`` tokens occurs earlier."""
+    no suffix of ``min_n`` tokens occurs earlier.
+
+    The candidates are the earlier positions holding the context's last token (one pass over the
+    batch); each candidate's match is then extended backwards, ``max_n - 1`` comparisons over the
+    candidates only."""
     out: list[list[int]] = [[] for _ in contexts]
     lens = np.fromiter((len(c) for c in contexts), dtype=np.int64, count=len(contexts))
     caps = np.asarray(max_drafts, dtype=np.int64)
@@ -35,30 +40,32 @@ def propose_ngrams(contexts: Sequence[np.ndarray], min_n: int, max_n: int,
     flat = np.concatenate([np.asarray(contexts[i], dtype=np.int64) for i in live])
     starts = np.zeros(live.size, dtype=np.int64)
     np.cumsum(lens_l[:-1], out=starts[1:])
+    last = starts + lens_l - 1  # each context's last token
     seg = np.repeat(np.arange(live.size), lens_l)
-    pos = np.arange(flat.size, dtype=np.int64) - starts[seg]  # position inside its own context
-    can_end = pos <= (lens_l - 2)[seg]  # a match ends before the context's last token
-    best_n = np.zeros(live.size, dtype=np.int64)
-    best_end = np.zeros(live.size, dtype=np.int64)
-    match = np.ones(flat.size, dtype=bool)  # match[p]: the last n tokens before and at p equal the suffix
-    shifted = np.full(flat.size, -1, dtype=np.int64)  # flat[p - s] (-1, never a token, before the start)
-    for n in range(1, max_n + 1):
-        s = n - 1
-        suffix_token = flat[np.maximum(starts + lens_l - 1 - s, starts)]  # the context's token L - 1 - s
-        shifted[s:] = flat[: flat.size - s]
-        match &= (pos >= s) & (shifted == suffix_token[seg]) & (lens_l >= n)[seg]
-        if n >= min_n:
-            first = np.minimum.reduceat(np.where(match & can_end, pos, _NO_MATCH), starts)
-            found = first != _NO_MATCH
-            best_n[found] = n
-            best_end[found] = first[found]
-        if not match.any():
+    cand = np.flatnonzero((flat == flat[last][seg]) & (np.arange(flat.size) < last[seg]))
+    if not cand.size:
+        return out
+    cseg = seg[cand]
+    cpos = cand - starts[cseg]  # where each candidate match ends, inside its context
+    length = np.ones(cand.size, dtype=np.int64)  # tokens matched so far, backwards from there
+    alive = np.ones(cand.size, dtype=bool)
+    for back in range(1, max_n):
+        alive &= cpos >= back  # an earlier token to compare (the suffix's exists: it ends later)
+        alive[alive] = flat[cand[alive] - back] == flat[last[cseg[alive]] - back]
+        if not alive.any():
             break
-    for j in np.flatnonzero(best_n):
+        length += alive
+    # Per context with candidates: the longest match, and its earliest end.
+    first = np.flatnonzero(np.r_[True, cseg[1:] != cseg[:-1]])
+    best = np.maximum.reduceat(length, first)
+    is_best = length == np.repeat(best, np.diff(np.r_[first, cand.size]))
+    end = np.minimum.reduceat(np.where(is_best, cpos, _NO_MATCH), first)
+    for j, n, e in zip(cseg[first].tolist(), best.tolist(), end.tolist()):
+        if n < min_n:
+            continue
         i = int(live[j])
-        begin = int(best_end[j]) + 1
-        end = min(begin + int(caps[i]), int(lens_l[j]))
-        out[i] = flat[starts[j] + begin: starts[j] + end].tolist()
+        stop = min(e + 1 + int(caps[i]), int(lens_l[j]))
+        out[i] = flat[starts[j] + e + 1: starts[j] + stop].tolist()
     return out
 
 
