@@ -106,6 +106,7 @@ class TritonAttentionBackend(AttentionBackend):
         order = torch.tensor([0, 1], dtype=torch.int32, device=dev)
         common = (query, kv_cache, block_tables, seq_lens, qsl, out, 2, 1.0, None)
         launches = 0
+        multi = self.multi_query_rows(num_heads // num_kv_heads)  # verifying steps' variants too
         for skip_decodes in (True, False):
             K.paged_attention_prefill(*common, skip_decodes=skip_decodes, block_m=self.prefill_block_m,
                                       tile_n=self.tile_n)
@@ -113,9 +114,8 @@ class TritonAttentionBackend(AttentionBackend):
         for splits in self.mixed_step_splits(num_kv_heads, max_model_len, dev):
             K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n, seq_order=order)
             launches += 1
-            if self.multi_query_rows(num_heads // num_kv_heads):  # a verifying step's variant at this split count
-                K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n,
-                                         queries=self.multi_query_len)
+            if multi:
+                K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n, queries=multi)
                 launches += 1
         return launches
 

@@ -108,6 +108,11 @@ class SpeculativeConfig:
     def is_ngram(self) -> bool:
         return self.method == "ngram"
 
+    @property
+    def verify_query_len(self) -> int:
+        """Query tokens per request of a verifying step: its last token and k proposals."""
+        return self.num_speculative_tokens + 1
+
     def with_draft_model(self, target: Any, device: Any) -> "SpeculativeConfig":
         """This config with ``draft_model_config``: the draft checkpoint (or EAGLE head) at ``model``
         resolved as the target ``target`` (a ModelConfig) is: its dtype, max_model_len and seed;

@@ -136,7 +136,7 @@ class DraftModelRunner:
             self.graph_runner = CUDAGraphRunner(
                 self.model, self.kv_cache.gpu_caches, self.config.scheduler.max_num_seqs, max_len, self.block_size,
                 hf.hidden_size, self.model_config.dtype, self.device, stage_input=self.takes_hidden,
-                verify_query_len=self.config.speculative.num_speculative_tokens + 1,
+                verify_query_len=self.config.speculative.verify_query_len,
                 max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens)
             self.graph_runner.capture()
         if hasattr(self.attn_backend, "warmup"):

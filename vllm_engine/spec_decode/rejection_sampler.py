@@ -139,13 +139,7 @@ def rejection_sample(target_logits: torch.Tensor, meta: SamplingMetadata, layout
         random_accept = u * q < p
         accepted = torch.where(greedy_row[layout.draft_rows], accepted, random_accept)
 
-    # Accepted count per request: the drafts before the first rejection.
-    ok = torch.ones(B, K + 1, dtype=torch.int64, device=device)
-    ok[:, K] = 0  # stops the count at k_b when all are accepted (padding past k_b is a stop too)
-    pad_stop = torch.arange(K + 1, device=device).unsqueeze(0) >= layout.num_drafts.unsqueeze(1)
-    ok.masked_fill_(pad_stop, 0)
-    ok[layout.draft_req, layout.draft_pos] = accepted.to(torch.int64)
-    num_accepted = ok.cumprod(dim=1).sum(dim=1)  # [B]
+    num_accepted = count_accepted(accepted, layout)
     final_rows = layout.first_row + num_accepted
 
     final = _final_tokens(probs, greedy_ids, greedy_row, final_rows, num_accepted, layout,
@@ -163,6 +157,19 @@ def rejection_sample(target_logits: torch.Tensor, meta: SamplingMetadata, layout
         row_tokens = token_ids[layout.row_req, layout.row_col]
         row_logprobs = compute_logprobs_topk(target_logits, row_tokens.clamp_min(0), meta.max_num_logprobs)
     return RejectionOutput(token_ids, row_logprobs)
+
+
+def count_accepted(accepted: torch.Tensor, layout: DraftLayout) -> torch.Tensor:
+    """[B] int64: each request's drafts before its first rejected one (``accepted``: [D] bool, one
+    per draft in ``layout``'s order)."""
+    B, K = len(layout.num_draft_tokens), layout.max_drafts
+    device = accepted.device
+    ok = torch.ones(B, K + 1, dtype=torch.int64, device=device)
+    ok[:, K] = 0  # stops the count at k_b when all are accepted (padding past k_b is a stop too)
+    pad_stop = torch.arange(K + 1, device=device).unsqueeze(0) >= layout.num_drafts.unsqueeze(1)
+    ok.masked_fill_(pad_stop, 0)
+    ok[layout.draft_req, layout.draft_pos] = accepted.to(torch.int64)
+    return ok.cumprod(dim=1).sum(dim=1)
 
 
 def _greedy_rows(meta: SamplingMetadata, num_rows: int, device: torch.device) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from vllm_engine.core.sched_output import ModelRunnerOutput, SampledLogprobs
 from vllm_engine.layers.sampler import SamplingMetadata
-from vllm_engine.spec_decode.rejection_sampler import DraftLayout, processed_target, rejection_sample
+from vllm_engine.spec_decode.rejection_sampler import DraftLayout, count_accepted, processed_target, rejection_sample
 from vllm_engine.utils import host_to_device
 
 if TYPE_CHECKING:
@@ -93,18 +93,9 @@ class VerifiedStep:
         if self.greedy_ids is None:
             return (self.token_ids >= 0).sum(dim=1) - 1
         device = self.greedy_ids.device
-        k = max(map(len, self.drafts), default=0)
-        if k == 0:
-            return torch.zeros(len(self.drafts), dtype=torch.int64, device=device)
-        # [B, k] the proposals (-1 past each request's) and the rows whose argmax each must equal.
-        drafts = np.full((len(self.drafts), k), -1, dtype=np.int64)
-        rows = np.zeros((len(self.drafts), k), dtype=np.int64)
-        for b, (d, first) in enumerate(zip(self.drafts, self.first_row)):
-            drafts[b, :len(d)] = d
-            rows[b, :len(d)] = first + np.arange(len(d))
-        both = host_to_device(torch.from_numpy(np.stack([drafts, rows])), device)
-        kept = self.greedy_ids[both[1]] == both[0]
-        return kept.to(torch.int64).cumprod(dim=1).sum(dim=1)
+        layout = DraftLayout.build([len(d) for d in self.drafts], device)
+        draft_ids = host_to_device(torch.tensor([t for d in self.drafts for t in d], dtype=torch.int64), device)
+        return count_accepted(self.greedy_ids[layout.draft_rows] == draft_ids, layout)
 
     def write(self, out: ModelRunnerOutput) -> None:
         """Each request's tokens (and logprobs) into ``out``, and appended to its worker state."""
@@ -133,7 +124,7 @@ def verify(logits: torch.Tensor, states: list["CachedRequestState"], req_indices
     rows in order: [sum(num_drafts) + B, V]); ``generators``: request index b -> seeded generator;
     ``grammar``: (bitmask, rows) of the structured-output rows (``WorkerGrammars.fill_verify``);
     ``draft_probs``: [D, V] the proposals' distributions, in the order of the drafts (None: one-hot)."""
-    params, outputs, prompts, eos, drafts = [], [], [], [], []
+    params, outputs, prompts, eos, drafts = [], [], [], [], []  # drafts: each request's proposals
     for st, k in zip(states, num_drafts):
         d = spec.get(st.req_id, []) if k else []
         p = st.sampling_params
@@ -145,18 +136,17 @@ def verify(logits: torch.Tensor, states: list["CachedRequestState"], req_indices
             outputs.append(st.output_token_ids + d[:i] if i and needs_history else st.output_token_ids)
             prompts.append(st.prompt_token_ids)
             eos.append(st.eos_token_ids)
-        drafts.extend(d)
+        drafts.append(d)
     meta = SamplingMetadata.from_requests(params, outputs, prompts, eos, {}, logits.shape[-1], device, staging)
     if grammar is not None:
         meta.grammar_bitmask, meta.grammar_rows = grammar
     first_row = np.concatenate([[0], np.cumsum(np.asarray(num_drafts) + 1)[:-1]]).tolist()
     if meta.all_greedy and meta.max_num_logprobs is None:  # the greedy path (module docstring)
         greedy_ids, _ = processed_target(logits, meta)
-        per_request = [spec.get(st.req_id, [])[:k] if k else [] for st, k in zip(states, num_drafts)]
-        step = VerifiedStep(None, states, req_indices, first_row, greedy_ids=greedy_ids, drafts=per_request)
+        step = VerifiedStep(None, states, req_indices, first_row, greedy_ids=greedy_ids, drafts=drafts)
     else:
         layout = DraftLayout.build(num_drafts, device, staging)
-        draft_ids = host_to_device(torch.tensor(drafts, dtype=torch.int64), device)
+        draft_ids = host_to_device(torch.tensor([t for d in drafts for t in d], dtype=torch.int64), device)
         res = rejection_sample(logits, meta, layout, draft_ids, draft_probs, generators)
         step = VerifiedStep(res.token_ids, states, req_indices, first_row, res.row_logprobs)
     if device.type == "cuda":

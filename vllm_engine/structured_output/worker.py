@@ -38,7 +38,6 @@ class WorkerGrammars:
         self.model_config = model_config
         self.manager = manager
         self.grammars: dict[str, RequestGrammar] = {}
-        self._bitmask: Optional[np.ndarray] = None  # [rows, words] int32, grown as needed
         self._filler = filler
         # When a list (benchmarks): one (constrained rows, seconds) per step: advancing the grammars,
         # filling and staging the mask (not the wait for the previous step's tokens).
@@ -115,21 +114,18 @@ class WorkerGrammars:
             read_pending_tokens()
         first_row = np.concatenate([[0], np.cumsum(np.asarray(num_draft_tokens) + 1)[:-1]]).astype(np.int64)
         rows = np.concatenate([first_row[b] + np.arange(num_draft_tokens[b] + 1) for b in constrained])
-        bitmask = self._rows(len(rows), self.manager.bitmask_width)
-        at = 0
-        for b in constrained:
-            r, k = reqs[b], num_draft_tokens[b]
-            grammar = grammars[r.req_id]
-            grammar.advance(r.output_token_ids)
-            if grammar.rejected is not None:
-                failed[r.req_id] = f"the grammar refused token {grammar.rejected}"
-            grammar.fill_draft_bitmasks(draft_token_ids.get(r.req_id, [])[:k], bitmask, at)
-            at += k + 1
-        mask_dev, rows_dev = staging.stage(bitmask, rows.astype(np.int64))
-        return mask_dev, rows_dev
 
-    def _rows(self, n: int, width: int) -> np.ndarray:
-        if self._bitmask is None or self._bitmask.shape[0] < n:
-            self._bitmask = np.zeros((max(n, 2 * (0 if self._bitmask is None else self._bitmask.shape[0])), width),
-                                     dtype=np.int32)
-        return self._bitmask[:n]
+        def fill(bitmask: np.ndarray) -> None:
+            at = 0
+            for b in constrained:
+                r, k = reqs[b], num_draft_tokens[b]
+                grammar = grammars[r.req_id]
+                grammar.advance(r.output_token_ids)
+                if grammar.rejected is not None:
+                    failed[r.req_id] = f"the grammar refused token {grammar.rejected}"
+                grammar.fill_draft_bitmasks(draft_token_ids.get(r.req_id, [])[:k], bitmask, at)
+                at += k + 1
+
+        mask_dev, rows_dev = staging.stage_filled((len(rows), self.manager.bitmask_width), np.int32, fill,
+                                                  rows.astype(np.int64))
+        return mask_dev, rows_dev

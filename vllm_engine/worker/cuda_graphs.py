@@ -51,6 +51,11 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted({min(s, max_num_seqs) for s in sizes})
 
 
+def _buckets(sizes: list[int], max_bs: int) -> list[Optional[int]]:
+    """[max_bs + 1]: for each batch size, the smallest of ``sizes`` that holds it (None: none)."""
+    return [next((s for s in sizes if s >= n), None) for n in range(max_bs + 1)]
+
+
 class CUDAGraphRunner:
     """Decode graphs of ``model`` (and verify graphs when ``verify_query_len`` > 1); ``stage_input``:
     the model is a pipeline stage after the first (or an EAGLE head), which starts from given
@@ -72,6 +77,9 @@ class CUDAGraphRunner:
         token_limit = max_num_batched_tokens or max_bs * q
         self.verify_query_len = q
         self.verify_batch_sizes = [bs for bs in self.batch_sizes if q and bs * q <= token_limit]
+        # The bucket of each batch size 0..max_bs, looked up every step (None: past the largest).
+        self._bucket_of = _buckets(self.batch_sizes, max_bs)
+        self._verify_bucket_of = _buckets(self.verify_batch_sizes, max_bs)
         max_tokens = max([max_bs] + [bs * q for bs in self.verify_batch_sizes])
         max_blocks = block_table_width(-(-max_model_len // block_size))
         self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=device)
@@ -159,10 +167,7 @@ class CUDAGraphRunner:
 
     # ---- which graph ----------------------------------------------------------------------------
     def bucket(self, num_seqs: int) -> Optional[int]:
-        for bs in self.batch_sizes:
-            if bs >= num_seqs:
-                return bs
-        return None
+        return self._bucket_of[num_seqs] if num_seqs < len(self._bucket_of) else None
 
     def verify_bucket(self, meta: AttentionMetadata) -> Optional[int]:
         """The verify graph's batch size for a step whose sequences each have at most q query tokens
@@ -170,10 +175,8 @@ class CUDAGraphRunner:
         q = self.verify_query_len
         if not q or not 1 < meta.max_query_len <= q or meta.max_seq_len + q - 1 > self.max_model_len:
             return None
-        for bs in self.verify_batch_sizes:
-            if bs >= meta.num_seqs:
-                return bs
-        return None
+        n = meta.num_seqs
+        return self._verify_bucket_of[n] if n < len(self._verify_bucket_of) else None
 
     def fits(self, meta: AttentionMetadata) -> bool:
         """A graph of this runner can run the step (``run``)."""
@@ -200,15 +203,17 @@ class CUDAGraphRunner:
             return None
         return IntermediateTensors(self.stage_input.hidden_states[:rows], self.stage_input.residual[:rows])
 
-    def _copy_other_groups(self, meta: AttentionMetadata, n: int, bs: int) -> None:
-        """Groups 1.. of a model with several KV cache groups: their tables and slots into the buffers."""
-        for g in range(1, self.num_kv_groups):
-            group = meta.groups[g]
-            self.group_slot_mapping[g, :n].copy_(group.slot_mapping)
+    @staticmethod
+    def _groups(meta: AttentionMetadata) -> tuple[AttentionMetadata, ...]:
+        """Each KV cache group's metadata (one group: ``meta`` itself)."""
+        return meta.groups if meta.groups is not None else (meta,)
+
+    def _load_tables(self, meta: AttentionMetadata, n: int, bs: int) -> None:
+        """Every group's block tables into the buffers; the padding sequences up to ``bs`` read block 0."""
+        for g, group in enumerate(self._groups(meta)):
             self.group_block_tables[g, :n, :group.block_tables.shape[1]].copy_(group.block_tables)
-            if bs > n:
-                self.group_slot_mapping[g, n:bs].fill_(-1)
-                self.group_block_tables[g, n:bs, 0].zero_()
+        if bs > n:
+            self.group_block_tables[:, n:bs, 0].zero_()
 
     def _run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                     stage_input: Optional[IntermediateTensors]) -> ModelOutput:
@@ -221,21 +226,18 @@ class CUDAGraphRunner:
             self.stage_input.residual[:n].copy_(stage_input.residual)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        for g, group in enumerate(self._groups(meta)):
+            self.group_slot_mapping[g, :n].copy_(group.slot_mapping)
         self.seq_lens[:n].copy_(meta.seq_lens)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(meta.block_tables)
+        self._load_tables(meta, n, bs)
         if meta.decode_order is not None:
             self.decode_order[:n].copy_(meta.decode_order)
         else:
             self.decode_order[:n].copy_(self.arange[:n])
         if bs > n:
             self.decode_order[n:bs].copy_(self.arange[n:bs])
-            self.slot_mapping[n:bs].fill_(-1)
+            self.group_slot_mapping[:, n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)
-            self.block_tables[n:bs, 0].zero_()
-        if self.num_kv_groups > 1:
-            self._copy_other_groups(meta, n, bs)
         graph.replay()
         if isinstance(out, IntermediateTensors):
             return IntermediateTensors(out.hidden_states[:n], out.residual[:n])
@@ -257,21 +259,14 @@ class CUDAGraphRunner:
         dest, extra = both[:total], both[total:]
         tokens = bs * q
         self.group_slot_mapping[:, :tokens].fill_(-1)
+        for g, group in enumerate(self._groups(meta)):
+            self.group_slot_mapping[g].index_copy_(0, dest, group.slot_mapping)
         self.input_ids.index_copy_(0, dest, input_ids)
         self.positions.index_copy_(0, dest, positions)
-        self.slot_mapping.index_copy_(0, dest, meta.slot_mapping)
         torch.add(meta.seq_lens, extra, out=self.seq_lens[:n])
-        width = meta.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(meta.block_tables)
         if bs > n:
             self.seq_lens[n:bs].fill_(q)
-            self.block_tables[n:bs, 0].zero_()
-        for g in range(1, self.num_kv_groups):
-            group = meta.groups[g]
-            self.group_slot_mapping[g].index_copy_(0, dest, group.slot_mapping)
-            self.group_block_tables[g, :n, :group.block_tables.shape[1]].copy_(group.block_tables)
-            if bs > n:
-                self.group_block_tables[g, n:bs, 0].zero_()
+        self._load_tables(meta, n, bs)
         if self.stage_input is not None:
             self.stage_input.hidden_states.index_copy_(0, dest, stage_input.hidden_states)
             self.stage_input.residual.index_copy_(0, dest, stage_input.residual)

@@ -206,7 +206,7 @@ class ModelRunner:
         """Query tokens per sequence of a verifying step (k proposals + 1): its CUDA graphs' q; 0
         without speculative decoding."""
         spec = self.config.speculative
-        return spec.num_speculative_tokens + 1 if spec is not None else 0
+        return spec.verify_query_len if spec is not None else 0
 
     def _token_row_buffers(self) -> list[torch.Tensor]:
         """Buffers the model fills one row per input token (EAGLE-3's auxiliary hidden states)."""
