@@ -2,7 +2,8 @@
 tokenizer, model and weights, memory profile, KV cache, CUDA graphs, warm-ups).
 
 The first start runs with an empty Triton cache directory (every kernel compiles); the second in a
-new process with the cache the first one filled (what a restart on the same machine pays).
+new process with the cache the first one filled (what a restart on the same machine pays). Also
+reported: how many variants of each Triton kernel the first start compiled.
 
     PYTHONPATH=. python tests/benchmarks/startup.py --model llama-3.1-8b --out results/startup.json
 """
@@ -46,6 +47,16 @@ def one_start(engine_kwargs: dict, triton_cache: str, timeout: float) -> dict:
     return dict(json.loads(lines[-1][len("STARTUP "):]), wall=wall)
 
 
+def compiled_variants(triton_cache: str) -> dict[str, int]:
+    """Kernel name -> variants compiled into ``triton_cache`` (one metadata JSON per variant),
+    most first."""
+    counts: dict[str, int] = {}
+    for path in Path(triton_cache).glob("*/*.json"):
+        if not path.name.startswith("__grp__"):
+            counts[path.stem] = counts.get(path.stem, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b")
@@ -59,11 +70,15 @@ def main(argv=None) -> int:
                   **json.loads(args.extra))
     with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
         first = one_start(kwargs, cache, args.timeout)
+        variants = compiled_variants(cache)
         second = one_start(kwargs, cache, args.timeout)
     phases = sorted(set(first) | set(second), key=lambda k: -first.get(k, 0.0))
     rows = [{"phase": k, "first_s": first.get(k), "second_s": second.get(k)} for k in phases]
     print_table(rows, ["phase", "first_s", "second_s"])
-    write_json(args.out, {"benchmark": "startup", "args": vars(args), "first": first, "second": second})
+    print(f"Triton variants compiled by the first start: {sum(variants.values())}:",
+          ", ".join(f"{name} {n}" for name, n in variants.items()))
+    write_json(args.out, {"benchmark": "startup", "args": vars(args), "first": first, "second": second,
+                          "compiled_variants": variants})
     return 0
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vllm_engine.attention.backend import AttentionBackend, AttentionMetadata, block_table_width
+from vllm_engine.layers.parallel_compile import compile_ahead
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -91,9 +92,10 @@ class TritonAttentionBackend(AttentionBackend):
         launch: the prefill kernel with and without decodes beside it, and the decode kernel and its
         reduce at each split count the plan can choose (Triton compiles one variant per value of a
         constexpr). Otherwise the first requests would wait for these compiles (seconds on an H100
-        host). Launches on a 2-sequence batch (a 2-token prompt and a decode) that only reads
-        ``kv_cache``. ``query_dtype``: the model's dtype (default: the cache's; an fp8 cache's kernels
-        take queries in the model's dtype). Returns the number of launches."""
+        host). They compile side by side (``parallel_compile.compile_ahead``); where that is off
+        they are launched, on a 2-sequence batch (a 2-token prompt and a decode) that only reads
+        ``kv_cache``. ``query_dtype``: the model's dtype (default: the cache's; an fp8 cache's
+        kernels take queries in the model's dtype). Returns the number of variants."""
         from vllm_engine.attention import triton_kernels as K
 
         dev = kv_cache.device
@@ -107,16 +109,18 @@ class TritonAttentionBackend(AttentionBackend):
         common = (query, kv_cache, block_tables, seq_lens, qsl, out, 2, 1.0, None)
         launches = 0
         multi = self.multi_query_rows(num_heads // num_kv_heads)  # verifying steps' variants too
-        for skip_decodes in (True, False):
-            K.paged_attention_prefill(*common, skip_decodes=skip_decodes, block_m=self.prefill_block_m,
-                                      tile_n=self.tile_n)
-            launches += 1
-        for splits in self.mixed_step_splits(num_kv_heads, max_model_len, dev):
-            K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n, seq_order=order)
-            launches += 1
-            if multi:
-                K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n, queries=multi)
+        with compile_ahead():
+            for skip_decodes in (True, False):
+                K.paged_attention_prefill(*common, skip_decodes=skip_decodes, block_m=self.prefill_block_m,
+                                          tile_n=self.tile_n)
                 launches += 1
+            for splits in self.mixed_step_splits(num_kv_heads, max_model_len, dev):
+                K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n, seq_order=order)
+                launches += 1
+                if multi:
+                    K.paged_attention_decode(*common, num_splits=splits, mixed=True, tile_n=self.tile_n,
+                                             queries=multi)
+                    launches += 1
         return launches
 
     def forward(

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from vllm_engine.layers import pdl
+from vllm_engine.layers.parallel_compile import launch
 from vllm_engine.layers.pdl import pdl_prologue
 
 LOG2E = 1.4426950408889634
@@ -558,8 +559,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
     else:
         mid_o = mid_lse = out  # unused
-    _decode_kernel[(num_splits, num_kv_heads, num_seqs)](
-        query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
+    launch(
+        _decode_kernel, (num_splits, num_kv_heads, num_seqs), query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
         seq_order if seq_order is not None else seq_lens,
         scale * LOG2E, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
@@ -573,8 +574,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         **pdl.launch_args(query.device),
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            mid_o, mid_lse, query_start_loc, out,
+        launch(
+            _decode_reduce_kernel, (num_seqs, num_heads), mid_o, mid_lse, query_start_loc, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, MIXED=mixed, BY_ROW=False, num_warps=4,
@@ -599,8 +600,8 @@ def _multi_query_decode(query: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                              device=query.device)
     else:
         mid_o = mid_lse = out  # unused
-    _multi_query_decode_kernel[(num_splits, kc.shape[2], num_seqs)](
-        query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
+    launch(
+        _multi_query_decode_kernel, (num_splits, kc.shape[2], num_seqs), query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
         scale * LOG2E, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         out.stride(0), out.stride(1),
@@ -612,8 +613,8 @@ def _multi_query_decode(query: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
         **pdl.launch_args(query.device),
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(num_tokens, num_heads)](
-            mid_o, mid_lse, query_start_loc, out,
+        launch(
+            _decode_reduce_kernel, (num_tokens, num_heads), mid_o, mid_lse, query_start_loc, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, MIXED=False, BY_ROW=True, num_warps=4,
@@ -645,8 +646,8 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_t
         tile_n = 64 if block_d <= 128 else 32
     kc, vc = kv_cache[0], kv_cache[1]
     grid = (num_heads, num_tokens // block_m + num_seqs)
-    _prefill_kernel[grid](
-        query, kc, vc, block_tables, seq_lens, query_start_loc, out,
+    launch(
+        _prefill_kernel, grid, query, kc, vc, block_tables, seq_lens, query_start_loc, out,
         scale * LOG2E, v_scale, num_seqs,
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         out.stride(0), out.stride(1), sliding_window or 0, *_soft_cap_args(scale, logits_soft_cap),

@@ -32,6 +32,7 @@ except ImportError:  # CPU-only installs: F.linear serves every call
 
 from vllm_engine import envs
 from vllm_engine.layers import pdl
+from vllm_engine.layers.parallel_compile import compile_ahead, launch
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +187,8 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         return
     residual, norm_weight, res_out, eps = norm if norm is not None else (x, x, x, 0.0)
     block_n, block_k, warps, stages = config
-    _gemv_kernel_impl[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, residual, norm_weight, res_out, n, k,
+    launch(
+        _gemv_kernel_impl, (triton.cdiv(n, block_n),), x, weight, bias if bias is not None else weight, y, residual, norm_weight, res_out, n, k,
         x.stride(0), weight.stride(0), y.stride(0), residual.stride(0), res_out.stride(0), eps,
         M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         ADD_NORM=norm is not None, SILU_MUL=silu_mul, num_warps=warps, num_stages=stages,
@@ -242,8 +243,8 @@ def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         return y
     dot_f32 = x.dtype == torch.bfloat16 and envs.triton_interpret()  # the interpreter's bf16 dot is wrong
     block_m, block_n, block_k, warps, stages = config
-    _matmul_kernel_impl[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
-        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+    launch(
+        _matmul_kernel_impl, (triton.cdiv(n, block_n), triton.cdiv(m, block_m)), x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC="ieee" if x.dtype == torch.float32 or dot_f32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         **pdl.launch_args(x.device))
@@ -394,16 +395,21 @@ class LinearPicker:
 
     def decide(self, key: tuple, candidates: dict[str, Callable], *args, flush: str = "read",
                margin: float = 0.05, baseline: str = "cublas") -> tuple[str, dict[str, float]]:
-        """Times every candidate on ``args`` (``timer(fn, flush=...)``); the ``baseline`` candidate
-        unless our fastest is faster by the margin (``self.margin`` when set, else ``margin``). A
-        negative margin lets ours win while slower by up to that fraction (-1: always ours)."""
+        """Times every candidate on ``args`` (``timer(fn, flush=...)``), after compiling our kernels'
+        variants side by side (``compile_ahead``); the ``baseline`` candidate unless our fastest is
+        faster by the margin (``self.margin`` when set, else ``margin``). A negative margin lets ours
+        win while slower by up to that fraction (-1: always ours)."""
         known = self._preferred.get(str(key))
         if known in candidates:  # measured by an earlier run on this GPU and software (worker/startup_cache.py)
             self.decisions[key] = (known, {})
             self._fns[key] = candidates[known]
             return self.decisions[key]
+        ours = [name for name in candidates if name != baseline]
+        with compile_ahead() as ahead:  # our kernels' tile configs compile side by side, then are timed
+            if ahead:
+                for name in ours:
+                    candidates[name](*args)
         times = {name: self.timer(lambda fn=fn: fn(*args), flush=flush) for name, fn in candidates.items()}
-        ours = [name for name in times if name != baseline]
         best = min(ours, key=times.get) if ours else baseline
         margin = self.margin if self.margin is not None else margin
         choice = best if times[best] < (1 - margin) * times[baseline] else baseline
