@@ -42,6 +42,13 @@ if sys.argv[1] == "picker":  # decide(): every tile config compiled ahead, then 
     choice, times = picker.decide((2, 96, 256), candidates, x, w, None)
     print(json.dumps(dict(threads=compiled_on, cached=len(cache), configs=len(TL.GEMV_CONFIGS), timed=timed,
                           names=sorted(times) == sorted(candidates))))
+elif sys.argv[1] == "inside":  # decide() inside a caller's compile_ahead: compiles queued, nothing timed
+    timed = []
+    picker = TL.LinearPicker(timer=lambda fn, flush: timed.append(1) or 1.0)
+    with compile_ahead(workers=2):
+        result = picker.decide((2, 96, 256), picker.candidates(2), x, w, None)
+    print(json.dumps(dict(threads=compiled_on, configs=len(TL.GEMV_CONFIGS), timed=timed, result=result,
+                          decisions=len(picker.decisions), done=[type(v).__name__ for v in cache.values()])))
 else:
     configs = TL.GEMV_CONFIGS[:3]
     with compile_ahead(workers=2) as ahead:
@@ -87,3 +94,12 @@ def test_the_picker_compiles_every_tile_config_before_timing(tmp_path):
     assert len(out["threads"]) == out["configs"] and all(t.startswith("triton-compile") for t in out["threads"])
     assert out["timed"] == [out["configs"]] * (out["configs"] + 1)  # cuBLAS and each config, all compiled
     assert out["names"]
+
+
+def test_the_picker_inside_compile_ahead_only_queues_compiles(tmp_path):
+    """Inside a caller's compile_ahead (the graph capture's compile pass) nothing runs, so decide()
+    must not time: it queues every tile config's compile and decides nothing (returns None)."""
+    out = _run("inside", tmp_path)
+    assert out["result"] is None and out["decisions"] == 0 and out["timed"] == []
+    assert len(out["threads"]) == out["configs"] and all(t.startswith("triton-compile") for t in out["threads"])
+    assert out["done"] == ["CompiledKernel"] * out["configs"]

@@ -31,6 +31,7 @@ try:
 
     from vllm_engine.attention.triton_kernels import _find_seq
     from vllm_engine.layers import pdl
+    from vllm_engine.layers.parallel_compile import launch
     from vllm_engine.layers.pdl import pdl_prologue
 except ImportError:  # CPU-only installs: the torch version serves every call
     triton = None
@@ -44,7 +45,7 @@ def write_latent(entries: torch.Tensor, latent_cache: torch.Tensor, slot_mapping
         return
     if triton is not None and (entries.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         dim = latent_cache.shape[-1]
-        _write_latent_kernel[(n,)](entries, latent_cache, slot_mapping, entries.stride(0), latent_cache.stride(0),
+        launch(_write_latent_kernel, (n,), entries, latent_cache, slot_mapping, entries.stride(0), latent_cache.stride(0),
                                    latent_cache.stride(1), D=dim, BLOCK=triton.next_power_of_2(dim),
                                    BLOCK_SIZE=latent_cache.shape[1], **pdl.launch_args(entries.device))
         return
@@ -167,8 +168,8 @@ def triton_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, metadata: 
     dot_f32 = q.dtype == torch.bfloat16 and interp  # the interpreter's bf16 dot is wrong
     block_l = max(16, triton.next_power_of_2(latent_dim))
     block_t = 1 if metadata.max_query_len <= 1 else prefill_block_t  # decodes: one row per sequence
-    _mla_kernel[(num_tokens // block_t + metadata.num_seqs, triton.cdiv(num_heads, block_h))](
-        q, latent_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, out,
+    launch(
+        _mla_kernel, (num_tokens // block_t + metadata.num_seqs, triton.cdiv(num_heads, block_h)), q, latent_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, out,
         scale * 1.4426950408889634, metadata.num_seqs,
         q.stride(0), q.stride(1), latent_cache.stride(0), latent_cache.stride(1), metadata.block_tables.stride(0),
         out.stride(0), out.stride(1),

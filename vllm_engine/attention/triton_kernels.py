@@ -496,8 +496,8 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         return
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     kc, vc = kv_cache[0], kv_cache[1]
-    _reshape_and_cache_kernel[(n,)](
-        key, value, kc, vc, slot_mapping,
+    launch(
+        _reshape_and_cache_kernel, (n,), key, value, kc, vc, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), 1.0 / k_scale, 1.0 / v_scale, NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,

@@ -44,6 +44,12 @@ def available() -> bool:
     return triton is not None and hasattr(triton, "AsyncCompileMode") and not envs.triton_interpret()
 
 
+def compiling_ahead() -> bool:
+    """Whether this thread is inside ``compile_ahead`` (launches only compile: nothing runs, so
+    nothing may be timed or read)."""
+    return _ahead.get()
+
+
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
     """``kernel[grid](*args, **kwargs)``; inside ``compile_ahead``, only the variant's compile is queued."""
     if _ahead.get():

@@ -32,7 +32,7 @@ except ImportError:  # CPU-only installs: F.linear serves every call
 
 from vllm_engine import envs
 from vllm_engine.layers import pdl
-from vllm_engine.layers.parallel_compile import compile_ahead, launch
+from vllm_engine.layers.parallel_compile import compile_ahead, compiling_ahead, launch
 
 logger = logging.getLogger(__name__)
 
@@ -339,12 +339,12 @@ class LinearPicker:
             return F.linear(x, weight, bias)
         m = x.shape[0]
         key = (_bucket(m), weight.shape[0], weight.shape[1], x.dtype, bias is not None)
-        decided = self.decisions.get(key)
-        if decided is None:
+        if key not in self.decisions:
             if torch.cuda.is_current_stream_capturing():  # never time inside a graph capture
                 return F.linear(x, weight, bias)
             flush, margin = self.timing(m)
-            decided = self.decide(key, self.candidates(m), x, weight, bias, flush=flush, margin=margin)
+            if self.decide(key, self.candidates(m), x, weight, bias, flush=flush, margin=margin) is None:
+                return F.linear(x, weight, bias)  # inside compile_ahead: timed at the next call
         return self._fns[key](x, weight, bias)
 
     def add_norm_linear(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -386,25 +386,32 @@ class LinearPicker:
         if key not in self.decisions:
             if torch.cuda.is_current_stream_capturing():
                 return unfused(*args)
-            unfused(*args)  # the linear's own decision first: "unfused" then times the picked kernel
+            out = unfused(*args)  # the linear's own decision first: "unfused" then times the picked kernel
             candidates = {"unfused": unfused}
             for c in GEMV_CONFIGS:
                 candidates[f"{kind} gemv %dx%d w%d s%d" % c] = functools.partial(kernel, config=c)
-            self.decide(key, candidates, *args, flush="read", margin=0.0, baseline="unfused")
+            if self.decide(key, candidates, *args, flush="read", margin=0.0, baseline="unfused") is None:
+                return out  # inside compile_ahead: timed at the next call
         return self._fns[key](*args)
 
     def decide(self, key: tuple, candidates: dict[str, Callable], *args, flush: str = "read",
-               margin: float = 0.05, baseline: str = "cublas") -> tuple[str, dict[str, float]]:
+               margin: float = 0.05, baseline: str = "cublas") -> Optional[tuple[str, dict[str, float]]]:
         """Times every candidate on ``args`` (``timer(fn, flush=...)``), after compiling our kernels'
         variants side by side (``compile_ahead``); the ``baseline`` candidate unless our fastest is
         faster by the margin (``self.margin`` when set, else ``margin``). A negative margin lets ours
-        win while slower by up to that fraction (-1: always ours)."""
+        win while slower by up to that fraction (-1: always ours). Inside a caller's
+        ``compile_ahead`` (where launches only compile) it queues our candidates' compiles, decides
+        nothing and returns None."""
         known = self._preferred.get(str(key))
         if known in candidates:  # measured by an earlier run on this GPU and software (worker/startup_cache.py)
             self.decisions[key] = (known, {})
             self._fns[key] = candidates[known]
             return self.decisions[key]
         ours = [name for name in candidates if name != baseline]
+        if compiling_ahead():
+            for name in ours:
+                candidates[name](*args)
+            return None
         with compile_ahead() as ahead:  # our kernels' tile configs compile side by side, then are timed
             if ahead:
                 for name in ours:

@@ -40,6 +40,7 @@ from torch import nn
 
 from vllm_engine.attention.backend import AttentionMetadata, block_table_width
 from vllm_engine.distributed import IntermediateTensors
+from vllm_engine.layers.parallel_compile import compile_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -133,20 +134,34 @@ class CUDAGraphRunner:
             meta = meta.with_groups(self.group_block_tables[:, :bs], self.group_slot_mapping[:, :tokens])
         return meta
 
+    def _capture_args(self, bs: int, q: int) -> tuple:
+        """The model's arguments for the graph of ``bs`` sequences of ``q`` query tokens."""
+        tokens = bs * q
+        if q > 1:
+            self.seq_lens[:bs].fill_(q)  # a context of q tokens (the real lengths come at replay)
+        meta = self._metadata(bs) if q == 1 else self._verify_metadata(bs)
+        return self.input_ids[:tokens], self.positions[:tokens], self.kv_caches, meta, self._stage_input(tokens)
+
     @torch.inference_mode()
     def capture(self) -> None:
-        """Every decode graph, then (largest token count first, one memory pool) every verify graph."""
+        """Every decode graph, then (largest token count first, one memory pool) every verify graph.
+
+        First every graph's forward runs once inside ``compile_ahead``: the Triton variants they
+        launch (and the linear picker's candidates) compile side by side, and nothing is computed
+        (the capture's inputs are placeholders anyway). The capture loop then only times the
+        picker's candidates and captures."""
         t0 = time.time()
         free_before = torch.cuda.mem_get_info()[0]
         plans = [(bs, 1) for bs in self.batch_sizes] + [(bs, self.verify_query_len) for bs in self.verify_batch_sizes]
+        plans.sort(key=lambda p: (p[0] * p[1], p[1]), reverse=True)
+        with compile_ahead() as ahead:
+            if ahead:
+                for bs, q in plans:
+                    self.model(*self._capture_args(bs, q))
         pool = None
         stream = torch.cuda.Stream()
-        for bs, q in sorted(plans, key=lambda p: (p[0] * p[1], p[1]), reverse=True):
-            tokens = bs * q
-            if q > 1:
-                self.seq_lens[:bs].fill_(q)  # a context of q tokens (the real lengths come at replay)
-            meta = self._metadata(bs) if q == 1 else self._verify_metadata(bs)
-            args = (self.input_ids[:tokens], self.positions[:tokens], self.kv_caches, meta, self._stage_input(tokens))
+        for bs, q in plans:
+            args = self._capture_args(bs, q)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: compiles / autotunes kernels outside the capture

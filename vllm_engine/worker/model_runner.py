@@ -21,6 +21,7 @@ from vllm_engine.core.sched_output import ExecuteModelRequest, ModelRunnerOutput
 from vllm_engine.distributed import IntermediateTensors, get_pp_group, get_tp_group
 from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
 from vllm_engine.layers.attention import Attention
+from vllm_engine.layers.parallel_compile import compile_ahead
 from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
 from vllm_engine.quantization import linear_picker
 from vllm_engine.utils import StartupPhases
@@ -243,8 +244,12 @@ class ModelRunner:
             rows.update(r for r in (min(b, max_rows), min(b, max_rows) - 1) if r >= 1)
             b *= 2
         hidden_size = self.model_config.hf_config.hidden_size
-        for n in sorted(rows):
-            self.model.compute_logits(torch.zeros(n, hidden_size, dtype=self.dtype, device=self.device))
+        hidden = [torch.zeros(n, hidden_size, dtype=self.dtype, device=self.device) for n in sorted(rows)]
+        with compile_ahead():  # every variant compiles side by side first; the picker times below
+            for h in hidden:
+                self.model.compute_logits(h)
+        for h in hidden:
+            self.model.compute_logits(h)
 
     def _profile_free_memory(self) -> int:
         """Bytes left for KV blocks on the GPU after a warm-up forward at the largest batch."""
@@ -270,9 +275,18 @@ class ModelRunner:
             stage_input = None if pp.is_first_rank else IntermediateTensors(
                 torch.zeros(n, hidden_size, dtype=self.dtype, device=self.device),
                 torch.zeros(n, hidden_size, dtype=self.dtype, device=self.device))
-            hidden = self.model(ids, pos, caches, meta, stage_input)
-            if pp.is_last_rank:
-                self.model.compute_logits(hidden[: self.config.scheduler.max_num_seqs])
+
+            def forward() -> torch.Tensor:
+                hidden = self.model(ids, pos, caches, meta, stage_input)
+                if pp.is_last_rank:
+                    self.model.compute_logits(hidden[: self.config.scheduler.max_num_seqs])
+                return hidden
+
+            with compile_ahead() as ahead:  # its Triton variants compile side by side first
+                if ahead:
+                    forward()
+            torch.cuda.reset_peak_memory_stats()  # from what is held now (the inputs and the cache)
+            hidden = forward()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - cache.numel() * cache.element_size()
         del hidden, caches, cache, reserve
