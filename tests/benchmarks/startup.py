@@ -1,8 +1,11 @@
 """Start-up time: ``Engine(model=...)`` until ready, in fresh processes, with its phases (config,
 tokenizer, model and weights, memory profile, KV cache, CUDA graphs, warm-ups).
 
-The first start runs with an empty Triton cache directory (every kernel compiles); the second in a
-new process with the cache the first one filled (what a restart on the same machine pays). Also
+The first start runs with empty caches (Triton's compiled kernels, and the engine's own: the
+linear-kernel choices; so every kernel compiles and every shape is timed); the second in a new
+process with the caches the first one filled (what a restart on the same machine pays). Models
+that need files from the engine's cache directory (a hub download, a GGUF's tokenizer) are not
+supported here: use a local directory. Also
 reported: how many variants of each Triton kernel the first start compiled.
 
     PYTHONPATH=. python tests/benchmarks/startup.py --model llama-3.1-8b --out results/startup.json
@@ -34,9 +37,11 @@ engine.shutdown()
 """
 
 
-def one_start(engine_kwargs: dict, triton_cache: str, timeout: float) -> dict:
-    """Seconds per phase of one start in a new process (``process``: imports + start-up)."""
-    env = dict(os.environ, TRITON_CACHE_DIR=triton_cache)
+def one_start(engine_kwargs: dict, cache: str, timeout: float) -> dict:
+    """Seconds per phase of one start in a new process (``process``: imports + start-up), with
+    Triton's cache and ours (the linear-kernel choices) under ``cache``."""
+    env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(cache, "triton"),
+               VLLM_ENGINE_CACHE_DIR=os.path.join(cache, "vllm-engine"))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(engine_kwargs)], capture_output=True, text=True,
                           env=env, timeout=timeout)
@@ -68,9 +73,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     kwargs = dict(model=args.model, load_format=args.load_format, max_model_len=args.max_model_len,
                   **json.loads(args.extra))
-    with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
+    with tempfile.TemporaryDirectory(prefix="startup-cache-") as cache:
         first = one_start(kwargs, cache, args.timeout)
-        variants = compiled_variants(cache)
+        variants = compiled_variants(os.path.join(cache, "triton"))
         second = one_start(kwargs, cache, args.timeout)
     phases = sorted(set(first) | set(second), key=lambda k: -first.get(k, 0.0))
     rows = [{"phase": k, "first_s": first.get(k), "second_s": second.get(k)} for k in phases]

@@ -1,28 +1,41 @@
 """Compiling Triton kernel variants side by side, ahead of their first launch.
 
-A first start compiles a few hundred Triton variants (one per tile config and constexpr value),
-most of them the tile configs the linear-kernel picker times once per shape
+A first start compiles more than a hundred Triton variants (one per tile config and constexpr
+value), most of them the tile configs the linear-kernel picker times once per shape
 (``layers/triton_linear.LinearPicker``). Compiled one after another on the launching thread, that
-was most of the Llama-3.1-8B-shape first start on the H200 (graph capture 56 s of 93 s). Triton's
-``AsyncCompileMode`` runs the compiles that ``kernel.warmup(...)`` asks for on a thread pool, where
-its compiler passes and ptxas run without the GIL. Our launch sites call ``launch``; inside
-``compile_ahead`` it asks only for the compile, and the block's exit waits for them all::
+was most of the Llama-3.1-8B-shape first start on the H200 (graph capture 56 s of 93 s). A compile
+holds the GIL for most of its time, so threads overlap little of it; processes do.
 
+Our launch sites call ``launch``. Inside ``compile_ahead`` it launches nothing: Triton's
+``jit_cache_hook`` records each variant the launch would compile (its specialization, as
+``JITFunction.preload`` takes it) and skips the compile. At the block's exit the variants compile
+side by side, in the compile worker processes (``start_workers``; ``compile_worker.py``), which
+write them into Triton's cache directory, or, without workers, on threads of this process. The
+launches that follow find them there::
+
+    start_workers()                 # at start-up: they import Triton and the kernels meanwhile
     with compile_ahead() as ahead:
         if ahead:
-            for config in configs:
-                triton_gemv(x, w, config=config)  # queued: nothing runs, the output stays empty
-    # every variant is compiled here, in the kernels' caches; the launches that follow compile nothing
+            model(*inputs)          # runs no Triton kernel: its outputs are left unwritten
+    model(*inputs)                  # compiles nothing (loads from the cache), runs
+    stop_workers()
 
-A compile that fails inside the block is dropped there and fails again, the usual way, at the
-variant's first real launch (with an older Triton, at the block's exit). ``compile_ahead`` yields False (and ``launch`` launches) without a
-Triton that has ``AsyncCompileMode`` (3.4+), under the interpreter, and when nested.
+A variant that fails to compile is left out there and fails again, the usual way, at its first
+real launch. Launches of kernels that do not go through ``launch`` still run (and compile as
+usual) inside the block. ``compile_ahead`` yields False (and ``launch`` launches) without Triton,
+under the interpreter, and when nested.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
+import logging
 import os
+import queue
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any, Iterator, Optional
@@ -31,53 +44,177 @@ from vllm_engine import envs
 
 try:
     import triton
-except ImportError:
-    triton = None
+    from triton import knobs
+except ImportError:  # no Triton, or one without knobs (before 3.4)
+    triton = knobs = None
 
-_ahead: ContextVar[bool] = ContextVar("vllm_engine_compile_ahead", default=False)
+logger = logging.getLogger(__name__)
 
-MAX_WORKERS = 16  # compiles at once (each also uses a little of another core for ptxas)
+# The variants recorded in this compile_ahead block: specialization JSON -> (module, kernel name).
+_jobs: ContextVar[Optional[dict[str, tuple[str, str]]]] = ContextVar("vllm_engine_compile_ahead", default=None)
+
+MAX_WORKERS = 16
 
 
 def available() -> bool:
-    """Whether ``compile_ahead`` can compile in parallel here."""
-    return triton is not None and hasattr(triton, "AsyncCompileMode") and not envs.triton_interpret()
+    """Whether ``compile_ahead`` can compile ahead here."""
+    return knobs is not None and hasattr(knobs.runtime, "jit_cache_hook") and not envs.triton_interpret()
 
 
 def compiling_ahead() -> bool:
-    """Whether this thread is inside ``compile_ahead`` (launches only compile: nothing runs, so
-    nothing may be timed or read)."""
-    return _ahead.get()
+    """Whether this thread is inside ``compile_ahead`` (launches only record their variants: nothing
+    runs, so nothing may be timed or read)."""
+    return _jobs.get() is not None
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
-    """``kernel[grid](*args, **kwargs)``; inside ``compile_ahead``, only the variant's compile is queued."""
-    if _ahead.get():
+    """``kernel[grid](*args, **kwargs)``; inside ``compile_ahead``, only the variant is recorded."""
+    if _jobs.get() is not None:
         kernel.warmup(*args, grid=grid, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
 
 
-def _async_mode(pool: ThreadPoolExecutor) -> Any:
-    """Triton's AsyncCompileMode on ``pool``, dropping failed compiles where this Triton can."""
-    try:
-        return triton.AsyncCompileMode(pool, ignore_errors=True)
-    except TypeError:  # an older one: a failed compile raises at the block's exit
-        return triton.AsyncCompileMode(pool)
+def _record(previous: Any):
+    """A ``jit_cache_hook`` recording the warm-ups of ``launch`` inside ``compile_ahead`` (True: Triton
+    skips their compile); any other compile goes on as usual (to ``previous``, the hook it replaced)."""
+
+    def hook(**kw: Any) -> Optional[bool]:
+        jobs = _jobs.get()
+        if jobs is None or not kw.get("is_manual_warmup"):
+            return previous(**kw) if previous is not None else None
+        fn = kw["fn"]
+        jobs.setdefault(kw["compile"]["specialization_data"], (str(fn.module), fn.name))
+        return True
+
+    return hook
 
 
 @contextlib.contextmanager
-def compile_ahead(workers: Optional[int] = None) -> Iterator[bool]:
-    """Inside, ``launch`` queues compiles on ``workers`` threads (default: the CPUs, at most
-    ``MAX_WORKERS``) instead of launching; the exit waits for them. Yields whether that mode is on
-    (False: launches launch, see the module docstring)."""
-    if not available() or _ahead.get():
+def compile_ahead() -> Iterator[bool]:
+    """Inside, ``launch`` records variants instead of launching; the exit compiles them side by
+    side. Yields whether that mode is on (False: launches launch, see the module docstring)."""
+    if not available() or _jobs.get() is not None:
         yield False
         return
-    workers = workers or max(1, min(MAX_WORKERS, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers, thread_name_prefix="triton-compile") as pool, _async_mode(pool):
-        token = _ahead.set(True)
+    jobs: dict[str, tuple[str, str]] = {}
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = _record(previous)
+    token = _jobs.set(jobs)
+    try:
+        yield True
+    finally:
+        _jobs.reset(token)
+        knobs.runtime.jit_cache_hook = previous
+    compile_variants([(module, name, spec) for spec, (module, name) in jobs.items()])
+
+
+def kernel_by_name(module: str, name: str) -> Any:
+    """The JITFunction ``module.name`` (through wrappers such as an autotuner: their ``fn``)."""
+    kernel = importlib.import_module(module)
+    for part in name.split("."):
+        kernel = getattr(kernel, part)
+    while not hasattr(kernel, "preload") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
+
+
+def compile_variants(jobs: list[tuple[str, str, str]]) -> int:
+    """Compiles each (module, kernel name, specialization) side by side: on the workers when
+    started (into Triton's cache directory), else on threads of this process (into the kernels'
+    caches). Returns how many compiled; the others are logged and left to their first launch."""
+    if not jobs:
+        return 0
+    workers = _workers
+    run = workers.run if workers is not None else _preload
+    threads = len(workers) if workers is not None else min(MAX_WORKERS, usable_cpus())
+    with ThreadPoolExecutor(max(1, min(threads, len(jobs))), thread_name_prefix="triton-compile") as pool:
+        errors = [e for e in pool.map(lambda job: run(*job), jobs) if e]
+    for e in errors[:3]:
+        logger.debug("compiling ahead failed (left to the first launch): %s", e)
+    return len(jobs) - len(errors)
+
+
+def _preload(module: str, name: str, spec: str) -> Optional[str]:
+    """Compiles one variant in this process; returns the error, if any."""
+    try:
+        kernel_by_name(module, name).preload(spec)
+    except Exception as e:  # the first real launch compiles it again and raises
+        return f"{module}.{name}: {type(e).__name__}: {e}"
+    return None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class CompileWorkers:
+    """Processes running ``python -m vllm_engine.layers.compile_worker`` for ``target``: each takes one
+    variant at a time (a JSON line on its stdin), compiles it into Triton's cache directory and
+    answers with a JSON line (null, or the error). They never touch the GPU."""
+
+    def __init__(self, count: int, target: Any) -> None:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="",  # this process's modules, whatever put them on its path
+                   PYTHONPATH=os.pathsep.join(os.path.abspath(p or os.curdir) for p in sys.path))
+        cmd = [sys.executable, "-m", "vllm_engine.layers.compile_worker", str(target.backend), str(target.arch),
+               str(target.warp_size)]
+        self._procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True, env=env) for _ in range(count)]
+        self._idle: queue.Queue = queue.Queue()
+        for proc in self._procs:
+            self._idle.put(proc)
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def run(self, module: str, name: str, spec: str) -> Optional[str]:
+        """Compiles one variant on the next idle worker; returns the error, if any."""
+        proc = self._idle.get()
         try:
-            yield True
+            proc.stdin.write(json.dumps([module, name, spec]) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+        except OSError as e:
+            return f"{module}.{name}: compile worker gone ({e})"
         finally:
-            _ahead.reset(token)
+            self._idle.put(proc)
+        return json.loads(line) if line else f"{module}.{name}: compile worker gone (exit {proc.poll()})"
+
+    def close(self) -> None:
+        for proc in self._procs:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # the worker exits at the end of its input
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+_workers: Optional[CompileWorkers] = None
+
+
+def start_workers(count: Optional[int] = None, target: Any = None) -> None:
+    """Starts ``count`` compile workers (default: this process's CPUs, at most ``MAX_WORKERS``) for
+    ``target`` (default: the current GPU's), used by ``compile_ahead`` until ``stop_workers``.
+    Start them early: each first imports Triton and the kernels' modules (seconds)."""
+    global _workers
+    if _workers is not None or not available():
+        return
+    if target is None:
+        from triton.runtime.driver import driver
+
+        target = driver.active.get_current_target()
+    _workers = CompileWorkers(count or max(1, min(MAX_WORKERS, usable_cpus())), target)
+
+
+def stop_workers() -> None:
+    """Ends the compile workers (``compile_ahead`` then compiles on threads)."""
+    global _workers
+    workers, _workers = _workers, None
+    if workers is not None:
+        workers.close()

@@ -21,6 +21,7 @@ from vllm_engine.core.sched_output import ExecuteModelRequest, ModelRunnerOutput
 from vllm_engine.distributed import IntermediateTensors, get_pp_group, get_tp_group
 from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID
 from vllm_engine.layers.attention import Attention
+from vllm_engine.layers import parallel_compile
 from vllm_engine.layers.parallel_compile import compile_ahead
 from vllm_engine.layers.sampler import Sampler, SamplingMetadata, compute_logprobs_topk
 from vllm_engine.quantization import linear_picker
@@ -77,6 +78,10 @@ class ModelRunner:
                                              multi_query_len=self._verify_query_len())
         # What the device holds before this engine: others' (kv_cache.kv_budget).
         self._memory_at_start = DeviceMemory.now() if self.device.type == "cuda" else None
+        if self.device.type == "cuda":  # they start now, for the compile passes of initialize_cache
+            ranks = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
+            parallel_compile.start_workers(max(1, min(parallel_compile.MAX_WORKERS,
+                                                      parallel_compile.usable_cpus() // ranks)))
         with self.startup("model and weights"):
             self.model = get_model(config.model, self.device, self.attn_backend)
         self.drafter = None  # spec_decode's DraftModelRunner / EagleProposer when a model proposes
@@ -168,7 +173,14 @@ class ModelRunner:
             return determine_num_blocks(self.config, self.kv_cache_spec(), self._profile_free_memory, draft_bytes)
 
     def initialize_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
-        """Allocates the KV cache, then what depends on it: CUDA graphs and kernel warm-ups."""
+        """Allocates the KV cache, then what depends on it: CUDA graphs and kernel warm-ups (the
+        last of start-up: the compile workers end here)."""
+        try:
+            self._initialize_cache(num_gpu_blocks, num_cpu_blocks)
+        finally:
+            parallel_compile.stop_workers()
+
+    def _initialize_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         with self.startup("KV cache allocation"):
             self.kv_cache = KVCache.allocate(self.config, self.kv_cache_spec(), num_gpu_blocks, num_cpu_blocks,
                                              self.device)

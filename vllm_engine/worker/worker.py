@@ -22,6 +22,7 @@ from vllm_engine.distributed import destroy_distributed, init_distributed
 from vllm_engine.distributed.parallel_state import default_backend
 from vllm_engine.executor.messages import (CollectStep, DetermineNumBlocks, InitializeCache, LaunchStep, Reply,
                                            Shutdown)
+from vllm_engine.layers import parallel_compile
 from vllm_engine.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ class Worker:
         return self.model_runner.execute_model(request)
 
     def shutdown(self) -> None:
-        """Leaves the process group (a no-op with one rank)."""
+        """Ends start-up's compile workers if a failed start left them, and leaves the process group
+        (a no-op with one rank)."""
+        parallel_compile.stop_workers()
         if self.world_size > 1:
             destroy_distributed()
 
