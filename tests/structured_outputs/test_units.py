@@ -74,6 +74,54 @@ def test_apply_token_bitmask_matches_a_reference_and_leaves_other_rows():
     assert torch.equal(out[0], before[0]) and torch.equal(out[2], before[2])
 
 
+def test_a_bitmask_narrower_than_the_logits_blocks_the_rest():
+    """A model's padding past the grammars' vocabulary (70 tokenizer ids, 100 logits): the masks' 3
+    words cover ids 0..95; every id past them is -inf in the constrained rows, others untouched."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 100, generator=gen)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (2, bitmask_width(70)), generator=gen, dtype=torch.int64)
+    bitmask = bitmask.to(torch.int32)
+    for rows, lg in ((torch.tensor([2, 0]), logits), (torch.arange(2), logits[:2])):  # some rows, every row
+        out = apply_token_bitmask(lg, bitmask, rows)
+        for r, row in enumerate(rows.tolist()):
+            for t in range(100):
+                bit = t < 96 and (int(bitmask[r, t // 32]) >> (t % 32)) & 1
+                assert out[row, t].item() == (lg[row, t].item() if bit else float("-inf")), (row, t)
+    out = apply_token_bitmask(logits, bitmask, torch.tensor([2, 0]))
+    assert torch.equal(out[1], logits[1])  # the unconstrained row
+
+
+def test_a_padded_vocabulary_masks_only_the_tokenizers_tokens(smollm2_gguf):
+    """A model whose logits are wider than its tokenizer (Qwen-style padding): the grammars and their
+    masks cover the tokenizer's ids only; the same walk is allowed token for token as without the
+    padding, and terminated rows allow EOS alone."""
+    pytest.importorskip("xgrammar")
+    import numpy as np
+
+    from vllm_engine.model_loader.tokenizer import get_tokenizer
+    from vllm_engine.structured_output import StructuredOutputManager
+
+    tok = get_tokenizer(str(smollm2_gguf))
+    eos = tok.eos_token_id
+    plain = StructuredOutputManager(tok, len(tok), [eos])
+    padded = StructuredOutputManager(tok, len(tok) + 1000, [eos])
+    assert padded.grammar_vocab_size == plain.grammar_vocab_size == len(tok)
+    assert padded.bitmask_width == plain.bitmask_width == bitmask_width(len(tok))
+    assert np.array_equal(padded.stop_row, plain.stop_row)
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]})
+    grammars = [m.new_grammar(spec) for m in (plain, padded)]
+    out: list[int] = []
+    for t in tok.encode('{"s": "padded vocabularies"}', add_special_tokens=False):
+        masks = []
+        for g, m in zip(grammars, (plain, padded)):
+            g.advance(out)
+            mask = np.zeros((1, m.bitmask_width), dtype=np.int32)
+            g.fill_bitmask(mask, 0)
+            masks.append(mask)
+        assert np.array_equal(*masks) and (int(masks[0][0, t // 32]) >> (t % 32)) & 1
+        out.append(t)
+
+
 def test_grammar_allows_exactly_the_walk_of_a_valid_instance(smollm2_gguf):
     """Walking a valid instance's tokens, each next token is allowed by the mask; a token that breaks
     the schema is not; after the last token only EOS is, and once EOS is taken only EOS stays."""
