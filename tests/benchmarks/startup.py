@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--extra", default="{}", help="more Engine keyword arguments, as JSON")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--first-only", action="store_true", help="only the first start (e.g. an older revision's, for an A/B)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     kwargs = dict(model=args.model, load_format=args.load_format, max_model_len=args.max_model_len,
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="startup-cache-") as cache:
         first = one_start(kwargs, cache, args.timeout)
         variants = compiled_variants(os.path.join(cache, "triton"))
-        second = one_start(kwargs, cache, args.timeout)
+        second = {} if args.first_only else one_start(kwargs, cache, args.timeout)
     phases = sorted(set(first) | set(second), key=lambda k: -first.get(k, 0.0))
     rows = [{"phase": k, "first_s": first.get(k), "second_s": second.get(k)} for k in phases]
     print_table(rows, ["phase", "first_s", "second_s"])
