@@ -16,7 +16,7 @@ import json, os, sys, threading, time, torch, triton
 from pathlib import Path
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
-from vllm_engine.layers.compile_worker import TargetDriver
+from vllm_engine.layers.parallel_compile import TargetDriver
 
 SM90 = GPUTarget("cuda", 90, 32)
 driver.set_active(TargetDriver(SM90))  # what JITFunction.run asks the driver (warm-ups only: nothing launches)

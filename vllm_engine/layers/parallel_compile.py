@@ -9,11 +9,11 @@ holds the GIL for most of its time, so threads overlap little of it; processes d
 Our launch sites call ``launch``. Inside ``compile_ahead`` it launches nothing: Triton's
 ``jit_cache_hook`` records each variant the launch would compile (its specialization, as
 ``JITFunction.preload`` takes it) and skips the compile. At the block's exit the variants compile
-side by side, in the compile worker processes (``start_workers``; ``compile_worker.py``), which
-write them into Triton's cache directory, or, without workers, on threads of this process. The
-launches that follow find them there::
+side by side, in compile worker processes forked from this one (``start_workers``), which write
+them into Triton's cache directory, or, without workers, on threads of this process. The launches
+that follow find them there::
 
-    start_workers()                 # at start-up: they import Triton and the kernels meanwhile
+    start_workers()                 # at start-up (forked at the first variant)
     with compile_ahead() as ahead:
         if ahead:
             model(*inputs)          # runs no Triton kernel: its outputs are left unwritten
@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
+import multiprocessing
 import os
-import queue
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import warnings
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any, Iterator, Optional
 
@@ -152,58 +151,73 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+class TargetDriver:
+    """What ``JITFunction.preload`` asks Triton's driver, answered for a fixed target (no GPU): the
+    compile workers' driver."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: Any = None) -> int:
+        return 0
+
+    def get_current_target(self) -> Any:
+        return self.target
+
+
+def _init_worker(target: Any) -> None:
+    from triton.runtime.driver import driver
+
+    driver.set_active(TargetDriver(target))  # never the GPU's: this process only compiles
+
+
 class CompileWorkers:
-    """Processes running ``python -m vllm_engine.layers.compile_worker`` for ``target``: each takes one
-    variant at a time (a JSON line on its stdin), compiles it into Triton's cache directory and
-    answers with a JSON line (null, or the error). They never touch the GPU."""
+    """``count`` processes forked from this one when first needed (they have every module already;
+    they never touch the GPU: their Triton driver is a ``TargetDriver`` for ``target``), each
+    compiling one variant at a time into Triton's cache directory."""
 
     def __init__(self, count: int, target: Any) -> None:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="",  # this process's modules, whatever put them on its path
-                   PYTHONPATH=os.pathsep.join(os.path.abspath(p or os.curdir) for p in sys.path))
-        cmd = [sys.executable, "-m", "vllm_engine.layers.compile_worker", str(target.backend), str(target.arch),
-               str(target.warp_size)]
-        self._procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        text=True, env=env) for _ in range(count)]
-        self._idle: queue.Queue = queue.Queue()
-        for proc in self._procs:
-            self._idle.put(proc)
+        self.count, self.target = count, target
+        self._pool: Optional[ProcessPoolExecutor] = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._procs)
+        return self.count
 
     def run(self, module: str, name: str, spec: str) -> Optional[str]:
         """Compiles one variant on the next idle worker; returns the error, if any."""
-        proc = self._idle.get()
         try:
-            proc.stdin.write(json.dumps([module, name, spec]) + "\n")
-            proc.stdin.flush()
-            line = proc.stdout.readline()
-        except OSError as e:
-            return f"{module}.{name}: compile worker gone ({e})"
-        finally:
-            self._idle.put(proc)
-        return json.loads(line) if line else f"{module}.{name}: compile worker gone (exit {proc.poll()})"
+            return self._workers().submit(_preload, module, name, spec).result()
+        except Exception as e:  # a worker died (BrokenProcessPool): the first launch compiles it
+            return f"{module}.{name}: compile worker failed ({type(e).__name__}: {e})"
+
+    def _workers(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                with warnings.catch_warnings():  # "fork() may lead to deadlocks": the workers only compile
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("fork"),
+                                                     initializer=_init_worker, initargs=(self.target,))
+            return self._pool
 
     def close(self) -> None:
-        for proc in self._procs:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()  # the worker exits at the end of its input
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 _workers: Optional[CompileWorkers] = None
 
 
 def start_workers(count: Optional[int] = None, target: Any = None) -> None:
-    """Starts ``count`` compile workers (default: this process's CPUs, at most ``MAX_WORKERS``) for
-    ``target`` (default: the current GPU's), used by ``compile_ahead`` until ``stop_workers``.
-    Start them early: each first imports Triton and the kernels' modules (seconds)."""
+    """From now until ``stop_workers``, ``compile_ahead`` compiles in ``count`` worker processes
+    (default: this process's CPUs, at most ``MAX_WORKERS``) for ``target`` (default: the current
+    GPU's), forked at its first variant. Where processes cannot be forked, it keeps to threads."""
     global _workers
-    if _workers is not None or not available():
+    if _workers is not None or not available() or "fork" not in multiprocessing.get_all_start_methods():
         return
     if target is None:
         from triton.runtime.driver import driver
