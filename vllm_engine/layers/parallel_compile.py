@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 _jobs: ContextVar[Optional[dict[str, tuple[str, str]]]] = ContextVar("vllm_engine_compile_ahead", default=None)
 
 MAX_WORKERS = 16
+JOB_TIMEOUT_S = 300.0  # one variant's compile in a worker (seconds at most); past it, left to its first launch
 
 
 def available() -> bool:
@@ -190,8 +191,8 @@ class CompileWorkers:
     def run(self, module: str, name: str, spec: str) -> Optional[str]:
         """Compiles one variant on the next idle worker; returns the error, if any."""
         try:
-            return self._workers().submit(_preload, module, name, spec).result()
-        except Exception as e:  # a worker died (BrokenProcessPool): the first launch compiles it
+            return self._workers().submit(_preload, module, name, spec).result(timeout=JOB_TIMEOUT_S)
+        except Exception as e:  # a worker died (BrokenProcessPool) or hung: the first launch compiles it
             return f"{module}.{name}: compile worker failed ({type(e).__name__}: {e})"
 
     def _workers(self) -> ProcessPoolExecutor:
@@ -204,9 +205,15 @@ class CompileWorkers:
             return self._pool
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Ends the workers (one that does not end within seconds is killed)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            procs = list((getattr(pool, "_processes", None) or {}).values())  # the executor's own record
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                proc.join(timeout=5)
+                if proc.is_alive():
+                    proc.kill()
 
 
 _workers: Optional[CompileWorkers] = None
