@@ -33,8 +33,6 @@ import importlib
 import logging
 import multiprocessing
 import os
-import threading
-import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any, Iterator, Optional
@@ -53,7 +51,7 @@ logger = logging.getLogger(__name__)
 _jobs: ContextVar[Optional[dict[str, tuple[str, str]]]] = ContextVar("vllm_engine_compile_ahead", default=None)
 
 MAX_WORKERS = 16
-JOB_TIMEOUT_S = 300.0  # one variant's compile in a worker (seconds at most); past it, left to its first launch
+JOB_TIMEOUT_S = 300.0  # waiting for one variant from the workers; past it, left to its first launch
 
 
 def available() -> bool:
@@ -125,14 +123,15 @@ def compile_variants(jobs: list[tuple[str, str, str]]) -> int:
     caches). Returns how many compiled; the others are logged and left to their first launch."""
     if not jobs:
         return 0
-    workers = _workers
-    run = workers.run if workers is not None else _preload
-    threads = len(workers) if workers is not None else min(MAX_WORKERS, usable_cpus())
-    with ThreadPoolExecutor(max(1, min(threads, len(jobs))), thread_name_prefix="triton-compile") as pool:
-        errors = [e for e in pool.map(lambda job: run(*job), jobs) if e]
-    for e in errors[:3]:
+    if _workers is not None:
+        errors = _workers.compile(jobs)
+    else:
+        with ThreadPoolExecutor(min(MAX_WORKERS, usable_cpus(), len(jobs)), thread_name_prefix="triton-compile") as pool:
+            errors = list(pool.map(lambda job: _preload(*job), jobs))
+    failed = [e for e in errors if e]
+    for e in failed[:3]:
         logger.debug("compiling ahead failed (left to the first launch): %s", e)
-    return len(jobs) - len(errors)
+    return len(jobs) - len(failed)
 
 
 def _preload(module: str, name: str, spec: str) -> Optional[str]:
@@ -183,26 +182,25 @@ class CompileWorkers:
     def __init__(self, count: int, target: Any) -> None:
         self.count, self.target = count, target
         self._pool: Optional[ProcessPoolExecutor] = None
-        self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return self.count
-
-    def run(self, module: str, name: str, spec: str) -> Optional[str]:
-        """Compiles one variant on the next idle worker; returns the error, if any."""
-        try:
-            return self._workers().submit(_preload, module, name, spec).result(timeout=JOB_TIMEOUT_S)
-        except Exception as e:  # a worker died (BrokenProcessPool) or hung: the first launch compiles it
-            return f"{module}.{name}: compile worker failed ({type(e).__name__}: {e})"
+    def compile(self, jobs: list[tuple[str, str, str]]) -> list[Optional[str]]:
+        """Compiles each (module, kernel name, specialization) on the workers; the errors, in order
+        (None: compiled)."""
+        pool = self._workers()
+        futures = [pool.submit(_preload, *job) for job in jobs]
+        errors: list[Optional[str]] = []
+        for (module, name, _), future in zip(jobs, futures):
+            try:
+                errors.append(future.result(timeout=JOB_TIMEOUT_S))
+            except Exception as e:  # a worker died (BrokenProcessPool) or hung: the first launch compiles it
+                errors.append(f"{module}.{name}: compile worker failed ({type(e).__name__}: {e})")
+        return errors
 
     def _workers(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                with warnings.catch_warnings():  # "fork() may lead to deadlocks": the workers only compile
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    self._pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("fork"),
-                                                     initializer=_init_worker, initargs=(self.target,))
-            return self._pool
+        if self._pool is None:  # forked at the first submit (all of them: a fork pool never adds any later)
+            self._pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=_init_worker, initargs=(self.target,))
+        return self._pool
 
     def close(self) -> None:
         """Ends the workers (one that does not end within seconds is killed)."""
