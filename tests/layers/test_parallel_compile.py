@@ -60,7 +60,7 @@ elif mode == "inside":  # decide() inside a caller's compile_ahead: recorded, no
 else:
     configs = TL.GEMV_CONFIGS[:3]
     if mode == "workers":
-        PC.start_workers(2, target=SM90)
+        PC.start_workers(2)
     with compile_ahead() as ahead:
         for c in configs:
             TL.triton_gemv(x, w, config=c)

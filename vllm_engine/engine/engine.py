@@ -19,6 +19,7 @@ from vllm_engine.core.scheduler import Scheduler, SpecDecodeStats
 from vllm_engine.engine.output_processor import OutputProcessor
 from vllm_engine.engine.request import PLACEHOLDER_TOKEN_ID, Request, RequestStatus
 from vllm_engine.executor import Executor
+from vllm_engine.layers import parallel_compile
 from vllm_engine.outputs import RequestOutput
 from vllm_engine.sampling_params import SamplingParams, SamplingParamsError
 from vllm_engine.utils import StartupPhases
@@ -62,6 +63,17 @@ class EngineStats:
     spec_decode: Optional[SpecDecodeStats] = None  # speculative decoding counters (None: off)
 
 
+def _one_rank_on_cuda(args: EngineArgs) -> bool:
+    """Whether this engine will run its one rank in this process on a GPU (then start-up's Triton
+    compiles happen here: layers/parallel_compile.py)."""
+    if args.tensor_parallel_size * args.pipeline_parallel_size != 1 or args.distributed_executor_backend not in (
+            None, "uni") or args.device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class Engine:
     """An LLM engine: ``Engine(model=...)`` takes every ``EngineArgs`` field as a keyword argument."""
 
@@ -78,9 +90,15 @@ class Engine:
         """Start-up, its phases timed (``startup_seconds``: this process's, and the in-process rank's)."""
         t0 = time.perf_counter()
         phases = StartupPhases(logger)
-        with phases("config"):
-            config = args.create_engine_config()
-        self._init(config, phases)
+        if _one_rank_on_cuda(args):  # the compile workers import while the config loads
+            parallel_compile.start_workers()
+        try:
+            with phases("config"):
+                config = args.create_engine_config()
+            self._init(config, phases)  # its model runner ends the workers after its warm-ups
+        except BaseException:
+            parallel_compile.stop_workers()
+            raise
         if self.model_runner is not None:  # the in-process rank's own phases, inside "ranks (...)"
             phases.seconds.update({f"rank 0: {k}": v for k, v in self.model_runner.startup.seconds.items()})
         self.startup_seconds = dict(phases.seconds, total=time.perf_counter() - t0)

@@ -9,11 +9,11 @@ holds the GIL for most of its time, so threads overlap little of it; processes d
 Our launch sites call ``launch``. Inside ``compile_ahead`` it launches nothing: Triton's
 ``jit_cache_hook`` records each variant the launch would compile (its specialization, as
 ``JITFunction.preload`` takes it) and skips the compile. At the block's exit the variants compile
-side by side, in compile worker processes forked from this one (``start_workers``), which write
+side by side, in compile worker processes (``start_workers``, ``compile_worker.py``), which write
 them into Triton's cache directory, or, without workers, on threads of this process. The launches
 that follow find them there::
 
-    start_workers()                 # at start-up (forked at the first variant)
+    start_workers()                 # as early as possible: each imports torch and Triton first
     with compile_ahead() as ahead:
         if ahead:
             model(*inputs)          # runs no Triton kernel: its outputs are left unwritten
@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+import queue
+import select
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any, Iterator, Optional
 
@@ -51,7 +55,7 @@ logger = logging.getLogger(__name__)
 _jobs: ContextVar[Optional[dict[str, tuple[str, str]]]] = ContextVar("vllm_engine_compile_ahead", default=None)
 
 MAX_WORKERS = 16
-JOB_TIMEOUT_S = 300.0  # waiting for one variant from the workers; past it, left to its first launch
+JOB_TIMEOUT_S = 300.0  # waiting for one variant from a worker; past it, left to its first launch
 
 
 def available() -> bool:
@@ -124,7 +128,9 @@ def compile_variants(jobs: list[tuple[str, str, str]]) -> int:
     if not jobs:
         return 0
     if _workers is not None:
-        errors = _workers.compile(jobs)
+        from triton.runtime.driver import driver
+
+        errors = _workers.compile(jobs, driver.active.get_current_target())
     else:
         with ThreadPoolExecutor(min(MAX_WORKERS, usable_cpus(), len(jobs)), thread_name_prefix="triton-compile") as pool:
             errors = list(pool.map(lambda job: _preload(*job), jobs))
@@ -168,67 +174,82 @@ class TargetDriver:
         return self.target
 
 
-def _init_worker(target: Any) -> None:
-    from triton.runtime.driver import driver
-
-    driver.set_active(TargetDriver(target))  # never the GPU's: this process only compiles
-
-
 class CompileWorkers:
-    """``count`` processes forked from this one when first needed (they have every module already;
-    they never touch the GPU: their Triton driver is a ``TargetDriver`` for ``target``), each
-    compiling one variant at a time into Triton's cache directory."""
+    """``count`` processes running ``python -m vllm_engine.layers.compile_worker``, started at once:
+    each imports Triton and the kernels' modules (seconds), then compiles one variant at a time (a
+    JSON line on its stdin, with the target) into Triton's cache directory and answers with a JSON
+    line (null, or the error). They never touch the GPU."""
 
-    def __init__(self, count: int, target: Any) -> None:
-        self.count, self.target = count, target
-        self._pool: Optional[ProcessPoolExecutor] = None
+    def __init__(self, count: int) -> None:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="",  # this process's modules, whatever put them on its path
+                   PYTHONPATH=os.pathsep.join(os.path.abspath(p or os.curdir) for p in sys.path))
+        self._procs = [subprocess.Popen([sys.executable, "-m", "vllm_engine.layers.compile_worker"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True, env=env) for _ in range(count)]
 
-    def compile(self, jobs: list[tuple[str, str, str]]) -> list[Optional[str]]:
-        """Compiles each (module, kernel name, specialization) on the workers; the errors, in order
-        (None: compiled)."""
-        pool = self._workers()
-        futures = [pool.submit(_preload, *job) for job in jobs]
-        errors: list[Optional[str]] = []
-        for (module, name, _), future in zip(jobs, futures):
-            try:
-                errors.append(future.result(timeout=JOB_TIMEOUT_S))
-            except Exception as e:  # a worker died (BrokenProcessPool) or hung: the first launch compiles it
-                errors.append(f"{module}.{name}: compile worker failed ({type(e).__name__}: {e})")
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def compile(self, jobs: list[tuple[str, str, str]], target: Any) -> list[Optional[str]]:
+        """Compiles each (module, kernel name, specialization) for ``target``, each worker taking the
+        next job when done with its last; the errors, in order (None: compiled)."""
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for i, job in enumerate(jobs):
+            todo.put((i, job))
+        errors: list[Optional[str]] = [f"{m}.{n}: no compile worker left" for m, n, _ in jobs]
+        head = [str(target.backend), target.arch, target.warp_size]
+
+        def feed(proc: subprocess.Popen) -> None:
+            while True:
+                try:
+                    i, (module, name, spec) = todo.get_nowait()
+                except queue.Empty:
+                    return
+                errors[i] = self._one(proc, head + [module, name, spec])
+                if proc.poll() is not None:  # it died: the others take the rest
+                    return
+
+        with ThreadPoolExecutor(len(self._procs), thread_name_prefix="triton-compile") as pool:
+            list(pool.map(feed, self._procs))
         return errors
 
-    def _workers(self) -> ProcessPoolExecutor:
-        if self._pool is None:  # forked at the first submit (all of them: a fork pool never adds any later)
-            self._pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_init_worker, initargs=(self.target,))
-        return self._pool
+    @staticmethod
+    def _one(proc: subprocess.Popen, job: list) -> Optional[str]:
+        what = f"{job[-3]}.{job[-2]}"
+        try:
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
+            if not select.select([proc.stdout], [], [], JOB_TIMEOUT_S)[0]:
+                proc.kill()
+                return f"{what}: no answer from its compile worker within {JOB_TIMEOUT_S:.0f} s"
+            line = proc.stdout.readline()
+        except OSError as e:
+            return f"{what}: compile worker gone ({e})"
+        return json.loads(line) if line else f"{what}: compile worker gone (exit {proc.poll()})"
 
     def close(self) -> None:
-        """Ends the workers (one that does not end within seconds is killed)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            procs = list((getattr(pool, "_processes", None) or {}).values())  # the executor's own record
-            pool.shutdown(wait=False, cancel_futures=True)
-            for proc in procs:
-                proc.join(timeout=5)
-                if proc.is_alive():
-                    proc.kill()
+        """Ends the workers (at the end of their input; one that does not end within seconds is killed)."""
+        for proc in self._procs:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 _workers: Optional[CompileWorkers] = None
 
 
-def start_workers(count: Optional[int] = None, target: Any = None) -> None:
-    """From now until ``stop_workers``, ``compile_ahead`` compiles in ``count`` worker processes
-    (default: this process's CPUs, at most ``MAX_WORKERS``) for ``target`` (default: the current
-    GPU's), forked at its first variant. Where processes cannot be forked, it keeps to threads."""
+def start_workers(count: Optional[int] = None) -> None:
+    """Starts ``count`` compile workers (default: this process's CPUs, at most ``MAX_WORKERS``), used
+    by ``compile_ahead`` until ``stop_workers``; a no-op when they run already. Start them early:
+    each first imports torch, Triton and the kernels' modules (seconds), and the compiles wait
+    for that."""
     global _workers
-    if _workers is not None or not available() or "fork" not in multiprocessing.get_all_start_methods():
-        return
-    if target is None:
-        from triton.runtime.driver import driver
-
-        target = driver.active.get_current_target()
-    _workers = CompileWorkers(count or max(1, min(MAX_WORKERS, usable_cpus())), target)
+    if _workers is None and available():
+        _workers = CompileWorkers(count or max(1, min(MAX_WORKERS, usable_cpus())))
 
 
 def stop_workers() -> None:

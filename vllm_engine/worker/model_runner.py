@@ -78,7 +78,8 @@ class ModelRunner:
                                              multi_query_len=self._verify_query_len())
         # What the device holds before this engine: others' (kv_cache.kv_budget).
         self._memory_at_start = DeviceMemory.now() if self.device.type == "cuda" else None
-        if self.device.type == "cuda":  # they start now, for the compile passes of initialize_cache
+        if self.device.type == "cuda":  # for initialize_cache's compile passes (an engine with one rank here
+            # started them before its config already)
             ranks = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
             parallel_compile.start_workers(max(1, min(parallel_compile.MAX_WORKERS,
                                                       parallel_compile.usable_cpus() // ranks)))
