@@ -41,6 +41,7 @@ def warm(c):  # what a real launch of triton_gemv(x, w, config=c) asks for
 
 x, w = torch.randn(2, 256), torch.randn(96, 256)
 mode = sys.argv[1]
+del TL.GEMV_CONFIGS[3:]  # the picker's candidates: three tile configs are enough here (and compile faster)
 if mode == "picker":  # decide(): every tile config compiled ahead, then timed (here: a stand-in timer)
     timed = []
     picker = TL.LinearPicker(timer=lambda fn, flush: timed.append(len(cache)) or 1.0)

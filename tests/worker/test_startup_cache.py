@@ -70,3 +70,16 @@ def test_the_flag_turns_it_off():
     parser = EngineArgs.add_cli_args(__import__("argparse").ArgumentParser())
     assert EngineArgs.from_cli_args(parser.parse_args([])).startup_cache is True
     assert EngineArgs.from_cli_args(parser.parse_args(["--no-startup-cache"])).startup_cache is False
+
+
+def test_a_first_start_is_one_without_recorded_choices(tmp_path, monkeypatch):
+    """Compile worker processes are for a first start on a GPU and software (is_first_start): until
+    a start has recorded its choices, and for this fingerprint only."""
+    monkeypatch.setenv("VLLM_ENGINE_CACHE_DIR", str(tmp_path))
+    fp = dict(FP)
+    monkeypatch.setattr(startup_cache, "fingerprint", lambda device: fp)
+    assert startup_cache.is_first_start("cuda")
+    startup_cache.save_linear_choices(FP, {"k1": "gemv x"})
+    assert not startup_cache.is_first_start("cuda")
+    fp["triton"] = "3.7"  # another software: its first start
+    assert startup_cache.is_first_start("cuda")

@@ -63,15 +63,17 @@ class EngineStats:
     spec_decode: Optional[SpecDecodeStats] = None  # speculative decoding counters (None: off)
 
 
-def _one_rank_on_cuda(args: EngineArgs) -> bool:
-    """Whether this engine will run its one rank in this process on a GPU (then start-up's Triton
-    compiles happen here: layers/parallel_compile.py)."""
+def _compiles_many_here(args: EngineArgs) -> bool:
+    """Whether this engine will run its one rank in this process on a GPU, on its first start there
+    (then start-up's many Triton compiles happen here: layers/parallel_compile.py)."""
     if args.tensor_parallel_size * args.pipeline_parallel_size != 1 or args.distributed_executor_backend not in (
             None, "uni") or args.device == "cpu":
         return False
     import torch
 
-    return torch.cuda.is_available()
+    from vllm_engine.worker.startup_cache import is_first_start
+
+    return torch.cuda.is_available() and (not args.startup_cache or is_first_start(torch.device("cuda")))
 
 
 class Engine:
@@ -90,7 +92,7 @@ class Engine:
         """Start-up, its phases timed (``startup_seconds``: this process's, and the in-process rank's)."""
         t0 = time.perf_counter()
         phases = StartupPhases(logger)
-        if _one_rank_on_cuda(args):  # the compile workers import while the config loads
+        if _compiles_many_here(args):  # the compile workers import while the config loads
             parallel_compile.start_workers()
         try:
             with phases("config"):

@@ -78,8 +78,8 @@ class ModelRunner:
                                              multi_query_len=self._verify_query_len())
         # What the device holds before this engine: others' (kv_cache.kv_budget).
         self._memory_at_start = DeviceMemory.now() if self.device.type == "cuda" else None
-        if self.device.type == "cuda":  # for initialize_cache's compile passes (an engine with one rank here
-            # started them before its config already)
+        if self.device.type == "cuda" and self._first_start():  # for initialize_cache's compile passes (an
+            # engine with its one rank here started them before its config already)
             ranks = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
             parallel_compile.start_workers(max(1, min(parallel_compile.MAX_WORKERS,
                                                       parallel_compile.usable_cpus() // ranks)))
@@ -227,6 +227,12 @@ class ModelRunner:
         from vllm_engine.models.utils import DecoderStack
 
         return [m.aux_hidden for m in self.model.modules() if isinstance(m, DecoderStack) and m.aux_hidden is not None]
+
+    def _first_start(self) -> bool:
+        """Whether start-up will compile many Triton variants here (startup_cache.is_first_start)."""
+        from vllm_engine.worker.startup_cache import is_first_start
+
+        return not self.config.device.startup_cache or is_first_start(self.device)
 
     def _load_startup_cache(self) -> Optional[dict]:
         """Offers the picker the choices of earlier starts on this GPU and software; returns the

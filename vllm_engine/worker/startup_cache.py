@@ -71,3 +71,10 @@ def save_linear_choices(fp: dict[str, Any], choices: dict[str, str]) -> None:
         os.replace(tmp, path)
     except OSError as e:  # a read-only cache directory costs the next start its timing, nothing else
         logger.warning("start-up cache %s not written: %s", path, e)
+
+
+def is_first_start(device: torch.device) -> bool:
+    """Whether no start on this GPU and software has recorded its choices yet: a first start, whose
+    Triton compiles (more than a hundred variants) are worth compile worker processes; later ones
+    find them in Triton's cache (layers/parallel_compile.py)."""
+    return not load_linear_choices(fingerprint(device))
