@@ -132,7 +132,8 @@ def compile_variants(jobs: list[tuple[str, str, str]]) -> int:
 
         errors = _workers.compile(jobs, driver.active.get_current_target())
     else:
-        with ThreadPoolExecutor(min(MAX_WORKERS, usable_cpus(), len(jobs)), thread_name_prefix="triton-compile") as pool:
+        threads = min(MAX_WORKERS, usable_cpus(), len(jobs))
+        with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool:
             errors = list(pool.map(lambda job: _preload(*job), jobs))
     failed = [e for e in errors if e]
     for e in failed[:3]:
