@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--extra", default="{}", help="more Engine keyword arguments, as JSON")
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--first-only", action="store_true", help="only the first start (e.g. an older revision's, for an A/B)")
+    p.add_argument("--first-only", action="store_true",
+                   help="only the first start (e.g. an older revision's, for an A/B)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     kwargs = dict(model=args.model, load_format=args.load_format, max_model_len=args.max_model_len,

@@ -72,8 +72,10 @@ else:
     files = cache_files()
     for c in configs:
         warm(c)
-    print(json.dumps(dict(ahead=ahead, during=during, **after_block, compiles_after=len(compiled_on) - len(after_block["threads"]),
-                          new_files=len(cache_files()) - len(files), cached_after=[type(v).__name__ for v in cache.values()])))
+    print(json.dumps(dict(ahead=ahead, during=during, **after_block,
+                          compiles_after=len(compiled_on) - len(after_block["threads"]),
+                          new_files=len(cache_files()) - len(files),
+                          cached_after=[type(v).__name__ for v in cache.values()])))
 """
 
 

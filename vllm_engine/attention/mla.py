@@ -45,7 +45,8 @@ def write_latent(entries: torch.Tensor, latent_cache: torch.Tensor, slot_mapping
         return
     if triton is not None and (entries.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         dim = latent_cache.shape[-1]
-        launch(_write_latent_kernel, (n,), entries, latent_cache, slot_mapping, entries.stride(0), latent_cache.stride(0),
+        launch(_write_latent_kernel, (n,),
+               entries, latent_cache, slot_mapping, entries.stride(0), latent_cache.stride(0),
                                    latent_cache.stride(1), D=dim, BLOCK=triton.next_power_of_2(dim),
                                    BLOCK_SIZE=latent_cache.shape[1], **pdl.launch_args(entries.device))
         return
@@ -169,7 +170,8 @@ def triton_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, metadata: 
     block_l = max(16, triton.next_power_of_2(latent_dim))
     block_t = 1 if metadata.max_query_len <= 1 else prefill_block_t  # decodes: one row per sequence
     launch(
-        _mla_kernel, (num_tokens // block_t + metadata.num_seqs, triton.cdiv(num_heads, block_h)), q, latent_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, out,
+        _mla_kernel, (num_tokens // block_t + metadata.num_seqs, triton.cdiv(num_heads, block_h)),
+        q, latent_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, out,
         scale * 1.4426950408889634, metadata.num_seqs,
         q.stride(0), q.stride(1), latent_cache.stride(0), latent_cache.stride(1), metadata.block_tables.stride(0),
         out.stride(0), out.stride(1),

@@ -560,7 +560,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     else:
         mid_o = mid_lse = out  # unused
     launch(
-        _decode_kernel, (num_splits, num_kv_heads, num_seqs), query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
+        _decode_kernel, (num_splits, num_kv_heads, num_seqs),
+        query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
         seq_order if seq_order is not None else seq_lens,
         scale * LOG2E, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
@@ -601,7 +602,8 @@ def _multi_query_decode(query: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     else:
         mid_o = mid_lse = out  # unused
     launch(
-        _multi_query_decode_kernel, (num_splits, kc.shape[2], num_seqs), query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
+        _multi_query_decode_kernel, (num_splits, kc.shape[2], num_seqs),
+        query, kc, vc, block_tables, seq_lens, query_start_loc, out, mid_o, mid_lse,
         scale * LOG2E, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         out.stride(0), out.stride(1),

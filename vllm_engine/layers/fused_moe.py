@@ -229,7 +229,8 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, topk_weig
     dot_f32 = a.dtype == torch.bfloat16 and envs.triton_interpret()  # the interpreter's bf16 dot is wrong
     grid = (sorted_ids.numel() // block_m, triton.cdiv(n, block_n))
     launch(
-        _fused_moe_kernel, grid, a, w, out, topk_weights if topk_weights is not None else out, sorted_ids, block_expert, num_padded,
+        _fused_moe_kernel, grid,
+        a, w, out, topk_weights if topk_weights is not None else out, sorted_ids, block_expert, num_padded,
         n, k, out.shape[0], a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
         TOP_K=top_k, MUL_WEIGHT=topk_weights is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PREC="ieee" if a.dtype == torch.float32 or dot_f32 else "tf32", DOT_F32=dot_f32,

@@ -216,7 +216,8 @@ def _rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(n)
         launch(
-            _rms_norm_kernel, (x2.shape[0],), x2, r2, weight, y, res_out, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), eps,
+            _rms_norm_kernel, (x2.shape[0],),
+            x2, r2, weight, y, res_out, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), eps,
             N=n, HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block), **pdl.launch_args(x.device))
     return y.view(shape), (res_out.view(shape) if residual is not None else None)
 
@@ -304,7 +305,8 @@ def triton_qkv_rope_cache(positions, qkv, num_heads, num_kv_heads, cos_sin_cache
     has_norm = q_norm_weight is not None
     if num_tokens > 0:
         launch(
-            _qkv_rope_cache_kernel, (num_tokens,), qkv, positions, cos_sin_cache, q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv,
+            _qkv_rope_cache_kernel, (num_tokens,),
+            qkv, positions, cos_sin_cache, q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv,
             q_out, kc, vc, slot_mapping, qkv.stride(0), cos_sin_cache.stride(0), q_out.stride(0),
             kc.stride(0), kc.stride(1), kc.stride(2), eps, 1.0 / k_scale, 1.0 / v_scale,
             NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
@@ -333,7 +335,8 @@ def triton_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] > 0 and d > 0:
         block = min(triton.next_power_of_2(d), 2048)
         launch(
-            _silu_and_mul_kernel, (x2.shape[0], triton.cdiv(d, block)), x2, y, x2.stride(0), y.stride(0), D=d, BLOCK=block, num_warps=_warps(block), **pdl.launch_args(x.device))
+            _silu_and_mul_kernel, (x2.shape[0], triton.cdiv(d, block)),
+            x2, y, x2.stride(0), y.stride(0), D=d, BLOCK=block, num_warps=_warps(block), **pdl.launch_args(x.device))
     return y.view(*x.shape[:-1], d)
 
 
@@ -344,6 +347,7 @@ def triton_gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
     if x2.shape[0] > 0 and d > 0:
         block = min(triton.next_power_of_2(d), 2048)
         launch(
-            _gelu_and_mul_kernel, (x2.shape[0], triton.cdiv(d, block)), x2, y, x2.stride(0), y.stride(0), D=d, BLOCK=block, TANH=approximate == "tanh", num_warps=_warps(block),
+            _gelu_and_mul_kernel, (x2.shape[0], triton.cdiv(d, block)),
+            x2, y, x2.stride(0), y.stride(0), D=d, BLOCK=block, TANH=approximate == "tanh", num_warps=_warps(block),
             **pdl.launch_args(x.device))
     return y.view(*x.shape[:-1], d)

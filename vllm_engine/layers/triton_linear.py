@@ -188,7 +188,8 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     residual, norm_weight, res_out, eps = norm if norm is not None else (x, x, x, 0.0)
     block_n, block_k, warps, stages = config
     launch(
-        _gemv_kernel_impl, (triton.cdiv(n, block_n),), x, weight, bias if bias is not None else weight, y, residual, norm_weight, res_out, n, k,
+        _gemv_kernel_impl, (triton.cdiv(n, block_n),),
+        x, weight, bias if bias is not None else weight, y, residual, norm_weight, res_out, n, k,
         x.stride(0), weight.stride(0), y.stride(0), residual.stride(0), res_out.stride(0), eps,
         M=m, BLOCK_M=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         ADD_NORM=norm is not None, SILU_MUL=silu_mul, num_warps=warps, num_stages=stages,
@@ -244,7 +245,8 @@ def triton_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     dot_f32 = x.dtype == torch.bfloat16 and envs.triton_interpret()  # the interpreter's bf16 dot is wrong
     block_m, block_n, block_k, warps, stages = config
     launch(
-        _matmul_kernel_impl, (triton.cdiv(n, block_n), triton.cdiv(m, block_m)), x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        _matmul_kernel_impl, (triton.cdiv(n, block_n), triton.cdiv(m, block_m)),
+        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PREC="ieee" if x.dtype == torch.float32 or dot_f32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         **pdl.launch_args(x.device))

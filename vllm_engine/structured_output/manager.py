@@ -49,11 +49,12 @@ def choice_grammar(choices: list[str]) -> str:
 class StructuredOutputManager:
     """Compiles ``StructuredOutputsParams`` for one tokenizer; thread-safe.
 
-    ``tokenizer``: a HF tokenizer; ``vocab_size``: the model's (the logits' width, which may exceed the
-    tokenizer's: the masks cover ``grammar_vocab_size`` tokens); ``stop_token_ids``: what ends a finished constraint (the model's EOS ids).
-    Compiled grammars are kept by ``StructuredOutputsParams.key``: the most recent, up to ``cache_size``
-    of them and ``cache_bytes`` of their memory (a grammar's token-mask cache grows with the
-    vocabulary: ~40 KB for the test schemas on SmolLM2's, 2 MB for ``[a-z]{0,500}``).
+    ``tokenizer``: a HF tokenizer; ``vocab_size``: the model's (the logits' width, which may exceed
+    the tokenizer's: the masks cover ``grammar_vocab_size`` tokens); ``stop_token_ids``: what ends a
+    finished constraint (the model's EOS ids). Compiled grammars are kept by
+    ``StructuredOutputsParams.key``: the most recent, up to ``cache_size`` of them and
+    ``cache_bytes`` of their memory (a grammar's token-mask cache grows with the vocabulary: ~40 KB
+    for the test schemas on SmolLM2's, 2 MB for ``[a-z]{0,500}``).
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int], cache_size: int = 1024,
