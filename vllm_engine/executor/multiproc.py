@@ -62,7 +62,7 @@ class MultiprocExecutor(Executor):
         self.world_size = config.parallel.world_size
         self.output_rank = output_rank(config)
         self._closing = False
-        self._stop_lock = threading.Lock()  # the engine's thread and the monitor may both stop the workers
+        self._stop_lock = threading.Lock()  # the engine's thread and the monitor both stop workers, read exit codes
         self._store_dir = tempfile.mkdtemp(prefix="vllm-engine-dist-")
         init_method = f"file://{os.path.join(self._store_dir, 'store')}"
         ctx = _mp_context(config)
@@ -168,7 +168,7 @@ class MultiprocExecutor(Executor):
             return self._failure
         if self._closing:  # workers leaving because shutdown() asked them to
             return RuntimeError("the executor was shut down")
-        dead_first = {r for r, p in enumerate(self.procs) if p.exitcode is not None}
+        dead_first = {r for r, code in enumerate(_exit_codes(self.procs, self._stop_lock)) if code is not None}
         time.sleep(0.2)  # let a death's consequences (peers' broken collectives) land before reading them
         failures = [first] if first is not None else []
         for conn in self.conns:
@@ -179,7 +179,8 @@ class MultiprocExecutor(Executor):
                     break
                 if isinstance(msg, WorkerFailure):
                     failures.append(msg)
-        error = self._report_failure(_failure_error(self.procs, failures, dead_first))
+        codes = _exit_codes(self.procs, self._stop_lock)
+        error = self._report_failure(_failure_error(self.procs, codes, failures, dead_first))
         _stop_workers(self.procs, self.conns, self._store_dir, self._stop_lock, graceful=False, close=False)
         return error
 
@@ -192,11 +193,11 @@ def _watch_workers(ref: "weakref.ref[MultiprocExecutor]", sentinels: list[int]) 
     if executor is None or executor._closing or executor._failure is not None:
         return
     procs = executor.procs
-    dead_first = {r for r, p in enumerate(procs) if p.exitcode is not None}
+    dead_first = {r for r, code in enumerate(_exit_codes(procs, executor._stop_lock)) if code is not None}
     time.sleep(0.2)  # as in _fail: the first to go is the cause, those after it its consequences
     if executor._closing:
         return
-    executor._report_failure(_failure_error(procs, [], dead_first))
+    executor._report_failure(_failure_error(procs, _exit_codes(procs, executor._stop_lock), [], dead_first))
     _stop_workers(procs, executor.conns, executor._store_dir, executor._stop_lock, graceful=False, close=False)
 
 
@@ -207,13 +208,22 @@ def _poll(conn: Any) -> bool:
         return False
 
 
-def _failure_error(procs: list, failures: list[WorkerFailure], dead_first: set[int]) -> BaseException:
+def _exit_codes(procs: list, lock: threading.Lock) -> list[Optional[int]]:
+    """The workers' exit codes (None: still running), read under ``lock``. A fork server's child
+    reports its exit status once, through a pipe: two threads reading it at once would leave one of
+    them with multiprocessing's 255 ("unknown") instead of, say, the signal that killed it."""
+    with lock:
+        return [proc.exitcode for proc in procs]
+
+
+def _failure_error(procs: list, codes: list[Optional[int]], failures: list[WorkerFailure],
+                   dead_first: set[int]) -> BaseException:
     """One error for what went wrong, the likely cause first: the ranks already dead when the failure
-    was noticed, then those killed by a signal, then the exceptions and exits that followed."""
+    was noticed, then those killed by a signal, then the exceptions and exits that followed.
+    ``codes``: the processes' exit codes (:func:`_exit_codes`)."""
     reported = {f.rank: f for f in failures}
     parts = []
-    for rank, proc in enumerate(procs):
-        code = proc.exitcode
+    for rank, (proc, code) in enumerate(zip(procs, codes)):
         if rank in reported:
             lines = reported[rank].traceback.strip().splitlines()
             what = f"worker rank {rank} (pid {proc.pid}) failed: {lines[-1] if lines else '?'}"
