@@ -81,6 +81,33 @@ def test_regex_choice_and_completions_json(smol_server, smol_client):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] in ("red", "green")
 
 
+def test_json_object_guided_json_and_guided_grammar(smol_server, smol_client):
+    question = [{"role": "user", "content": "Describe a cat."}]
+    r = smol_client.chat.completions.create(model="smol", messages=question, max_tokens=48, temperature=0,
+                                            response_format={"type": "json_object"})
+    _check_json_object(r.choices[0].message.content, r.choices[0].finish_reason)
+    r = smol_client.completions.create(model="smol", prompt="A cat:", max_tokens=48, temperature=0,
+                                       extra_body={"response_format": {"type": "json_object"}})
+    _check_json_object(r.choices[0].text, r.choices[0].finish_reason)
+    name, schema = SCHEMAS[0][0], SCHEMAS[0][1]
+    r = smol_client.chat.completions.create(model="smol", messages=question, max_tokens=80, temperature=0,
+                                            extra_body={"guided_json": schema})
+    assert r.choices[0].finish_reason == "stop", (name, r.choices[0].message.content)
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = smol_client.chat.completions.create(model="smol", messages=question, max_tokens=8, temperature=0,
+                                            extra_body={"guided_grammar": 'root ::= ("purr" | "meow") "s"?'})
+    assert r.choices[0].message.content in ("purr", "meow", "purrs", "meows"), r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+
+
+def _check_json_object(text: str, finish_reason: str) -> None:
+    """A JSON object, or the start of one cut by max_tokens."""
+    if finish_reason == "stop":
+        assert isinstance(json.loads(text), dict), text
+    else:
+        assert finish_reason == "length" and text.lstrip().startswith("{"), text
+
+
 def _calls(message) -> list[tuple[str, dict]]:
     return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
 
@@ -176,6 +203,9 @@ def test_auto_parses_hermes_calls_and_round_trips(smol_client):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a+"}, "guided_regex"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"guided_json": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}, "guided_json"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "null"}}}}},
+     "response_format"),
 ])
 def test_bad_constraints_are_400_naming_the_field(smol_server, body, param):
     r = httpx.post(f"{smol_server}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 4, **body},

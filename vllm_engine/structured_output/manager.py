@@ -26,6 +26,7 @@ import numpy as np
 
 from vllm_engine.sampling_params import SamplingParamsError, StructuredOutputsParams
 from vllm_engine.structured_output.bitmask import bitmask_width
+from vllm_engine.structured_output.schema_support import unsupported_schema_feature
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,10 @@ class StructuredOutputManager:
     def _compile_uncached(self, key: tuple[str, str]) -> Any:
         kind, text = key
         compiler = self._get_compiler()
+        if kind == "json":
+            feature = unsupported_schema_feature(json.loads(text))
+            if feature is not None:
+                raise SamplingParamsError("structured_outputs.json", feature)
         try:
             if kind == "json":
                 return compiler.compile_json_schema(text, any_whitespace=False)

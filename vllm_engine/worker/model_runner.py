@@ -78,8 +78,10 @@ class ModelRunner:
                                              multi_query_len=self._verify_query_len())
         # What the device holds before this engine: others' (kv_cache.kv_budget).
         self._memory_at_start = DeviceMemory.now() if self.device.type == "cuda" else None
-        if self.device.type == "cuda" and self._first_start():  # for initialize_cache's compile passes (an
-            # engine with its one rank here started them before its config already)
+        startup_fp, startup_choices = self._read_startup_cache()
+        if self.device.type == "cuda" and not startup_choices:  # a first start (startup_cache.is_first_start)
+            # or the cache is off: workers for initialize_cache's compile passes (an engine with its
+            # one rank here started them before its config already)
             ranks = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
             parallel_compile.start_workers(max(1, min(parallel_compile.MAX_WORKERS,
                                                       parallel_compile.usable_cpus() // ranks)))
@@ -91,7 +93,7 @@ class ModelRunner:
 
             with self.startup("draft model and weights"):
                 self.drafter = make_drafter(config, self.device, self.attn_backend, self.model)
-        self._startup_fingerprint = self._load_startup_cache()
+        self._startup_fingerprint = self._offer_startup_choices(startup_fp, startup_choices)
         # This process's place in the parallel layout, as the model was built for it.
         self.tp_group, self.pp_group = get_tp_group(), get_pp_group()
         self.vocab_size = config.model.vocab_size
@@ -228,22 +230,22 @@ class ModelRunner:
 
         return [m.aux_hidden for m in self.model.modules() if isinstance(m, DecoderStack) and m.aux_hidden is not None]
 
-    def _first_start(self) -> bool:
-        """Whether start-up will compile many Triton variants here (startup_cache.is_first_start)."""
-        from vllm_engine.worker.startup_cache import is_first_start
-
-        return not self.config.device.startup_cache or is_first_start(self.device)
-
-    def _load_startup_cache(self) -> Optional[dict]:
-        """Offers the picker the choices of earlier starts on this GPU and software; returns the
-        fingerprint to save this start's under (None: no picker, or the cache is off)."""
-        picker = linear_picker(self.model)
-        if picker is None or self.device.type != "cuda" or not self.config.device.startup_cache:
-            return None
+    def _read_startup_cache(self) -> tuple[Optional[dict], dict[str, str]]:
+        """This GPU and software's start-up fingerprint, and the linear-kernel choices earlier starts
+        recorded under it (worker/startup_cache.py); (None, {}) off a GPU or with the cache off."""
+        if self.device.type != "cuda" or not self.config.device.startup_cache:
+            return None, {}
         from vllm_engine.worker.startup_cache import fingerprint, load_linear_choices
 
         fp = fingerprint(self.device)
-        choices = load_linear_choices(fp)
+        return fp, load_linear_choices(fp)
+
+    def _offer_startup_choices(self, fp: Optional[dict], choices: dict[str, str]) -> Optional[dict]:
+        """Offers the picker the choices of earlier starts; returns the fingerprint to save this
+        start's under (None: no picker, or the cache is off)."""
+        picker = linear_picker(self.model)
+        if picker is None or fp is None:
+            return None
         picker.prefer(choices)
         logger.info("start-up cache: %d linear-kernel choices of earlier starts", len(choices))
         return fp
