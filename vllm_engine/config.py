@@ -202,8 +202,9 @@ class EngineArgs:
     device: str = field(default="auto", metadata=_arg("auto, cpu or cuda.", choices=["auto", "cpu", "cuda"]))
     enforce_eager: bool = field(default=False, metadata=_arg("Disable CUDA graphs.", action="store_true"))
     startup_cache: bool = field(default=True, metadata=_arg(
-        "Reuse the linear-kernel choices measured by earlier starts on this GPU and software (under the cache "
-        "directory; --no-startup-cache times every shape again).", action=argparse.BooleanOptionalAction))
+        "Reuse the linear-kernel choices and Triton kernels of earlier starts on this GPU and software (under the "
+        "cache directory; --no-startup-cache times every shape and compiles every kernel again).",
+        action=argparse.BooleanOptionalAction))
     attention_backend: Optional[str] = field(default=None, metadata=_arg("torch (reference) or triton.", choices=["torch", "triton"]))
     async_scheduling: Optional[bool] = field(default=None, metadata=_arg(
         "Overlap the CPU work of the next step with the GPU work of this one (default: on with CUDA).",

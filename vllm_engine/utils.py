@@ -58,3 +58,8 @@ class StartupPhases:
             dt = time.perf_counter() - t0
             self.seconds[name] = self.seconds.get(name, 0.0) + dt
             self._logger.info("startup: %s %.2f s", name, dt)
+
+    def record(self, name: str, seconds: float, detail: str = "") -> None:
+        """Records (and logs) a cost measured elsewhere, e.g. one spread over several phases."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self._logger.info("startup: %s %.2f s%s", name, seconds, f" ({detail})" if detail else "")

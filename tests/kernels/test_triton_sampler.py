@@ -21,8 +21,8 @@ def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
 
 def test_draws_follow_softmax_of_logits_over_temperature():
     torch.manual_seed(0)
-    vocab, rows, temp = 6, 800, 0.7
-    logits = torch.randn(vocab) * 2
+    vocab, rows, temp = 6, 500, 0.7
+    logits = torch.randn(vocab) * 0.6  # each reachable token expected 11+ times; draws at T = 1: chi2 ~46
     logits[4] = float("-inf")
     batch = logits.repeat(rows, 1).to(DEV)
     # Rows are independent draws (each row has its own Philox offsets); block 4 < vocab covers the tile loop.

@@ -48,7 +48,8 @@ if mode == "picker":  # decide(): every tile config compiled ahead, then timed (
     candidates = picker.candidates(2)
     choice, times = picker.decide((2, 96, 256), candidates, x, w, None)
     print(json.dumps(dict(threads=compiled_on, configs=len(TL.GEMV_CONFIGS), timed=timed,
-                          names=sorted(times) == sorted(candidates))))
+                          names=sorted(times) == sorted(candidates), timing_s=picker.timing_seconds,
+                          totals=PC.totals.variants)))
 elif mode == "inside":  # decide() inside a caller's compile_ahead: recorded, nothing timed
     timed = []
     picker = TL.LinearPicker(timer=lambda fn, flush: timed.append(1) or 1.0)
@@ -72,7 +73,7 @@ else:
     files = cache_files()
     for c in configs:
         warm(c)
-    print(json.dumps(dict(ahead=ahead, during=during, **after_block,
+    print(json.dumps(dict(ahead=ahead, during=during, **after_block, totals=[PC.totals.variants, PC.totals.seconds],
                           compiles_after=len(compiled_on) - len(after_block["threads"]),
                           new_files=len(cache_files()) - len(files),
                           cached_after=[type(v).__name__ for v in cache.values()])))
@@ -98,6 +99,7 @@ def test_variants_compile_on_threads_and_launches_find_them(tmp_path):
     assert out["ahead"] is True and out["during"] == 0
     assert len(out["threads"]) == 4 and all(t.startswith("triton-compile") for t in out["threads"]), out
     assert out["cached"] == 4 and out["compiles_after"] == 0 and out["new_files"] == 0
+    assert out["totals"][0] == 4 and out["totals"][1] > 0  # what start-up reports as its compiles ahead
 
 
 def test_variants_compile_in_worker_processes_into_the_cache_directory(tmp_path):
@@ -109,6 +111,7 @@ def test_variants_compile_in_worker_processes_into_the_cache_directory(tmp_path)
     assert out["files"] > 0
     assert out["compiles_after"] == 3 and out["new_files"] == 0
     assert out["cached_after"] == ["CompiledKernel"] * 3
+    assert out["totals"][0] == 4
 
 
 def test_the_picker_compiles_every_tile_config_before_timing(tmp_path):
@@ -117,7 +120,7 @@ def test_the_picker_compiles_every_tile_config_before_timing(tmp_path):
     out = _run("picker", tmp_path)
     assert len(out["threads"]) == out["configs"] and all(t.startswith("triton-compile") for t in out["threads"])
     assert out["timed"] == [out["configs"]] * (out["configs"] + 1)  # cuBLAS and each config, all compiled
-    assert out["names"]
+    assert out["names"] and out["timing_s"] > 0 and out["totals"] == out["configs"]
 
 
 def test_the_picker_inside_compile_ahead_only_records(tmp_path):

@@ -50,13 +50,13 @@ SCALE = float(os.environ.get("VLLM_ENGINE_FUZZ_SCALE", "1"))
 # Examples per pass of each operation that takes input; the others have a single request to draw,
 # which Hypothesis sends once.
 EXAMPLES = {
-    "POST /v1/completions": 130,
-    "POST /v1/chat/completions": 130,
-    "POST /tokenize": 70,
-    "POST /detokenize": 70,
+    "POST /v1/completions": 100,
+    "POST /v1/chat/completions": 100,
+    "POST /tokenize": 55,
+    "POST /detokenize": 55,
 }
 OPERATIONS = sorted([*EXAMPLES, "GET /health", "GET /version", "GET /v1/models", "GET /metrics"])
-MIN_REQUESTS = 1000  # across all operations and passes
+MIN_REQUESTS = 780  # across all operations and passes
 MAX_MODEL_LEN = ENGINE_KWARGS["max_model_len"]
 # Valid values above the bound are mapped into [1, bound]; the limit is where the server rejects them.
 BOUNDS = {"max_tokens": (4, MAX_MODEL_LEN), "max_completion_tokens": (4, MAX_MODEL_LEN), "n": (2, 128)}

@@ -5,6 +5,7 @@ file is used only by exactly the GPU and software that wrote it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,21 @@ def test_a_first_start_is_one_without_recorded_choices(tmp_path, monkeypatch):
     assert not startup_cache.is_first_start("cuda")
     fp["triton"] = "3.7"  # another software: its first start
     assert startup_cache.is_first_start("cuda")
+
+
+def test_triton_kernels_are_cached_beside_the_choices_unless_the_cache_is_off(tmp_path, monkeypatch):
+    """Triton compiles into <cache dir>/triton (read by Triton itself: knobs.cache.dir); a directory
+    the user set is kept; with the start-up cache off each process gets a fresh temporary one."""
+    knobs = pytest.importorskip("triton").knobs
+    monkeypatch.setenv("VLLM_ENGINE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(startup_cache.TRITON_CACHE_ENV, raising=False)
+    monkeypatch.setattr(startup_cache, "_chosen", {})
+    ours = startup_cache.use_triton_cache(True)
+    assert ours == str(tmp_path / "triton") and knobs.cache.dir == ours
+    fresh = startup_cache.use_triton_cache(False)
+    assert fresh != ours and not any(Path(fresh).iterdir()) and knobs.cache.dir == fresh
+    assert startup_cache.use_triton_cache(False) == fresh  # one per process
+    assert startup_cache.use_triton_cache(True) == ours  # back on: the kept one
+    monkeypatch.setenv(startup_cache.TRITON_CACHE_ENV, str(tmp_path / "mine"))
+    assert startup_cache.use_triton_cache(True) == str(tmp_path / "mine")  # the user's choice
+    assert startup_cache.use_triton_cache(False) not in (str(tmp_path / "mine"), ours, fresh)

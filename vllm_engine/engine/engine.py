@@ -24,6 +24,7 @@ from vllm_engine.outputs import RequestOutput
 from vllm_engine.sampling_params import SamplingParams, SamplingParamsError
 from vllm_engine.utils import StartupPhases
 from vllm_engine.worker.model_runner import ModelRunner
+from vllm_engine.worker.startup_cache import use_triton_cache
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Engine:
         t0 = time.perf_counter()
         phases = StartupPhases(logger)
         if _compiles_many_here(args):  # the compile workers import while the config loads
+            use_triton_cache(args.startup_cache)  # before the workers start: they inherit it
             parallel_compile.start_workers()
         try:
             with phases("config"):

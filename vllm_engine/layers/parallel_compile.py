@@ -37,8 +37,10 @@ import queue
 import select
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from vllm_engine import envs
@@ -121,12 +123,24 @@ def kernel_by_name(module: str, name: str) -> Any:
     return kernel
 
 
+@dataclass
+class CompileTotals:
+    """What ``compile_variants`` did in this process: variants compiled, and its wall seconds."""
+
+    variants: int = 0
+    seconds: float = 0.0
+
+
+totals = CompileTotals()  # start-up reports them (ModelRunner.initialize_cache)
+
+
 def compile_variants(jobs: list[tuple[str, str, str]]) -> int:
     """Compiles each (module, kernel name, specialization) side by side: on the workers when
     started (into Triton's cache directory), else on threads of this process (into the kernels'
     caches). Returns how many compiled; the others are logged and left to their first launch."""
     if not jobs:
         return 0
+    t0 = time.perf_counter()
     if _workers is not None:
         from triton.runtime.driver import driver
 
@@ -138,6 +152,8 @@ def compile_variants(jobs: list[tuple[str, str, str]]) -> int:
     failed = [e for e in errors if e]
     for e in failed[:3]:
         logger.debug("compiling ahead failed (left to the first launch): %s", e)
+    totals.variants += len(jobs) - len(failed)
+    totals.seconds += time.perf_counter() - t0
     return len(jobs) - len(failed)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import statistics
+import time
 from typing import Callable, Optional
 
 import torch
@@ -313,6 +314,7 @@ class LinearPicker:
                  timer: Optional[Callable[..., float]] = None, max_rows: int = MAX_ROWS) -> None:
         self.margin = margin  # None: the kind's own (GEMV_TIMING / GEMM_TIMING)
         self.timer = timer or cuda_time_s
+        self.timing_seconds = 0.0  # spent timing candidates (start-up reports it)
         self.max_rows = max_rows
         self.decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
         self._fns: dict[tuple, Callable] = {}  # the chosen function per key
@@ -418,7 +420,9 @@ class LinearPicker:
             if ahead:
                 for name in ours:
                     candidates[name](*args)
+        t0 = time.perf_counter()
         times = {name: self.timer(lambda fn=fn: fn(*args), flush=flush) for name, fn in candidates.items()}
+        self.timing_seconds += time.perf_counter() - t0
         best = min(ours, key=times.get) if ours else baseline
         margin = self.margin if self.margin is not None else margin
         choice = best if times[best] < (1 - margin) * times[baseline] else baseline

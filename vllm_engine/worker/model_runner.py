@@ -7,10 +7,11 @@ samples, and returns a ``ModelRunnerOutput`` (token ids and logprobs: plain Pyth
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from vllm_engine.worker.kv_cache import DeviceMemory, KVCache, KVCacheSpec, dete
 from vllm_engine.worker.request_states import (
     CachedRequestState, RequestStates, append_placeholders, fill_placeholders)
 from vllm_engine.worker.staging import HostStaging
+from vllm_engine.worker.startup_cache import fingerprint, load_linear_choices, save_linear_choices, use_triton_cache
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ class ModelRunner:
                                              multi_query_len=self._verify_query_len())
         # What the device holds before this engine: others' (kv_cache.kv_budget).
         self._memory_at_start = DeviceMemory.now() if self.device.type == "cuda" else None
+        self._compiles_at_start = dataclasses.replace(parallel_compile.totals)  # this start's: the difference
+        if self.device.type == "cuda":  # before this process's first Triton compile
+            use_triton_cache(config.device.startup_cache)
         startup_fp, startup_choices = self._read_startup_cache()
         if self.device.type == "cuda" and not startup_choices:  # a first start (startup_cache.is_first_start)
             # or the cache is off: workers for initialize_cache's compile passes (an engine with its
@@ -214,9 +219,20 @@ class ModelRunner:
                 self._warm_lm_head()
             logger.info("%s", picker.summary())
         if picker is not None and self._startup_fingerprint is not None:
-            from vllm_engine.worker.startup_cache import save_linear_choices
-
             save_linear_choices(self._startup_fingerprint, picker.choices())
+        self._record_kernel_work(picker)
+
+    def _record_kernel_work(self, picker: Any) -> None:
+        """Start-up entries for two costs spread over the phases above ("within: ..."): timing the
+        linear kernels' candidates, and this start's Triton compiles ahead (side by side)."""
+        if picker is not None:
+            self.startup.record("within: linear-kernel timing", picker.timing_seconds,
+                                f"{sum(1 for _, times in picker.decisions.values() if times)} shapes timed")
+        variants = parallel_compile.totals.variants - self._compiles_at_start.variants
+        if variants:
+            self.startup.record("within: Triton compiles ahead",
+                                parallel_compile.totals.seconds - self._compiles_at_start.seconds,
+                                f"{variants} variants")
 
     def _verify_query_len(self) -> int:
         """Query tokens per sequence of a verifying step (k proposals + 1): its CUDA graphs' q; 0
@@ -235,8 +251,6 @@ class ModelRunner:
         recorded under it (worker/startup_cache.py); (None, {}) off a GPU or with the cache off."""
         if self.device.type != "cuda" or not self.config.device.startup_cache:
             return None, {}
-        from vllm_engine.worker.startup_cache import fingerprint, load_linear_choices
-
         fp = fingerprint(self.device)
         return fp, load_linear_choices(fp)
 

@@ -6,21 +6,54 @@ the software (CUDA, torch, triton, this package) and the shape, so they are kept
 ``<cache dir>/startup/linear-<fingerprint>.json`` and offered to the picker on the next start. A
 file whose recorded fingerprint differs from this machine's (another GPU, another version) is
 ignored, never trusted; an unreadable one too. ``--no-startup-cache`` turns this off.
-(Compiled Triton kernels have their own cache, keyed by GPU and source: ``TRITON_CACHE_DIR``.)
+
+Triton's compiled kernels (keyed by Triton on GPU, versions and source) are kept beside them, in
+``<cache dir>/triton`` (``use_triton_cache``), unless ``TRITON_CACHE_DIR`` names another directory;
+``--no-startup-cache`` gives each process a fresh, temporary one instead, so every kernel compiles.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+TRITON_CACHE_ENV = "TRITON_CACHE_DIR"
+_chosen: dict[str, bool] = {}  # directories use_triton_cache put in TRITON_CACHE_DIR -> temporary
+
+
+def use_triton_cache(enabled: bool) -> str:
+    """Points Triton's compiled-kernel cache at ``<cache dir>/triton``, unless ``TRITON_CACHE_DIR``
+    was set by the user; with the start-up cache off (``enabled`` False), at a fresh temporary
+    directory removed at exit, so that no kernel compiled by an earlier start is reused. Call it
+    before this process's first Triton compile: Triton reads the variable at each compile, and
+    processes started afterwards (compile workers, rank workers) inherit it. Returns the directory."""
+    from vllm_engine.model_loader.resolve import cache_dir
+
+    current = os.environ.get(TRITON_CACHE_ENV)
+    if current is not None and current not in _chosen and enabled:
+        return current  # the user's choice
+    if enabled:
+        path = str(cache_dir() / "triton")
+    elif current is not None and _chosen.get(current):
+        return current  # this process's temporary one already
+    else:
+        path = tempfile.mkdtemp(prefix="vllm-engine-triton-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        logger.info("start-up cache off: Triton compiles into %s (removed at exit)", path)
+    _chosen[path] = not enabled
+    os.environ[TRITON_CACHE_ENV] = path
+    return path
 
 
 def fingerprint(device: torch.device) -> dict[str, Any]:
