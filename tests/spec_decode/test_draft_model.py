@@ -295,3 +295,19 @@ def test_cli_flag_takes_a_draft_model(target, small_draft):
     config = EngineArgs(model=str(target), speculative_config={"method": "draft_model", "model": str(small_draft),
                                                                 "num_speculative_tokens": 4}).create_engine_config()
     assert config.speculative.method == "draft_model"
+
+
+def test_smollm2_gguf_drafting_for_itself(smollm2_gguf):
+    """The real model, quantized GGUF weights, as its own draft: loaded twice from the GGUF, it
+    proposes what the target would decode (nearly every proposal accepted), and the greedy tokens
+    are plain decoding's."""
+    msgs = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    kwargs = dict(COMMON, max_model_len=256)
+    plain = Engine(model=str(smollm2_gguf), **kwargs).chat(msgs, params, use_tqdm=False)
+    engine = Engine(model=str(smollm2_gguf), speculative_config=spec(smollm2_gguf), **kwargs)
+    got = engine.chat(msgs, params, use_tqdm=False)
+    assert got.outputs[0].token_ids == plain.outputs[0].token_ids
+    stats = engine.get_stats().spec_decode
+    assert stats.num_draft_tokens >= 15 and stats.acceptance_rate > 0.95, stats
+    check_engine_state(engine)
