@@ -1,6 +1,6 @@
 """Replica processes behind the router: `vllm-engine serve --data-parallel-size 2` (one replica killed
-mid-run loses no request that had not started streaming) and `vllm-engine router --config FILE` (two
-models on one endpoint)."""
+mid-run loses no request that had not started streaming) and `vllm-engine router --config FILE --serve
+ARGS --backend URL` (three models on one endpoint)."""
 
 from __future__ import annotations
 
@@ -64,42 +64,45 @@ def test_data_parallel_replicas_survive_a_killed_replica(tiny_dir, tmp_path):
         assert ok.usage.completion_tokens == 3
 
 
-def test_two_models_on_one_endpoint_from_a_config_file(tiny_dir, tmp_path):
+def test_three_models_on_one_endpoint_from_a_config_file_serve_and_backend(tiny_dir, server, tmp_path):
+    """`vllm-engine router --config FILE --serve ARGS --backend URL`: a model from the file, one from
+    --serve (both launched by the router) and a running server; the router stops only its own."""
     config = tmp_path / "models.yaml"
-    flags = " ".join(ENGINE_FLAGS)
-    config.write_text(f"models:\n"
-                      f"  - args: {tiny_dir} {flags} --served-model-name tiny-a\n"
-                      f"  - args: [{tiny_dir}, {', '.join(ENGINE_FLAGS)}, --served-model-name, tiny-b]\n")
+    config.write_text(f"models:\n  - args: [{tiny_dir}, {', '.join(ENGINE_FLAGS)}, --served-model-name, tiny-a]\n")
+    serve = f"{tiny_dir} {' '.join(ENGINE_FLAGS)} --served-model-name tiny-b"
     port = free_port()
     import subprocess
     import sys
 
     log = open(tmp_path / "router.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "vllm_engine.cli", "router", "--config", str(config),
-                             "--port", str(port), "--log-level", "warning"], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT)
+                             "--serve", serve, "--backend", server, "--port", str(port), "--log-level", "warning"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-        assert sorted(m.id for m in client.models.list()) == ["tiny-a", "tiny-b"]
+        assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-a", "tiny-b"]
         by_model = {}
-        for model in ("tiny-a", "tiny-b", "tiny-a"):
+        for model in ("tiny-a", "tiny-b", "tiny", "tiny-a"):
             r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
                            json={"model": model, "messages": [{"role": "user", "content": "Hi"}],
                                  "max_completion_tokens": 3})
             assert r.status_code == 200 and r.json()["model"] == model
             by_model.setdefault(model, set()).add(r.headers["x-vllm-engine-replica"])
-        assert len(by_model["tiny-a"]) == 1 and by_model["tiny-a"] != by_model["tiny-b"]
-        pids = [r["pid"] for r in _replicas(url)]
+        assert len(by_model["tiny-a"]) == 1 and len({*by_model["tiny-a"], *by_model["tiny-b"], *by_model["tiny"]}) == 3
+        replicas = {r["url"]: r["pid"] for r in _replicas(url)}
+        assert replicas[server] is None and all(pid for u, pid in replicas.items() if u != server)
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
     time.sleep(1)
-    for pid in pids:  # the router stopped its replicas
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+    for u, pid in replicas.items():  # the router stopped the replicas it launched, not the backend
+        if u != server:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
 
 
 def test_config_files_are_checked(tmp_path):
