@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: setup serve test clean
+.PHONY: setup serve test browser clean
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,17 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(BIN)/vllm-engine serve $(ARGS)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests $(ARGS)
+
+# Headless Chromium for the dashboard's browser test: Debian's package, where this user can install
+# it; elsewhere that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	echo "chromium not installed: the dashboard's browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
