@@ -10,15 +10,18 @@ from vllm_engine.attention.torch_ref import TorchAttentionBackend
 from vllm_engine.models.registry import get_model_class
 
 CONFIGS = {
+    "gemma": lambda tiny: test_gemma.gemma_config("gemma", tiny),
     "gemma2": lambda tiny: test_gemma.gemma_config("gemma2", tiny),
     "gemma3": lambda tiny: test_gemma.gemma_config("gemma3", tiny),
     "phi3": lambda tiny: test_phi3.phi3_config("partial", tiny),
     "neox": lambda tiny: test_gpt2_neox.family_config("neox", tiny),
     "mixtral": lambda tiny: test_moe.moe_config("mixtral", tiny),
+    "qwen2_moe": lambda tiny: test_moe.moe_config("qwen2_moe", tiny),
     "qwen3_moe": lambda tiny: test_moe.moe_config("qwen3_moe", tiny),
+    "deepseek_v2": lambda tiny: test_deepseek.deepseek_config("v2", tiny),
     "deepseek_v3": lambda tiny: test_deepseek.deepseek_config("v3", tiny),
 }
-ACTIVATION_FIELD = {"gemma2": "hidden_activation", "gemma3": "hidden_activation"}
+ACTIVATION_FIELD = {"gemma2": "hidden_activation", "gemma3": "hidden_activation"}  # Gemma 1: hidden_act
 
 
 def _build(config):
