@@ -50,9 +50,9 @@ def test_paged_logits_match_hf(version, gemma_dir, paged_vs_hf):
     paged_logits_match_hf(gemma_dir(version), paged_vs_hf)
 
 
-@pytest.mark.parametrize("version", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("version", ["gemma", "gemma2", "gemma3"])
 def test_engine_greedy_matches_hf(version, gemma_dir):
-    stats = engine_greedy_matches_hf(gemma_dir(version), num_gpu_blocks=GROUPED_BLOCKS)
+    stats = engine_greedy_matches_hf(gemma_dir(version), num_gpu_blocks=14 if version == "gemma" else GROUPED_BLOCKS)
     assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0
 
 

@@ -43,9 +43,11 @@ def test_paged_logits_match_hf(variant, family_dir, paged_vs_hf):
     paged_logits_match_hf(family_dir(variant), paged_vs_hf)
 
 
-def test_engine_greedy_matches_hf(family_dir):
-    """GPT-2 (no rotary: the backend writes K/V) through the whole engine; NeoX's path is Llama's."""
-    stats = engine_greedy_matches_hf(family_dir("gpt2"))
+@pytest.mark.parametrize("variant", ["gpt2", "neox"])
+def test_engine_greedy_matches_hf(variant, family_dir):
+    """GPT-2 (no rotary: the backend writes K/V) and GPT-NeoX (partial rotary, parallel residual)
+    through the whole engine."""
+    stats = engine_greedy_matches_hf(family_dir(variant))
     assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0
 
 

@@ -45,7 +45,7 @@ def test_paged_logits_match_hf(family, moe_dir, paged_vs_hf):
     paged_logits_match_hf(moe_dir(family), paged_vs_hf)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_engine_greedy_matches_hf(family, moe_dir):
     stats = engine_greedy_matches_hf(moe_dir(family))
     assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0
