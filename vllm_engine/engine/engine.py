@@ -24,7 +24,7 @@ from vllm_engine.outputs import RequestOutput
 from vllm_engine.sampling_params import SamplingParams, SamplingParamsError
 from vllm_engine.utils import StartupPhases
 from vllm_engine.worker.model_runner import ModelRunner
-from vllm_engine.worker.startup_cache import use_triton_cache
+from vllm_engine.worker.startup_cache import is_first_start, use_triton_cache
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ def _compiles_many_here(args: EngineArgs) -> bool:
             None, "uni") or args.device == "cpu":
         return False
     import torch
-
-    from vllm_engine.worker.startup_cache import is_first_start
 
     return torch.cuda.is_available() and (not args.startup_cache or is_first_start(torch.device("cuda")))
 
